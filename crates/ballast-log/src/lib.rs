@@ -1,0 +1,712 @@
+//! ballast-log: a segmented, checksummed, group-committed append-only log.
+//!
+//! - Records are framed with their length and CRC32C (see [`frame`]) and appended to
+//!   segment files named by the log position of their first byte (`<base>.seg`).
+//! - One writer thread *group-commits*: it takes every batch submitted since its last
+//!   write, writes them, calls `fdatasync` once, then completes all of them. A batch is
+//!   durable when its completion reports `Ok`.
+//! - A position is a byte offset in the whole log; it never changes for a record, across
+//!   segment rolls, restarts and recovery.
+//! - Readers read durable records from a position; named consumers acknowledge up to a
+//!   position (persisted atomically); a segment is deleted once every consumer is past it.
+//! - A failed `fdatasync` is fatal for the writer: it completes that group and every later
+//!   batch with an error and never writes again. The next open recovers from the files.
+//!
+//! No HTTP, no configuration formats, no async runtime: the server wraps it, and an SDK's
+//! on-device queue can reuse it.
+
+pub mod frame;
+mod recovery;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use frame::{Batch, PushError, HEADER_LEN, MAX_RECORD_BYTES};
+pub use recovery::SegmentRecovery;
+
+/// A byte offset in the whole log.
+pub type Position = u64;
+
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Errors of the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{context} {path}: {source}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("record of {0} bytes is larger than the limit of {MAX_RECORD_BYTES} bytes")]
+    RecordTooLarge(usize),
+    #[error("storage quota reached: {used} of {limit} bytes used, {needed} more needed")]
+    QuotaExceeded { used: u64, limit: u64, needed: u64 },
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    #[error("log writer stopped after a failed write or fsync: {0}")]
+    WriterFailed(String),
+    #[error("log is closed")]
+    Closed,
+    #[error("log directory {0} is in use by another process")]
+    Locked(PathBuf),
+    #[error("record at position {position} is damaged: {detail}")]
+    Corrupt { position: Position, detail: String },
+    #[error("invalid consumer name {0:?} (use letters, digits, '-', '_', '.')")]
+    BadConsumerName(String),
+    #[error("unknown consumer {0:?}")]
+    UnknownConsumer(String),
+    #[error("cannot acknowledge position {requested}: the durable end of the log is {durable}")]
+    AckBeyondEnd { requested: Position, durable: Position },
+    #[error("unrecoverable log state: {0}")]
+    Unrecoverable(String),
+}
+
+impl LogError {
+    /// True when the log cannot accept writes any more in this process.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, LogError::WriterFailed(_) | LogError::Closed)
+    }
+}
+
+pub(crate) fn io_err<'a>(
+    context: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LogError + 'a {
+    move |source| LogError::Io {
+        context,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// Settings of a log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it holds at least this many bytes.
+    pub segment_bytes: u64,
+    /// Total size of all segments beyond which appends fail with `QuotaExceeded`.
+    pub max_bytes: Option<u64>,
+    /// Upper bound of bytes one group commit gathers before it syncs.
+    pub max_group_bytes: usize,
+}
+
+impl LogConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
+        LogConfig {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            max_bytes: None,
+            max_group_bytes: 16 << 20,
+        }
+    }
+}
+
+/// The result of a durable append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Position of the batch's first record.
+    pub first: Position,
+    /// Position just after the batch's last record.
+    pub end: Position,
+    pub records: usize,
+}
+
+/// One record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub position: Position,
+    pub payload: Vec<u8>,
+}
+
+/// Records read from a position, and where the next read starts.
+#[derive(Debug, Clone, Default)]
+pub struct ReadBatch {
+    pub records: Vec<Record>,
+    pub next: Position,
+}
+
+/// What opening the log found.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub records: u64,
+    pub corrupt_records: u64,
+    pub corrupt_bytes: u64,
+    pub torn_tail_bytes: u64,
+    pub quarantine_files: Vec<PathBuf>,
+}
+
+/// Counters of a running log.
+#[derive(Debug, Clone, Default)]
+pub struct LogStats {
+    /// Batches submitted and made durable.
+    pub appends: u64,
+    pub records: u64,
+    pub bytes_written: u64,
+    /// `fdatasync` calls on segments (group commits plus segment rolls).
+    pub fsyncs: u64,
+    pub fsync_nanos: u64,
+    /// Number of groups whose fsync covered more than one batch.
+    pub shared_fsyncs: u64,
+    pub rejected_quota: u64,
+    pub bytes_on_disk: u64,
+    pub segments: usize,
+    pub start: Position,
+    pub durable_end: Position,
+    pub quarantined_records: u64,
+    pub torn_tail_bytes: u64,
+    pub failed: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    appends: AtomicU64,
+    records: AtomicU64,
+    bytes_written: AtomicU64,
+    fsyncs: AtomicU64,
+    fsync_nanos: AtomicU64,
+    shared_fsyncs: AtomicU64,
+    rejected_quota: AtomicU64,
+}
+
+struct Segment {
+    base: Position,
+    /// Valid (durable) end of the segment.
+    end: Position,
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+pub(crate) struct Shared {
+    dir: PathBuf,
+    cursor_dir: PathBuf,
+    segments: RwLock<Vec<Segment>>,
+    durable: Mutex<Position>,
+    durable_cv: Condvar,
+    bytes_on_disk: AtomicU64,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    counters: Counters,
+    cursors: Mutex<BTreeMap<String, Position>>,
+    quarantined_records: u64,
+    torn_tail_bytes: u64,
+}
+
+type Done = Box<dyn FnOnce(Result<Appended, LogError>) + Send + 'static>;
+
+pub(crate) struct Submission {
+    batch: Batch,
+    done: Done,
+}
+
+/// An open log. Dropping it stops the writer after it has finished what was submitted.
+pub struct Log {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Submission>>,
+    writer: Option<JoinHandle<()>>,
+    _lock: File,
+}
+
+fn segment_path(dir: &Path, base: Position) -> PathBuf {
+    dir.join(format!("{base:020}{SEGMENT_SUFFIX}"))
+}
+
+/// Segment files of a directory, sorted by base position.
+fn list_segments(dir: &Path) -> Result<Vec<(Position, PathBuf)>, LogError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("listing log directory", dir))? {
+        let entry = entry.map_err(io_err("listing log directory", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        if let Ok(base) = stem.parse::<u64>() {
+            out.push((base, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn valid_consumer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl Log {
+    /// Opens (or creates) the log in `config.dir`, recovering it first.
+    pub fn open(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
+        let dir = config.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io_err("creating log directory", &dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening lock file", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(LogError::Locked(dir)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err("locking", &lock_path)(e));
+            }
+        }
+        let cursor_dir = dir.join("cursors");
+        std::fs::create_dir_all(&cursor_dir)
+            .map_err(io_err("creating cursor directory", &cursor_dir))?;
+        let cursors = load_cursors(&cursor_dir)?;
+        let qdir = dir.join("quarantine");
+
+        let mut listed = list_segments(&dir)?;
+        // Segments every consumer is past are deleted without being read again.
+        let min_cursor = cursors.values().copied().min();
+        if let Some(min) = min_cursor {
+            while listed.len() > 1 && listed[1].0 <= min {
+                let (_, path) = listed.remove(0);
+                std::fs::remove_file(&path).map_err(io_err("deleting consumed segment", &path))?;
+            }
+        }
+        let mut report = RecoveryReport::default();
+        if listed.is_empty() {
+            let path = segment_path(&dir, 0);
+            File::create(&path).map_err(io_err("creating segment", &path))?;
+            sync_dir(&dir)?;
+            listed.push((0, path));
+        }
+        let mut segments = Vec::with_capacity(listed.len());
+        let mut bytes_on_disk = 0u64;
+        let mut prev_end = 0u64;
+        for (base, path) in listed {
+            if base < prev_end {
+                return Err(LogError::Unrecoverable(format!(
+                    "segment {} starts at {base}, inside the previous segment (ends at {prev_end})",
+                    path.display()
+                )));
+            }
+            let r = recovery::recover_segment(&path, base, &qdir)?;
+            report.segments += 1;
+            report.records += r.records;
+            report.corrupt_records += r.corrupt_records;
+            report.corrupt_bytes += r.corrupt_bytes;
+            report.torn_tail_bytes += r.torn_tail_bytes;
+            report.quarantine_files.extend(r.quarantine_files);
+            let file = File::open(&path).map_err(io_err("opening segment", &path))?;
+            bytes_on_disk += r.valid_len;
+            prev_end = base + r.valid_len;
+            segments.push(Segment {
+                base,
+                end: prev_end,
+                file: Arc::new(file),
+                path,
+            });
+        }
+        let durable_end = prev_end;
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            cursor_dir,
+            segments: RwLock::new(segments),
+            durable: Mutex::new(durable_end),
+            durable_cv: Condvar::new(),
+            bytes_on_disk: AtomicU64::new(bytes_on_disk),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            counters: Counters::default(),
+            cursors: Mutex::new(cursors),
+            quarantined_records: report.corrupt_records,
+            torn_tail_bytes: report.torn_tail_bytes,
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = writer::Writer::new(shared.clone(), &config)?;
+        let handle = std::thread::Builder::new()
+            .name("ballast-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err("starting writer thread", &dir))?;
+        Ok((
+            Log {
+                shared,
+                tx: Some(tx),
+                writer: Some(handle),
+                _lock: lock,
+            },
+            report,
+        ))
+    }
+
+    /// Submits a batch; `done` is called (on the writer thread) once it is durable or
+    /// has failed. Keep `done` short: it runs before the next group commit.
+    pub fn append(
+        &self,
+        batch: Batch,
+        done: impl FnOnce(Result<Appended, LogError>) + Send + 'static,
+    ) {
+        if self.shared.failed.load(Ordering::Acquire) {
+            done(Err(self.shared.failure_error()));
+            return;
+        }
+        let sub = Submission {
+            batch,
+            done: Box::new(done),
+        };
+        match &self.tx {
+            Some(tx) => {
+                if let Err(mpsc::SendError(sub)) = tx.send(sub) {
+                    (sub.done)(Err(LogError::Closed));
+                }
+            }
+            None => (sub.done)(Err(LogError::Closed)),
+        }
+    }
+
+    /// Submits a batch and waits until it is durable.
+    pub fn append_wait(&self, batch: Batch) -> Result<Appended, LogError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.append(batch, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or(Err(LogError::Closed))
+    }
+
+    /// Position of the oldest retained record.
+    pub fn start(&self) -> Position {
+        let segs = read_lock(&self.shared.segments);
+        segs.first().map(|s| s.base).unwrap_or(0)
+    }
+
+    /// Position just after the last durable record.
+    pub fn durable_end(&self) -> Position {
+        *lock(&self.shared.durable)
+    }
+
+    /// Waits until the durable end is beyond `pos` or `timeout` passed; returns the end.
+    pub fn wait_beyond(&self, pos: Position, timeout: Duration) -> Position {
+        let guard = lock(&self.shared.durable);
+        let (guard, _) = self
+            .shared
+            .durable_cv
+            .wait_timeout_while(guard, timeout, |end| *end <= pos)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// Reads durable records at or after `from`: at most `max_records`, and stopping
+    /// after the record that reaches `max_bytes` of payload.
+    pub fn read(
+        &self,
+        from: Position,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, LogError> {
+        let durable = self.durable_end();
+        let segs = read_lock(&self.shared.segments);
+        let mut out = ReadBatch {
+            records: Vec::new(),
+            next: from,
+        };
+        let Some(first) = segs.first() else {
+            return Ok(out);
+        };
+        let mut pos = from.max(first.base);
+        let mut idx = segs.partition_point(|s| s.base <= pos).saturating_sub(1);
+        let mut bytes = 0usize;
+        let mut buf = Vec::new();
+        'segments: while idx < segs.len() {
+            let seg = &segs[idx];
+            let seg_end = seg.end.min(durable);
+            while pos < seg_end {
+                if out.records.len() >= max_records || bytes >= max_bytes {
+                    break 'segments;
+                }
+                // Read a chunk, then take every complete frame in it.
+                let want = ((seg_end - pos) as usize).min(max_bytes.saturating_sub(bytes).max(64 << 10));
+                buf.resize(want, 0);
+                seg.file
+                    .read_exact_at(&mut buf, pos - seg.base)
+                    .map_err(io_err("reading segment", &seg.path))?;
+                let mut at = 0usize;
+                while at < buf.len() {
+                    let Some(h) = frame::decode_header(&buf[at..]) else {
+                        return Err(LogError::Corrupt {
+                            position: pos + at as u64,
+                            detail: "invalid record header".into(),
+                        });
+                    };
+                    let frame_len = HEADER_LEN + h.len;
+                    if at + frame_len > buf.len() {
+                        if at == 0 {
+                            // One frame larger than the chunk: read exactly that frame.
+                            buf.resize(frame_len, 0);
+                            seg.file
+                                .read_exact_at(&mut buf, pos - seg.base)
+                                .map_err(io_err("reading segment", &seg.path))?;
+                            continue;
+                        }
+                        break;
+                    }
+                    let payload = &buf[at + HEADER_LEN..at + frame_len];
+                    if crc32c::crc32c(payload) != h.payload_crc {
+                        return Err(LogError::Corrupt {
+                            position: pos + at as u64,
+                            detail: "payload checksum mismatch".into(),
+                        });
+                    }
+                    if h.kind == frame::Kind::Data {
+                        out.records.push(Record {
+                            position: pos + at as u64,
+                            payload: payload.to_vec(),
+                        });
+                        bytes += payload.len();
+                    }
+                    at += frame_len;
+                    if out.records.len() >= max_records || bytes >= max_bytes {
+                        break;
+                    }
+                }
+                pos += at as u64;
+            }
+            out.next = pos;
+            if pos < seg_end {
+                break;
+            }
+            idx += 1;
+            match segs.get(idx) {
+                Some(next) if next.base <= durable => pos = next.base,
+                _ => break,
+            }
+        }
+        out.next = pos;
+        Ok(out)
+    }
+
+    /// Registers a consumer (idempotent); returns its cursor. A new consumer starts at
+    /// the oldest retained record.
+    pub fn register_consumer(&self, name: &str) -> Result<Position, LogError> {
+        if !valid_consumer_name(name) {
+            return Err(LogError::BadConsumerName(name.to_string()));
+        }
+        let mut cursors = lock(&self.shared.cursors);
+        if let Some(p) = cursors.get(name) {
+            return Ok(*p);
+        }
+        let start = self.start();
+        write_cursor(&self.shared.cursor_dir, name, start)?;
+        cursors.insert(name.to_string(), start);
+        Ok(start)
+    }
+
+    /// Forgets a consumer (its cursor no longer holds segments back).
+    pub fn remove_consumer(&self, name: &str) -> Result<(), LogError> {
+        let mut cursors = lock(&self.shared.cursors);
+        if cursors.remove(name).is_some() {
+            let path = self.shared.cursor_dir.join(name);
+            std::fs::remove_file(&path).map_err(io_err("removing cursor", &path))?;
+            sync_dir(&self.shared.cursor_dir)?;
+        }
+        drop(cursors);
+        self.delete_consumed_segments()
+    }
+
+    /// The consumer's cursor, if registered.
+    pub fn cursor(&self, name: &str) -> Option<Position> {
+        lock(&self.shared.cursors).get(name).copied()
+    }
+
+    /// All consumers and their cursors.
+    pub fn cursors(&self) -> BTreeMap<String, Position> {
+        lock(&self.shared.cursors).clone()
+    }
+
+    /// Moves the consumer's cursor to `upto` (everything before it is done), persists it
+    /// atomically, and deletes segments every consumer is past. Moving backwards is
+    /// ignored. Each call costs two fsyncs: call it for many records at a time.
+    pub fn ack(&self, name: &str, upto: Position) -> Result<(), LogError> {
+        let durable = self.durable_end();
+        if upto > durable {
+            return Err(LogError::AckBeyondEnd {
+                requested: upto,
+                durable,
+            });
+        }
+        {
+            let mut cursors = lock(&self.shared.cursors);
+            let Some(cur) = cursors.get_mut(name) else {
+                return Err(LogError::UnknownConsumer(name.to_string()));
+            };
+            if upto <= *cur {
+                return Ok(());
+            }
+            write_cursor(&self.shared.cursor_dir, name, upto)?;
+            *cur = upto;
+        }
+        self.delete_consumed_segments()
+    }
+
+    fn delete_consumed_segments(&self) -> Result<(), LogError> {
+        let Some(min) = lock(&self.shared.cursors).values().copied().min() else {
+            return Ok(());
+        };
+        let mut doomed = Vec::new();
+        {
+            let mut segs = write_lock(&self.shared.segments);
+            while segs.len() > 1 && segs[1].base <= min {
+                doomed.push(segs.remove(0));
+            }
+        }
+        for seg in doomed {
+            std::fs::remove_file(&seg.path).map_err(io_err("deleting segment", &seg.path))?;
+            self.shared
+                .bytes_on_disk
+                .fetch_sub(seg.end - seg.base, Ordering::AcqRel);
+            tracing::debug!(segment = %seg.path.display(), "deleted consumed segment");
+        }
+        Ok(())
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared.counters;
+        let segs = read_lock(&self.shared.segments);
+        LogStats {
+            appends: c.appends.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            fsync_nanos: c.fsync_nanos.load(Ordering::Relaxed),
+            shared_fsyncs: c.shared_fsyncs.load(Ordering::Relaxed),
+            rejected_quota: c.rejected_quota.load(Ordering::Relaxed),
+            bytes_on_disk: self.shared.bytes_on_disk.load(Ordering::Relaxed),
+            segments: segs.len(),
+            start: segs.first().map(|s| s.base).unwrap_or(0),
+            durable_end: self.durable_end(),
+            quarantined_records: self.shared.quarantined_records,
+            torn_tail_bytes: self.shared.torn_tail_bytes,
+            failed: self.shared.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The directory of the log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// True once the writer has stopped after a failure.
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Stops the writer after everything submitted so far is written and synced.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Shared {
+    fn failure_error(&self) -> LogError {
+        LogError::WriterFailed(
+            lock(&self.failure)
+                .clone()
+                .unwrap_or_else(|| "unknown failure".into()),
+        )
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+pub(crate) fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+pub(crate) fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn load_cursors(dir: &Path) -> Result<BTreeMap<String, Position>, LogError> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("listing cursors", dir))? {
+        let entry = entry.map_err(io_err("listing cursors", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !valid_consumer_name(&name) {
+            continue; // leftover temporary files
+        }
+        let text = std::fs::read_to_string(entry.path())
+            .map_err(io_err("reading cursor", &entry.path()))?;
+        let pos = text.trim().parse::<u64>().map_err(|e| {
+            LogError::Unrecoverable(format!("cursor file {}: {e}", entry.path().display()))
+        })?;
+        out.insert(name, pos);
+    }
+    Ok(out)
+}
+
+/// Write to a temporary file, fsync, rename over the old one, fsync the directory.
+fn write_cursor(dir: &Path, name: &str, pos: Position) -> Result<(), LogError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = File::create(&tmp).map_err(io_err("writing cursor", &tmp))?;
+    f.write_all(format!("{pos}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io_err("writing cursor", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("renaming cursor", &path))?;
+    sync_dir(dir)
+}
+
+/// Reads every record of a log directory without changing anything, for inspection
+/// while a server may be running: `visit(position, payload)` for each record, and
+/// `damaged(position, len)` for each damaged stretch. A partly written tail is ignored.
+pub fn scan_dir(
+    dir: &Path,
+    mut visit: impl FnMut(Position, &[u8]),
+    mut damaged: impl FnMut(Position, usize),
+) -> Result<(), LogError> {
+    for (base, path) in list_segments(dir)? {
+        let buf = match std::fs::read(&path) {
+            Ok(b) => b,
+            // Deleted by a running server since the listing: it was fully consumed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("reading segment", &path)(e)),
+        };
+        recovery::scan_segment_readonly(&buf, |found| match found {
+            recovery::Found::Record { offset, payload } => visit(base + offset as u64, payload),
+            recovery::Found::Damaged { offset, len } => damaged(base + offset as u64, len),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,340 @@
+use super::*;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn cfg(dir: &Path, segment_bytes: u64) -> LogConfig {
+    LogConfig {
+        segment_bytes,
+        ..LogConfig::new(dir)
+    }
+}
+
+fn batch(payloads: &[Vec<u8>]) -> Batch {
+    let mut b = Batch::new();
+    for p in payloads {
+        b.push(p).unwrap();
+    }
+    b
+}
+
+fn read_all(log: &Log, from: Position) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut pos = from;
+    loop {
+        let b = log.read(pos, 7, 1000).unwrap();
+        if b.records.is_empty() && b.next == pos {
+            return out;
+        }
+        out.extend(b.records);
+        pos = b.next;
+    }
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 50)).into_bytes()
+}
+
+#[test]
+fn append_read_roll_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut positions = Vec::new();
+    {
+        let (log, report) = Log::open(cfg(dir.path(), 300)).unwrap();
+        assert_eq!(report.records, 0);
+        for chunk in (0..50).collect::<Vec<_>>().chunks(5) {
+            let ps: Vec<_> = chunk.iter().map(|&i| payload(i)).collect();
+            let a = log.append_wait(batch(&ps)).unwrap();
+            assert_eq!(a.records, 5);
+            positions.push(a.first);
+        }
+        assert!(log.stats().segments > 3, "segments roll");
+        let all = read_all(&log, 0);
+        assert_eq!(all.len(), 50);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.payload, payload(i));
+        }
+    }
+    let (log, report) = Log::open(cfg(dir.path(), 300)).unwrap();
+    assert_eq!(report.records, 50);
+    assert_eq!(report.torn_tail_bytes, 0);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), 50);
+    // Positions are stable and reading from one starts exactly there.
+    let from = read_all(&log, positions[3]);
+    assert_eq!(from.len(), 50 - 15);
+    assert_eq!(from[0].payload, payload(15));
+    let more = log.append_wait(batch(&[b"after".to_vec()])).unwrap();
+    assert!(more.first >= all.last().unwrap().position);
+    assert_eq!(read_all(&log, more.first)[0].payload, b"after");
+}
+
+#[test]
+fn cursors_delete_segments_only_when_every_consumer_is_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(cfg(dir.path(), 200)).unwrap();
+    assert_eq!(log.register_consumer("a").unwrap(), 0);
+    assert_eq!(log.register_consumer("b").unwrap(), 0);
+    let mut firsts = Vec::new();
+    for i in 0..40 {
+        firsts.push(log.append_wait(batch(&[payload(i)])).unwrap().first);
+    }
+    let half = firsts[20];
+    let segments = log.stats().segments;
+    assert!(segments > 4);
+    let end = log.durable_end();
+    let bytes = log.stats().bytes_on_disk;
+    log.ack("a", end).unwrap();
+    assert_eq!(log.stats().segments, segments, "b still holds them");
+    log.ack("b", half).unwrap();
+    let mid = log.stats();
+    assert!(mid.segments < segments && mid.segments > 1);
+    assert!(mid.bytes_on_disk < bytes);
+    // Everything from b's cursor on is still readable.
+    let rest = read_all(&log, log.cursor("b").unwrap());
+    assert_eq!(rest.len(), 20);
+    assert_eq!(rest[0].payload, payload(20));
+    log.ack("b", end).unwrap();
+    assert_eq!(log.stats().segments, 1, "the active segment stays");
+    assert!(matches!(log.ack("b", end + 1), Err(LogError::AckBeyondEnd { .. })));
+    assert!(matches!(log.ack("zz", 1), Err(LogError::UnknownConsumer(_))));
+    assert!(matches!(log.register_consumer("../x"), Err(LogError::BadConsumerName(_))));
+    drop(log);
+    let (log, _) = Log::open(cfg(dir.path(), 200)).unwrap();
+    assert_eq!(log.cursor("a"), Some(end));
+    assert_eq!(log.register_consumer("c").unwrap(), log.start());
+}
+
+#[test]
+fn second_open_is_refused_while_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, _) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+    assert!(matches!(Log::open(cfg(dir.path(), 1 << 20)), Err(LogError::Locked(_))));
+}
+
+#[test]
+fn quota_rejects_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), 1 << 20);
+    c.max_bytes = Some(1000);
+    let (log, _) = Log::open(c).unwrap();
+    let mut accepted = 0;
+    let mut rejected = 0;
+    for i in 0..100 {
+        match log.append_wait(batch(&[payload(i)])) {
+            Ok(_) => accepted += 1,
+            Err(LogError::QuotaExceeded { limit, .. }) => {
+                assert_eq!(limit, 1000);
+                rejected += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(accepted > 5 && rejected > 0);
+    assert!(log.stats().bytes_on_disk <= 1000);
+    assert_eq!(read_all(&log, 0).len(), accepted);
+    assert_eq!(log.stats().rejected_quota, rejected);
+}
+
+#[test]
+fn truncated_tail_at_every_offset_keeps_every_complete_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg_path = dir.path().join(format!("{:020}.seg", 0));
+    let mut ends = Vec::new();
+    {
+        let (log, _) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+        for i in 0..20 {
+            ends.push(log.append_wait(batch(&[payload(i)])).unwrap().end);
+        }
+    }
+    let full = std::fs::read(&seg_path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut cuts: Vec<usize> = (0..40).map(|_| rng.gen_range(0..full.len())).collect();
+    cuts.extend([0, 1, full.len() - 1, ends[10] as usize, ends[10] as usize + 1]);
+    for cut in cuts {
+        std::fs::write(&seg_path, &full[..cut]).unwrap();
+        let _ = std::fs::remove_dir_all(dir.path().join("quarantine"));
+        let (log, report) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+        let complete = ends.iter().filter(|&&e| e as usize <= cut).count();
+        let records = read_all(&log, 0);
+        assert_eq!(records.len(), complete, "cut at {cut}");
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.payload, payload(i));
+        }
+        let kept = if complete == 0 { 0 } else { ends[complete - 1] as usize };
+        assert_eq!(report.torn_tail_bytes as usize, cut - kept);
+        assert_eq!(report.corrupt_records, 0);
+        // The log accepts appends after the cut, at the cut.
+        let a = log.append_wait(batch(&[b"next".to_vec()])).unwrap();
+        assert_eq!(a.first as usize, kept);
+    }
+}
+
+#[test]
+fn flipped_byte_is_quarantined_and_the_rest_stays_readable() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for trial in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_path = dir.path().join(format!("{:020}.seg", 0));
+        let mut firsts = Vec::new();
+        {
+            let (log, _) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+            for i in 0..10 {
+                firsts.push(log.append_wait(batch(&[payload(i)])).unwrap().first);
+            }
+        }
+        let mut bytes = std::fs::read(&seg_path).unwrap();
+        // Flip a byte in a record that is not the last one (the last one's damage may look
+        // like a torn tail and is then quarantined as such).
+        let victim = rng.gen_range(0..9);
+        let at = rng.gen_range(firsts[victim] as usize..firsts[victim + 1] as usize);
+        bytes[at] ^= 1 << rng.gen_range(0..8);
+        std::fs::write(&seg_path, &bytes).unwrap();
+        let (log, report) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(report.corrupt_records, 1, "trial {trial}");
+        assert_eq!(log.stats().quarantined_records, 1);
+        let q = std::fs::read(&report.quarantine_files[0]).unwrap();
+        let original_len = (firsts[victim + 1] - firsts[victim]) as usize;
+        assert_eq!(q.len(), original_len, "the whole damaged record is set aside");
+        let records = read_all(&log, 0);
+        let expected: Vec<_> = (0..10).filter(|&i| i != victim).map(payload).collect();
+        let got: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
+        assert_eq!(got, expected, "trial {trial}");
+        drop(log);
+        // Reopening again does not count it twice.
+        let (_log, report) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(report.corrupt_records, 0);
+        assert_eq!(report.records, 9);
+    }
+}
+
+#[test]
+fn group_commit_shares_fsyncs_under_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(cfg(dir.path(), 64 << 20)).unwrap();
+    let log = Arc::new(log);
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    log.append_wait(batch(&[payload(t * 100 + i)])).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = log.stats();
+    assert_eq!(s.appends, 800);
+    assert_eq!(s.records, 800);
+    assert!(s.fsyncs < s.appends, "fsyncs {} appends {}", s.fsyncs, s.appends);
+    assert!(s.shared_fsyncs > 0);
+}
+
+#[test]
+fn scan_dir_reads_without_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, _) = Log::open(cfg(dir.path(), 200)).unwrap();
+        for i in 0..12 {
+            log.append_wait(batch(&[payload(i)])).unwrap();
+        }
+    }
+    let seg = list_segments(dir.path()).unwrap().pop().unwrap().1;
+    recovery::append_raw(&seg, &[0xB1, 0, 0]);
+    let before = std::fs::read(&seg).unwrap();
+    let mut seen = Vec::new();
+    scan_dir(dir.path(), |_, p| seen.push(p.to_vec()), |_, _| panic!("no damage")).unwrap();
+    assert_eq!(seen, (0..12).map(payload).collect::<Vec<_>>());
+    assert_eq!(std::fs::read(&seg).unwrap(), before);
+}
+
+// ---- property test against an in-memory model -----------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(Vec<Vec<u8>>),
+    Read { consumer: usize, max: usize },
+    Ack { consumer: usize },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => prop::collection::vec(prop::collection::vec(any::<u8>(), 0..120), 1..6).prop_map(Op::Append),
+        3 => (0..2usize, 1..20usize).prop_map(|(consumer, max)| Op::Read { consumer, max }),
+        2 => (0..2usize).prop_map(|consumer| Op::Ack { consumer }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+    #[test]
+    fn log_matches_model(ops in prop::collection::vec(op(), 1..60), segment_bytes in 64u64..600) {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["r0", "r1"];
+        // Model: every record ever appended; per consumer its read position and acked
+        // position (as an index into the records).
+        let mut model: Vec<(Position, Vec<u8>)> = Vec::new();
+        let mut read_pos = [0usize; 2];
+        let mut acked = [0usize; 2];
+        let mut log = Some(Log::open(cfg(dir.path(), segment_bytes)).unwrap().0);
+        for n in names { log.as_ref().unwrap().register_consumer(n).unwrap(); }
+        for op in ops {
+            let l = log.as_ref().unwrap();
+            match op {
+                Op::Append(ps) => {
+                    let a = l.append_wait(batch(&ps)).unwrap();
+                    let mut p = a.first;
+                    for payload in ps {
+                        let len = (HEADER_LEN + payload.len()) as u64;
+                        model.push((p, payload));
+                        p += len;
+                    }
+                    prop_assert_eq!(p, a.end);
+                }
+                Op::Read { consumer, max } => {
+                    let from = if read_pos[consumer] < model.len() {
+                        model[read_pos[consumer]].0
+                    } else {
+                        l.durable_end()
+                    };
+                    let b = l.read(from, max, usize::MAX).unwrap();
+                    let expect: Vec<_> = model[read_pos[consumer]..].iter().take(max).cloned().collect();
+                    let got: Vec<_> = b.records.iter().map(|r| (r.position, r.payload.clone())).collect();
+                    prop_assert_eq!(got, expect);
+                    read_pos[consumer] += b.records.len();
+                }
+                Op::Ack { consumer } => {
+                    let upto = if read_pos[consumer] < model.len() {
+                        model[read_pos[consumer]].0
+                    } else {
+                        l.durable_end()
+                    };
+                    l.ack(names[consumer], upto).unwrap();
+                    acked[consumer] = read_pos[consumer];
+                }
+                Op::Restart => {
+                    drop(log.take());
+                    let (l2, report) = Log::open(cfg(dir.path(), segment_bytes)).unwrap();
+                    prop_assert_eq!(report.torn_tail_bytes, 0);
+                    prop_assert_eq!(report.corrupt_records, 0);
+                    log = Some(l2);
+                    // Readers resume from their acknowledged position.
+                    read_pos = acked;
+                }
+            }
+            // Invariants: everything not acknowledged by every consumer is readable, in
+            // order, from the slowest consumer's cursor.
+            let l = log.as_ref().unwrap();
+            let slowest = acked[0].min(acked[1]);
+            let from = if slowest < model.len() { model[slowest].0 } else { l.durable_end() };
+            prop_assert!(l.start() <= from);
+            let all = read_all(l, from);
+            let got: Vec<_> = all.into_iter().map(|r| (r.position, r.payload)).collect();
+            prop_assert_eq!(&got[..], &model[slowest..]);
+        }
+    }
+}

@@ -219,8 +219,8 @@ pub(crate) struct Submission {
 /// An open log. Dropping it stops the writer after it has finished what was submitted.
 pub struct Log {
     shared: Arc<Shared>,
-    tx: Option<mpsc::Sender<Submission>>,
-    writer: Option<JoinHandle<()>>,
+    tx: Mutex<Option<mpsc::Sender<Submission>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
     _lock: File,
 }
 
@@ -347,8 +347,8 @@ impl Log {
         Ok((
             Log {
                 shared,
-                tx: Some(tx),
-                writer: Some(handle),
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
                 _lock: lock,
             },
             report,
@@ -370,13 +370,12 @@ impl Log {
             batch,
             done: Box::new(done),
         };
-        match &self.tx {
-            Some(tx) => {
-                if let Err(mpsc::SendError(sub)) = tx.send(sub) {
-                    (sub.done)(Err(LogError::Closed));
-                }
-            }
-            None => (sub.done)(Err(LogError::Closed)),
+        let refused = match &*lock(&self.tx) {
+            Some(tx) => tx.send(sub).err().map(|mpsc::SendError(sub)| sub),
+            None => Some(sub),
+        };
+        if let Some(sub) = refused {
+            (sub.done)(Err(LogError::Closed));
         }
     }
 
@@ -616,14 +615,12 @@ impl Log {
         self.shared.failed.load(Ordering::Acquire)
     }
 
-    /// Stops the writer after everything submitted so far is written and synced.
-    pub fn close(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.tx = None;
-        if let Some(h) = self.writer.take() {
+    /// Stops the writer after everything submitted so far is written and synced; later
+    /// appends fail with `Closed`. Reads keep working.
+    pub fn close(&self) {
+        drop(lock(&self.tx).take());
+        let handle = lock(&self.writer).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }
@@ -631,7 +628,7 @@ impl Log {
 
 impl Drop for Log {
     fn drop(&mut self) {
-        self.shutdown();
+        self.close();
     }
 }
 

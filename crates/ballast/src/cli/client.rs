@@ -1,0 +1,27 @@
+//! A minimal HTTP client for the admin API.
+
+use anyhow::Context;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub async fn get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::get(&url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::new()).context("building request")?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .with_context(|| format!("{url}: timed out"))?
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.context("reading answer")?.to_bytes();
+    if !status.is_success() {
+        anyhow::bail!("{url}: {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(body.to_vec())
+}

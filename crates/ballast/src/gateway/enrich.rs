@@ -1,0 +1,343 @@
+//! Validation and enrichment of events without building a JSON tree.
+//!
+//! An event is read *shallowly*: its top-level keys, each with its value kept as the raw
+//! JSON text (serde_json still checks all of it). The enriched event is written by copying
+//! every original key and raw value, except the ones ballast sets, then appending those.
+//! Nothing else in the event changes, not even the spacing inside values.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A top-level key, borrowed from the input when it has no escapes.
+#[derive(Debug)]
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Key<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+/// A JSON value that should be an event: an object's top-level fields, or "not an object".
+#[derive(Debug)]
+pub enum Shallow<'a> {
+    Object(Vec<(Key<'a>, &'a RawValue)>),
+    NotObject,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Shallow<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Shallow<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shallow<'a>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(k) = map.next_key::<Key<'a>>()? {
+                    let v: &'a RawValue = map.next_value()?;
+                    fields.push((k, v));
+                }
+                Ok(Shallow::Object(fields))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shallow<'a>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Shallow::NotObject)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Shallow<'a>, E> {
+                Ok(Shallow::NotObject)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Shallow<'a>, E> {
+                Ok(Shallow::NotObject)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Shallow<'a>, E> {
+                Ok(Shallow::NotObject)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Shallow<'a>, E> {
+                Ok(Shallow::NotObject)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Shallow<'a>, E> {
+                Ok(Shallow::NotObject)
+            }
+            fn visit_unit<E>(self) -> Result<Shallow<'a>, E> {
+                Ok(Shallow::NotObject)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// The body of a batch call.
+#[derive(Debug, Deserialize)]
+pub struct BatchBody<'a> {
+    #[serde(borrow, default)]
+    pub batch: Option<Vec<Shallow<'a>>>,
+    #[serde(rename = "writeKey", borrow, default)]
+    pub write_key: Option<Cow<'a, str>>,
+}
+
+/// Why an event was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EventError {
+    NotAnObject,
+    NoIdentity,
+}
+
+/// What enrichment adds, the same for every event of a request.
+pub struct Enrichment<'a> {
+    /// RFC 3339 with milliseconds.
+    pub received_at: &'a str,
+    pub request_ip: &'a str,
+    /// `type` from the route, for single-event calls.
+    pub route_type: Option<&'a str>,
+    /// The `AnonymousId` request header, used when the event has no anonymousId.
+    pub header_anonymous_id: Option<&'a str>,
+}
+
+/// True when an identity field counts as present: a non-blank string, or any value but
+/// null (numbers are common user ids).
+fn present(v: &RawValue) -> bool {
+    let raw = v.get();
+    match raw.as_bytes().first() {
+        Some(b'"') => match serde_json::from_str::<Cow<str>>(raw) {
+            Ok(s) => !s.trim().is_empty(),
+            Err(_) => false,
+        },
+        Some(b'n') => false, // null
+        Some(_) => true,
+        None => false,
+    }
+}
+
+/// A messageId is kept unless it is missing, null or a blank string.
+fn usable_message_id(v: &RawValue) -> bool {
+    present(v)
+}
+
+fn write_key_json(out: &mut Vec<u8>, key: &Key<'_>) {
+    match &key.0 {
+        // Borrowed means the key had no escapes: its text is exactly the original.
+        Cow::Borrowed(k) => {
+            out.push(b'"');
+            out.extend_from_slice(k.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(k) => write_str_json(out, k),
+    }
+}
+
+fn write_str_json(out: &mut Vec<u8>, s: &str) {
+    // Writing a str to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Checks one event and writes its enriched JSON to `out`.
+pub fn enrich(
+    fields: &[(Key<'_>, &RawValue)],
+    e: &Enrichment<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EventError> {
+    let mut has_user = false;
+    let mut has_anon = false;
+    let mut has_message_id = false;
+    for (k, v) in fields {
+        match &*k.0 {
+            "userId" => has_user |= present(v),
+            "anonymousId" => has_anon |= present(v),
+            "messageId" => has_message_id |= usable_message_id(v),
+            _ => {}
+        }
+    }
+    let anon_from_header = match e.header_anonymous_id {
+        Some(h) if !has_anon && !h.trim().is_empty() => Some(h),
+        _ => None,
+    };
+    if !has_user && !has_anon && anon_from_header.is_none() {
+        return Err(EventError::NoIdentity);
+    }
+
+    out.push(b'{');
+    let mut first = true;
+    let mut sep = |out: &mut Vec<u8>| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+    };
+    for (k, v) in fields {
+        let replaced = match &*k.0 {
+            "receivedAt" | "request_ip" => true,
+            "messageId" => !has_message_id,
+            "type" => e.route_type.is_some(),
+            "anonymousId" => anon_from_header.is_some(),
+            _ => false,
+        };
+        if replaced {
+            continue;
+        }
+        sep(out);
+        write_key_json(out, k);
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+    }
+    if !has_message_id {
+        sep(out);
+        out.extend_from_slice(b"\"messageId\":\"");
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        out.extend_from_slice(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf).as_bytes());
+        out.push(b'"');
+    }
+    if let Some(anon) = anon_from_header {
+        sep(out);
+        out.extend_from_slice(b"\"anonymousId\":");
+        write_str_json(out, anon);
+    }
+    if let Some(t) = e.route_type {
+        sep(out);
+        out.extend_from_slice(b"\"type\":");
+        write_str_json(out, t);
+    }
+    sep(out);
+    out.extend_from_slice(b"\"receivedAt\":\"");
+    out.extend_from_slice(e.received_at.as_bytes());
+    out.extend_from_slice(b"\",\"request_ip\":");
+    write_str_json(out, e.request_ip);
+    out.push(b'}');
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn run(input: &str, e: &Enrichment<'_>) -> Result<Value, EventError> {
+        let Shallow::Object(fields) = serde_json::from_str::<Shallow>(input).unwrap() else {
+            return Err(EventError::NotAnObject);
+        };
+        let mut out = Vec::new();
+        enrich(&fields, e, &mut out)?;
+        Ok(serde_json::from_slice(&out).expect("output is valid JSON"))
+    }
+
+    const E: Enrichment<'static> = Enrichment {
+        received_at: "2026-11-26T10:00:00.123Z",
+        request_ip: "10.1.2.3",
+        route_type: None,
+        header_anonymous_id: None,
+    };
+
+    #[test]
+    fn adds_fields_and_keeps_the_rest() {
+        let v = run(r#"{"userId":"u1","event":"x","properties":{"a":[1,2,{"b":null}]}}"#, &E).unwrap();
+        assert_eq!(v["userId"], "u1");
+        assert_eq!(v["properties"], json!({"a":[1,2,{"b":null}]}));
+        assert_eq!(v["receivedAt"], "2026-11-26T10:00:00.123Z");
+        assert_eq!(v["request_ip"], "10.1.2.3");
+        let id = v["messageId"].as_str().unwrap();
+        assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+        assert!(v.get("type").is_none());
+    }
+
+    #[test]
+    fn message_id_kept_unless_blank() {
+        let v = run(r#"{"userId":"u","messageId":"m-1"}"#, &E).unwrap();
+        assert_eq!(v["messageId"], "m-1");
+        for blank in [r#""""#, r#""  ""#, "null"] {
+            let v = run(&format!(r#"{{"userId":"u","messageId":{blank}}}"#), &E).unwrap();
+            assert_eq!(v["messageId"].as_str().unwrap().len(), 36, "{blank}");
+        }
+    }
+
+    #[test]
+    fn identity_rules() {
+        assert_eq!(run(r#"{"event":"x"}"#, &E), Err(EventError::NoIdentity));
+        assert_eq!(run(r#"{"userId":"  ","anonymousId":null}"#, &E), Err(EventError::NoIdentity));
+        assert!(run(r#"{"userId":42}"#, &E).is_ok());
+        assert!(run(r#"{"anonymousId":"a"}"#, &E).is_ok());
+        let h = Enrichment { header_anonymous_id: Some("from-header"), ..E };
+        let v = run(r#"{"event":"x"}"#, &h).unwrap();
+        assert_eq!(v["anonymousId"], "from-header");
+        let v = run(r#"{"anonymousId":"body"}"#, &h).unwrap();
+        assert_eq!(v["anonymousId"], "body", "the header is only a fallback");
+        let v = run(r#"{"anonymousId":"","userId":"u"}"#, &h).unwrap();
+        assert_eq!(v["anonymousId"], "from-header");
+    }
+
+    #[test]
+    fn route_type_and_server_fields_override() {
+        let r = Enrichment { route_type: Some("identify"), ..E };
+        let v = run(r#"{"userId":"u","type":"track","receivedAt":"old","request_ip":"1.1.1.1"}"#, &r).unwrap();
+        assert_eq!(v["type"], "identify");
+        assert_eq!(v["receivedAt"], E.received_at);
+        assert_eq!(v["request_ip"], "10.1.2.3");
+        let text = serde_json::to_string(&v).unwrap();
+        assert_eq!(text.matches("\"type\"").count(), 1);
+    }
+
+    #[test]
+    fn escaped_keys_and_values_survive() {
+        let v = run(r#"{"user\u0049d":"u","a\"b":"c\n\u00e9"}"#, &E).unwrap();
+        assert_eq!(v["userId"], "u");
+        assert_eq!(v["a\"b"], "c\né");
+    }
+
+    #[test]
+    fn not_objects() {
+        for s in ["1", "\"s\"", "[1,{}]", "null", "true"] {
+            assert!(matches!(serde_json::from_str::<Shallow>(s).unwrap(), Shallow::NotObject));
+        }
+        let b: BatchBody = serde_json::from_str(r#"{"batch":[{"a":1},2],"writeKey":"k"}"#).unwrap();
+        let batch = b.batch.unwrap();
+        assert!(matches!(batch[0], Shallow::Object(_)));
+        assert!(matches!(batch[1], Shallow::NotObject));
+        assert_eq!(b.write_key.as_deref(), Some("k"));
+    }
+
+    proptest! {
+        /// Any JSON object with an identity comes out as the same object plus exactly the
+        /// enrichment fields.
+        #[test]
+        fn enrichment_changes_nothing_else(
+            extra in prop::collection::btree_map("[a-zA-Z_\"\\\\é]{1,8}", any::<i32>().prop_map(|n| json!(n)), 0..8),
+            s in "\\PC{0,20}",
+        ) {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in &extra {
+                if ["messageId", "receivedAt", "request_ip", "type", "userId", "anonymousId"].contains(&k.as_str()) { continue; }
+                obj.insert(k.clone(), v.clone());
+            }
+            obj.insert("userId".into(), json!("user"));
+            obj.insert("text".into(), json!(s));
+            obj.insert("messageId".into(), json!("mid"));
+            let input = serde_json::to_string(&Value::Object(obj.clone())).unwrap();
+            let out = run(&input, &E).unwrap();
+            let mut expect = obj;
+            expect.insert("receivedAt".into(), json!(E.received_at));
+            expect.insert("request_ip".into(), json!(E.request_ip));
+            prop_assert_eq!(out, Value::Object(expect));
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The public HTTP API (RudderStack-compatible): auth, decode, validate, enrich, store,
+//! answer. A request is answered `200 OK` only after every event of it is durable; a
+//! request that gets an error stores nothing.
+
+mod auth;
+mod body;
+pub mod enrich;
+mod health;
+mod pixel;
+mod ratelimit;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::{Config, SourceConfig};
+use crate::server::ServerState;
+use crate::store::{EventBatch, Store, StoreError};
+use enrich::{BatchBody, Enrichment, EventError, Shallow};
+
+/// A configured source, looked up by write key.
+pub struct Source {
+    pub id: Arc<str>,
+    pub config: SourceConfig,
+    limiter: Option<ratelimit::TokenBucket>,
+    events: metrics::Counter,
+}
+
+pub struct Gateway {
+    sources: HashMap<String, Arc<Source>>,
+    store: Arc<dyn Store>,
+    state: Arc<ServerState>,
+    max_request_bytes: usize,
+}
+
+/// An error answer: status and the exact plain-text body SDKs key on.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: &'static str,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    const fn new(status: StatusCode, body: &'static str) -> ApiError {
+        ApiError {
+            status,
+            body,
+            retry_after: None,
+        }
+    }
+}
+
+pub const NO_WRITE_KEY: ApiError =
+    ApiError::new(StatusCode::UNAUTHORIZED, "failed to read writekey from header");
+pub const INVALID_WRITE_KEY: ApiError = ApiError::new(StatusCode::UNAUTHORIZED, "invalid write key");
+pub const SOURCE_DISABLED: ApiError = ApiError::new(StatusCode::NOT_FOUND, "source is disabled");
+pub const INVALID_JSON: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid json");
+pub const NOT_AN_EVENT: ApiError =
+    ApiError::new(StatusCode::BAD_REQUEST, "event is not a valid rudder event");
+pub const EMPTY_BATCH: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "empty batch payload");
+pub const NO_IDENTITY: ApiError = ApiError::new(
+    StatusCode::BAD_REQUEST,
+    "request neither has anonymousId nor userId",
+);
+pub const TOO_LARGE: ApiError =
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request size exceeds max limit");
+pub const INVALID_GZIP: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid gzip body");
+pub const RATE_LIMITED: ApiError = ApiError {
+    status: StatusCode::TOO_MANY_REQUESTS,
+    body: "max requests limit reached",
+    retry_after: Some(1),
+};
+pub const QUOTA: ApiError =
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage quota exceeded");
+pub const DISK_FULL: ApiError = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "disk full");
+pub const STORE_DOWN: ApiError =
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable");
+pub const SHUTTING_DOWN: ApiError =
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, self.body).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+fn ok() -> Response {
+    (StatusCode::OK, "OK").into_response()
+}
+
+/// Single-event routes and the `type` they set.
+const SINGLE_ROUTES: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
+
+impl Gateway {
+    pub fn new(config: &Config, store: Arc<dyn Store>, state: Arc<ServerState>) -> Gateway {
+        let sources = config
+            .sources
+            .iter()
+            .map(|s| {
+                let id: Arc<str> = Arc::from(s.id.as_str());
+                let source = Source {
+                    id: id.clone(),
+                    config: s.clone(),
+                    limiter: s.rate_limit.map(ratelimit::TokenBucket::new),
+                    events: metrics::counter!("ballast_ingest_events_total", "source" => s.id.clone()),
+                };
+                (s.write_key.clone(), Arc::new(source))
+            })
+            .collect();
+        Gateway {
+            sources,
+            store,
+            state,
+            max_request_bytes: config.server.max_request_bytes,
+        }
+    }
+
+    pub fn router(self: Arc<Self>) -> Router {
+        let cors = CorsLayer::new()
+            .allow_origin(AllowOrigin::mirror_request())
+            .allow_credentials(true)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(
+                [
+                    "authorization",
+                    "content-type",
+                    "content-encoding",
+                    "anonymousid",
+                    "sentat",
+                    "rsa-retry-attempt",
+                    "rsa-since-last-attempt",
+                    "rsa-since-first-attempt",
+                    "rsa-retry-reason",
+                    "rsa-recovered",
+                ]
+                .map(HeaderName::from_static),
+            )
+            .max_age(Duration::from_secs(900));
+        Router::new()
+            .route("/v1/batch", post(batch))
+            .route("/v1/import", post(batch))
+            .route("/v1/b", post(batch))
+            .route("/v1/{kind}", post(single))
+            .route("/beacon/v1/batch", post(beacon))
+            .route("/pixel/v1/{kind}", get(pixel::pixel))
+            .route("/sourceConfig", get(source_config))
+            .route("/sourceConfig/", get(source_config))
+            .route("/health", get(health::health))
+            .route("/livez", get(health::livez))
+            .route("/readyz", get(health::readyz))
+            .route("/version", get(health::version))
+            .layer(cors)
+            .with_state(self)
+    }
+
+    /// Resolves a write key to an enabled source.
+    fn source(&self, key: Option<&str>) -> Result<&Arc<Source>, ApiError> {
+        let key = key.filter(|k| !k.is_empty()).ok_or(NO_WRITE_KEY)?;
+        let source = self.sources.get(key).ok_or(INVALID_WRITE_KEY)?;
+        if !source.config.enabled {
+            return Err(SOURCE_DISABLED);
+        }
+        Ok(source)
+    }
+
+    /// Everything after the body is read: auth, parse, validate, enrich, store.
+    async fn ingest(&self, req: Ingest<'_>) -> Result<Response, ApiError> {
+        if self.state.shutting_down() {
+            return Err(SHUTTING_DOWN);
+        }
+        let received_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let header_anon = req
+            .headers
+            .get("anonymousid")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        let ip = request_ip(req.headers, req.peer);
+        let enrichment = Enrichment {
+            received_at: &received_at,
+            request_ip: &ip,
+            route_type: req.route_type,
+            header_anonymous_id: header_anon,
+        };
+        let mut key = req.key.map(Cow::Borrowed);
+
+        let (source, batch) = if req.route_type.is_some() {
+            // One event: the body is the event.
+            let parsed = serde_json::from_slice::<Shallow>(req.body);
+            let fields = match parsed {
+                Ok(Shallow::Object(fields)) => fields,
+                Ok(Shallow::NotObject) | Err(_) if key.is_none() => return Err(NO_WRITE_KEY),
+                Ok(Shallow::NotObject) | Err(_) => return Err(INVALID_JSON),
+            };
+            if key.is_none() {
+                key = body_write_key(&fields).map(Cow::Owned);
+            }
+            let source = self.source(key.as_deref())?;
+            let mut batch = EventBatch::new(source.id.clone(), req.body.len() + 160);
+            batch
+                .push_with(|out| enrich::enrich(&fields, &enrichment, out))
+                .map_err(event_error)?;
+            (source, batch)
+        } else {
+            let body = match serde_json::from_slice::<BatchBody>(req.body) {
+                Ok(b) => b,
+                Err(_) if key.is_none() => return Err(NO_WRITE_KEY),
+                Err(_) => return Err(INVALID_JSON),
+            };
+            if key.is_none() {
+                key = body.write_key.clone();
+            }
+            let source = self.source(key.as_deref())?;
+            let events = body.batch.unwrap_or_default();
+            if events.is_empty() {
+                return Err(EMPTY_BATCH);
+            }
+            let mut batch =
+                EventBatch::new(source.id.clone(), req.body.len() + events.len() * 160);
+            for event in &events {
+                let Shallow::Object(fields) = event else {
+                    return Err(NOT_AN_EVENT);
+                };
+                batch
+                    .push_with(|out| enrich::enrich(fields, &enrichment, out))
+                    .map_err(event_error)?;
+            }
+            (source, batch)
+        };
+        if let Some(limiter) = &source.limiter {
+            if !limiter.try_take() {
+                return Err(RATE_LIMITED);
+            }
+        }
+        let n = batch.len() as u64;
+        match self.store.append(batch).await {
+            Ok(_) => {
+                source.events.increment(n);
+                Ok(ok())
+            }
+            Err(StoreError::QuotaExceeded) => Err(QUOTA),
+            Err(StoreError::DiskFull) => Err(DISK_FULL),
+            Err(StoreError::TooLarge(_)) => Err(TOO_LARGE),
+            Err(e) => {
+                tracing::error!(error = %e, "could not store events");
+                Err(STORE_DOWN)
+            }
+        }
+    }
+}
+
+use std::borrow::Cow;
+
+fn body_write_key(fields: &[(enrich::Key<'_>, &serde_json::value::RawValue)]) -> Option<String> {
+    fields
+        .iter()
+        .find(|(k, _)| k.0 == "writeKey")
+        .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+}
+
+fn event_error(e: EventError) -> ApiError {
+    match e {
+        EventError::NotAnObject => NOT_AN_EVENT,
+        EventError::NoIdentity => NO_IDENTITY,
+    }
+}
+
+/// The client's address: the first `X-Forwarded-For` entry, else the peer.
+fn request_ip(headers: &HeaderMap, peer: SocketAddr) -> String {
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| peer.ip().to_string())
+}
+
+struct Ingest<'a> {
+    headers: &'a HeaderMap,
+    peer: SocketAddr,
+    key: Option<&'a str>,
+    route_type: Option<&'static str>,
+    body: &'a [u8],
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+fn finish(result: Result<Response, ApiError>, route: &'static str) -> Response {
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    metrics::counter!(
+        "ballast_ingest_requests_total",
+        "route" => route,
+        "status" => status_label(response.status())
+    )
+    .increment(1);
+    response
+}
+
+fn status_label(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        413 => "413",
+        429 => "429",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+async fn read_request(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Bytes, ApiError> {
+    body::read(headers, body, gw.max_request_bytes).await
+}
+
+async fn single(
+    State(gw): State<Arc<Gateway>>,
+    Path(kind): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let Some(route_type) = SINGLE_ROUTES.iter().copied().find(|r| *r == kind) else {
+        return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+    };
+    let result = async {
+        let key = auth::basic_user(&headers)?;
+        let bytes = read_request(&gw, &headers, body).await?;
+        gw.ingest(Ingest {
+            headers: &headers,
+            peer,
+            key: key.as_deref(),
+            route_type: Some(route_type),
+            body: &bytes,
+        })
+        .await
+    }
+    .await;
+    finish(result, route_type)
+}
+
+async fn batch(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let result = async {
+        let key = auth::basic_user(&headers)?;
+        let bytes = read_request(&gw, &headers, body).await?;
+        gw.ingest(Ingest {
+            headers: &headers,
+            peer,
+            key: key.as_deref(),
+            route_type: None,
+            body: &bytes,
+        })
+        .await
+    }
+    .await;
+    finish(result, "batch")
+}
+
+/// `navigator.sendBeacon`: text/plain body, write key in the query.
+async fn beacon(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<KeyQuery>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let result = async {
+        let key = match q.write_key.filter(|k| !k.is_empty()) {
+            Some(k) => Some(k),
+            None => auth::basic_user(&headers)?,
+        };
+        let bytes = read_request(&gw, &headers, body).await?;
+        gw.ingest(Ingest {
+            headers: &headers,
+            peer,
+            key: key.as_deref(),
+            route_type: None,
+            body: &bytes,
+        })
+        .await
+    }
+    .await;
+    finish(result, "beacon")
+}
+
+/// What RudderStack's JavaScript SDK fetches from its `configUrl`.
+async fn source_config(
+    State(gw): State<Arc<Gateway>>,
+    Query(q): Query<KeyQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let key = match auth::basic_user(&headers) {
+        Ok(Some(k)) => Some(k),
+        Ok(None) => q.write_key,
+        Err(e) => return e.into_response(),
+    };
+    let source = match gw.source(key.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let c = &source.config;
+    let body = serde_json::json!({
+        "isHosted": false,
+        "source": {
+            "id": c.id,
+            "name": c.name.clone().unwrap_or_else(|| c.id.clone()),
+            "writeKey": c.write_key,
+            "enabled": c.enabled,
+            "config": {},
+            "deleted": false,
+            "workspaceId": "ballast",
+            "destinations": [],
+        }
+    });
+    axum::Json(body).into_response()
+}

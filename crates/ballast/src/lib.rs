@@ -1,0 +1,11 @@
+//! ballast: an event data plane that speaks RudderStack's HTTP API, stores every
+//! accepted event durably and (in later stages) forwards it in order per user.
+//!
+//! Data flow: [`gateway`] → [`store`] → router → destinations; see docs/ARCHITECTURE.md.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod server;
+pub mod store;

@@ -1,0 +1,217 @@
+//! `ballast serve`: wires store, gateway and admin API together, and runs until SIGTERM
+//! or SIGINT (graceful: readiness off, drain, in-flight requests finish, the writer
+//! flushes, exit 0) or a fatal storage failure (exit non-zero; the next start recovers
+//! from the log).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::Store;
+
+/// Running mode (see DESIGN.md, "Running modes and crash loops").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal = 0,
+    Degraded = 1,
+}
+
+impl Mode {
+    pub fn as_health_str(self) -> &'static str {
+        match self {
+            Mode::Normal => "NORMAL",
+            Mode::Degraded => "DEGRADED",
+        }
+    }
+}
+
+/// State shared by the HTTP front ends.
+pub struct ServerState {
+    shutting_down: AtomicBool,
+    mode: AtomicU8,
+    routing: AtomicBool,
+}
+
+impl Default for ServerState {
+    fn default() -> Self {
+        ServerState {
+            shutting_down: AtomicBool::new(false),
+            mode: AtomicU8::new(Mode::Normal as u8),
+            routing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl ServerState {
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+    pub fn mode(&self) -> Mode {
+        match self.mode.load(Ordering::Acquire) {
+            1 => Mode::Degraded,
+            _ => Mode::Normal,
+        }
+    }
+    /// True while events are being forwarded to destinations.
+    pub fn routing(&self) -> bool {
+        self.routing.load(Ordering::Acquire)
+    }
+}
+
+/// Addresses the server bound, written to `<data_dir>/server.json` once it listens (and
+/// removed on a clean exit), so that tools and tests can find a server started on port 0.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Addresses {
+    pub pid: u32,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+}
+
+pub fn addresses_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("server.json")
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => "SIGINT",
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
+/// Runs the server; returns the process exit code.
+pub async fn run(config: Config) -> anyhow::Result<i32> {
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let prometheus = crate::admin::install_recorder()?;
+
+    let log_dir = data_dir.join("log");
+    let (segment_bytes, quota) = (config.storage.segment_bytes, config.storage.max_bytes);
+    let (store, report) = tokio::task::spawn_blocking(move || {
+        EmbeddedStore::open(&log_dir, segment_bytes, quota)
+    })
+    .await
+    .context("opening the event log")?
+    .context("opening the event log")?;
+    tracing::info!(
+        segments = report.segments,
+        records = report.records,
+        corrupt_records = report.corrupt_records,
+        torn_tail_bytes = report.torn_tail_bytes,
+        "event log opened"
+    );
+    if report.corrupt_records > 0 {
+        tracing::error!(
+            corrupt_records = report.corrupt_records,
+            files = ?report.quarantine_files,
+            "damaged records were moved to the quarantine directory of the log"
+        );
+    }
+    let mut fatal = store.fatal_failures();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let state = Arc::new(ServerState::default());
+
+    let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
+    let public = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| format!("listening on {} (admin)", config.server.admin_listen))?;
+    let addrs = Addresses {
+        pid: std::process::id(),
+        listen: public.local_addr()?,
+        admin_listen: admin.local_addr()?,
+    };
+    write_atomically(&addresses_path(&data_dir), &serde_json::to_vec_pretty(&addrs)?)
+        .context("writing server.json")?;
+    tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), "ballast is accepting events");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let public_app = gateway.router();
+    let public_server = tokio::spawn(std::future::IntoFuture::into_future(
+        axum::serve(
+            public.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            public_app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone())),
+    ));
+    let admin_app = crate::admin::router(crate::admin::AdminState {
+        store: store.clone(),
+        state: state.clone(),
+        prometheus,
+        token: config.server.admin_token.clone(),
+    });
+    let admin_server = tokio::spawn(std::future::IntoFuture::into_future(
+        axum::serve(admin, admin_app).with_graceful_shutdown(stopped(stop_rx.clone())),
+    ));
+
+    let exit_code = tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+            0
+        }
+        r = fatal.wait_for(|f| f.is_some()) => {
+            let reason = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
+            tracing::error!(error = %reason, "storage failed; stopping so that the next start recovers from the log");
+            1
+        }
+    };
+    state.shutting_down.store(true, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let drain = async {
+        let _ = public_server.await;
+        let _ = admin_server.await;
+    };
+    if tokio::time::timeout(config.server.shutdown_timeout, drain).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within shutdown_timeout");
+    }
+    store.close().await;
+    let _ = std::fs::remove_file(addresses_path(&data_dir));
+    if exit_code == 0 {
+        tracing::info!("stopped cleanly");
+    }
+    Ok(exit_code)
+}
+
+/// How long a caller should wait for `server.json` after starting the process.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(30);

@@ -1,0 +1,136 @@
+//! The behaviour every `Store` backend must show. Each backend's test module calls
+//! `run_all` with a factory that opens a fresh (or reopens the same) store.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::{EventBatch, Store, StoreError};
+
+/// Opens the backend's store for a given test directory/database; called again with the
+/// same argument to simulate a restart.
+pub trait Factory {
+    type Fut: Future<Output = Box<dyn Store>>;
+    fn open(&self, quota: u64) -> Self::Fut;
+}
+
+fn batch(source: &str, events: &[&str]) -> EventBatch {
+    let mut b = EventBatch::new(Arc::from(source), 0);
+    for e in events {
+        b.push(e.as_bytes());
+    }
+    b
+}
+
+async fn read_all(store: &dyn Store, from: u64) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut pos = from;
+    loop {
+        let r = store.read(pos, 3).await.unwrap();
+        if r.events.is_empty() {
+            return out;
+        }
+        for e in &r.events {
+            out.push((e.source.clone(), String::from_utf8(e.event.clone()).unwrap()));
+        }
+        pos = r.next;
+    }
+}
+
+pub async fn appends_are_read_back_in_order<F: Factory>(f: &F) {
+    let store = f.open(1 << 30).await;
+    let a = store.append(batch("web", &[r#"{"n":1}"#, r#"{"n":2}"#])).await.unwrap();
+    assert_eq!(a.events, 2);
+    let b = store.append(batch("app", &[r#"{"n":3}"#])).await.unwrap();
+    assert!(b.first >= a.end);
+    assert_eq!(*store.subscribe().borrow(), b.end);
+    let all = read_all(&*store, 0).await;
+    assert_eq!(
+        all,
+        vec![
+            ("web".into(), r#"{"n":1}"#.into()),
+            ("web".into(), r#"{"n":2}"#.into()),
+            ("app".into(), r#"{"n":3}"#.into())
+        ]
+    );
+    assert_eq!(read_all(&*store, b.first).await.len(), 1);
+    store.close().await;
+    // Survives a restart.
+    let store = f.open(1 << 30).await;
+    assert_eq!(read_all(&*store, 0).await.len(), 3);
+    store.close().await;
+}
+
+pub async fn cursors_persist<F: Factory>(f: &F) {
+    let store = f.open(1 << 30).await;
+    let start = store.register_consumer("dest-a").await.unwrap();
+    let a = store.append(batch("web", &[r#"{"n":1}"#])).await.unwrap();
+    assert!(start <= a.first);
+    store.ack("dest-a", a.end).await.unwrap();
+    assert_eq!(store.cursor("dest-a"), Some(a.end));
+    assert!(store.ack("nobody", a.end).await.is_err());
+    store.close().await;
+    let store = f.open(1 << 30).await;
+    assert_eq!(store.cursor("dest-a"), Some(a.end));
+    assert_eq!(store.register_consumer("dest-a").await.unwrap(), a.end);
+    store.close().await;
+}
+
+pub async fn quota_refuses_and_keeps_what_is_stored<F: Factory>(f: &F) {
+    let store = f.open(4096).await;
+    let event = format!(r#"{{"pad":"{}"}}"#, "x".repeat(300));
+    let mut stored = 0;
+    let mut refused = 0;
+    for _ in 0..40 {
+        match store.append(batch("web", &[&event])).await {
+            Ok(_) => stored += 1,
+            Err(StoreError::QuotaExceeded) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(stored > 0 && refused > 0);
+    let st = store.status();
+    assert!(st.full() || st.bytes_used + 300 > st.quota_bytes);
+    assert_eq!(read_all(&*store, 0).await.len(), stored);
+    store.close().await;
+}
+
+pub async fn run_all<F: Factory>(fresh: impl Fn() -> F) {
+    appends_are_read_back_in_order(&fresh()).await;
+    cursors_persist(&fresh()).await;
+    quota_refuses_and_keeps_what_is_stored(&fresh()).await;
+}
+
+mod embedded {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use std::path::PathBuf;
+    use std::pin::Pin;
+
+    struct Embedded {
+        dir: PathBuf,
+        _tmp: Arc<tempfile::TempDir>,
+    }
+
+    impl Factory for Embedded {
+        type Fut = Pin<Box<dyn Future<Output = Box<dyn Store>>>>;
+        fn open(&self, quota: u64) -> Self::Fut {
+            let dir = self.dir.clone();
+            Box::pin(async move {
+                let (s, _) = EmbeddedStore::open(&dir, 4096, quota).unwrap();
+                Box::new(s) as Box<dyn Store>
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn embedded_store_conforms() {
+        run_all(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            Embedded {
+                dir: tmp.path().join("log"),
+                _tmp: Arc::new(tmp),
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,196 @@
+//! The embedded backend: the event log of `ballast-log` in `<data_dir>/log`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ballast_log::{Batch, Log, LogConfig, LogError, PushError, RecoveryReport};
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    envelope, Appended, EventBatch, Position, ReadEvents, Store, StoreError, StoreStatus,
+    StoredEvent,
+};
+
+pub struct EmbeddedStore {
+    log: Arc<Log>,
+    quota: u64,
+    durable: watch::Sender<Position>,
+    /// Set once a fatal failure happened; the server watches it and stops.
+    fatal: watch::Sender<Option<String>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (recovering) the log in `dir`.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        quota: u64,
+    ) -> Result<(EmbeddedStore, RecoveryReport), LogError> {
+        let config = LogConfig {
+            segment_bytes,
+            max_bytes: Some(quota),
+            ..LogConfig::new(dir)
+        };
+        let (log, report) = Log::open(config)?;
+        let (durable, _) = watch::channel(log.durable_end());
+        let (fatal, _) = watch::channel(None);
+        Ok((
+            EmbeddedStore {
+                log: Arc::new(log),
+                quota,
+                durable,
+                fatal,
+            },
+            report,
+        ))
+    }
+
+    /// Notified with the reason when the store failed fatally.
+    pub fn fatal_failures(&self) -> watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+}
+
+fn map_err(e: LogError) -> StoreError {
+    match e {
+        LogError::QuotaExceeded { .. } => StoreError::QuotaExceeded,
+        LogError::DiskFull(_) => StoreError::DiskFull,
+        LogError::RecordTooLarge(n) => StoreError::TooLarge(format!("{n} bytes")),
+        LogError::WriterFailed(m) => StoreError::Fatal(m),
+        LogError::Closed => StoreError::Fatal("store is closed".into()),
+        other => StoreError::Other(other.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Other(format!("store task failed: {e}")))?
+        .map_err(map_err)
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError> {
+        let mut records = Batch::with_capacity(batch.bytes() + batch.len() * (20 + batch.source.len()));
+        for event in batch.events() {
+            records
+                .push_with::<()>(|buf| {
+                    envelope::encode_into(buf, &batch.source, event);
+                    Ok(())
+                })
+                .map_err(|e| match e {
+                    PushError::Log(e) => map_err(e),
+                    PushError::Fill(()) => StoreError::Other("encoding failed".into()),
+                })?;
+        }
+        let (tx, rx) = oneshot::channel();
+        let durable = self.durable.clone();
+        let fatal = self.fatal.clone();
+        self.log.append(records, move |result| {
+            match &result {
+                Ok(a) => {
+                    durable.send_if_modified(|end| {
+                        let moved = a.end > *end;
+                        if moved {
+                            *end = a.end;
+                        }
+                        moved
+                    });
+                }
+                Err(e) if e.is_fatal() => {
+                    fatal.send_if_modified(|f| {
+                        let first = f.is_none();
+                        if first {
+                            *f = Some(e.to_string());
+                        }
+                        first
+                    });
+                }
+                Err(_) => {}
+            }
+            let _ = tx.send(result);
+        });
+        let appended = rx
+            .await
+            .map_err(|_| StoreError::Fatal("log writer went away".into()))?
+            .map_err(map_err)?;
+        Ok(Appended {
+            first: appended.first,
+            end: appended.end,
+            events: appended.records,
+        })
+    }
+
+    async fn register_consumer(&self, consumer: &str) -> Result<Position, StoreError> {
+        let log = self.log.clone();
+        let name = consumer.to_string();
+        blocking(move || log.register_consumer(&name)).await
+    }
+
+    async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
+        let log = self.log.clone();
+        let batch = blocking(move || log.read(from, max_events, 4 << 20)).await?;
+        let mut events = Vec::with_capacity(batch.records.len());
+        for r in batch.records {
+            let (source, event) = envelope::decode(&r.payload).map_err(|e| {
+                StoreError::Other(format!("record at position {}: {e}", r.position))
+            })?;
+            events.push(StoredEvent {
+                position: r.position,
+                source: source.to_string(),
+                event: event.to_vec(),
+            });
+        }
+        Ok(ReadEvents {
+            events,
+            next: batch.next,
+        })
+    }
+
+    async fn ack(&self, consumer: &str, upto: Position) -> Result<(), StoreError> {
+        let log = self.log.clone();
+        let name = consumer.to_string();
+        blocking(move || log.ack(&name, upto)).await
+    }
+
+    fn cursor(&self, consumer: &str) -> Option<Position> {
+        self.log.cursor(consumer)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Position> {
+        self.durable.subscribe()
+    }
+
+    fn status(&self) -> StoreStatus {
+        let s = self.log.stats();
+        StoreStatus {
+            writable: !s.failed,
+            failure: self.fatal.borrow().clone(),
+            bytes_used: s.bytes_on_disk,
+            quota_bytes: self.quota,
+            events_appended: s.records,
+            appends: s.appends,
+            fsyncs: s.fsyncs,
+            fsync_seconds: s.fsync_nanos as f64 / 1e9,
+            quota_rejections: s.rejected_quota,
+            quarantined_records: s.quarantined_records,
+            torn_tail_bytes: s.torn_tail_bytes,
+            segments: s.segments,
+            start: s.start,
+            end: s.durable_end,
+        }
+    }
+
+    async fn close(&self) {
+        let log = self.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+    }
+}

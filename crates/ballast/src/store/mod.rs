@@ -1,0 +1,169 @@
+//! The event store: durable append for the gateway, per-consumer read and acknowledge
+//! for the router. One trait, so that a PostgreSQL backend can sit beside the embedded
+//! one and pass the same conformance suite (`conformance.rs`).
+
+pub mod embedded;
+pub mod envelope;
+
+#[cfg(test)]
+mod conformance;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+/// Where an event sits in the store; increases with acceptance order.
+pub type Position = u64;
+
+/// Events of one request (one source), each an enriched JSON object, stored together.
+#[derive(Debug, Default, Clone)]
+pub struct EventBatch {
+    pub source: Arc<str>,
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl EventBatch {
+    pub fn new(source: Arc<str>, capacity: usize) -> EventBatch {
+        EventBatch {
+            source,
+            buf: Vec::with_capacity(capacity),
+            ends: Vec::new(),
+        }
+    }
+
+    /// Adds one event whose JSON `write` appends to the buffer it is given.
+    pub fn push_with<E>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<(), E> {
+        let start = self.buf.len();
+        match write(&mut self.buf) {
+            Ok(()) => {
+                self.ends.push(self.buf.len());
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn push(&mut self, event: &[u8]) {
+        self.buf.extend_from_slice(event);
+        self.ends.push(self.buf.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The events, in order.
+    pub fn events(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let e = &self.buf[start..end];
+            start = end;
+            e
+        })
+    }
+}
+
+/// The result of a durable append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first: Position,
+    /// Position after the last event: a consumer that acknowledges it is past the batch.
+    pub end: Position,
+    pub events: usize,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub position: Position,
+    pub source: String,
+    pub event: Vec<u8>,
+}
+
+/// Events read for a consumer, and where its next read starts.
+#[derive(Debug, Clone, Default)]
+pub struct ReadEvents {
+    pub events: Vec<StoredEvent>,
+    pub next: Position,
+}
+
+/// Point-in-time view of the store for health checks and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStatus {
+    /// False after a fatal write failure: nothing can be acknowledged any more.
+    pub writable: bool,
+    pub failure: Option<String>,
+    pub bytes_used: u64,
+    pub quota_bytes: u64,
+    pub events_appended: u64,
+    pub appends: u64,
+    pub fsyncs: u64,
+    pub fsync_seconds: f64,
+    pub quota_rejections: u64,
+    pub quarantined_records: u64,
+    pub torn_tail_bytes: u64,
+    pub segments: usize,
+    pub start: Position,
+    pub end: Position,
+}
+
+impl StoreStatus {
+    pub fn full(&self) -> bool {
+        self.bytes_used >= self.quota_bytes
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage quota exceeded")]
+    QuotaExceeded,
+    #[error("disk full")]
+    DiskFull,
+    /// The store cannot acknowledge anything any more in this process; the server must
+    /// stop and recover from its files on the next start.
+    #[error("storage failed: {0}")]
+    Fatal(String),
+    #[error("event too large: {0}")]
+    TooLarge(String),
+    #[error("storage error: {0}")]
+    Other(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores the batch; returns once every event of it is on stable storage.
+    async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError>;
+
+    /// Registers a consumer (idempotent) and returns its cursor.
+    async fn register_consumer(&self, consumer: &str) -> Result<Position, StoreError>;
+
+    /// Reads up to `max_events` stored events at or after `from`.
+    async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError>;
+
+    /// Everything before `upto` is done for this consumer.
+    async fn ack(&self, consumer: &str, upto: Position) -> Result<(), StoreError>;
+
+    /// The consumer's cursor, if registered.
+    fn cursor(&self, consumer: &str) -> Option<Position>;
+
+    /// Follows the end of what is durable.
+    fn subscribe(&self) -> watch::Receiver<Position>;
+
+    fn status(&self) -> StoreStatus;
+
+    /// Finishes what was submitted and stops writing.
+    async fn close(&self);
+}

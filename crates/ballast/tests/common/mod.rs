@@ -1,0 +1,221 @@
+//! Test harness: starts the real `ballast` binary on loopback ports in a temp directory
+//! and talks HTTP to it. Every server is killed when its handle drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const WRITE_KEY: &str = "test-write-key";
+
+/// A config with one enabled source (`web`, key `test-write-key`), one disabled source
+/// (`off`, key `disabled-key`), listening on free loopback ports. `extra` is appended.
+pub fn config(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_timeout = "10s"
+
+[storage]
+backend = "embedded"
+segment_bytes = "1MiB"
+
+[[sources]]
+id = "web"
+write_key = "{WRITE_KEY}"
+
+[[sources]]
+id = "off"
+write_key = "disabled-key"
+enabled = false
+{extra}
+"#
+    )
+}
+
+pub struct Server {
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    pub child: Option<Child>,
+    pub base: String,
+    pub admin: String,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ballast")
+}
+
+impl Server {
+    /// Starts a server with `config` in a new temp dir and waits until it listens.
+    pub fn start(config: &str) -> Server {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Server::start_in(dir, config, &[])
+    }
+
+    /// Starts (or restarts) a server on an existing directory.
+    pub fn start_in(dir: Arc<tempfile::TempDir>, config: &str, env: &[(&str, &str)]) -> Server {
+        let config_path = dir.path().join("ballast.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let data = dir.path().join("data");
+        let _ = std::fs::remove_file(data.join("server.json"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ballast");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(err) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let mut s = sink.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        let mut server = Server {
+            dir,
+            config_path,
+            child: Some(child),
+            base: String::new(),
+            admin: String::new(),
+            stderr,
+        };
+        server.wait_listening();
+        server
+    }
+
+    fn wait_listening(&mut self) {
+        let path = self.dir.path().join("data").join("server.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+                    if v["pid"].as_u64() == Some(pid as u64) {
+                        self.base = format!("http://{}", v["listen"].as_str().unwrap());
+                        self.admin = format!("http://{}", v["admin_listen"].as_str().unwrap());
+                        return;
+                    }
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ballast exited early with {status}:\n{}", self.stderr());
+            }
+            assert!(Instant::now() < deadline, "ballast did not start:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe_sigterm(c.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("ballast did not stop on SIGTERM:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("ballast did not exit:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every stored event (parsed), via `ballast log dump`.
+    pub fn dump(&self) -> Vec<serde_json::Value> {
+        dump(&self.data_dir())
+    }
+}
+
+pub fn dump(data_dir: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(bin())
+        .args(["log", "dump", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("run ballast log dump");
+    assert!(
+        out.status.success(),
+        "log dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("dump line is JSON"))
+        .collect()
+}
+
+fn unsafe_sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .no_proxy()
+        .build()
+        .expect("client")
+}

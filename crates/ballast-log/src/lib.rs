@@ -166,6 +166,9 @@ pub struct LogStats {
     /// Number of groups whose fsync covered more than one batch.
     pub shared_fsyncs: u64,
     pub rejected_quota: u64,
+    /// The last append that needed space was refused for the quota (nothing was freed
+    /// since): the log is full for practical purposes.
+    pub quota_blocked: bool,
     pub bytes_on_disk: u64,
     pub segments: usize,
     pub start: Position,
@@ -201,6 +204,9 @@ pub(crate) struct Shared {
     durable: Mutex<Position>,
     durable_cv: Condvar,
     bytes_on_disk: AtomicU64,
+    /// Set when an append was refused for the quota; cleared by a successful append or
+    /// when space is freed.
+    quota_blocked: AtomicBool,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
     counters: Counters,
@@ -331,6 +337,7 @@ impl Log {
             durable: Mutex::new(durable_end),
             durable_cv: Condvar::new(),
             bytes_on_disk: AtomicU64::new(bytes_on_disk),
+            quota_blocked: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             counters: Counters::default(),
@@ -578,6 +585,7 @@ impl Log {
             self.shared
                 .bytes_on_disk
                 .fetch_sub(seg.end - seg.base, Ordering::AcqRel);
+            self.shared.quota_blocked.store(false, Ordering::Release);
             tracing::debug!(segment = %seg.path.display(), "deleted consumed segment");
         }
         Ok(())
@@ -595,6 +603,7 @@ impl Log {
             fsync_nanos: c.fsync_nanos.load(Ordering::Relaxed),
             shared_fsyncs: c.shared_fsyncs.load(Ordering::Relaxed),
             rejected_quota: c.rejected_quota.load(Ordering::Relaxed),
+            quota_blocked: self.shared.quota_blocked.load(Ordering::Acquire),
             bytes_on_disk: self.shared.bytes_on_disk.load(Ordering::Relaxed),
             segments: segs.len(),
             start: segs.first().map(|s| s.base).unwrap_or(0),

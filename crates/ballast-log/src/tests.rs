@@ -133,6 +133,7 @@ fn quota_rejects_and_keeps_everything() {
     assert!(log.stats().bytes_on_disk <= 1000);
     assert_eq!(read_all(&log, 0).len(), accepted);
     assert_eq!(log.stats().rejected_quota, rejected);
+    assert!(log.stats().quota_blocked);
 }
 
 #[test]

@@ -110,6 +110,7 @@ impl Writer {
             if let Some(limit) = self.max_bytes {
                 if used + n > limit {
                     self.shared.counters.rejected_quota.fetch_add(1, Ordering::Relaxed);
+                    self.shared.quota_blocked.store(true, Ordering::Release);
                     (sub.done)(Err(LogError::QuotaExceeded { used, limit, needed: n }));
                     continue;
                 }
@@ -177,6 +178,7 @@ impl Writer {
         c.records.fetch_add(records, Ordering::Relaxed);
         c.bytes_written.fetch_add(new_bytes, Ordering::Relaxed);
         self.shared.bytes_on_disk.fetch_add(new_bytes, Ordering::AcqRel);
+        self.shared.quota_blocked.store(false, Ordering::Release);
         {
             let mut segs = write_lock(&self.shared.segments);
             if let Some(last) = segs.last_mut() {

@@ -6,5 +6,11 @@ use mimalloc::MiMalloc;
 static GLOBAL: MiMalloc = MiMalloc;
 
 fn main() {
-    std::process::exit(ballast::cli::main());
+    // Test builds read fault-injection points from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let scenario = fail::FailScenario::setup();
+    let code = ballast::cli::main();
+    #[cfg(feature = "failpoints")]
+    scenario.teardown();
+    std::process::exit(code);
 }

@@ -181,6 +181,7 @@ impl Store for EmbeddedStore {
             fsyncs: s.fsyncs,
             fsync_seconds: s.fsync_nanos as f64 / 1e9,
             quota_rejections: s.rejected_quota,
+            quota_blocked: s.quota_blocked,
             quarantined_records: s.quarantined_records,
             torn_tail_bytes: s.torn_tail_bytes,
             segments: s.segments,

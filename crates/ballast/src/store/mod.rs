@@ -113,6 +113,8 @@ pub struct StoreStatus {
     pub fsyncs: u64,
     pub fsync_seconds: f64,
     pub quota_rejections: u64,
+    /// The last append was refused for the quota and no space was freed since.
+    pub quota_blocked: bool,
     pub quarantined_records: u64,
     pub torn_tail_bytes: u64,
     pub segments: usize,
@@ -122,7 +124,7 @@ pub struct StoreStatus {
 
 impl StoreStatus {
     pub fn full(&self) -> bool {
-        self.bytes_used >= self.quota_bytes
+        self.quota_blocked || self.bytes_used >= self.quota_bytes
     }
 }
 

@@ -157,7 +157,8 @@ impl Batch {
         if payload.len() > MAX_RECORD_BYTES {
             return Err(LogError::RecordTooLarge(payload.len()));
         }
-        self.buf.extend_from_slice(&encode_header(Kind::Data, payload));
+        self.buf
+            .extend_from_slice(&encode_header(Kind::Data, payload));
         self.buf.extend_from_slice(payload);
         self.records += 1;
         Ok(())

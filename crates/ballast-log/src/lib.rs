@@ -66,7 +66,10 @@ pub enum LogError {
     #[error("unknown consumer {0:?}")]
     UnknownConsumer(String),
     #[error("cannot acknowledge position {requested}: the durable end of the log is {durable}")]
-    AckBeyondEnd { requested: Position, durable: Position },
+    AckBeyondEnd {
+        requested: Position,
+        durable: Position,
+    },
     #[error("unrecoverable log state: {0}")]
     Unrecoverable(String),
 }
@@ -446,7 +449,8 @@ impl Log {
                     break 'segments;
                 }
                 // Read a chunk, then take every complete frame in it.
-                let want = ((seg_end - pos) as usize).min(max_bytes.saturating_sub(bytes).max(64 << 10));
+                let want =
+                    ((seg_end - pos) as usize).min(max_bytes.saturating_sub(bytes).max(64 << 10));
                 buf.resize(want, 0);
                 seg.file
                     .read_exact_at(&mut buf, pos - seg.base)

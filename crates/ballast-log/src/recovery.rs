@@ -60,7 +60,10 @@ fn plan(buf: &[u8]) -> Vec<Action> {
             }
             Scan::Incomplete | Scan::BadHeader => match frame::resync(buf, at + 1) {
                 Some(next) if next - at >= HEADER_LEN => {
-                    actions.push(Action::Pad { start: at, end: next });
+                    actions.push(Action::Pad {
+                        start: at,
+                        end: next,
+                    });
                     at = next;
                 }
                 // A "valid frame" fewer than HEADER_LEN bytes after a frame start can only
@@ -150,12 +153,14 @@ pub(crate) fn recover_segment(
                 out.torn_tail_bytes += (buf.len() - at) as u64;
                 out.valid_len = at as u64;
                 let f = open_rw(path, &mut file)?;
-                f.set_len(at as u64).map_err(io_err("truncating segment", path))?;
+                f.set_len(at as u64)
+                    .map_err(io_err("truncating segment", path))?;
             }
         }
     }
     if let Some(f) = file {
-        f.sync_all().map_err(io_err("syncing recovered segment", path))?;
+        f.sync_all()
+            .map_err(io_err("syncing recovered segment", path))?;
     }
     Ok(out)
 }
@@ -252,7 +257,10 @@ mod tests {
         for cut in starts[2] + 1..buf.len() {
             assert_eq!(
                 plan(&buf[..cut]),
-                vec![Action::Truncate { at: starts[2] }, Action::Keep { records: 2 }],
+                vec![
+                    Action::Truncate { at: starts[2] },
+                    Action::Keep { records: 2 }
+                ],
                 "cut at {cut}"
             );
         }
@@ -265,7 +273,10 @@ mod tests {
         assert_eq!(
             plan(&buf),
             vec![
-                Action::Pad { start: starts[1], end: starts[2] },
+                Action::Pad {
+                    start: starts[1],
+                    end: starts[2]
+                },
                 Action::Keep { records: 2 }
             ]
         );
@@ -278,7 +289,10 @@ mod tests {
         assert_eq!(
             plan(&buf),
             vec![
-                Action::Pad { start: starts[1], end: starts[2] },
+                Action::Pad {
+                    start: starts[1],
+                    end: starts[2]
+                },
                 Action::Keep { records: 2 }
             ]
         );

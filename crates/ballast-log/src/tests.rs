@@ -95,9 +95,18 @@ fn cursors_delete_segments_only_when_every_consumer_is_past() {
     assert_eq!(rest[0].payload, payload(20));
     log.ack("b", end).unwrap();
     assert_eq!(log.stats().segments, 1, "the active segment stays");
-    assert!(matches!(log.ack("b", end + 1), Err(LogError::AckBeyondEnd { .. })));
-    assert!(matches!(log.ack("zz", 1), Err(LogError::UnknownConsumer(_))));
-    assert!(matches!(log.register_consumer("../x"), Err(LogError::BadConsumerName(_))));
+    assert!(matches!(
+        log.ack("b", end + 1),
+        Err(LogError::AckBeyondEnd { .. })
+    ));
+    assert!(matches!(
+        log.ack("zz", 1),
+        Err(LogError::UnknownConsumer(_))
+    ));
+    assert!(matches!(
+        log.register_consumer("../x"),
+        Err(LogError::BadConsumerName(_))
+    ));
     drop(log);
     let (log, _) = Log::open(cfg(dir.path(), 200)).unwrap();
     assert_eq!(log.cursor("a"), Some(end));
@@ -108,7 +117,10 @@ fn cursors_delete_segments_only_when_every_consumer_is_past() {
 fn second_open_is_refused_while_locked() {
     let dir = tempfile::tempdir().unwrap();
     let (_log, _) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
-    assert!(matches!(Log::open(cfg(dir.path(), 1 << 20)), Err(LogError::Locked(_))));
+    assert!(matches!(
+        Log::open(cfg(dir.path(), 1 << 20)),
+        Err(LogError::Locked(_))
+    ));
 }
 
 #[test]
@@ -150,7 +162,13 @@ fn truncated_tail_at_every_offset_keeps_every_complete_record() {
     let full = std::fs::read(&seg_path).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut cuts: Vec<usize> = (0..40).map(|_| rng.gen_range(0..full.len())).collect();
-    cuts.extend([0, 1, full.len() - 1, ends[10] as usize, ends[10] as usize + 1]);
+    cuts.extend([
+        0,
+        1,
+        full.len() - 1,
+        ends[10] as usize,
+        ends[10] as usize + 1,
+    ]);
     for cut in cuts {
         std::fs::write(&seg_path, &full[..cut]).unwrap();
         let _ = std::fs::remove_dir_all(dir.path().join("quarantine"));
@@ -161,7 +179,11 @@ fn truncated_tail_at_every_offset_keeps_every_complete_record() {
         for (i, r) in records.iter().enumerate() {
             assert_eq!(r.payload, payload(i));
         }
-        let kept = if complete == 0 { 0 } else { ends[complete - 1] as usize };
+        let kept = if complete == 0 {
+            0
+        } else {
+            ends[complete - 1] as usize
+        };
         assert_eq!(report.torn_tail_bytes as usize, cut - kept);
         assert_eq!(report.corrupt_records, 0);
         // The log accepts appends after the cut, at the cut.
@@ -195,7 +217,11 @@ fn flipped_byte_is_quarantined_and_the_rest_stays_readable() {
         assert_eq!(log.stats().quarantined_records, 1);
         let q = std::fs::read(&report.quarantine_files[0]).unwrap();
         let original_len = (firsts[victim + 1] - firsts[victim]) as usize;
-        assert_eq!(q.len(), original_len, "the whole damaged record is set aside");
+        assert_eq!(
+            q.len(),
+            original_len,
+            "the whole damaged record is set aside"
+        );
         let records = read_all(&log, 0);
         let expected: Vec<_> = (0..10).filter(|&i| i != victim).map(payload).collect();
         let got: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
@@ -229,7 +255,12 @@ fn group_commit_shares_fsyncs_under_concurrency() {
     let s = log.stats();
     assert_eq!(s.appends, 800);
     assert_eq!(s.records, 800);
-    assert!(s.fsyncs < s.appends, "fsyncs {} appends {}", s.fsyncs, s.appends);
+    assert!(
+        s.fsyncs < s.appends,
+        "fsyncs {} appends {}",
+        s.fsyncs,
+        s.appends
+    );
     assert!(s.shared_fsyncs > 0);
 }
 
@@ -246,7 +277,12 @@ fn scan_dir_reads_without_changing_anything() {
     recovery::append_raw(&seg, &[0xB1, 0, 0]);
     let before = std::fs::read(&seg).unwrap();
     let mut seen = Vec::new();
-    scan_dir(dir.path(), |_, p| seen.push(p.to_vec()), |_, _| panic!("no damage")).unwrap();
+    scan_dir(
+        dir.path(),
+        |_, p| seen.push(p.to_vec()),
+        |_, _| panic!("no damage"),
+    )
+    .unwrap();
     assert_eq!(seen, (0..12).map(payload).collect::<Vec<_>>());
     assert_eq!(std::fs::read(&seg).unwrap(), before);
 }

@@ -104,14 +104,28 @@ impl Writer {
             let n = sub.batch.buf.len() as u64;
             if sub.batch.records == 0 {
                 let at = self.base + self.len;
-                written.push((sub, Appended { first: at, end: at, records: 0 }));
+                written.push((
+                    sub,
+                    Appended {
+                        first: at,
+                        end: at,
+                        records: 0,
+                    },
+                ));
                 continue;
             }
             if let Some(limit) = self.max_bytes {
                 if used + n > limit {
-                    self.shared.counters.rejected_quota.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .rejected_quota
+                        .fetch_add(1, Ordering::Relaxed);
                     self.shared.quota_blocked.store(true, Ordering::Release);
-                    (sub.done)(Err(LogError::QuotaExceeded { used, limit, needed: n }));
+                    (sub.done)(Err(LogError::QuotaExceeded {
+                        used,
+                        limit,
+                        needed: n,
+                    }));
                     continue;
                 }
             }
@@ -137,7 +151,14 @@ impl Writer {
                     self.len += n;
                     used += n;
                     let records = sub.batch.records;
-                    written.push((sub, Appended { first, end: first + n, records }));
+                    written.push((
+                        sub,
+                        Appended {
+                            first,
+                            end: first + n,
+                            records,
+                        },
+                    ));
                 }
                 Err(e) if e.kind() == ErrorKind::StorageFull => {
                     // Undo the partial write; what was written before it is still good.
@@ -145,7 +166,9 @@ impl Writer {
                         group.push(sub);
                         group.extend(written.into_iter().map(|(s, _)| s));
                         group.extend(pending);
-                        return Err(format!("disk full, then truncating the segment failed: {te}"));
+                        return Err(format!(
+                            "disk full, then truncating the segment failed: {te}"
+                        ));
                     }
                     (sub.done)(Err(LogError::DiskFull(e.to_string())));
                 }
@@ -166,7 +189,8 @@ impl Writer {
             return Err(format!("fdatasync failed: {e}"));
         }
         let c = &self.shared.counters;
-        c.fsync_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.fsync_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         c.fsyncs.fetch_add(1, Ordering::Relaxed);
         if written.len() > 1 {
             c.shared_fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +201,9 @@ impl Writer {
         c.appends.fetch_add(written.len() as u64, Ordering::Relaxed);
         c.records.fetch_add(records, Ordering::Relaxed);
         c.bytes_written.fetch_add(new_bytes, Ordering::Relaxed);
-        self.shared.bytes_on_disk.fetch_add(new_bytes, Ordering::AcqRel);
+        self.shared
+            .bytes_on_disk
+            .fetch_add(new_bytes, Ordering::AcqRel);
         self.shared.quota_blocked.store(false, Ordering::Release);
         {
             let mut segs = write_lock(&self.shared.segments);
@@ -209,7 +235,12 @@ impl Writer {
             Err(e) if e.kind() == ErrorKind::StorageFull => {
                 return Err(RollError::Recoverable(LogError::DiskFull(e.to_string())))
             }
-            Err(e) => return Err(RollError::Fatal(format!("creating {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(RollError::Fatal(format!(
+                    "creating {}: {e}",
+                    path.display()
+                )))
+            }
         };
         if let Err(e) = sync_dir(&self.shared.dir) {
             return Err(RollError::Fatal(e.to_string()));

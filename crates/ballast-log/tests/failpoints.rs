@@ -46,4 +46,3 @@ fn failed_fsync_stops_the_writer_and_the_next_open_recovers() {
     log.append_wait(batch(b"again")).unwrap();
     scenario.teardown();
 }
-

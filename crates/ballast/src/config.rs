@@ -229,7 +229,10 @@ impl Config {
                 )));
             }
             if !ids.insert(&s.id) {
-                return Err(ConfigError::Invalid(format!("duplicate source id {:?}", s.id)));
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate source id {:?}",
+                    s.id
+                )));
             }
             if !keys.insert(&s.write_key) {
                 return Err(ConfigError::Invalid(format!(
@@ -247,7 +250,9 @@ impl Config {
             }
         }
         if self.server.max_request_bytes == 0 {
-            return Err(ConfigError::Invalid("server.max_request_bytes must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "server.max_request_bytes must be positive".into(),
+            ));
         }
         if self.storage.segment_bytes < 4096 {
             return Err(ConfigError::Invalid(
@@ -291,7 +296,10 @@ fn set_in_value(value: &mut toml::Value, path: &[String], raw: &str) -> Result<(
                 .parse()
                 .map_err(|_| format!("{first:?} is not an array index"))?;
             if idx > items.len() {
-                return Err(format!("index {idx} skips elements (array has {})", items.len()));
+                return Err(format!(
+                    "index {idx} skips elements (array has {})",
+                    items.len()
+                ));
             }
             if idx == items.len() {
                 items.push(toml::Value::Table(toml::Table::new()));
@@ -336,7 +344,10 @@ write_key = "k1"
 "#;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -352,15 +363,22 @@ write_key = "k1"
     #[test]
     fn unknown_key_names_the_key() {
         let text = format!("{BASE}\n[storage2]\nx = 1\n");
-        let e = Config::from_toml(&text, "t", env(&[])).unwrap_err().to_string();
+        let e = Config::from_toml(&text, "t", env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("storage2"), "{e}");
         let text = BASE.replace("data_dir", "data_dri");
-        let e = Config::from_toml(&text, "t", env(&[])).unwrap_err().to_string();
+        let e = Config::from_toml(&text, "t", env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("data_dri"), "{e}");
         let e = Config::from_toml(BASE, "t", env(&[("BALLAST_SERVER__LISTN", "x")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("listn") && e.contains("BALLAST_SERVER__LISTN"), "{e}");
+        assert!(
+            e.contains("listn") && e.contains("BALLAST_SERVER__LISTN"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -392,9 +410,15 @@ write_key = "k1"
     #[test]
     fn validation() {
         let dup = format!("{BASE}\n[[sources]]\nid = \"web\"\nwrite_key = \"k2\"\n");
-        assert!(Config::from_toml(&dup, "t", env(&[])).unwrap_err().to_string().contains("duplicate"));
+        assert!(Config::from_toml(&dup, "t", env(&[]))
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate"));
         let bad = BASE.replace("\"1GiB\"", "\"lots\"");
-        assert!(Config::from_toml(&bad, "t", env(&[])).unwrap_err().to_string().contains("lots"));
+        assert!(Config::from_toml(&bad, "t", env(&[]))
+            .unwrap_err()
+            .to_string()
+            .contains("lots"));
     }
 
     #[test]

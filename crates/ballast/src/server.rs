@@ -121,12 +121,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
 
     let log_dir = data_dir.join("log");
     let (segment_bytes, quota) = (config.storage.segment_bytes, config.storage.max_bytes);
-    let (store, report) = tokio::task::spawn_blocking(move || {
-        EmbeddedStore::open(&log_dir, segment_bytes, quota)
-    })
-    .await
-    .context("opening the event log")?
-    .context("opening the event log")?;
+    let (store, report) =
+        tokio::task::spawn_blocking(move || EmbeddedStore::open(&log_dir, segment_bytes, quota))
+            .await
+            .context("opening the event log")?
+            .context("opening the event log")?;
     tracing::info!(
         segments = report.segments,
         records = report.records,
@@ -157,8 +156,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         listen: public.local_addr()?,
         admin_listen: admin.local_addr()?,
     };
-    write_atomically(&addresses_path(&data_dir), &serde_json::to_vec_pretty(&addrs)?)
-        .context("writing server.json")?;
+    write_atomically(
+        &addresses_path(&data_dir),
+        &serde_json::to_vec_pretty(&addrs)?,
+    )
+    .context("writing server.json")?;
     tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), "ballast is accepting events");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -202,7 +204,10 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         let _ = public_server.await;
         let _ = admin_server.await;
     };
-    if tokio::time::timeout(config.server.shutdown_timeout, drain).await.is_err() {
+    if tokio::time::timeout(config.server.shutdown_timeout, drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight requests did not finish within shutdown_timeout");
     }
     store.close().await;

@@ -125,7 +125,12 @@ fn no_acknowledged_event_is_lost_across_kill_9() {
         refused.load(Ordering::Relaxed),
         acked_at_kill
     );
-    assert!(lost.is_empty(), "{} acknowledged events lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     assert!(
         acked_at_kill.windows(2).filter(|w| w[1] > w[0]).count() >= KILLS - 2,
         "events were acknowledged between kills: {acked_at_kill:?}"

@@ -63,7 +63,10 @@ fn torn_tail_is_truncated_and_complete_records_kept() {
     std::fs::write(&seg, &bytes[..cut]).unwrap();
     let mut server = Server::start_in(dir.clone(), &config, &[]);
     let stored = server.dump();
-    let got: Vec<_> = stored.iter().map(|e| e["messageId"].as_str().unwrap().to_string()).collect();
+    let got: Vec<_> = stored
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(got, ids[..19]);
     assert!(metric(&server, "ballast_log_torn_tail_bytes_total") > 0.0);
     // And it accepts events again, after the kept ones.
@@ -92,7 +95,10 @@ fn damaged_record_is_quarantined_counted_and_the_rest_readable() {
         .collect();
     let expected: Vec<_> = ids.iter().filter(|i| *i != "m-4").cloned().collect();
     assert_eq!(got, expected);
-    assert_eq!(metric(&server, "ballast_log_quarantined_records_total"), 1.0);
+    assert_eq!(
+        metric(&server, "ballast_log_quarantined_records_total"),
+        1.0
+    );
     let q = server.data_dir().join("log").join("quarantine");
     let files: Vec<_> = std::fs::read_dir(&q).unwrap().collect();
     assert_eq!(files.len(), 1);
@@ -131,14 +137,22 @@ fn full_quota_answers_503_and_keeps_everything() {
     assert!(!acked.is_empty() && refused > 0);
     let ready = http.get(server.url("/readyz")).send().unwrap();
     assert_eq!(ready.status(), 503);
-    let health: serde_json::Value = http.get(server.url("/health")).send().unwrap().json().unwrap();
+    let health: serde_json::Value = http
+        .get(server.url("/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(health["acceptingEvents"], "FALSE");
     let got: Vec<_> = server
         .dump()
         .iter()
         .map(|e| e["messageId"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(got, acked, "everything acknowledged is stored, nothing else");
+    assert_eq!(
+        got, acked,
+        "everything acknowledged is stored, nothing else"
+    );
     assert!(metric(&server, "ballast_storage_quota_rejections_total") >= refused as f64);
     assert!(server.terminate().success());
 }

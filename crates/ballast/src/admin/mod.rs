@@ -73,8 +73,11 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     metrics::gauge!("ballast_storage_writable").set(if st.writable { 1.0 } else { 0.0 });
     let mode = s.state.mode();
     for m in [crate::server::Mode::Normal, crate::server::Mode::Degraded] {
-        metrics::gauge!("ballast_mode", "mode" => m.as_health_str())
-            .set(if m == mode { 1.0 } else { 0.0 });
+        metrics::gauge!("ballast_mode", "mode" => m.as_health_str()).set(if m == mode {
+            1.0
+        } else {
+            0.0
+        });
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -19,7 +19,12 @@ pub async fn get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<
         .with_context(|| format!("{url}: timed out"))?
         .with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.context("reading answer")?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading answer")?
+        .to_bytes();
     if !status.is_success() {
         anyhow::bail!("{url}: {status}: {}", String::from_utf8_lossy(&body));
     }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 #[derive(Parser, Debug)]
-#[command(name = "ballast", version, about = "Event data plane speaking RudderStack's HTTP API")]
+#[command(
+    name = "ballast",
+    version,
+    about = "Event data plane speaking RudderStack's HTTP API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -142,7 +146,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             command: LogCommand::Dump { data_dir, meta },
         } => dump(&data_dir, meta),
         Command::Status { admin } => {
-            let body = runtime()?.block_on(client::get(&admin.admin, "/v1/status", admin.token.as_deref()))?;
+            let body = runtime()?.block_on(client::get(
+                &admin.admin,
+                "/v1/status",
+                admin.token.as_deref(),
+            ))?;
             let v: serde_json::Value = serde_json::from_slice(&body).context("reading status")?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(0)
@@ -153,7 +161,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 fn dump(data_dir: &std::path::Path, meta: bool) -> anyhow::Result<i32> {
     let log_dir = data_dir.join("log");
     if !log_dir.is_dir() {
-        anyhow::bail!("no event log in {} (expected {})", data_dir.display(), log_dir.display());
+        anyhow::bail!(
+            "no event log in {} (expected {})",
+            data_dir.display(),
+            log_dir.display()
+        );
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -170,7 +182,8 @@ fn dump(data_dir: &std::path::Path, meta: bool) -> anyhow::Result<i32> {
                     if meta {
                         write!(out, "{{\"position\":{position},\"source\":")
                             .and_then(|_| {
-                                serde_json::to_writer(&mut out, source).map_err(std::io::Error::other)
+                                serde_json::to_writer(&mut out, source)
+                                    .map_err(std::io::Error::other)
                             })
                             .and_then(|_| out.write_all(b",\"event\":"))
                             .and_then(|_| out.write_all(event))

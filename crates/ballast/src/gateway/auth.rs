@@ -41,9 +41,18 @@ mod tests {
     #[test]
     fn basic() {
         // "key:" and "key:secret" and "key"
-        assert_eq!(basic_user(&h("Basic a2V5Og==")).unwrap().as_deref(), Some("key"));
-        assert_eq!(basic_user(&h("basic a2V5OnNlY3JldA==")).unwrap().as_deref(), Some("key"));
-        assert_eq!(basic_user(&h("Basic a2V5")).unwrap().as_deref(), Some("key"));
+        assert_eq!(
+            basic_user(&h("Basic a2V5Og==")).unwrap().as_deref(),
+            Some("key")
+        );
+        assert_eq!(
+            basic_user(&h("basic a2V5OnNlY3JldA==")).unwrap().as_deref(),
+            Some("key")
+        );
+        assert_eq!(
+            basic_user(&h("Basic a2V5")).unwrap().as_deref(),
+            Some("key")
+        );
         assert_eq!(basic_user(&HeaderMap::new()).unwrap(), None);
         assert!(basic_user(&h("Bearer x")).is_err());
         assert!(basic_user(&h("Basic !!!")).is_err());

@@ -67,6 +67,9 @@ mod tests {
         let data = vec![b'a'; 10_000];
         assert_eq!(gunzip(&gz(&data), 10_000).unwrap().len(), 10_000);
         assert_eq!(gunzip(&gz(&data), 9_999).unwrap_err().status, 413);
-        assert_eq!(gunzip(b"not gzip", 100).unwrap_err().body, "invalid gzip body");
+        assert_eq!(
+            gunzip(b"not gzip", 100).unwrap_err().body,
+            "invalid gzip body"
+        );
     }
 }

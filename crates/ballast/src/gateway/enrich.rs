@@ -205,7 +205,12 @@ pub fn enrich(
         sep(out);
         out.extend_from_slice(b"\"messageId\":\"");
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        out.extend_from_slice(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf).as_bytes());
+        out.extend_from_slice(
+            uuid::Uuid::new_v4()
+                .hyphenated()
+                .encode_lower(&mut buf)
+                .as_bytes(),
+        );
         out.push(b'"');
     }
     if let Some(anon) = anon_from_header {
@@ -251,7 +256,11 @@ mod tests {
 
     #[test]
     fn adds_fields_and_keeps_the_rest() {
-        let v = run(r#"{"userId":"u1","event":"x","properties":{"a":[1,2,{"b":null}]}}"#, &E).unwrap();
+        let v = run(
+            r#"{"userId":"u1","event":"x","properties":{"a":[1,2,{"b":null}]}}"#,
+            &E,
+        )
+        .unwrap();
         assert_eq!(v["userId"], "u1");
         assert_eq!(v["properties"], json!({"a":[1,2,{"b":null}]}));
         assert_eq!(v["receivedAt"], "2026-11-26T10:00:00.123Z");
@@ -274,10 +283,16 @@ mod tests {
     #[test]
     fn identity_rules() {
         assert_eq!(run(r#"{"event":"x"}"#, &E), Err(EventError::NoIdentity));
-        assert_eq!(run(r#"{"userId":"  ","anonymousId":null}"#, &E), Err(EventError::NoIdentity));
+        assert_eq!(
+            run(r#"{"userId":"  ","anonymousId":null}"#, &E),
+            Err(EventError::NoIdentity)
+        );
         assert!(run(r#"{"userId":42}"#, &E).is_ok());
         assert!(run(r#"{"anonymousId":"a"}"#, &E).is_ok());
-        let h = Enrichment { header_anonymous_id: Some("from-header"), ..E };
+        let h = Enrichment {
+            header_anonymous_id: Some("from-header"),
+            ..E
+        };
         let v = run(r#"{"event":"x"}"#, &h).unwrap();
         assert_eq!(v["anonymousId"], "from-header");
         let v = run(r#"{"anonymousId":"body"}"#, &h).unwrap();
@@ -288,8 +303,15 @@ mod tests {
 
     #[test]
     fn route_type_and_server_fields_override() {
-        let r = Enrichment { route_type: Some("identify"), ..E };
-        let v = run(r#"{"userId":"u","type":"track","receivedAt":"old","request_ip":"1.1.1.1"}"#, &r).unwrap();
+        let r = Enrichment {
+            route_type: Some("identify"),
+            ..E
+        };
+        let v = run(
+            r#"{"userId":"u","type":"track","receivedAt":"old","request_ip":"1.1.1.1"}"#,
+            &r,
+        )
+        .unwrap();
         assert_eq!(v["type"], "identify");
         assert_eq!(v["receivedAt"], E.received_at);
         assert_eq!(v["request_ip"], "10.1.2.3");
@@ -307,7 +329,10 @@ mod tests {
     #[test]
     fn not_objects() {
         for s in ["1", "\"s\"", "[1,{}]", "null", "true"] {
-            assert!(matches!(serde_json::from_str::<Shallow>(s).unwrap(), Shallow::NotObject));
+            assert!(matches!(
+                serde_json::from_str::<Shallow>(s).unwrap(),
+                Shallow::NotObject
+            ));
         }
         let b: BatchBody = serde_json::from_str(r#"{"batch":[{"a":1},2],"writeKey":"k"}"#).unwrap();
         let batch = b.batch.unwrap();

@@ -61,9 +61,12 @@ impl ApiError {
     }
 }
 
-pub const NO_WRITE_KEY: ApiError =
-    ApiError::new(StatusCode::UNAUTHORIZED, "failed to read writekey from header");
-pub const INVALID_WRITE_KEY: ApiError = ApiError::new(StatusCode::UNAUTHORIZED, "invalid write key");
+pub const NO_WRITE_KEY: ApiError = ApiError::new(
+    StatusCode::UNAUTHORIZED,
+    "failed to read writekey from header",
+);
+pub const INVALID_WRITE_KEY: ApiError =
+    ApiError::new(StatusCode::UNAUTHORIZED, "invalid write key");
 pub const SOURCE_DISABLED: ApiError = ApiError::new(StatusCode::NOT_FOUND, "source is disabled");
 pub const INVALID_JSON: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid json");
 pub const NOT_AN_EVENT: ApiError =
@@ -73,8 +76,10 @@ pub const NO_IDENTITY: ApiError = ApiError::new(
     StatusCode::BAD_REQUEST,
     "request neither has anonymousId nor userId",
 );
-pub const TOO_LARGE: ApiError =
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request size exceeds max limit");
+pub const TOO_LARGE: ApiError = ApiError::new(
+    StatusCode::PAYLOAD_TOO_LARGE,
+    "request size exceeds max limit",
+);
 pub const INVALID_GZIP: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid gzip body");
 pub const RATE_LIMITED: ApiError = ApiError {
     status: StatusCode::TOO_MANY_REQUESTS,
@@ -93,7 +98,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, self.body).into_response();
         if let Some(s) = self.retry_after {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }
@@ -230,8 +236,7 @@ impl Gateway {
             if events.is_empty() {
                 return Err(EMPTY_BATCH);
             }
-            let mut batch =
-                EventBatch::new(source.id.clone(), req.body.len() + events.len() * 160);
+            let mut batch = EventBatch::new(source.id.clone(), req.body.len() + events.len() * 160);
             for event in &events {
                 let Shallow::Object(fields) = event else {
                     return Err(NOT_AN_EVENT);

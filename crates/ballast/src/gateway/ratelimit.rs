@@ -43,7 +43,10 @@ mod tests {
 
     #[test]
     fn burst_then_refuse() {
-        let b = TokenBucket::new(RateLimit { requests_per_second: 0.001, burst: Some(3.0) });
+        let b = TokenBucket::new(RateLimit {
+            requests_per_second: 0.001,
+            burst: Some(3.0),
+        });
         assert!(b.try_take() && b.try_take() && b.try_take());
         assert!(!b.try_take());
     }

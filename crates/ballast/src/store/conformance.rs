@@ -30,7 +30,10 @@ async fn read_all(store: &dyn Store, from: u64) -> Vec<(String, String)> {
             return out;
         }
         for e in &r.events {
-            out.push((e.source.clone(), String::from_utf8(e.event.clone()).unwrap()));
+            out.push((
+                e.source.clone(),
+                String::from_utf8(e.event.clone()).unwrap(),
+            ));
         }
         pos = r.next;
     }
@@ -38,7 +41,10 @@ async fn read_all(store: &dyn Store, from: u64) -> Vec<(String, String)> {
 
 pub async fn appends_are_read_back_in_order<F: Factory>(f: &F) {
     let store = f.open(1 << 30).await;
-    let a = store.append(batch("web", &[r#"{"n":1}"#, r#"{"n":2}"#])).await.unwrap();
+    let a = store
+        .append(batch("web", &[r#"{"n":1}"#, r#"{"n":2}"#]))
+        .await
+        .unwrap();
     assert_eq!(a.events, 2);
     let b = store.append(batch("app", &[r#"{"n":3}"#])).await.unwrap();
     assert!(b.first >= a.end);

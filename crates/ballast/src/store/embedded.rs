@@ -79,7 +79,8 @@ async fn blocking<T: Send + 'static>(
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError> {
-        let mut records = Batch::with_capacity(batch.bytes() + batch.len() * (20 + batch.source.len()));
+        let mut records =
+            Batch::with_capacity(batch.bytes() + batch.len() * (20 + batch.source.len()));
         for event in batch.events() {
             records
                 .push_with::<()>(|buf| {

@@ -34,7 +34,10 @@ impl EventBatch {
     }
 
     /// Adds one event whose JSON `write` appends to the buffer it is given.
-    pub fn push_with<E>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<(), E> {
+    pub fn push_with<E>(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let start = self.buf.len();
         match write(&mut self.buf) {
             Ok(()) => {

@@ -113,10 +113,18 @@ impl Server {
                     }
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("ballast exited early with {status}:\n{}", self.stderr());
             }
-            assert!(Instant::now() < deadline, "ballast did not start:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "ballast did not start:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -4,7 +4,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{Server, WRITE_KEY};
 use serde_json::json;
@@ -178,7 +177,7 @@ fn failed_fsync_acknowledges_nothing_and_exits_non_zero() {
     if let Ok(r) = r {
         assert_eq!(r.status(), 503, "never acknowledged");
     }
-    let status = server.wait_exit(Duration::from_secs(30));
+    let status = server.wait_exit(std::time::Duration::from_secs(30));
     assert!(!status.success(), "exits non-zero after a failed fsync");
     assert!(server.stderr().contains("fdatasync failed"));
     // The next start recovers from the log.

@@ -43,7 +43,8 @@ pub async fn read(
 
 fn gunzip(raw: &[u8], limit: usize) -> Result<Bytes, ApiError> {
     let mut out = Vec::with_capacity((raw.len() * 4).min(limit));
-    let mut decoder = flate2::read::GzDecoder::new(raw).take(limit as u64 + 1);
+    // A gzip body may be a series of members (RFC 1952); read them all.
+    let mut decoder = flate2::read::MultiGzDecoder::new(raw).take(limit as u64 + 1);
     decoder.read_to_end(&mut out).map_err(|_| INVALID_GZIP)?;
     if out.len() > limit {
         return Err(TOO_LARGE);

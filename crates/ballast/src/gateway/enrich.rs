@@ -158,17 +158,21 @@ pub fn enrich(
     e: &Enrichment<'_>,
     out: &mut Vec<u8>,
 ) -> Result<(), EventError> {
-    let mut has_user = false;
-    let mut has_anon = false;
-    let mut has_message_id = false;
+    // With duplicate keys, JSON readers take the last value: judge that one.
+    let mut user = None;
+    let mut anon = None;
+    let mut message_id = None;
     for (k, v) in fields {
         match &*k.0 {
-            "userId" => has_user |= present(v),
-            "anonymousId" => has_anon |= present(v),
-            "messageId" => has_message_id |= usable_message_id(v),
+            "userId" => user = Some(*v),
+            "anonymousId" => anon = Some(*v),
+            "messageId" => message_id = Some(*v),
             _ => {}
         }
     }
+    let has_user = user.is_some_and(present);
+    let has_anon = anon.is_some_and(present);
+    let has_message_id = message_id.is_some_and(usable_message_id);
     let anon_from_header = match e.header_anonymous_id {
         Some(h) if !has_anon && !h.trim().is_empty() => Some(h),
         _ => None,
@@ -289,6 +293,13 @@ mod tests {
         );
         assert!(run(r#"{"userId":42}"#, &E).is_ok());
         assert!(run(r#"{"anonymousId":"a"}"#, &E).is_ok());
+        // Duplicate keys: the last one counts, as for any JSON reader.
+        assert_eq!(
+            run(r#"{"userId":"u","userId":""}"#, &E),
+            Err(EventError::NoIdentity)
+        );
+        let v = run(r#"{"userId":"u","messageId":"m","messageId":""}"#, &E).unwrap();
+        assert_eq!(v["messageId"].as_str().unwrap().len(), 36);
         let h = Enrichment {
             header_anonymous_id: Some("from-header"),
             ..E

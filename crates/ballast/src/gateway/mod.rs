@@ -97,6 +97,11 @@ pub const SHUTTING_DOWN: ApiError =
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, self.body).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The body may not have been read to its end: the connection cannot be reused.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
@@ -223,7 +228,7 @@ impl Gateway {
                 .map_err(event_error)?;
             (source, batch)
         } else {
-            let body = match serde_json::from_slice::<BatchBody>(req.body) {
+            let body = match parse_batch(req.body) {
                 Ok(b) => b,
                 Err(_) if key.is_none() => return Err(NO_WRITE_KEY),
                 Err(_) => return Err(INVALID_JSON),
@@ -276,6 +281,14 @@ fn body_write_key(fields: &[(enrich::Key<'_>, &serde_json::value::RawValue)]) ->
         .iter()
         .find(|(k, _)| k.0 == "writeKey")
         .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+}
+
+/// A batch body must be a JSON object (serde's derive would also take an array).
+fn parse_batch(body: &[u8]) -> Result<BatchBody<'_>, ()> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body).map_err(|_| ()),
+        _ => Err(()),
+    }
 }
 
 fn event_error(e: EventError) -> ApiError {

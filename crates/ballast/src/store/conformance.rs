@@ -60,6 +60,7 @@ pub async fn appends_are_read_back_in_order<F: Factory>(f: &F) {
     );
     assert_eq!(read_all(&*store, b.first).await.len(), 1);
     store.close().await;
+    drop(store);
     // Survives a restart.
     let store = f.open(1 << 30).await;
     assert_eq!(read_all(&*store, 0).await.len(), 3);
@@ -75,6 +76,7 @@ pub async fn cursors_persist<F: Factory>(f: &F) {
     assert_eq!(store.cursor("dest-a"), Some(a.end));
     assert!(store.ack("nobody", a.end).await.is_err());
     store.close().await;
+    drop(store);
     let store = f.open(1 << 30).await;
     assert_eq!(store.cursor("dest-a"), Some(a.end));
     assert_eq!(store.register_consumer("dest-a").await.unwrap(), a.end);

@@ -52,11 +52,19 @@ fn plan(buf: &[u8]) -> Vec<Action> {
                 at += frame_len;
             }
             Scan::BadPayload { frame_len } => {
-                actions.push(Action::Pad {
-                    start: at,
-                    end: at + frame_len,
-                });
-                at += frame_len;
+                if frame::resync(buf, at + frame_len).is_none() {
+                    // Nothing valid after it: the last write was interrupted (its header
+                    // reached the disk, not all of its payload; in a preallocated segment
+                    // the rest reads as zeros).
+                    actions.push(Action::Truncate { at });
+                    at = buf.len();
+                } else {
+                    actions.push(Action::Pad {
+                        start: at,
+                        end: at + frame_len,
+                    });
+                    at += frame_len;
+                }
             }
             Scan::Incomplete | Scan::BadHeader => match frame::resync(buf, at + 1) {
                 Some(next) if next - at >= HEADER_LEN => {
@@ -142,6 +150,13 @@ pub(crate) fn recover_segment(
                 f.write_all_at(&header, start as u64)
                     .map_err(io_err("padding damaged record", path))?;
             }
+            Action::Truncate { at } if buf[at..].iter().all(|&b| b == 0) => {
+                // Preallocated space that was never written: nothing to set aside.
+                out.valid_len = at as u64;
+                let f = open_rw(path, &mut file)?;
+                f.set_len(at as u64)
+                    .map_err(io_err("truncating segment", path))?;
+            }
             Action::Truncate { at } => {
                 let q = quarantine(qdir, base, at, "torn", &buf[at..])?;
                 tracing::warn!(
@@ -203,6 +218,9 @@ pub(crate) fn scan_segment_readonly(buf: &[u8], mut visit: impl FnMut(Found<'_>)
                 at += frame_len;
             }
             Scan::BadPayload { frame_len } => {
+                if frame::resync(buf, at + frame_len).is_none() {
+                    return; // a write in progress, or interrupted
+                }
                 visit(Found::Damaged {
                     offset: at,
                     len: frame_len,
@@ -264,6 +282,38 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    #[test]
+    fn plan_torn_last_payload_and_zero_tail() {
+        let (mut buf, starts) = frames(&[b"aaaa", b"bbbb"]);
+        let last = buf.len() - 1;
+        buf[last] ^= 1;
+        buf.extend_from_slice(&[0u8; 100]);
+        assert_eq!(
+            plan(&buf),
+            vec![
+                Action::Truncate { at: starts[1] },
+                Action::Keep { records: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_tail_is_dropped_without_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join("seg");
+        let (mut buf, _) = frames(&[b"aaaa", b"bbbb"]);
+        let len = buf.len();
+        buf.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&seg, &buf).unwrap();
+        let r = recover_segment(&seg, 0, &dir.path().join("q")).unwrap();
+        assert_eq!(
+            (r.records, r.torn_tail_bytes, r.valid_len),
+            (2, 0, len as u64)
+        );
+        assert!(r.quarantine_files.is_empty());
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), len as u64);
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! The single writer thread: group commit.
 //!
 //! It blocks for one submission, then takes every submission already queued (up to
-//! `max_group_bytes`), writes them all, calls `fdatasync` once and completes them. While
-//! it syncs, new submissions queue up and form the next group, so the number of fsyncs
-//! per second stays bounded by the disk while throughput grows with concurrency.
+//! `max_group_bytes`), copies them into one buffer, writes it with one positional write,
+//! calls `fdatasync` once and completes them all. While it syncs, new submissions queue up
+//! and form the next group, so fsyncs per second stay bounded by the disk while throughput
+//! grows with concurrency.
+//!
+//! The active segment is *preallocated* by writing zeros ahead of the data (as PostgreSQL
+//! does for its WAL): an `fdatasync` that does not change the file's size has no metadata
+//! to journal, which roughly halves its latency on ext4. Zeros past the last record are
+//! recognised as unused space by recovery, and trimmed on roll and on close.
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
@@ -26,27 +33,39 @@ macro_rules! failpoint {
     }};
 }
 
+const ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     file: File,
     /// Base position of the active segment.
     base: Position,
-    /// Length of the active segment (everything written to it, synced or not).
+    /// Bytes of records in the active segment (all synced).
     len: u64,
+    /// Size of the active segment file (records, then zeros).
+    allocated: u64,
+    /// How far ahead to preallocate (0: never).
+    chunk: u64,
     segment_bytes: u64,
     max_bytes: Option<u64>,
     max_group_bytes: usize,
+    /// The group being formed: its bytes, and the submissions they came from.
+    buf: Vec<u8>,
+    pending: Vec<(Submission, Appended)>,
 }
 
-fn write_all(file: &mut File, buf: &[u8]) -> std::io::Result<()> {
+fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     failpoint!("ballast_log::write");
-    file.write_all(buf)
+    file.write_all_at(buf, offset)
 }
 
 fn sync(file: &File) -> std::io::Result<()> {
     failpoint!("ballast_log::fsync");
     file.sync_data()
 }
+
+/// A failure that ends the writer: nothing may be acknowledged after it.
+struct Fatal(String);
 
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, config: &LogConfig) -> Result<Writer, LogError> {
@@ -58,17 +77,32 @@ impl Writer {
             (last.base, last.end - last.base, last.path.clone())
         };
         let file = OpenOptions::new()
-            .append(true)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(io_err("opening active segment", &path))?;
+        let allocated = file
+            .metadata()
+            .map_err(io_err("reading segment size", &path))?
+            .len()
+            .max(len);
+        let segment_bytes = config.segment_bytes.max(1);
         Ok(Writer {
             shared,
             file,
             base,
             len,
-            segment_bytes: config.segment_bytes.max(1),
+            allocated,
+            chunk: if config.preallocate {
+                segment_bytes.clamp(4096, 4 << 20)
+            } else {
+                0
+            },
+            segment_bytes,
             max_bytes: config.max_bytes,
             max_group_bytes: config.max_group_bytes.max(1),
+            buf: Vec::new(),
+            pending: Vec::new(),
         })
     }
 
@@ -86,32 +120,39 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Err(fatal) = self.commit(&mut group) {
-                self.fail(fatal, &mut group, &rx);
+            if let Err(Fatal(msg)) = self.commit(&mut group) {
+                self.fail(msg, &mut group, &rx);
                 return;
             }
         }
+        // Closed: trim the preallocated zeros so the file holds exactly its records.
+        if self.allocated > self.len
+            && self
+                .file
+                .set_len(self.len)
+                .and_then(|_| sync(&self.file))
+                .is_err()
+        {
+            tracing::warn!("could not trim the preallocated end of the active segment");
+        }
     }
 
-    /// Writes and syncs one group. Returns `Err` only for fatal failures (after which
-    /// nothing may be acknowledged); recoverable ones complete their submissions with an
-    /// error and return `Ok`.
-    fn commit(&mut self, group: &mut Vec<Submission>) -> Result<(), String> {
-        let mut written: Vec<(Submission, Appended)> = Vec::with_capacity(group.len());
+    /// Writes and syncs one group. Recoverable failures (quota, disk full) complete their
+    /// submissions with an error; fatal ones are returned, with every submission not yet
+    /// completed put back into `group`.
+    fn commit(&mut self, group: &mut Vec<Submission>) -> Result<(), Fatal> {
         let mut used = self.shared.bytes_on_disk.load(Ordering::Acquire);
-        let mut pending = std::mem::take(group).into_iter();
-        while let Some(sub) = pending.next() {
+        let mut subs = std::mem::take(group).into_iter();
+        while let Some(sub) = subs.next() {
             let n = sub.batch.buf.len() as u64;
             if sub.batch.records == 0 {
-                let at = self.base + self.len;
-                written.push((
-                    sub,
-                    Appended {
-                        first: at,
-                        end: at,
-                        records: 0,
-                    },
-                ));
+                let at = self.base + self.len + self.buf.len() as u64;
+                let empty = Appended {
+                    first: at,
+                    end: at,
+                    records: 0,
+                };
+                (sub.done)(Ok(empty));
                 continue;
             }
             if let Some(limit) = self.max_bytes {
@@ -129,140 +170,155 @@ impl Writer {
                     continue;
                 }
             }
-            if self.len >= self.segment_bytes {
-                if let Err(e) = self.roll() {
-                    match e {
-                        RollError::Fatal(msg) => {
-                            group.push(sub);
-                            group.extend(written.into_iter().map(|(s, _)| s));
-                            group.extend(pending);
-                            return Err(msg);
-                        }
-                        RollError::Recoverable(err) => {
-                            (sub.done)(Err(err));
-                            continue;
-                        }
-                    }
+            let at = self.len + self.buf.len() as u64;
+            if at >= self.segment_bytes && at > 0 {
+                let rolled = self.flush().and_then(|()| self.roll());
+                if let Err(e) = rolled {
+                    group.push(sub);
+                    group.extend(subs);
+                    return Err(e);
                 }
             }
-            match write_all(&mut self.file, &sub.batch.buf) {
-                Ok(()) => {
-                    let first = self.base + self.len;
-                    self.len += n;
-                    used += n;
-                    let records = sub.batch.records;
-                    written.push((
-                        sub,
-                        Appended {
-                            first,
-                            end: first + n,
-                            records,
-                        },
-                    ));
-                }
-                Err(e) if e.kind() == ErrorKind::StorageFull => {
-                    // Undo the partial write; what was written before it is still good.
-                    if let Err(te) = self.file.set_len(self.len) {
-                        group.push(sub);
-                        group.extend(written.into_iter().map(|(s, _)| s));
-                        group.extend(pending);
-                        return Err(format!(
-                            "disk full, then truncating the segment failed: {te}"
-                        ));
+            let first = self.base + self.len + self.buf.len() as u64;
+            self.buf.extend_from_slice(&sub.batch.buf);
+            used += n;
+            let records = sub.batch.records;
+            self.pending.push((
+                sub,
+                Appended {
+                    first,
+                    end: first + n,
+                    records,
+                },
+            ));
+        }
+        self.flush()
+    }
+
+    /// Writes the pending group at the end of the records, syncs, completes it.
+    fn flush(&mut self) -> Result<(), Fatal> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let need = self.len + self.buf.len() as u64;
+        if self.chunk > 0 && need > self.allocated {
+            if let Err(e) = self.preallocate(need) {
+                if e.kind() == ErrorKind::StorageFull {
+                    // Give the space back; the group is refused, the writer goes on.
+                    let _ = self.file.set_len(self.allocated);
+                    self.buf.clear();
+                    for (sub, _) in self.pending.drain(..) {
+                        (sub.done)(Err(LogError::DiskFull(e.to_string())));
                     }
-                    (sub.done)(Err(LogError::DiskFull(e.to_string())));
+                    return Ok(());
                 }
-                Err(e) => {
-                    group.push(sub);
-                    group.extend(written.into_iter().map(|(s, _)| s));
-                    group.extend(pending);
-                    return Err(format!("write failed: {e}"));
-                }
+                return Err(self.fatal(format!("preallocating the segment failed: {e}")));
             }
         }
-        if written.is_empty() {
-            return Ok(());
+        if let Err(e) = write_at(&self.file, &self.buf, self.len) {
+            if e.kind() == ErrorKind::StorageFull {
+                // Cut off what part of the group reached the file; the records before it
+                // are intact and synced. The group is refused, the writer goes on.
+                if let Err(te) = self.file.set_len(self.allocated.max(self.len)) {
+                    return Err(self.fatal(format!("disk full, then truncating failed: {te}")));
+                }
+                self.buf.clear();
+                for (sub, _) in self.pending.drain(..) {
+                    (sub.done)(Err(LogError::DiskFull(e.to_string())));
+                }
+                return Ok(());
+            }
+            return Err(self.fatal(format!("write failed: {e}")));
         }
         let t = Instant::now();
         if let Err(e) = sync(&self.file) {
-            group.extend(written.into_iter().map(|(s, _)| s));
-            return Err(format!("fdatasync failed: {e}"));
+            return Err(self.fatal(format!("fdatasync failed: {e}")));
         }
         let c = &self.shared.counters;
         c.fsync_nanos
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         c.fsyncs.fetch_add(1, Ordering::Relaxed);
-        if written.len() > 1 {
+        if self.pending.len() > 1 {
             c.shared_fsyncs.fetch_add(1, Ordering::Relaxed);
         }
-        let end = self.base + self.len;
-        let new_bytes = written.iter().map(|(_, a)| a.end - a.first).sum::<u64>();
-        let records = written.iter().map(|(_, a)| a.records as u64).sum::<u64>();
-        c.appends.fetch_add(written.len() as u64, Ordering::Relaxed);
+        let new_bytes = self.buf.len() as u64;
+        let records: u64 = self.pending.iter().map(|(_, a)| a.records as u64).sum();
+        c.appends
+            .fetch_add(self.pending.len() as u64, Ordering::Relaxed);
         c.records.fetch_add(records, Ordering::Relaxed);
         c.bytes_written.fetch_add(new_bytes, Ordering::Relaxed);
+        self.len += new_bytes;
+        self.allocated = self.allocated.max(self.len);
+        self.buf.clear();
         self.shared
             .bytes_on_disk
             .fetch_add(new_bytes, Ordering::AcqRel);
         self.shared.quota_blocked.store(false, Ordering::Release);
-        {
-            let mut segs = write_lock(&self.shared.segments);
-            if let Some(last) = segs.last_mut() {
-                last.end = end;
-            }
+        let end = self.base + self.len;
+        if let Some(last) = write_lock(&self.shared.segments).last_mut() {
+            last.end = end;
         }
-        {
-            let mut durable = lock(&self.shared.durable);
-            *durable = end;
-        }
+        *lock(&self.shared.durable) = end;
         self.shared.durable_cv.notify_all();
-        for (sub, appended) in written {
+        for (sub, appended) in self.pending.drain(..) {
             (sub.done)(Ok(appended));
         }
         Ok(())
     }
 
-    /// Closes the active segment (already synced by the last commit) and starts a new one.
-    fn roll(&mut self) -> Result<(), RollError> {
-        // Everything in the old segment was synced before its submissions were answered;
-        // sync once more in case a previous group wrote and then failed recoverably.
-        sync(&self.file).map_err(|e| RollError::Fatal(format!("fdatasync failed: {e}")))?;
-        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        let base = self.base + self.len;
-        let path = segment_path(&self.shared.dir, base);
-        let file = match OpenOptions::new().create_new(true).append(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::StorageFull => {
-                return Err(RollError::Recoverable(LogError::DiskFull(e.to_string())))
-            }
-            Err(e) => {
-                return Err(RollError::Fatal(format!(
-                    "creating {}: {e}",
-                    path.display()
-                )))
-            }
-        };
-        if let Err(e) = sync_dir(&self.shared.dir) {
-            return Err(RollError::Fatal(e.to_string()));
+    /// Extends the active segment with zeros to at least `need` bytes.
+    fn preallocate(&mut self, need: u64) -> std::io::Result<()> {
+        let target = need.max(self.allocated + self.chunk);
+        let mut at = self.allocated;
+        while at < target {
+            let n = ((target - at) as usize).min(ZEROS.len());
+            write_at(&self.file, &ZEROS[..n], at)?;
+            at += n as u64;
         }
-        let read = File::open(&path)
-            .map_err(|e| RollError::Fatal(format!("opening {}: {e}", path.display())))?;
-        {
-            let mut segs = write_lock(&self.shared.segments);
-            segs.push(Segment {
-                base,
-                end: base,
-                file: Arc::new(read),
-                path,
-            });
-        }
-        self.file = file;
-        self.base = base;
-        self.len = 0;
+        self.allocated = target;
         Ok(())
     }
 
-    /// After a fatal failure: fail this group and everything submitted later.
+    /// Seals the active segment (trimmed to its records, synced) and starts a new one.
+    fn roll(&mut self) -> Result<(), Fatal> {
+        if let Err(e) = self.file.set_len(self.len).and_then(|_| sync(&self.file)) {
+            return Err(Fatal(format!("sealing the segment failed: {e}")));
+        }
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let base = self.base + self.len;
+        let path = segment_path(&self.shared.dir, base);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Fatal(format!("creating {}: {e}", path.display())))?;
+        sync_dir(&self.shared.dir).map_err(|e| Fatal(e.to_string()))?;
+        let read =
+            File::open(&path).map_err(|e| Fatal(format!("opening {}: {e}", path.display())))?;
+        write_lock(&self.shared.segments).push(Segment {
+            base,
+            end: base,
+            file: Arc::new(read),
+            path,
+        });
+        self.file = file;
+        self.base = base;
+        self.len = 0;
+        self.allocated = 0;
+        Ok(())
+    }
+
+    /// Fails every pending submission and returns the fatal error.
+    fn fatal(&mut self, msg: String) -> Fatal {
+        self.buf.clear();
+        for (sub, _) in self.pending.drain(..) {
+            (sub.done)(Err(LogError::WriterFailed(msg.clone())));
+        }
+        Fatal(msg)
+    }
+
+    /// After a fatal failure: fail the rest of this group and everything submitted later.
     fn fail(&self, msg: String, group: &mut Vec<Submission>, rx: &mpsc::Receiver<Submission>) {
         tracing::error!(error = %msg, "log writer failed; no further writes will be acknowledged");
         *lock(&self.shared.failure) = Some(msg.clone());
@@ -275,9 +331,4 @@ impl Writer {
             (sub.done)(Err(LogError::WriterFailed(msg.clone())));
         }
     }
-}
-
-enum RollError {
-    Fatal(String),
-    Recoverable(LogError),
 }

@@ -88,6 +88,8 @@ pub struct StorageConfig {
     pub max_bytes: u64,
     #[serde(deserialize_with = "size")]
     pub segment_bytes: u64,
+    /// Zero-fill the active segment ahead of the records (fewer metadata writes per fsync).
+    pub preallocate: bool,
 }
 
 impl Default for StorageConfig {
@@ -96,6 +98,7 @@ impl Default for StorageConfig {
             backend: StorageBackend::Embedded,
             max_bytes: 10 << 30,
             segment_bytes: 64 << 20,
+            preallocate: true,
         }
     }
 }

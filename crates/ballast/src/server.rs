@@ -120,12 +120,18 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let prometheus = crate::admin::install_recorder()?;
 
     let log_dir = data_dir.join("log");
-    let (segment_bytes, quota) = (config.storage.segment_bytes, config.storage.max_bytes);
-    let (store, report) =
-        tokio::task::spawn_blocking(move || EmbeddedStore::open(&log_dir, segment_bytes, quota))
-            .await
-            .context("opening the event log")?
-            .context("opening the event log")?;
+    let storage = config.storage.clone();
+    let (store, report) = tokio::task::spawn_blocking(move || {
+        EmbeddedStore::open(
+            &log_dir,
+            storage.segment_bytes,
+            storage.max_bytes,
+            storage.preallocate,
+        )
+    })
+    .await
+    .context("opening the event log")?
+    .context("opening the event log")?;
     tracing::info!(
         segments = report.segments,
         records = report.records,

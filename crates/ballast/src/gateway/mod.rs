@@ -11,10 +11,10 @@ mod ratelimit;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,6 +41,7 @@ pub struct Gateway {
     store: Arc<dyn Store>,
     state: Arc<ServerState>,
     max_request_bytes: usize,
+    requests: RequestCounters,
 }
 
 /// An error answer: status and the exact plain-text body SDKs key on.
@@ -138,6 +139,7 @@ impl Gateway {
             store,
             state,
             max_request_bytes: config.server.max_request_bytes,
+            requests: RequestCounters::default(),
         }
     }
 
@@ -324,28 +326,59 @@ struct KeyQuery {
     write_key: Option<String>,
 }
 
-fn finish(result: Result<Response, ApiError>, route: &'static str) -> Response {
-    let response = result.unwrap_or_else(IntoResponse::into_response);
-    metrics::counter!(
-        "ballast_ingest_requests_total",
-        "route" => route,
-        "status" => status_label(response.status())
-    )
-    .increment(1);
-    response
+/// Request counters by route and status, registered on first use and then cached (the
+/// hot path does no registry lookup).
+#[derive(Default)]
+struct RequestCounters([[OnceLock<metrics::Counter>; STATUSES.len()]; ROUTES.len()]);
+
+const ROUTES: [&str; 9] = [
+    "track", "identify", "page", "screen", "group", "alias", "batch", "beacon", "pixel",
+];
+const STATUSES: [&str; 8] = ["200", "400", "401", "404", "413", "429", "503", "other"];
+
+impl RequestCounters {
+    fn count(&self, route: &'static str, status: StatusCode) {
+        let r = ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(ROUTES.len() - 1);
+        let label = match status.as_u16() {
+            200 => "200",
+            400 => "400",
+            401 => "401",
+            404 => "404",
+            413 => "413",
+            429 => "429",
+            503 => "503",
+            _ => "other",
+        };
+        let st = STATUSES
+            .iter()
+            .position(|x| *x == label)
+            .unwrap_or(STATUSES.len() - 1);
+        self.0[r][st]
+            .get_or_init(|| {
+                metrics::counter!("ballast_ingest_requests_total", "route" => route, "status" => label)
+            })
+            .increment(1);
+    }
 }
 
-fn status_label(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        404 => "404",
-        413 => "413",
-        429 => "429",
-        503 => "503",
-        _ => "other",
+impl Gateway {
+    fn finish(&self, result: Result<Response, ApiError>, route: &'static str) -> Response {
+        let response = result.unwrap_or_else(IntoResponse::into_response);
+        self.requests.count(route, response.status());
+        response
     }
+}
+
+/// The client's address as axum's connect info recorded it.
+fn peer_of(parts: &axum::http::request::Parts) -> SocketAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 async fn read_request(
@@ -359,18 +392,18 @@ async fn read_request(
 async fn single(
     State(gw): State<Arc<Gateway>>,
     Path(kind): Path<String>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Body,
+    req: Request,
 ) -> Response {
+    let (parts, body) = req.into_parts();
+    let (peer, headers) = (peer_of(&parts), &parts.headers);
     let Some(route_type) = SINGLE_ROUTES.iter().copied().find(|r| *r == kind) else {
         return (StatusCode::NOT_FOUND, "404 page not found").into_response();
     };
     let result = async {
-        let key = auth::basic_user(&headers)?;
-        let bytes = read_request(&gw, &headers, body).await?;
+        let key = auth::basic_user(headers)?;
+        let bytes = read_request(&gw, headers, body).await?;
         gw.ingest(Ingest {
-            headers: &headers,
+            headers,
             peer,
             key: key.as_deref(),
             route_type: Some(route_type),
@@ -379,20 +412,17 @@ async fn single(
         .await
     }
     .await;
-    finish(result, route_type)
+    gw.finish(result, route_type)
 }
 
-async fn batch(
-    State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
+async fn batch(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let (peer, headers) = (peer_of(&parts), &parts.headers);
     let result = async {
-        let key = auth::basic_user(&headers)?;
-        let bytes = read_request(&gw, &headers, body).await?;
+        let key = auth::basic_user(headers)?;
+        let bytes = read_request(&gw, headers, body).await?;
         gw.ingest(Ingest {
-            headers: &headers,
+            headers,
             peer,
             key: key.as_deref(),
             route_type: None,
@@ -401,25 +431,25 @@ async fn batch(
         .await
     }
     .await;
-    finish(result, "batch")
+    gw.finish(result, "batch")
 }
 
 /// `navigator.sendBeacon`: text/plain body, write key in the query.
 async fn beacon(
     State(gw): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<KeyQuery>,
-    headers: HeaderMap,
-    body: axum::body::Body,
+    req: Request,
 ) -> Response {
+    let (parts, body) = req.into_parts();
+    let (peer, headers) = (peer_of(&parts), &parts.headers);
     let result = async {
         let key = match q.write_key.filter(|k| !k.is_empty()) {
             Some(k) => Some(k),
-            None => auth::basic_user(&headers)?,
+            None => auth::basic_user(headers)?,
         };
-        let bytes = read_request(&gw, &headers, body).await?;
+        let bytes = read_request(&gw, headers, body).await?;
         gw.ingest(Ingest {
-            headers: &headers,
+            headers,
             peer,
             key: key.as_deref(),
             route_type: None,
@@ -428,7 +458,7 @@ async fn beacon(
         .await
     }
     .await;
-    finish(result, "beacon")
+    gw.finish(result, "beacon")
 }
 
 /// What RudderStack's JavaScript SDK fetches from its `configUrl`.

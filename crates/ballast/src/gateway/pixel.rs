@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
-use super::{finish, Gateway, Ingest};
+use super::{Gateway, Ingest};
 
 /// A transparent 1×1 GIF.
 pub const GIF: &[u8] = &[
@@ -136,7 +136,7 @@ pub async fn pixel(
             body: body.as_bytes(),
         })
         .await;
-    let stored = finish(result, "pixel");
+    let stored = gw.finish(result, "pixel");
     if stored.status() != StatusCode::OK {
         tracing::debug!(status = %stored.status(), "pixel request not stored");
     }

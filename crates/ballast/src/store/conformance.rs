@@ -124,7 +124,7 @@ mod embedded {
         fn open(&self, quota: u64) -> Self::Fut {
             let dir = self.dir.clone();
             Box::pin(async move {
-                let (s, _) = EmbeddedStore::open(&dir, 4096, quota).unwrap();
+                let (s, _) = EmbeddedStore::open(&dir, 4096, quota, true).unwrap();
                 Box::new(s) as Box<dyn Store>
             })
         }

@@ -26,10 +26,12 @@ impl EmbeddedStore {
         dir: &Path,
         segment_bytes: u64,
         quota: u64,
+        preallocate: bool,
     ) -> Result<(EmbeddedStore, RecoveryReport), LogError> {
         let config = LogConfig {
             segment_bytes,
             max_bytes: Some(quota),
+            preallocate,
             ..LogConfig::new(dir)
         };
         let (log, report) = Log::open(config)?;

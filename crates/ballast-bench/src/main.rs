@@ -1,0 +1,85 @@
+//! `ballast-bench`: load generator and baselines for ballast.
+//!
+//! - `null-server`: HTTP only, answers 200 without doing anything (baseline 1).
+//! - `naive-server`: parse, enrich, re-serialize, append + group fdatasync
+//!   (baseline 2).
+//! - `load`: the load generator.
+//! - `run`: starts null, naive and ballast one after another on free
+//!   loopback ports, loads each, and prints a comparison.
+
+mod events;
+mod load;
+mod naive;
+mod null;
+mod run;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ballast-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Baseline 1: read the whole body, answer 200 "OK".
+    NullServer {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+    },
+    /// Baseline 2: parse + enrich + re-serialize + append to one file with
+    /// group-committed fdatasync, answer 200 "OK" once durable.
+    NaiveServer {
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        listen: SocketAddr,
+        /// Append-only file the events go to (created if missing).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Send load to one server and report throughput and latency.
+    Load {
+        #[command(flatten)]
+        config: load::LoadConfig,
+        /// Print one JSON line of results instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmark null, naive and ballast one after another and compare.
+    Run(run::RunArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match dispatch(Cli::parse().command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the context chain without a backtrace.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::NullServer { listen } => null::run(listen).await,
+        Command::NaiveServer { listen, file } => naive::run(listen, &file).await,
+        Command::Load { config, json } => {
+            let report = load::run(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print_human();
+            }
+            Ok(())
+        }
+        Command::Run(args) => run::run(args).await,
+    }
+}

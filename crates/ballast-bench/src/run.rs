@@ -1,0 +1,774 @@
+//! `run`: the whole comparison in one command.
+//!
+//! For each mode, each server (null, naive, ballast) is started as a child
+//! process on a free loopback port, waited for, loaded for the same duration
+//! with the same number of connections, and stopped before the next one
+//! starts, so the servers never compete with each other for the two cores.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::header::HOST;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::load::{self, ms, LoadConfig, LoadReport, Mode};
+
+/// Metric lines reported from ballast's admin `/metrics` (and the naive
+/// server's `/metrics`), when present.
+const METRIC_PREFIXES: &[&str] = &[
+    "ballast_log_fsyncs_total",
+    "ballast_ingest_requests_total",
+    "naive_fsyncs_total",
+    "naive_requests_total",
+];
+const WRITE_KEY: &str = "bench-write-key";
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// The ballast binary (e.g. target/release/ballast).
+    #[arg(long)]
+    pub ballast_bin: Option<PathBuf>,
+    /// Compare only the null and naive baselines.
+    #[arg(long)]
+    pub skip_ballast: bool,
+    /// Concurrent connections for every load test.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Measured time per server and mode.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured load before each measurement.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Load modes to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "single,batch"
+    )]
+    pub modes: Vec<Mode>,
+    /// Events per request in batch mode.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Repeat the whole sequence this many times and report medians (the
+    /// servers are interleaved, so slow drifts of the machine hit all alike).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Also write the report to FILE (JSON when FILE ends in .json, else Markdown).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Where the temporary data directories go (default: the system temp dir, /tmp).
+    #[arg(long)]
+    pub tmp_dir: Option<PathBuf>,
+    /// Keep the temporary directory (server logs, configs, data) for inspection.
+    #[arg(long)]
+    pub keep_tmp: bool,
+    /// How long to wait for a server to answer after starting it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub startup_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Server {
+    Null,
+    Naive,
+    Ballast,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Null => "null",
+            Server::Naive => "naive",
+            Server::Ballast => "ballast",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Outcome {
+    round: usize,
+    server: Server,
+    mode: Mode,
+    report: LoadReport,
+    /// Selected lines of the server's /metrics after the run (warm-up included).
+    metrics: Vec<String>,
+    /// Bytes the naive server wrote to its file (warm-up included).
+    data_bytes: Option<u64>,
+}
+
+/// A child server process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct ServerProcess {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    fn spawn(name: String, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // If this process dies without running destructors, take the
+            // server down with it.
+            // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(ServerProcess { name, child, log })
+    }
+
+    /// Last lines of the server's output, for error messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        format!("--- last lines of {} ---\n{tail}", self.log.display())
+    }
+
+    /// Errors if the process has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status})\n{}", self.name, self.log_tail());
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: plain syscall on the pid of our own, not yet reaped, child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < until {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!(
+                "{} did not stop within 10s of SIGTERM; killing it",
+                self.name
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// One GET over a fresh connection. Returns the status and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get(path)
+        .header(HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let result = async {
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    }
+    .await;
+    drop(sender);
+    driver.abort();
+    result
+}
+
+/// Waits until the server answers `path` (with 200 when `need_ok`).
+async fn wait_ready(
+    proc: &mut ServerProcess,
+    addr: SocketAddr,
+    path: &str,
+    need_ok: bool,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + limit;
+    loop {
+        proc.check_alive()?;
+        let last = match timeout(Duration::from_secs(1), http_get(addr, path)).await {
+            Ok(Ok((status, _))) if !need_ok || status == StatusCode::OK => return Ok(()),
+            Ok(Ok((status, _))) => format!("GET {path} answered {status}"),
+            Ok(Err(err)) => format!("GET {path}: {err:#}"),
+            Err(_) => format!("GET {path} timed out"),
+        };
+        if Instant::now() >= until {
+            bail!(
+                "{} not ready on {addr} after {}: {last}\n{}",
+                proc.name,
+                humantime::format_duration(limit),
+                proc.log_tail()
+            );
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn toml_string(s: &str) -> anyhow::Result<String> {
+    // A JSON string literal is a valid TOML basic string.
+    Ok(serde_json::to_string(s)?)
+}
+
+fn ballast_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    data_dir: &Path,
+) -> anyhow::Result<String> {
+    let data_dir = data_dir
+        .to_str()
+        .context("temporary directory path is not UTF-8")?;
+    Ok(format!(
+        r#"[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+data_dir = {data_dir}
+
+[storage]
+backend = "embedded"
+
+[[sources]]
+id = "bench"
+write_key = "{WRITE_KEY}"
+enabled = true
+"#,
+        data_dir = toml_string(data_dir)?
+    ))
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+struct Bench<'a> {
+    args: &'a RunArgs,
+    exe: PathBuf,
+    root: &'a Path,
+}
+
+impl Bench<'_> {
+    async fn one(&self, round: usize, server: Server, mode: Mode) -> anyhow::Result<Outcome> {
+        let addr = free_port()?;
+        let tag = format!("{}-{mode}-{round}", server.name());
+        let dir = self.root.join(&tag);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = self.root.join(format!("{tag}.log"));
+        // Where /metrics is served: ballast's admin listener, the naive server itself.
+        let mut metrics_addr = None;
+        let mut data_file = None;
+        let (mut cmd, ready_path, need_ok) = match server {
+            Server::Null => {
+                let mut cmd = Command::new(&self.exe);
+                cmd.arg("null-server").arg("--listen").arg(addr.to_string());
+                (cmd, "/", false)
+            }
+            Server::Naive => {
+                let file = dir.join("events.jsonl");
+                let mut cmd = Command::new(&self.exe);
+                cmd.arg("naive-server")
+                    .arg("--listen")
+                    .arg(addr.to_string())
+                    .arg("--file")
+                    .arg(&file);
+                data_file = Some(file);
+                metrics_addr = Some(addr);
+                (cmd, "/", false)
+            }
+            Server::Ballast => {
+                let bin = self
+                    .args
+                    .ballast_bin
+                    .as_ref()
+                    .context("--ballast-bin is required unless --skip-ballast is given")?;
+                let admin_addr = free_port()?;
+                let config = dir.join("ballast.toml");
+                std::fs::write(
+                    &config,
+                    ballast_config(addr, admin_addr, &dir.join("data"))?,
+                )
+                .with_context(|| format!("writing {}", config.display()))?;
+                let mut cmd = Command::new(bin);
+                cmd.arg("serve").arg("--config").arg(&config);
+                metrics_addr = Some(admin_addr);
+                (cmd, "/livez", true)
+            }
+        };
+        cmd.current_dir(&dir);
+        eprintln!("[{mode}] starting {} on {addr}", server.name());
+        let mut proc = ServerProcess::spawn(tag.clone(), cmd, log)?;
+        wait_ready(
+            &mut proc,
+            addr,
+            ready_path,
+            need_ok,
+            self.args.startup_timeout,
+        )
+        .await?;
+
+        let config = LoadConfig {
+            url: format!("http://{addr}"),
+            write_key: WRITE_KEY.into(),
+            connections: self.args.connections,
+            duration: self.args.duration,
+            mode,
+            batch_size: self.args.batch_size,
+            warmup: self.args.warmup,
+            pool: None,
+        };
+        eprintln!(
+            "[{mode}] loading {} for {} + {} warm-up with {} connections",
+            server.name(),
+            humantime::format_duration(self.args.duration),
+            humantime::format_duration(self.args.warmup),
+            self.args.connections
+        );
+        let report = load::run(&config).await?;
+        proc.check_alive()
+            .context("the server died during the load test")?;
+
+        let mut metrics = Vec::new();
+        if let Some(admin) = metrics_addr {
+            match timeout(Duration::from_secs(5), http_get(admin, "/metrics")).await {
+                Ok(Ok((StatusCode::OK, body))) => {
+                    metrics = String::from_utf8_lossy(&body)
+                        .lines()
+                        .filter(|l| METRIC_PREFIXES.iter().any(|p| l.starts_with(p)))
+                        .map(str::to_owned)
+                        .collect();
+                }
+                Ok(Ok((status, _))) => eprintln!("[{mode}] GET {admin}/metrics answered {status}"),
+                Ok(Err(err)) => eprintln!("[{mode}] GET {admin}/metrics: {err:#}"),
+                Err(_) => eprintln!("[{mode}] GET {admin}/metrics timed out"),
+            }
+        }
+        proc.stop();
+        let data_bytes = match (&data_file, server) {
+            (Some(file), _) => Some(std::fs::metadata(file).map(|m| m.len()).unwrap_or(0)),
+            (None, Server::Ballast) => Some(dir_size(&dir.join("data"))),
+            _ => None,
+        };
+        eprintln!(
+            "[{mode}] {}: {:.0} req/s, {:.0} events/s, p50 {}, p99 {}, non-200 {}, errors {}",
+            server.name(),
+            report.requests_per_sec,
+            report.events_per_sec,
+            ms(report.latency.p50_us),
+            ms(report.latency.p99_us),
+            report.non_200,
+            report.errors
+        );
+        if !self.args.keep_tmp {
+            // Free the disk space before the next server runs.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(Outcome {
+            round,
+            server,
+            mode,
+            report,
+            metrics,
+            data_bytes,
+        })
+    }
+}
+
+/// (busy, total) jiffies over all CPUs from /proc/stat (Linux).
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = fields.iter().sum();
+    // idle + iowait
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((total - idle, total))
+}
+
+/// Fraction of CPU time other processes use right now, to flag runs on a
+/// busy machine (a concurrent build makes every figure low).
+async fn cpu_busy(window: Duration) -> Option<f64> {
+    let (b0, t0) = cpu_jiffies()?;
+    sleep(window).await;
+    let (b1, t1) = cpu_jiffies()?;
+    let total = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    Some(b1.saturating_sub(b0) as f64 / total as f64)
+}
+
+/// Figures of one server in one mode, as medians over the rounds.
+struct Summary {
+    server: Server,
+    mode: Mode,
+    requests_per_sec: f64,
+    events_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    /// Worst over the rounds.
+    max_us: u64,
+    /// Totals over the rounds.
+    non_200: u64,
+    errors: u64,
+    rps_min: f64,
+    rps_max: f64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// Groups outcomes by (server, mode), in order of first appearance.
+fn summarize(outcomes: &[Outcome]) -> Vec<Summary> {
+    let mut keys: Vec<(Server, Mode)> = Vec::new();
+    for o in outcomes {
+        if !keys.contains(&(o.server, o.mode)) {
+            keys.push((o.server, o.mode));
+        }
+    }
+    keys.into_iter()
+        .map(|(server, mode)| {
+            let runs: Vec<&LoadReport> = outcomes
+                .iter()
+                .filter(|o| o.server == server && o.mode == mode)
+                .map(|o| &o.report)
+                .collect();
+            let of = |f: fn(&LoadReport) -> f64| median(runs.iter().map(|r| f(r)).collect());
+            let rps: Vec<f64> = runs.iter().map(|r| r.requests_per_sec).collect();
+            Summary {
+                server,
+                mode,
+                requests_per_sec: of(|r| r.requests_per_sec),
+                events_per_sec: of(|r| r.events_per_sec),
+                p50_us: of(|r| r.latency.p50_us as f64) as u64,
+                p99_us: of(|r| r.latency.p99_us as f64) as u64,
+                max_us: runs.iter().map(|r| r.latency.max_us).max().unwrap_or(0),
+                non_200: runs.iter().map(|r| r.non_200).sum(),
+                errors: runs.iter().map(|r| r.errors).sum(),
+                rps_min: rps.iter().copied().fold(f64::INFINITY, f64::min),
+                rps_max: rps.iter().copied().fold(0.0, f64::max),
+            }
+        })
+        .collect()
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        let r = a / b;
+        if r < 0.1 {
+            format!("{r:.3}×")
+        } else {
+            format!("{r:.2}×")
+        }
+    } else {
+        "n/a".into()
+    }
+}
+
+fn markdown(args: &RunArgs, outcomes: &[Outcome]) -> String {
+    let mut s = String::new();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        s,
+        "ballast-bench run — {} — {cpus} CPUs — {} connections, {} measured after {} warm-up, batch size {}\n",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        args.connections,
+        humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup),
+        args.batch_size
+    );
+    let summaries = summarize(outcomes);
+    if args.rounds > 1 {
+        let _ = writeln!(
+            s,
+            "Medians of {} rounds (max, non-200 and errors: worst / total over the rounds).\n",
+            args.rounds
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| server | mode | req/s | events/s | p50 | p99 | max | non-200 | errors |{}",
+        if args.rounds > 1 {
+            " req/s min–max |"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|{}",
+        if args.rounds > 1 { "---:|" } else { "" }
+    );
+    for m in &summaries {
+        let _ = write!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+            m.server.name(),
+            m.mode,
+            m.requests_per_sec,
+            m.events_per_sec,
+            ms(m.p50_us),
+            ms(m.p99_us),
+            ms(m.max_us),
+            m.non_200,
+            m.errors
+        );
+        if args.rounds > 1 {
+            let _ = write!(s, " {:.0}–{:.0} |", m.rps_min, m.rps_max);
+        }
+        s.push('\n');
+    }
+    let find = |server, mode| {
+        summaries
+            .iter()
+            .find(|m| m.server == server && m.mode == mode)
+    };
+    let _ = writeln!(
+        s,
+        "\n| mode | comparison | req/s ratio | events/s ratio |\n|---|---|---:|---:|"
+    );
+    for &mode in &args.modes {
+        let pairs = [
+            (Server::Ballast, Server::Null),
+            (Server::Ballast, Server::Naive),
+            (Server::Naive, Server::Null),
+        ];
+        for (a, b) in pairs {
+            if let (Some(ra), Some(rb)) = (find(a, mode), find(b, mode)) {
+                let _ = writeln!(
+                    s,
+                    "| {mode} | {} vs {} | {} | {} |",
+                    a.name(),
+                    b.name(),
+                    ratio(ra.requests_per_sec, rb.requests_per_sec),
+                    ratio(ra.events_per_sec, rb.events_per_sec)
+                );
+            }
+        }
+    }
+    if args.rounds > 1 {
+        let _ = writeln!(
+            s,
+            "\n| round | server | mode | req/s | events/s | p50 | p99 |\n|---:|---|---|---:|---:|---:|---:|"
+        );
+        for o in outcomes {
+            let r = &o.report;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+                o.round,
+                o.server.name(),
+                o.mode,
+                r.requests_per_sec,
+                r.events_per_sec,
+                ms(r.latency.p50_us),
+                ms(r.latency.p99_us)
+            );
+        }
+    }
+    s.push('\n');
+    for o in outcomes {
+        let label = if args.rounds > 1 {
+            format!("{} ({}, round {})", o.server.name(), o.mode, o.round)
+        } else {
+            format!("{} ({})", o.server.name(), o.mode)
+        };
+        if let Some(bytes) = o.data_bytes {
+            let _ = writeln!(
+                s,
+                "{label} wrote {:.1} MiB to disk (warm-up included)",
+                bytes as f64 / (1024.0 * 1024.0)
+            );
+        }
+        if !o.metrics.is_empty() {
+            let _ = writeln!(s, "{label} /metrics after the run (warm-up included):");
+            for line in &o.metrics {
+                let _ = writeln!(s, "    {line}");
+            }
+        } else if o.server == Server::Ballast {
+            let _ = writeln!(s, "{label} /metrics: no fsync/ingest counters found");
+        }
+    }
+    s
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.modes.is_empty() {
+        bail!("--modes is empty");
+    }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let mut servers = vec![Server::Null, Server::Naive];
+    if !args.skip_ballast {
+        let Some(bin) = &args.ballast_bin else {
+            bail!("pass --ballast-bin PATH (e.g. target/release/ballast), or --skip-ballast to compare the baselines only");
+        };
+        if !bin.is_file() {
+            bail!(
+                "ballast binary {} not found (build it with `cargo build --release -p ballast`, or pass --skip-ballast)",
+                bin.display()
+            );
+        }
+        servers.push(Server::Ballast);
+    }
+    if let Some(busy) = cpu_busy(Duration::from_millis(500))
+        .await
+        .filter(|&b| b > 0.2)
+    {
+        eprintln!(
+            "warning: the CPUs are {:.0}% busy before the benchmark starts; other processes (a build?) will lower the figures",
+            busy * 100.0
+        );
+    }
+    let exe = std::env::current_exe().context("locating the ballast-bench executable")?;
+    let tmp = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Declared before anything that holds child processes, so it is removed last.
+    let root = tempfile::Builder::new()
+        .prefix("ballast-bench-")
+        .disable_cleanup(args.keep_tmp)
+        .tempdir_in(&tmp)
+        .with_context(|| format!("creating a temporary directory in {}", tmp.display()))?;
+    if args.keep_tmp {
+        eprintln!("keeping logs and data in {}", root.path().display());
+    }
+    let bench = Bench {
+        args: &args,
+        exe,
+        root: root.path(),
+    };
+
+    let mut outcomes = Vec::new();
+    let all = async {
+        for round in 1..=args.rounds {
+            if args.rounds > 1 {
+                eprintln!("round {round}/{}", args.rounds);
+            }
+            for &mode in &args.modes {
+                for &server in &servers {
+                    outcomes.push(bench.one(round, server, mode).await?);
+                    // Let the machine settle between servers.
+                    sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        res = all => res?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
+
+    let text = markdown(&args, &outcomes);
+    println!("\n{text}");
+    if let Some(out) = &args.out {
+        let content = if out.extension().is_some_and(|e| e == "json") {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+                "connections": args.connections,
+                "duration_s": args.duration.as_secs_f64(),
+                "warmup_s": args.warmup.as_secs_f64(),
+                "batch_size": args.batch_size,
+                "rounds": args.rounds,
+                "results": outcomes,
+            }))?
+        } else {
+            text
+        };
+        std::fs::write(out, content).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("report written to {}", out.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn ballast_config_has_the_contract_keys() {
+        let cfg = ballast_config(
+            "127.0.0.1:1000".parse().unwrap(),
+            "127.0.0.1:1001".parse().unwrap(),
+            Path::new("/tmp/x y/data"),
+        )
+        .unwrap();
+        assert!(cfg.contains("listen = \"127.0.0.1:1000\""));
+        assert!(cfg.contains("admin_listen = \"127.0.0.1:1001\""));
+        assert!(cfg.contains("data_dir = \"/tmp/x y/data\""));
+        assert!(cfg.contains("backend = \"embedded\""));
+        assert!(cfg.contains("write_key = \"bench-write-key\""));
+    }
+}

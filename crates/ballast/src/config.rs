@@ -35,6 +35,139 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub destinations: Vec<DestinationConfig>,
+}
+
+/// A destination: the keys every type shares, and its type's own settings (checked
+/// against that type's keys, so a misspelt key is still an error that names it).
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    pub id: String,
+    pub sources: Vec<String>,
+    pub enabled: bool,
+    /// Deliveries in flight at once (default 16).
+    pub concurrency: usize,
+    /// Events per delivery (default 1; webhook sends a JSON array when > 1).
+    pub batch_size: usize,
+    pub retry: RetryConfig,
+    pub kind: DestinationKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum DestinationKind {
+    Webhook(crate::destinations::webhook::WebhookConfig),
+    File(crate::destinations::file::FileConfig),
+}
+
+impl DestinationKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DestinationKind::Webhook(_) => "webhook",
+            DestinationKind::File(_) => "file",
+        }
+    }
+}
+
+/// When to give up on an event: after at least `max_attempts` failures *and* once its
+/// first attempt is older than `retry_window`. Backoff doubles from `min_backoff` to
+/// `max_backoff`, with jitter; a `Retry-After` answer is honoured.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    pub retry_window: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub min_backoff: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            retry_window: Duration::from_secs(180 * 60),
+            min_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommonDestination {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    sources: Vec<String>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    concurrency: Option<usize>,
+    #[serde(default)]
+    batch_size: Option<usize>,
+    #[serde(default)]
+    retry: RetryConfig,
+}
+
+const COMMON_DESTINATION_KEYS: [&str; 7] = [
+    "id",
+    "type",
+    "sources",
+    "enabled",
+    "concurrency",
+    "batch_size",
+    "retry",
+];
+
+impl<'de> Deserialize<'de> for DestinationConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let mut common = toml::Table::new();
+        for k in COMMON_DESTINATION_KEYS {
+            if let Some(v) = table.remove(k) {
+                common.insert(k.to_string(), v);
+            }
+        }
+        let c = CommonDestination::deserialize(toml::Value::Table(common))
+            .map_err(|e| D::Error::custom(format!("destination: {}", e.to_string().trim())))?;
+        let own = toml::Value::Table(table);
+        let context = |e: toml::de::Error| {
+            D::Error::custom(format!(
+                "destination {:?} (type {}): {}",
+                c.id,
+                c.kind,
+                e.to_string().trim()
+            ))
+        };
+        let kind = match c.kind.as_str() {
+            "webhook" => DestinationKind::Webhook(
+                crate::destinations::webhook::WebhookConfig::deserialize(own).map_err(context)?,
+            ),
+            "file" => DestinationKind::File(
+                crate::destinations::file::FileConfig::deserialize(own).map_err(context)?,
+            ),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "destination {:?}: unknown type {other:?} (known: webhook, file)",
+                    c.id
+                )))
+            }
+        };
+        Ok(DestinationConfig {
+            id: c.id,
+            sources: c.sources,
+            enabled: c.enabled,
+            concurrency: c.concurrency.unwrap_or(16),
+            batch_size: c.batch_size.unwrap_or(1),
+            retry: c.retry,
+            kind,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,7 +264,7 @@ fn yes() -> bool {
 }
 
 /// Accepts `"10s"`, `"5m"`, `"1h 30m"` (humantime) or a number of seconds.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -146,7 +279,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 /// Accepts `"64MiB"`, `"10GiB"`, `"500 MB"` or a number of bytes.
-fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+pub(crate) fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -250,6 +383,58 @@ impl Config {
                         s.id
                     )));
                 }
+            }
+        }
+        let mut dest_ids = std::collections::HashSet::new();
+        for d in &self.destinations {
+            let ok_id = !d.id.is_empty()
+                && d.id.len() <= 100
+                && d.id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok_id {
+                return Err(ConfigError::Invalid(format!(
+                    "destination id {:?}: use 1-100 letters, digits, '-' or '_'",
+                    d.id
+                )));
+            }
+            if !dest_ids.insert(&d.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate destination id {:?}",
+                    d.id
+                )));
+            }
+            if d.sources.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "destination {:?} has no sources",
+                    d.id
+                )));
+            }
+            for s in &d.sources {
+                if !ids.contains(s) {
+                    return Err(ConfigError::Invalid(format!(
+                        "destination {:?} names unknown source {s:?}",
+                        d.id
+                    )));
+                }
+            }
+            if d.concurrency == 0 || d.concurrency > 10_000 {
+                return Err(ConfigError::Invalid(format!(
+                    "destination {:?}: concurrency must be 1..=10000",
+                    d.id
+                )));
+            }
+            if d.batch_size == 0 || d.batch_size > 10_000 {
+                return Err(ConfigError::Invalid(format!(
+                    "destination {:?}: batch_size must be 1..=10000",
+                    d.id
+                )));
+            }
+            if d.retry.min_backoff > d.retry.max_backoff {
+                return Err(ConfigError::Invalid(format!(
+                    "destination {:?}: retry.min_backoff is above retry.max_backoff",
+                    d.id
+                )));
             }
         }
         if self.server.max_request_bytes == 0 {
@@ -422,6 +607,49 @@ write_key = "k1"
             .unwrap_err()
             .to_string()
             .contains("lots"));
+    }
+
+    #[test]
+    fn destinations_parse_and_check_their_own_keys() {
+        let text = format!(
+            r#"{BASE}
+[[destinations]]
+id = "hook"
+type = "webhook"
+sources = ["web"]
+url = "http://127.0.0.1:9000/x"
+headers = {{ "X-Token" = "s" }}
+concurrency = 4
+retry = {{ max_attempts = 5, retry_window = "1m", min_backoff = "1s", max_backoff = "2s" }}
+
+[[destinations]]
+id = "archive"
+type = "file"
+sources = ["web"]
+path = "/tmp/out.jsonl"
+"#
+        );
+        let c = Config::from_toml(&text, "t", env(&[])).unwrap();
+        assert_eq!(c.destinations.len(), 2);
+        assert_eq!(c.destinations[0].concurrency, 4);
+        assert_eq!(c.destinations[0].retry.max_attempts, 5);
+        assert_eq!(c.destinations[1].retry.max_attempts, 3);
+        assert_eq!(c.destinations[1].kind.name(), "file");
+        let typo = text.replace("url =", "ulr =");
+        let e = Config::from_toml(&typo, "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ulr") && e.contains("hook"), "{e}");
+        let unknown_src = text.replace("sources = [\"web\"]\npath", "sources = [\"nope\"]\npath");
+        let e = Config::from_toml(&unknown_src, "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        let bad_type = text.replace("type = \"file\"", "type = \"ftp\"");
+        let e = Config::from_toml(&bad_type, "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ftp"), "{e}");
     }
 
     #[test]

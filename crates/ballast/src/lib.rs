@@ -1,11 +1,13 @@
 //! ballast: an event data plane that speaks RudderStack's HTTP API, stores every
 //! accepted event durably and (in later stages) forwards it in order per user.
 //!
-//! Data flow: [`gateway`] → [`store`] → router → destinations; see docs/ARCHITECTURE.md.
+//! Data flow: [`gateway`] → [`store`] → [`router`] → [`destinations`]; see docs/ARCHITECTURE.md.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod destinations;
 pub mod gateway;
+pub mod router;
 pub mod server;
 pub mod store;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::router::{Router, RouterDb};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
 
@@ -150,6 +151,24 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let store: Arc<dyn Store> = Arc::new(store);
     let state = Arc::new(ServerState::default());
 
+    let db_path = data_dir.join("router.redb");
+    let db = Arc::new(
+        tokio::task::spawn_blocking(move || RouterDb::open(&db_path))
+            .await
+            .context("opening the router state")??,
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Issue #4 (running modes) drives this; until then delivery is always on.
+    let (_routing_tx, routing_rx) = watch::channel(true);
+    let router = Arc::new(
+        Router::start(&config, store.clone(), db, routing_rx, stop_rx.clone())
+            .await
+            .context("starting delivery")?,
+    );
+    state
+        .routing
+        .store(!router.destinations.is_empty(), Ordering::Release);
+
     let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
     let public = TcpListener::bind(config.server.listen)
         .await
@@ -169,7 +188,6 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     .context("writing server.json")?;
     tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), "ballast is accepting events");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -188,6 +206,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         state: state.clone(),
         prometheus,
         token: config.server.admin_token.clone(),
+        router: router.clone(),
     });
     let admin_server = tokio::spawn(std::future::IntoFuture::into_future(
         axum::serve(admin, admin_app).with_graceful_shutdown(stopped(stop_rx.clone())),

@@ -12,6 +12,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::router::Router as EventRouter;
 use crate::server::ServerState;
 use crate::store::Store;
 
@@ -21,6 +22,7 @@ pub struct AdminState {
     pub state: Arc<ServerState>,
     pub prometheus: PrometheusHandle,
     pub token: Option<String>,
+    pub router: Arc<EventRouter>,
 }
 
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -33,6 +35,8 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/dead-letters/replay", axum::routing::post(replay))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
@@ -71,6 +75,23 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     metrics::gauge!("ballast_storage_quota_bytes").set(st.quota_bytes as f64);
     metrics::gauge!("ballast_log_segments").set(st.segments as f64);
     metrics::gauge!("ballast_storage_writable").set(if st.writable { 1.0 } else { 0.0 });
+    for d in s.router.status() {
+        let id = d.id.clone();
+        metrics::counter!("ballast_destination_delivered_total", "destination" => id.clone())
+            .absolute(d.delivered);
+        metrics::counter!("ballast_destination_retries_total", "destination" => id.clone())
+            .absolute(d.retries);
+        metrics::gauge!("ballast_destination_backlog_bytes", "destination" => id.clone())
+            .set(d.backlog_bytes as f64);
+        metrics::gauge!("ballast_destination_buffered_events", "destination" => id.clone())
+            .set(d.buffered_events as f64);
+        metrics::gauge!("ballast_destination_in_flight", "destination" => id.clone())
+            .set(d.in_flight as f64);
+        metrics::gauge!("ballast_destination_retrying_users", "destination" => id.clone())
+            .set(d.retrying_users as f64);
+        metrics::gauge!("ballast_destination_dead_letters", "destination" => id)
+            .set(d.dead_letters as f64);
+    }
     let mode = s.state.mode();
     for m in [crate::server::Mode::Normal, crate::server::Mode::Degraded] {
         metrics::gauge!("ballast_mode", "mode" => m.as_health_str()).set(if m == mode {
@@ -104,7 +125,60 @@ async fn status(State(s): State<AdminState>) -> Response {
             "fsyncs": st.fsyncs,
             "quarantined_records": st.quarantined_records,
         },
-        "destinations": [],
+        "destinations": s.router.status(),
     }))
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct DeadLetterQuery {
+    destination: Option<String>,
+    limit: Option<usize>,
+    /// RFC 3339 time: replay only events that died at or after it.
+    since: Option<String>,
+}
+
+fn bad_request(msg: String) -> Response {
+    (StatusCode::BAD_REQUEST, msg).into_response()
+}
+
+async fn dead_letters(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<DeadLetterQuery>,
+) -> Response {
+    let db = s.router.db.clone();
+    let limit = q.limit.unwrap_or(1000);
+    let dest = q.destination.clone();
+    match tokio::task::spawn_blocking(move || db.list(dest.as_deref(), limit)).await {
+        Ok(Ok(list)) => axum::Json(list).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn replay(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<DeadLetterQuery>,
+) -> Response {
+    let Some(dest) = q.destination else {
+        return bad_request("destination is required".into());
+    };
+    if !s.router.has(&dest) {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no enabled destination {dest:?}"),
+        )
+            .into_response();
+    }
+    let since = match q.since.as_deref().map(humantime::parse_rfc3339_weak) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return bad_request(format!("since: {e}")),
+    };
+    match s.router.replay(&dest, since).await {
+        Ok(n) => {
+            axum::Json(serde_json::json!({ "destination": dest, "replayed": n })).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }

@@ -7,9 +7,22 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 pub async fn get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    call(hyper::Method::GET, base, path, token).await
+}
+
+pub async fn post(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    call(hyper::Method::POST, base, path, token).await
+}
+
+async fn call(
+    method: hyper::Method,
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = hyper::Request::get(&url);
+    let mut req = hyper::Request::builder().method(method).uri(&url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }

@@ -46,8 +46,41 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
-    /// Print the running server's status.
+    /// Print the running server's status: mode, storage, per-destination backlog,
+    /// in-flight, retrying, delivered and aborted counts and rates.
     Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and replay events a destination gave up on.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadLetterCommand {
+    /// List dead letters (one JSON object a line).
+    List {
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Re-enqueue a destination's dead letters for delivery.
+    Replay {
+        #[arg(long)]
+        destination: String,
+        /// Only events that died at or after this time: RFC 3339 ("2026-11-26T10:00:00Z")
+        /// or an age ("30m" = in the last 30 minutes).
+        #[arg(long)]
+        since: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -145,17 +178,139 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Log {
             command: LogCommand::Dump { data_dir, meta },
         } => dump(&data_dir, meta),
-        Command::Status { admin } => {
-            let body = runtime()?.block_on(client::get(
-                &admin.admin,
-                "/v1/status",
-                admin.token.as_deref(),
-            ))?;
-            let v: serde_json::Value = serde_json::from_slice(&body).context("reading status")?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+        Command::Status { admin, json } => status(&admin, json),
+        Command::DeadLetters {
+            command:
+                DeadLetterCommand::List {
+                    destination,
+                    limit,
+                    admin,
+                },
+        } => {
+            let mut path = format!("/v1/dead-letters?limit={limit}");
+            if let Some(d) = destination {
+                path.push_str(&format!("&destination={}", encode(&d)));
+            }
+            let body =
+                runtime()?.block_on(client::get(&admin.admin, &path, admin.token.as_deref()))?;
+            let list: Vec<serde_json::Value> =
+                serde_json::from_slice(&body).context("reading dead letters")?;
+            for l in list {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        Command::DeadLetters {
+            command:
+                DeadLetterCommand::Replay {
+                    destination,
+                    since,
+                    admin,
+                },
+        } => {
+            let mut path = format!(
+                "/v1/dead-letters/replay?destination={}",
+                encode(&destination)
+            );
+            if let Some(s) = since {
+                let t = parse_since(&s)?;
+                path.push_str(&format!(
+                    "&since={}",
+                    encode(&humantime::format_rfc3339_millis(t).to_string())
+                ));
+            }
+            let body =
+                runtime()?.block_on(client::post(&admin.admin, &path, admin.token.as_deref()))?;
+            let v: serde_json::Value = serde_json::from_slice(&body).context("reading answer")?;
+            println!(
+                "{} dead letter(s) of {destination} re-enqueued",
+                v["replayed"]
+            );
             Ok(0)
         }
     }
+}
+
+fn encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// An RFC 3339 time, or an age such as "30m" (that long ago).
+fn parse_since(s: &str) -> anyhow::Result<std::time::SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let age = humantime::parse_duration(s)
+        .with_context(|| format!("--since {s:?}: not an RFC 3339 time nor a duration"))?;
+    std::time::SystemTime::now()
+        .checked_sub(age)
+        .context("--since is too far back")
+}
+
+fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
+    let rt = runtime()?;
+    let fetch = || -> anyhow::Result<serde_json::Value> {
+        let body = rt.block_on(client::get(
+            &admin.admin,
+            "/v1/status",
+            admin.token.as_deref(),
+        ))?;
+        serde_json::from_slice(&body).context("reading status")
+    };
+    let first = fetch()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&first)?);
+        return Ok(0);
+    }
+    // A second sample one second later gives the rates.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let second = fetch()?;
+    let st = &second["storage"];
+    println!("mode        {}", second["mode"].as_str().unwrap_or("?"));
+    println!("routing     {}", second["routing"]);
+    println!(
+        "storage     {} of {} bytes used, {} events stored, writable {}",
+        st["bytes_used"], st["quota_bytes"], st["events_appended"], st["writable"]
+    );
+    println!();
+    println!(
+        "{:<20} {:>14} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
+        "destination",
+        "backlog bytes",
+        "buffered",
+        "in flight",
+        "retrying",
+        "delivered",
+        "deliv/s",
+        "aborted",
+        "dead"
+    );
+    let empty = Vec::new();
+    let before = first["destinations"].as_array().unwrap_or(&empty);
+    for d in second["destinations"].as_array().unwrap_or(&empty) {
+        let prev = before.iter().find(|p| p["id"] == d["id"]);
+        let rate = prev
+            .map(|p| {
+                d["delivered"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(p["delivered"].as_u64().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        println!(
+            "{:<20} {:>14} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
+            d["id"].as_str().unwrap_or("?"),
+            d["backlog_bytes"].to_string(),
+            d["buffered_events"].to_string(),
+            d["in_flight"].to_string(),
+            d["retrying_users"].to_string(),
+            d["delivered"].to_string(),
+            rate,
+            d["aborted"].to_string(),
+            d["dead_letters"].to_string()
+        );
+    }
+    Ok(0)
 }
 
 fn dump(data_dir: &std::path::Path, meta: bool) -> anyhow::Result<i32> {

@@ -1,0 +1,121 @@
+//! Destinations: where the router delivers events. One folder per type, each with
+//! `config.rs` (its TOML settings), `sink.rs` (the `Destination` implementation) and
+//! `tests.rs`. Adding a type = one folder + one arm in [`build`].
+
+pub mod file;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::DestinationConfig;
+
+/// One event as a destination receives it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The enriched event, as stored (a JSON object).
+    pub json: Arc<[u8]>,
+    /// Its `messageId` (for idempotency headers); empty if it has none.
+    pub message_id: Arc<str>,
+    pub source: Arc<str>,
+}
+
+/// What became of one delivery attempt (of one event, or of one batch as a whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Temporary failure: 5xx, 408, 429, network error, timeout.
+    Retry {
+        status: Option<u16>,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Permanent failure (other 4xx): no retry, straight to the dead letters.
+    Abort {
+        status: Option<u16>,
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// The outcome an HTTP status means for a delivery.
+    pub fn from_http(status: u16, body: String, retry_after: Option<Duration>) -> Outcome {
+        match status {
+            200..=299 => Outcome::Delivered,
+            408 | 429 | 500..=599 => Outcome::Retry {
+                status: Some(status),
+                reason: body,
+                retry_after,
+            },
+            _ => Outcome::Abort {
+                status: Some(status),
+                reason: body,
+            },
+        }
+    }
+}
+
+#[async_trait]
+pub trait Destination: Send + Sync + 'static {
+    /// Delivers the events, in order, as one unit (a batch succeeds or fails whole).
+    async fn deliver(&self, events: &[Event]) -> Outcome;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("destination {id:?}: {message}")]
+    Invalid { id: String, message: String },
+}
+
+/// Builds the destination a configuration describes.
+pub fn build(config: &DestinationConfig) -> Result<Arc<dyn Destination>, BuildError> {
+    let invalid = |message: String| BuildError::Invalid {
+        id: config.id.clone(),
+        message,
+    };
+    Ok(match &config.kind {
+        crate::config::DestinationKind::Webhook(c) => {
+            Arc::new(webhook::WebhookSink::new(c).map_err(|e| invalid(e.to_string()))?)
+        }
+        crate::config::DestinationKind::File(c) => {
+            Arc::new(file::FileSink::new(c).map_err(|e| invalid(e.to_string()))?)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_classes() {
+        assert_eq!(
+            Outcome::from_http(200, String::new(), None),
+            Outcome::Delivered
+        );
+        assert_eq!(
+            Outcome::from_http(204, String::new(), None),
+            Outcome::Delivered
+        );
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(
+                    Outcome::from_http(s, String::new(), None),
+                    Outcome::Retry { .. }
+                ),
+                "{s}"
+            );
+        }
+        for s in [400, 401, 403, 404, 413, 422, 301] {
+            assert!(
+                matches!(
+                    Outcome::from_http(s, String::new(), None),
+                    Outcome::Abort { .. }
+                ),
+                "{s}"
+            );
+        }
+    }
+}

@@ -1,0 +1,180 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::Method;
+
+use super::WebhookConfig;
+use crate::destinations::{Destination, Event, Outcome};
+
+/// Response bodies kept for the dead letters are cut to this size.
+const MAX_BODY: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("invalid url {0:?}: {1}")]
+    Url(String, String),
+    #[error("unsupported method {0:?} (use POST, PUT or PATCH)")]
+    Method(String),
+    #[error("invalid header {0:?}")]
+    Header(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+pub struct WebhookSink {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    method: Method,
+    headers: HeaderMap,
+}
+
+impl WebhookSink {
+    pub fn new(c: &WebhookConfig) -> Result<WebhookSink, WebhookError> {
+        let url = reqwest::Url::parse(&c.url)
+            .map_err(|e| WebhookError::Url(c.url.clone(), e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(WebhookError::Url(
+                c.url.clone(),
+                "scheme must be http or https".into(),
+            ));
+        }
+        let method = match c.method.to_ascii_uppercase().as_str() {
+            "POST" => Method::POST,
+            "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
+            _ => return Err(WebhookError::Method(c.method.clone())),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (k, v) in &c.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| WebhookError::Header(k.clone()))?;
+            let value = HeaderValue::from_str(v).map_err(|_| WebhookError::Header(k.clone()))?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(c.timeout)
+            .connect_timeout(c.timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| WebhookError::Client(e.to_string()))?;
+        Ok(WebhookSink {
+            client,
+            url,
+            method,
+            headers,
+        })
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate_parse(v)?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+fn httpdate_parse(v: &str) -> Option<std::time::SystemTime> {
+    // RFC 7231 IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT".
+    let rest = v.split_once(", ")?.1;
+    let mut parts = rest.split(' ');
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: u64 = parts.next()?.parse().ok()?;
+    let time = parts.next()?;
+    let mut t = time.split(':').map(|x| x.parse::<u64>());
+    let (h, m, s) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let text = format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z");
+    humantime::parse_rfc3339(&text).ok()
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_BODY {
+        let mut cut = MAX_BODY;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[async_trait]
+impl Destination for WebhookSink {
+    async fn deliver(&self, events: &[Event]) -> Outcome {
+        let (body, key) = match events {
+            [one] => (one.json.to_vec(), one.message_id.to_string()),
+            many => {
+                let mut body =
+                    Vec::with_capacity(many.iter().map(|e| e.json.len() + 1).sum::<usize>() + 2);
+                body.push(b'[');
+                for (i, e) in many.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&e.json);
+                }
+                body.push(b']');
+                let key = format!(
+                    "{}+{}",
+                    many.first().map(|e| &*e.message_id).unwrap_or(""),
+                    many.len()
+                );
+                (body, key)
+            }
+        };
+        let mut req = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .body(body);
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            req = req.header("idempotency-key", v);
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after);
+                if (200..300).contains(&status) {
+                    return Outcome::Delivered;
+                }
+                let text = resp.text().await.unwrap_or_default();
+                Outcome::from_http(status, truncate(text), retry_after)
+            }
+            Err(e) => Outcome::Retry {
+                status: None,
+                reason: if e.is_timeout() {
+                    format!("timed out: {e}")
+                } else {
+                    format!("request failed: {e}")
+                },
+                retry_after: None,
+            },
+        }
+    }
+}

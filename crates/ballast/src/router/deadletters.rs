@@ -1,0 +1,305 @@
+//! The router's durable state in `<data_dir>/router.redb`: dead letters, the replay queue
+//! and per-event retry state (so attempt counts and first-attempt times survive
+//! restarts).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::store::Position;
+
+const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+const REPLAY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("replay_queue");
+const RETRY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("retry_state");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+#[error("router state: {0}")]
+pub struct DbError(String);
+
+fn e<E: std::fmt::Display>(x: E) -> DbError {
+    DbError(x.to_string())
+}
+
+/// An event the router gave up on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub destination: String,
+    /// Its position in the event log (absent for events that were already replays).
+    pub position: Option<Position>,
+    pub source: String,
+    pub event: Box<RawValue>,
+    pub attempts: u32,
+    /// Milliseconds since the Unix epoch.
+    pub first_attempt_ms: u64,
+    pub dead_at_ms: u64,
+    pub status: Option<u16>,
+    pub reason: String,
+    /// "aborted" (a permanent error or retries exhausted) or "poison".
+    pub kind: String,
+}
+
+/// What the router remembers of an event that failed and will be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryInfo {
+    pub attempts: u32,
+    pub first_attempt_ms: u64,
+}
+
+pub fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+pub struct RouterDb {
+    db: Database,
+}
+
+impl RouterDb {
+    pub fn open(path: &Path) -> Result<RouterDb, DbError> {
+        let db = Database::create(path).map_err(e)?;
+        let txn = db.begin_write().map_err(e)?;
+        {
+            txn.open_table(DEAD).map_err(e)?;
+            txn.open_table(REPLAY).map_err(e)?;
+            txn.open_table(RETRY).map_err(e)?;
+            txn.open_table(META).map_err(e)?;
+        }
+        txn.commit().map_err(e)?;
+        Ok(RouterDb { db })
+    }
+
+    /// Stores dead letters durably (ids are assigned here).
+    pub fn add_dead_letters(&self, letters: Vec<DeadLetter>) -> Result<Vec<u64>, DbError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        let mut ids = Vec::with_capacity(letters.len());
+        {
+            let mut meta = txn.open_table(META).map_err(e)?;
+            let mut next = meta
+                .get("next_id")
+                .map_err(e)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            let mut dead = txn.open_table(DEAD).map_err(e)?;
+            let mut retry = txn.open_table(RETRY).map_err(e)?;
+            for mut l in letters {
+                l.id = next;
+                next += 1;
+                let bytes = serde_json::to_vec(&l).map_err(e)?;
+                dead.insert((l.destination.as_str(), l.id), bytes.as_slice())
+                    .map_err(e)?;
+                if let Some(p) = l.position {
+                    retry.remove((l.destination.as_str(), p)).map_err(e)?;
+                }
+                ids.push(l.id);
+            }
+            meta.insert("next_id", next).map_err(e)?;
+        }
+        txn.commit().map_err(e)?;
+        Ok(ids)
+    }
+
+    /// Dead letters of one destination (or all), oldest first.
+    pub fn list(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DbError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(DEAD).map_err(e)?;
+        let mut out = Vec::new();
+        let iter: Box<dyn Iterator<Item = _>> = match destination {
+            Some(d) => Box::new(t.range((d, 0u64)..=(d, u64::MAX)).map_err(e)?),
+            None => Box::new(t.iter().map_err(e)?),
+        };
+        for item in iter {
+            let (_, v) = item.map_err(e)?;
+            out.push(serde_json::from_slice(v.value()).map_err(e)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self, destination: &str) -> Result<u64, DbError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(DEAD).map_err(e)?;
+        let n = t
+            .range((destination, 0u64)..=(destination, u64::MAX))
+            .map_err(e)?
+            .count();
+        Ok(n as u64)
+    }
+
+    /// Moves a destination's dead letters (that died at or after `since`) to its replay
+    /// queue, atomically. Returns how many.
+    pub fn replay(&self, destination: &str, since: Option<SystemTime>) -> Result<usize, DbError> {
+        let since_ms = since.map(to_ms).unwrap_or(0);
+        let txn = self.db.begin_write().map_err(e)?;
+        let mut moved = 0;
+        {
+            let mut dead = txn.open_table(DEAD).map_err(e)?;
+            let mut replay = txn.open_table(REPLAY).map_err(e)?;
+            let mut picked = Vec::new();
+            for item in dead
+                .range((destination, 0u64)..=(destination, u64::MAX))
+                .map_err(e)?
+            {
+                let (k, v) = item.map_err(e)?;
+                let l: DeadLetter = serde_json::from_slice(v.value()).map_err(e)?;
+                if l.dead_at_ms >= since_ms {
+                    picked.push((k.value().1, v.value().to_vec()));
+                }
+            }
+            for (id, bytes) in picked {
+                dead.remove((destination, id)).map_err(e)?;
+                replay
+                    .insert((destination, id), bytes.as_slice())
+                    .map_err(e)?;
+                moved += 1;
+            }
+        }
+        txn.commit().map_err(e)?;
+        Ok(moved)
+    }
+
+    /// The replay queue of a destination, oldest first.
+    pub fn replay_queue(&self, destination: &str) -> Result<Vec<DeadLetter>, DbError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(REPLAY).map_err(e)?;
+        let mut out = Vec::new();
+        for item in t
+            .range((destination, 0u64)..=(destination, u64::MAX))
+            .map_err(e)?
+        {
+            let (_, v) = item.map_err(e)?;
+            out.push(serde_json::from_slice(v.value()).map_err(e)?);
+        }
+        Ok(out)
+    }
+
+    /// Replayed events that are done (delivered, or dead again under a new id).
+    pub fn replay_done(&self, destination: &str, ids: &[u64]) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = txn.open_table(REPLAY).map_err(e)?;
+            for id in ids {
+                t.remove((destination, *id)).map_err(e)?;
+            }
+        }
+        txn.commit().map_err(e)
+    }
+
+    pub fn load_retry(&self, destination: &str) -> Result<HashMap<Position, RetryInfo>, DbError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(RETRY).map_err(e)?;
+        let mut out = HashMap::new();
+        for item in t
+            .range((destination, 0u64)..=(destination, u64::MAX))
+            .map_err(e)?
+        {
+            let (k, v) = item.map_err(e)?;
+            out.insert(k.value().1, serde_json::from_slice(v.value()).map_err(e)?);
+        }
+        Ok(out)
+    }
+
+    /// Applies retry-state changes (None removes) in one transaction.
+    pub fn save_retry(
+        &self,
+        destination: &str,
+        changes: &[(Position, Option<RetryInfo>)],
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = txn.open_table(RETRY).map_err(e)?;
+            for (p, info) in changes {
+                match info {
+                    Some(i) => {
+                        let bytes = serde_json::to_vec(i).map_err(e)?;
+                        t.insert((destination, *p), bytes.as_slice()).map_err(e)?;
+                    }
+                    None => {
+                        t.remove((destination, *p)).map_err(e)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(dest: &str, n: u64, dead_at_ms: u64) -> DeadLetter {
+        DeadLetter {
+            id: 0,
+            destination: dest.into(),
+            position: Some(n * 100),
+            source: "web".into(),
+            event: RawValue::from_string(format!(r#"{{"n":{n}}}"#)).unwrap(),
+            attempts: 1,
+            first_attempt_ms: 1,
+            dead_at_ms,
+            status: Some(400),
+            reason: "bad".into(),
+            kind: "aborted".into(),
+        }
+    }
+
+    #[test]
+    fn dead_letters_replay_and_retry_state_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.redb");
+        {
+            let db = RouterDb::open(&path).unwrap();
+            db.save_retry(
+                "a",
+                &[(
+                    100,
+                    Some(RetryInfo {
+                        attempts: 2,
+                        first_attempt_ms: 5,
+                    }),
+                )],
+            )
+            .unwrap();
+            let ids = db
+                .add_dead_letters(vec![
+                    letter("a", 1, 10),
+                    letter("a", 2, 20),
+                    letter("b", 3, 30),
+                ])
+                .unwrap();
+            assert_eq!(ids, vec![1, 2, 3]);
+            assert!(
+                db.load_retry("a").unwrap().is_empty(),
+                "dead letters clear retry state"
+            );
+        }
+        let db = RouterDb::open(&path).unwrap();
+        assert_eq!(db.count("a").unwrap(), 2);
+        assert_eq!(db.list(None, 10).unwrap().len(), 3);
+        assert_eq!(db.replay("a", Some(from_ms(15))).unwrap(), 1);
+        assert_eq!(db.count("a").unwrap(), 1);
+        let q = db.replay_queue("a").unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].event.get(), r#"{"n":2}"#);
+        db.replay_done("a", &[q[0].id]).unwrap();
+        assert!(db.replay_queue("a").unwrap().is_empty());
+        assert_eq!(db.count("b").unwrap(), 1);
+    }
+}

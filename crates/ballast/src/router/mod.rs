@@ -1,0 +1,174 @@
+//! The router: reads the event log and drives one delivery loop per configured
+//! destination (see `worker.rs`). Per destination: a concurrency limit, per-user order
+//! (key: userId, else anonymousId), retries with backoff, dead letters, and a cursor in
+//! the log that only moves over events that are finished. Destinations are independent:
+//! one that is slow or down never holds back another, nor ingestion.
+
+pub mod deadletters;
+pub mod retry;
+mod worker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::store::Store;
+pub use deadletters::{DeadLetter, RouterDb};
+
+/// Live counters of one destination.
+#[derive(Default)]
+pub struct DestinationStats {
+    pub delivered: AtomicU64,
+    pub aborted: AtomicU64,
+    pub retries: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub buffered: AtomicU64,
+    pub retrying_users: AtomicU64,
+    pub cursor: AtomicU64,
+    pub read_position: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub replayed: AtomicU64,
+}
+
+/// A snapshot of one destination for `/v1/status` and `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationStatus {
+    pub id: String,
+    pub kind: &'static str,
+    pub enabled: bool,
+    /// Bytes of the log between the destination's cursor and the durable end.
+    pub backlog_bytes: u64,
+    pub buffered_events: u64,
+    pub in_flight: u64,
+    pub retrying_users: u64,
+    pub delivered: u64,
+    pub aborted: u64,
+    pub retries: u64,
+    pub dead_letters: u64,
+    pub cursor: u64,
+}
+
+pub struct DestinationHandle {
+    pub id: String,
+    pub kind: &'static str,
+    pub stats: Arc<DestinationStats>,
+    replay: Arc<Notify>,
+}
+
+pub struct Router {
+    pub destinations: Vec<DestinationHandle>,
+    pub db: Arc<RouterDb>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    store: Arc<dyn Store>,
+}
+
+/// Consumer name of a destination in the store.
+pub fn consumer_name(destination: &str) -> String {
+    format!("dest.{destination}")
+}
+
+impl Router {
+    /// Starts one delivery loop per enabled destination. `stop` ends them (they finish
+    /// what is in flight, then save their cursor).
+    pub async fn start(
+        config: &Config,
+        store: Arc<dyn Store>,
+        db: Arc<RouterDb>,
+        routing: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Router> {
+        let mut destinations = Vec::new();
+        let mut tasks = Vec::new();
+        for d in config.destinations.iter().filter(|d| d.enabled) {
+            let sink = crate::destinations::build(d)?;
+            let stats = Arc::new(DestinationStats::default());
+            let dead = {
+                let db = db.clone();
+                let id = d.id.clone();
+                tokio::task::spawn_blocking(move || db.count(&id)).await??
+            };
+            stats.dead_letters.store(dead, Ordering::Relaxed);
+            let replay = Arc::new(Notify::new());
+            let worker = worker::Worker::new(
+                d.clone(),
+                sink,
+                store.clone(),
+                db.clone(),
+                stats.clone(),
+                replay.clone(),
+            )
+            .await?;
+            tasks.push(tokio::spawn(worker.run(routing.clone(), stop.clone())));
+            destinations.push(DestinationHandle {
+                id: d.id.clone(),
+                kind: d.kind.name(),
+                stats,
+                replay,
+            });
+        }
+        Ok(Router {
+            destinations,
+            db,
+            tasks: std::sync::Mutex::new(tasks),
+            store,
+        })
+    }
+
+    pub fn status(&self) -> Vec<DestinationStatus> {
+        let end = self.store.status().end;
+        self.destinations
+            .iter()
+            .map(|d| {
+                let s = &d.stats;
+                let cursor = s.cursor.load(Ordering::Relaxed);
+                DestinationStatus {
+                    id: d.id.clone(),
+                    kind: d.kind,
+                    enabled: true,
+                    backlog_bytes: end.saturating_sub(cursor),
+                    buffered_events: s.buffered.load(Ordering::Relaxed),
+                    in_flight: s.in_flight.load(Ordering::Relaxed),
+                    retrying_users: s.retrying_users.load(Ordering::Relaxed),
+                    delivered: s.delivered.load(Ordering::Relaxed),
+                    aborted: s.aborted.load(Ordering::Relaxed),
+                    retries: s.retries.load(Ordering::Relaxed),
+                    dead_letters: s.dead_letters.load(Ordering::Relaxed),
+                    cursor,
+                }
+            })
+            .collect()
+    }
+
+    /// Moves a destination's dead letters to its replay queue and wakes its loop.
+    pub async fn replay(
+        &self,
+        destination: &str,
+        since: Option<std::time::SystemTime>,
+    ) -> anyhow::Result<usize> {
+        let Some(d) = self.destinations.iter().find(|d| d.id == destination) else {
+            anyhow::bail!("no enabled destination {destination:?}");
+        };
+        let db = self.db.clone();
+        let id = destination.to_string();
+        let n = tokio::task::spawn_blocking(move || db.replay(&id, since)).await??;
+        d.stats.dead_letters.fetch_sub(n as u64, Ordering::Relaxed);
+        d.replay.notify_one();
+        Ok(n)
+    }
+
+    pub fn has(&self, destination: &str) -> bool {
+        self.destinations.iter().any(|d| d.id == destination)
+    }
+
+    /// Waits for every loop to finish (after `stop`).
+    pub async fn join(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}

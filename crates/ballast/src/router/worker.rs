@@ -1,0 +1,700 @@
+//! One destination's delivery loop.
+//!
+//! Events of the destination's sources are read from the log in order and queued per
+//! user. A user's queue delivers one unit at a time (its head event, or its first few
+//! events in a batch), so the user's order holds; while its head waits for a retry, only
+//! that user waits. The cursor saved in the store is the position of the oldest event
+//! not yet finished (delivered or dead-lettered), so a restart re-delivers at most what
+//! was unfinished (at least once).
+//!
+//! Memory: at most `MAX_LOADED` event bodies are kept; beyond that a queue entry keeps
+//! only its position and is re-read from the log when it reaches the head.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::value::RawValue;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+use super::deadletters::{from_ms, to_ms, DeadLetter, RetryInfo, RouterDb};
+use super::{consumer_name, retry, DestinationStats};
+use crate::config::DestinationConfig;
+use crate::destinations::{Destination, Event, Outcome};
+use crate::gateway::enrich::Shallow;
+use crate::store::{Position, Store, StoredEvent};
+
+const MAX_LOADED: usize = 20_000;
+const READ_BATCH: usize = 1_000;
+const ACK_EVERY: Duration = Duration::from_millis(200);
+const SAVE_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Log(Position),
+    Replay(u64),
+}
+
+struct Pending {
+    origin: Origin,
+    source: Arc<str>,
+    /// None while not loaded (see MAX_LOADED).
+    event: Option<Event>,
+    attempts: u32,
+    first_attempt: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct UserQueue {
+    q: VecDeque<Pending>,
+    busy: bool,
+    waiting: bool,
+}
+
+pub(super) struct Worker {
+    config: DestinationConfig,
+    consumer: String,
+    sink: Arc<dyn Destination>,
+    store: Arc<dyn Store>,
+    db: Arc<RouterDb>,
+    stats: Arc<DestinationStats>,
+    replay: Arc<Notify>,
+    sources: HashSet<String>,
+    read_pos: Position,
+    acked: Position,
+    unfinished: BTreeSet<Position>,
+    users: HashMap<Arc<str>, UserQueue>,
+    ready: VecDeque<Arc<str>>,
+    timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    loaded: usize,
+    /// Deliveries in flight: the users whose heads they carry, and how many events each.
+    inflight: HashMap<tokio::task::Id, Vec<(Arc<str>, usize)>>,
+    tasks: JoinSet<Outcome>,
+    known_retry: HashMap<Position, RetryInfo>,
+    retry_changes: Vec<(Position, Option<RetryInfo>)>,
+    replaying: HashSet<u64>,
+}
+
+/// The ordering key and messageId of a stored event.
+fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
+    let mut user: Option<String> = None;
+    let mut anon: Option<String> = None;
+    let mut message_id = String::new();
+    if let Ok(Shallow::Object(fields)) = serde_json::from_slice::<Shallow>(json) {
+        let text = |v: &RawValue| -> Option<String> {
+            let raw = v.get();
+            if raw.starts_with('"') {
+                serde_json::from_str::<String>(raw)
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+            } else if raw == "null" {
+                None
+            } else {
+                Some(raw.to_string())
+            }
+        };
+        for (k, v) in &fields {
+            match &*k.0 {
+                "userId" => user = text(v),
+                "anonymousId" => anon = text(v),
+                "messageId" => message_id = text(v).unwrap_or_default(),
+                _ => {}
+            }
+        }
+    }
+    let key = match (user, anon) {
+        (Some(u), _) => format!("u:{u}"),
+        (None, Some(a)) => format!("a:{a}"),
+        (None, None) => String::new(),
+    };
+    (Arc::from(key), Arc::from(message_id))
+}
+
+fn to_event(e: &StoredEvent) -> (Arc<str>, Event) {
+    let (user, message_id) = identify(&e.event);
+    let event = Event {
+        json: Arc::from(e.event.as_slice()),
+        message_id,
+        source: Arc::from(e.source.as_str()),
+    };
+    (user, event)
+}
+
+impl Worker {
+    pub(super) async fn new(
+        config: DestinationConfig,
+        sink: Arc<dyn Destination>,
+        store: Arc<dyn Store>,
+        db: Arc<RouterDb>,
+        stats: Arc<DestinationStats>,
+        replay: Arc<Notify>,
+    ) -> anyhow::Result<Worker> {
+        let consumer = consumer_name(&config.id);
+        let start = store.register_consumer(&consumer).await?;
+        let known_retry = {
+            let db = db.clone();
+            let id = config.id.clone();
+            tokio::task::spawn_blocking(move || db.load_retry(&id)).await??
+        };
+        stats.cursor.store(start, Ordering::Relaxed);
+        Ok(Worker {
+            sources: config.sources.iter().cloned().collect(),
+            consumer,
+            config,
+            sink,
+            store,
+            db,
+            stats,
+            replay,
+            read_pos: start,
+            acked: start,
+            unfinished: BTreeSet::new(),
+            users: HashMap::new(),
+            ready: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            loaded: 0,
+            inflight: HashMap::new(),
+            tasks: JoinSet::new(),
+            known_retry,
+            retry_changes: Vec::new(),
+            replaying: HashSet::new(),
+        })
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut routing: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut durable = self.store.subscribe();
+        let mut end = *durable.borrow_and_update();
+        let mut last_ack = Instant::now();
+        let mut last_retry_save = Instant::now();
+        let mut load_replays = true;
+        tracing::info!(destination = %self.config.id, cursor = self.read_pos, "delivery started");
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let routing_on = *routing.borrow();
+            if let Err(e) = self.fill(end).await {
+                tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            if load_replays {
+                load_replays = false;
+                self.load_replays().await;
+            }
+            if routing_on {
+                self.dispatch().await;
+            }
+            if last_ack.elapsed() >= ACK_EVERY {
+                self.ack().await;
+                last_ack = Instant::now();
+            }
+            if last_retry_save.elapsed() >= SAVE_RETRY_EVERY {
+                self.save_retry_state().await;
+                last_retry_save = Instant::now();
+            }
+            self.publish_stats();
+            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
+            let sleep_until = next_timer
+                .unwrap_or_else(|| Instant::now() + ACK_EVERY)
+                .min(Instant::now() + ACK_EVERY);
+            tokio::select! {
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok((id, outcome)) => self.complete(id, outcome).await,
+                        Err(e) => {
+                            let id = e.id();
+                            let reason = if e.is_panic() { "destination panicked" } else { "delivery task cancelled" };
+                            tracing::error!(destination = %self.config.id, "{reason}");
+                            self.complete(id, Outcome::Retry { status: None, reason: reason.into(), retry_after: None }).await;
+                        }
+                    }
+                }
+                r = durable.changed() => {
+                    if r.is_ok() {
+                        end = *durable.borrow_and_update();
+                    } else {
+                        tokio::time::sleep(ACK_EVERY).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until.into()) => self.wake_timers(),
+                _ = self.replay.notified() => load_replays = true,
+                _ = routing.changed() => {}
+                _ = stop.changed() => {}
+            }
+        }
+        // Stop: let what is in flight finish, then save the cursor.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline.into(), self.tasks.join_next_with_id()).await {
+                Ok(Some(Ok((id, outcome)))) => self.complete(id, outcome).await,
+                Ok(Some(Err(e))) => {
+                    let outcome = Outcome::Retry {
+                        status: None,
+                        reason: "stopped".into(),
+                        retry_after: None,
+                    };
+                    self.complete(e.id(), outcome).await;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        self.ack().await;
+        self.save_retry_state().await;
+        tracing::info!(destination = %self.config.id, cursor = self.acked, "delivery stopped");
+    }
+
+    /// Reads new events of this destination's sources into the user queues.
+    async fn fill(&mut self, end: Position) -> Result<(), crate::store::StoreError> {
+        while self.read_pos < end {
+            let batch = self.store.read(self.read_pos, READ_BATCH).await?;
+            if batch.events.is_empty() && batch.next <= self.read_pos {
+                break;
+            }
+            for e in &batch.events {
+                if !self.sources.contains(&e.source) {
+                    continue;
+                }
+                let (user, event) = to_event(e);
+                let keep = self.loaded < MAX_LOADED;
+                if keep {
+                    self.loaded += 1;
+                }
+                let known = self.known_retry.get(&e.position).copied();
+                self.unfinished.insert(e.position);
+                self.enqueue(
+                    user,
+                    Pending {
+                        origin: Origin::Log(e.position),
+                        source: event.source.clone(),
+                        event: keep.then_some(event),
+                        attempts: known.map(|k| k.attempts).unwrap_or(0),
+                        first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
+                    },
+                );
+            }
+            self.read_pos = batch.next;
+            if self.loaded >= MAX_LOADED {
+                // Keep reading positions only while the oldest events are worked off.
+                if self.unfinished.len() > MAX_LOADED * 50 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, user: Arc<str>, p: Pending) {
+        let uq = self.users.entry(user.clone()).or_default();
+        let was_empty = uq.q.is_empty();
+        uq.q.push_back(p);
+        if was_empty && !uq.busy && !uq.waiting {
+            self.ready.push_back(user);
+        }
+    }
+
+    async fn load_replays(&mut self) {
+        let db = self.db.clone();
+        let id = self.config.id.clone();
+        let letters = match tokio::task::spawn_blocking(move || db.replay_queue(&id)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::error!(destination = %self.config.id, error = %e, "reading the replay queue failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        for l in letters {
+            if !self.replaying.insert(l.id) {
+                continue;
+            }
+            let json = l.event.get().as_bytes();
+            let (user, message_id) = identify(json);
+            let source: Arc<str> = Arc::from(l.source.as_str());
+            self.loaded += 1;
+            self.enqueue(
+                user,
+                Pending {
+                    origin: Origin::Replay(l.id),
+                    source: source.clone(),
+                    event: Some(Event {
+                        json: Arc::from(json),
+                        message_id,
+                        source,
+                    }),
+                    attempts: 0,
+                    first_attempt: None,
+                },
+            );
+        }
+    }
+
+    /// Loads the body of a queue entry that was kept as a position only.
+    async fn load(&mut self, user: &Arc<str>, idx: usize) -> bool {
+        let Some(uq) = self.users.get(user) else {
+            return false;
+        };
+        let Some(p) = uq.q.get(idx) else { return false };
+        if p.event.is_some() {
+            return true;
+        }
+        let Origin::Log(pos) = p.origin else {
+            return false;
+        };
+        match self.store.read(pos, 1).await {
+            Ok(r) => match r.events.into_iter().next().filter(|e| e.position == pos) {
+                Some(e) => {
+                    let (_, event) = to_event(&e);
+                    if let Some(p) = self.users.get_mut(user).and_then(|u| u.q.get_mut(idx)) {
+                        p.event = Some(event);
+                        self.loaded += 1;
+                    }
+                    true
+                }
+                None => false,
+            },
+            Err(e) => {
+                tracing::error!(destination = %self.config.id, error = %e, "re-reading an event failed");
+                false
+            }
+        }
+    }
+
+    /// Starts deliveries while there is capacity and a user ready.
+    async fn dispatch(&mut self) {
+        let max = self.config.batch_size;
+        while self.tasks.len() < self.config.concurrency {
+            let mut units: Vec<(Arc<str>, usize)> = Vec::new();
+            let mut events: Vec<Event> = Vec::new();
+            while events.len() < max {
+                let Some(user) = self.ready.pop_front() else {
+                    break;
+                };
+                let take = match self.users.get(&user) {
+                    Some(uq) if !uq.busy && !uq.waiting && !uq.q.is_empty() => {
+                        (max - events.len()).min(uq.q.len())
+                    }
+                    _ => continue,
+                };
+                let mut n = 0;
+                for i in 0..take {
+                    if !self.load(&user, i).await {
+                        break;
+                    }
+                    if let Some(Some(e)) = self
+                        .users
+                        .get(&user)
+                        .and_then(|u| u.q.get(i))
+                        .map(|p| p.event.clone())
+                    {
+                        events.push(e);
+                        n += 1;
+                    }
+                }
+                if n == 0 {
+                    // Could not load its head now; try again on the next round.
+                    self.ready.push_back(user);
+                    break;
+                }
+                if let Some(uq) = self.users.get_mut(&user) {
+                    uq.busy = true;
+                    let now = SystemTime::now();
+                    for p in uq.q.iter_mut().take(n) {
+                        p.first_attempt.get_or_insert(now);
+                    }
+                }
+                units.push((user, n));
+            }
+            if units.is_empty() {
+                break;
+            }
+            let sink = self.sink.clone();
+            let handle = self.tasks.spawn(async move { sink.deliver(&events).await });
+            self.inflight.insert(handle.id(), units);
+        }
+    }
+
+    async fn complete(&mut self, id: tokio::task::Id, outcome: Outcome) {
+        let Some(units) = self.inflight.remove(&id) else {
+            return;
+        };
+        match outcome {
+            Outcome::Delivered => {
+                for (user, n) in units {
+                    let done = self.finish(&user, n);
+                    self.stats
+                        .delivered
+                        .fetch_add(done.len() as u64, Ordering::Relaxed);
+                    self.replays_done(done).await;
+                }
+            }
+            Outcome::Abort { status, reason } => {
+                for (user, n) in units {
+                    self.dead_letter(&user, n, status, &reason, "aborted").await;
+                }
+            }
+            Outcome::Retry {
+                status,
+                reason,
+                retry_after,
+            } => {
+                let now = SystemTime::now();
+                for (user, n) in units {
+                    let exhausted = {
+                        let Some(uq) = self.users.get_mut(&user) else {
+                            continue;
+                        };
+                        let mut exhausted = false;
+                        for p in uq.q.iter_mut().take(n) {
+                            p.attempts += 1;
+                            let first = *p.first_attempt.get_or_insert(now);
+                            if retry::exhausted(&self.config.retry, p.attempts, first, now) {
+                                exhausted = true;
+                            }
+                            if let Origin::Log(pos) = p.origin {
+                                let info = RetryInfo {
+                                    attempts: p.attempts,
+                                    first_attempt_ms: to_ms(first),
+                                };
+                                self.retry_changes.push((pos, Some(info)));
+                                self.known_retry.insert(pos, info);
+                            }
+                        }
+                        exhausted
+                    };
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    if exhausted {
+                        // Only the head exhausted its attempts; dead-letter the head, the
+                        // rest of the unit goes back to the queue.
+                        let reason = format!("retries exhausted: {reason}");
+                        self.dead_letter(&user, 1, status, &reason, "aborted").await;
+                        if let Some(uq) = self.users.get_mut(&user) {
+                            uq.busy = false;
+                        }
+                        self.make_ready(&user);
+                        continue;
+                    }
+                    let attempts = self
+                        .users
+                        .get(&user)
+                        .and_then(|u| u.q.front())
+                        .map(|p| p.attempts)
+                        .unwrap_or(1);
+                    let delay = retry::backoff(&self.config.retry, attempts, retry_after);
+                    tracing::debug!(destination = %self.config.id, ?status, %reason, ?delay, "delivery failed; will retry");
+                    if let Some(uq) = self.users.get_mut(&user) {
+                        uq.busy = false;
+                        uq.waiting = true;
+                    }
+                    self.timers.push(Reverse((Instant::now() + delay, user)));
+                }
+            }
+        }
+    }
+
+    /// Removes the first `n` events of the user's queue (they are done); returns how many
+    /// it removed and the replay ids among them.
+    fn finish(&mut self, user: &Arc<str>, n: usize) -> (usize, Vec<u64>) {
+        let mut replays = Vec::new();
+        let mut count = 0;
+        if let Some(uq) = self.users.get_mut(user) {
+            for _ in 0..n {
+                let Some(p) = uq.q.pop_front() else { break };
+                count += 1;
+                if p.event.is_some() {
+                    self.loaded = self.loaded.saturating_sub(1);
+                }
+                match p.origin {
+                    Origin::Log(pos) => {
+                        self.unfinished.remove(&pos);
+                        if self.known_retry.remove(&pos).is_some() {
+                            self.retry_changes.push((pos, None));
+                        }
+                    }
+                    Origin::Replay(id) => {
+                        self.replaying.remove(&id);
+                        replays.push(id);
+                    }
+                }
+            }
+            uq.busy = false;
+        }
+        self.make_ready(user);
+        (count, replays)
+    }
+
+    fn make_ready(&mut self, user: &Arc<str>) {
+        match self.users.get(user) {
+            Some(uq) if uq.q.is_empty() && !uq.busy => {
+                self.users.remove(user);
+            }
+            Some(uq) if !uq.busy && !uq.waiting => self.ready.push_back(user.clone()),
+            _ => {}
+        }
+    }
+
+    async fn replays_done(&mut self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.stats
+            .replayed
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        let db = self.db.clone();
+        let dest = self.config.id.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.replay_done(&dest, &ids)).await {
+            tracing::error!(destination = %self.config.id, error = %e, "recording replayed events failed");
+        }
+    }
+
+    /// Stores the first `n` events of the user's queue as dead letters (durably), then
+    /// finishes them.
+    async fn dead_letter(
+        &mut self,
+        user: &Arc<str>,
+        n: usize,
+        status: Option<u16>,
+        reason: &str,
+        kind: &str,
+    ) {
+        let now = to_ms(SystemTime::now());
+        let mut letters = Vec::new();
+        if let Some(uq) = self.users.get(user) {
+            for p in uq.q.iter().take(n) {
+                let Some(e) = &p.event else { continue };
+                let text = String::from_utf8_lossy(&e.json).into_owned();
+                let event = RawValue::from_string(text)
+                    .unwrap_or_else(|_| RawValue::from_string("null".into()).unwrap_or_default());
+                letters.push(DeadLetter {
+                    id: 0,
+                    destination: self.config.id.clone(),
+                    position: match p.origin {
+                        Origin::Log(pos) => Some(pos),
+                        Origin::Replay(_) => None,
+                    },
+                    source: p.source.to_string(),
+                    event,
+                    attempts: p.attempts.max(1),
+                    first_attempt_ms: p.first_attempt.map(to_ms).unwrap_or(now),
+                    dead_at_ms: now,
+                    status,
+                    reason: reason.to_string(),
+                    kind: kind.to_string(),
+                });
+            }
+        }
+        let count = letters.len() as u64;
+        loop {
+            let db = self.db.clone();
+            let batch = letters.clone();
+            match tokio::task::spawn_blocking(move || db.add_dead_letters(batch)).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    // Never finish an event that is not durably dead-lettered.
+                    tracing::error!(destination = %self.config.id, error = %e, "storing dead letters failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        tracing::warn!(destination = %self.config.id, events = count, ?status, reason, "events moved to the dead letters");
+        self.stats.aborted.fetch_add(count, Ordering::Relaxed);
+        self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
+        metrics::counter!("ballast_destination_aborted_total", "destination" => self.config.id.clone()).increment(count);
+        let (_, replays) = self.finish(user, n);
+        self.replays_done(replays).await;
+    }
+
+    fn wake_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((_, user))) = self.timers.pop() else {
+                break;
+            };
+            if let Some(uq) = self.users.get_mut(&user) {
+                uq.waiting = false;
+            }
+            self.make_ready(&user);
+        }
+    }
+
+    async fn ack(&mut self) {
+        let cursor = self.unfinished.first().copied().unwrap_or(self.read_pos);
+        if cursor <= self.acked {
+            return;
+        }
+        match self.store.ack(&self.consumer, cursor).await {
+            Ok(()) => {
+                self.acked = cursor;
+                self.stats.cursor.store(cursor, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(destination = %self.config.id, error = %e, "saving the cursor failed")
+            }
+        }
+    }
+
+    async fn save_retry_state(&mut self) {
+        if self.retry_changes.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(&mut self.retry_changes);
+        let db = self.db.clone();
+        let dest = self.config.id.clone();
+        if let Ok(Err(e)) =
+            tokio::task::spawn_blocking(move || db.save_retry(&dest, &changes)).await
+        {
+            tracing::warn!(destination = %self.config.id, error = %e, "saving retry state failed");
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.buffered.store(
+            self.unfinished.len() as u64 + self.replaying.len() as u64,
+            Ordering::Relaxed,
+        );
+        s.in_flight.store(
+            self.inflight
+                .values()
+                .flatten()
+                .map(|(_, n)| *n as u64)
+                .sum(),
+            Ordering::Relaxed,
+        );
+        s.retrying_users.store(
+            self.users.values().filter(|u| u.waiting).count() as u64,
+            Ordering::Relaxed,
+        );
+        s.read_position.store(self.read_pos, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identify;
+
+    #[test]
+    fn ordering_key_is_user_then_anonymous_id() {
+        let (k, m) = identify(br#"{"userId":"u1","anonymousId":"a","messageId":"m"}"#);
+        assert_eq!((&*k, &*m), ("u:u1", "m"));
+        let (k, _) = identify(br#"{"userId":"","anonymousId":"a"}"#);
+        assert_eq!(&*k, "a:a");
+        let (k, _) = identify(br#"{"userId":42}"#);
+        assert_eq!(&*k, "u:42");
+    }
+}

@@ -432,11 +432,11 @@ impl Worker {
         match outcome {
             Outcome::Delivered => {
                 for (user, n) in units {
-                    let done = self.finish(&user, n);
+                    let (count, replays) = self.finish(&user, n);
                     self.stats
                         .delivered
-                        .fetch_add(done.len() as u64, Ordering::Relaxed);
-                    self.replays_done(done).await;
+                        .fetch_add(count as u64, Ordering::Relaxed);
+                    self.replays_done(replays).await;
                 }
             }
             Outcome::Abort { status, reason } => {

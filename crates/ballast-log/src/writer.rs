@@ -33,7 +33,7 @@ macro_rules! failpoint {
     }};
 }
 
-const ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,

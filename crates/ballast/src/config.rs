@@ -37,6 +37,52 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// Crash-loop detection and poison events (see docs/OPERATIONS.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// This many crashes within `crash_window` put the server in degraded mode at start.
+    pub crash_threshold: u32,
+    #[serde(deserialize_with = "duration")]
+    pub crash_window: Duration,
+    /// An event in flight at this many crashes (or worker panics) is quarantined.
+    pub poison_threshold: u32,
+    /// Leave degraded mode by itself after this long without a crash (off by default).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub degraded_quiet_period: Option<Duration>,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            crash_threshold: 5,
+            crash_window: Duration::from_secs(300),
+            poison_threshold: 3,
+            degraded_quiet_period: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Names this server in alerts (default: the host name).
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub pagerduty: Option<crate::alerts::pagerduty::PagerDutyConfig>,
+    #[serde(default)]
+    pub victorops: Option<crate::alerts::victorops::VictorOpsConfig>,
+    #[serde(default)]
+    pub slack: Option<crate::alerts::slack::SlackConfig>,
+    #[serde(default)]
+    pub webhook: Vec<crate::alerts::webhook::WebhookAlertConfig>,
 }
 
 /// A destination: the keys every type shares, and its type's own settings (checked
@@ -278,6 +324,12 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     }
 }
 
+pub(crate) fn optional_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 /// Accepts `"64MiB"`, `"10GiB"`, `"500 MB"` or a number of bytes.
 pub(crate) fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
@@ -436,6 +488,11 @@ impl Config {
                     d.id
                 )));
             }
+        }
+        if self.recovery.crash_threshold == 0 || self.recovery.poison_threshold == 0 {
+            return Err(ConfigError::Invalid(
+                "recovery.crash_threshold and recovery.poison_threshold must be at least 1".into(),
+            ));
         }
         if self.server.max_request_bytes == 0 {
             return Err(ConfigError::Invalid(

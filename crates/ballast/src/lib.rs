@@ -4,10 +4,12 @@
 //! Data flow: [`gateway`] → [`store`] → [`router`] → [`destinations`]; see docs/ARCHITECTURE.md.
 
 pub mod admin;
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod destinations;
 pub mod gateway;
+pub mod recovery;
 pub mod router;
 pub mod server;
 pub mod store;

@@ -14,8 +14,11 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::alerts::{Action, Alerts, Severity};
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::recovery::journal::Journal;
+use crate::recovery::Recovery;
 use crate::router::{Router, RouterDb};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
@@ -63,6 +66,10 @@ impl ServerState {
             _ => Mode::Normal,
         }
     }
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::Release);
+    }
+
     /// True while events are being forwarded to destinations.
     pub fn routing(&self) -> bool {
         self.routing.load(Ordering::Acquire)
@@ -113,8 +120,8 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// Runs the server; returns the process exit code.
-pub async fn run(config: Config) -> anyhow::Result<i32> {
+/// Runs the server; returns the process exit code. `forced_mode` is `serve --mode`.
+pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i32> {
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
@@ -151,23 +158,79 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let store: Arc<dyn Store> = Arc::new(store);
     let state = Arc::new(ServerState::default());
 
+    // Alerts first: every state change below writes its alert to the outbox before it
+    // takes effect.
+    let alerts = Alerts::open(&data_dir.join("alerts.redb"), &config.alerts)
+        .context("opening the alert outbox")?;
+    let (recovery, start) = Recovery::start(
+        &data_dir,
+        config.recovery.clone(),
+        forced_mode,
+        alerts.clone(),
+    )
+    .context("recording the start")?;
+    state.set_mode(start.mode);
+
     let db_path = data_dir.join("router.redb");
     let db = Arc::new(
         tokio::task::spawn_blocking(move || RouterDb::open(&db_path))
             .await
             .context("opening the router state")??,
     );
+    // Events that were being delivered when the previous run died get a strike.
+    let (journal, leftover) =
+        Journal::open(&data_dir.join("inflight.journal")).context("opening the crash journal")?;
+    if start.crashed && !leftover.is_empty() {
+        let counts = db.add_strikes(&leftover)?;
+        for ((dest, pos), n) in leftover.iter().zip(counts) {
+            tracing::warn!(destination = %dest, position = pos, strikes = n, threshold = config.recovery.poison_threshold, "event was in flight when the process died");
+        }
+    }
+    journal.reset().context("resetting the crash journal")?;
+    let journal = Arc::new(journal);
+
     let (stop_tx, stop_rx) = watch::channel(false);
-    // Issue #4 (running modes) drives this; until then delivery is always on.
-    let (_routing_tx, routing_rx) = watch::channel(true);
+    let mut mode_rx = recovery.subscribe();
+    let (routing_tx, routing_rx) = watch::channel(start.mode == Mode::Normal);
     let router = Arc::new(
-        Router::start(&config, store.clone(), db, routing_rx, stop_rx.clone())
-            .await
-            .context("starting delivery")?,
+        Router::start(
+            &config,
+            store.clone(),
+            db,
+            journal,
+            alerts.clone(),
+            routing_rx,
+            stop_rx.clone(),
+        )
+        .await
+        .context("starting delivery")?,
     );
-    state
-        .routing
-        .store(!router.destinations.is_empty(), Ordering::Release);
+    let has_destinations = !router.destinations.is_empty();
+    state.routing.store(
+        has_destinations && start.mode == Mode::Normal,
+        Ordering::Release,
+    );
+    {
+        // The running mode drives delivery.
+        let state = state.clone();
+        tokio::spawn(async move {
+            while mode_rx.changed().await.is_ok() {
+                let mode = *mode_rx.borrow_and_update();
+                state.set_mode(mode);
+                state
+                    .routing
+                    .store(has_destinations && mode == Mode::Normal, Ordering::Release);
+                let _ = routing_tx.send(mode == Mode::Normal);
+            }
+        });
+    }
+    tokio::spawn(alerts.clone().run_sender(stop_rx.clone()));
+    tokio::spawn(recovery.clone().run_quiet_period(stop_rx.clone()));
+    tokio::spawn(storage_alerts(
+        store.clone(),
+        alerts.clone(),
+        stop_rx.clone(),
+    ));
 
     let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
     let public = TcpListener::bind(config.server.listen)
@@ -186,7 +249,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         &serde_json::to_vec_pretty(&addrs)?,
     )
     .context("writing server.json")?;
-    tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), "ballast is accepting events");
+    tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
 
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -207,6 +270,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         prometheus,
         token: config.server.admin_token.clone(),
         router: router.clone(),
+        recovery: recovery.clone(),
     });
     let admin_server = tokio::spawn(std::future::IntoFuture::into_future(
         axum::serve(admin, admin_app).with_graceful_shutdown(stopped(stop_rx.clone())),
@@ -220,6 +284,17 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         r = fatal.wait_for(|f| f.is_some()) => {
             let reason = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
             tracing::error!(error = %reason, "storage failed; stopping so that the next start recovers from the log");
+            let alert = alerts.alert(
+                "fsync",
+                Action::Trigger,
+                Severity::Critical,
+                format!("ballast on {}: writing the event log failed; the server stops and recovers at its next start", alerts.source()),
+                serde_json::json!({ "error": reason }),
+            );
+            let key = format!("fsync:{}", crate::router::deadletters::to_ms(std::time::SystemTime::now()));
+            if let Err(e) = alerts.raise(&key, alert) {
+                tracing::error!(error = %e, "could not record the alert");
+            }
             1
         }
     };
@@ -235,12 +310,70 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     {
         tracing::warn!("in-flight requests did not finish within shutdown_timeout");
     }
+    state.routing.store(false, Ordering::Release);
+    router.join().await;
     store.close().await;
     let _ = std::fs::remove_file(addresses_path(&data_dir));
     if exit_code == 0 {
+        recovery
+            .clean_shutdown()
+            .context("recording the clean shutdown")?;
         tracing::info!("stopped cleanly");
     }
     Ok(exit_code)
+}
+
+/// Raises (and resolves) the storage alerts: at 90 % and at 100 % of the quota.
+async fn storage_alerts(
+    store: Arc<dyn Store>,
+    alerts: Arc<Alerts>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let started = crate::router::deadletters::to_ms(std::time::SystemTime::now());
+    let mut raised = [false, false];
+    let mut seq = 0u64;
+    loop {
+        let st = store.status();
+        let ratio = st.bytes_used as f64 / st.quota_bytes.max(1) as f64;
+        let levels = [ratio >= 0.9, st.full()];
+        for (i, (&now_on, was_on)) in levels.iter().zip(raised.iter_mut()).enumerate() {
+            if now_on == *was_on {
+                continue;
+            }
+            seq += 1;
+            let (key, what) = if i == 0 {
+                ("storage-90", "at 90 % of its quota")
+            } else {
+                ("storage-full", "full: new events get 503")
+            };
+            let action = if now_on {
+                Action::Trigger
+            } else {
+                Action::Resolve
+            };
+            let alert = alerts.alert(
+                key,
+                action,
+                if i == 0 {
+                    Severity::Warning
+                } else {
+                    Severity::Critical
+                },
+                format!("ballast storage on {} is {what}", alerts.source()),
+                serde_json::json!({ "bytes_used": st.bytes_used, "quota_bytes": st.quota_bytes }),
+            );
+            let id = format!("{key}:{started}:{seq}");
+            let a = alerts.clone();
+            match tokio::task::spawn_blocking(move || a.raise(&id, alert)).await {
+                Ok(Ok(_)) => *was_on = now_on,
+                _ => tracing::warn!("recording a storage alert failed; will retry"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// How long a caller should wait for `server.json` after starting the process.

@@ -23,6 +23,7 @@ pub struct AdminState {
     pub prometheus: PrometheusHandle,
     pub token: Option<String>,
     pub router: Arc<EventRouter>,
+    pub recovery: Arc<crate::recovery::Recovery>,
 }
 
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -35,6 +36,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/mode", get(get_mode).post(set_mode))
         .route("/v1/dead-letters", get(dead_letters))
         .route("/v1/dead-letters/replay", axum::routing::post(replay))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
@@ -128,6 +130,30 @@ async fn status(State(s): State<AdminState>) -> Response {
         "destinations": s.router.status(),
     }))
     .into_response()
+}
+
+async fn get_mode(State(s): State<AdminState>) -> Response {
+    axum::Json(s.recovery.describe()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ModeBody {
+    mode: String,
+}
+
+/// `POST /v1/mode {"mode":"normal"|"degraded"}`: durable; normal clears the crash history.
+async fn set_mode(State(s): State<AdminState>, axum::Json(body): axum::Json<ModeBody>) -> Response {
+    let mode = match body.mode.to_ascii_lowercase().as_str() {
+        "normal" => crate::server::Mode::Normal,
+        "degraded" => crate::server::Mode::Degraded,
+        other => return bad_request(format!("unknown mode {other:?} (normal or degraded)")),
+    };
+    let recovery = s.recovery.clone();
+    match tokio::task::spawn_blocking(move || recovery.set_mode(mode)).await {
+        Ok(Ok(())) => axum::Json(s.recovery.describe()).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 #[derive(serde::Deserialize)]

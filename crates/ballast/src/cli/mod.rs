@@ -38,6 +38,16 @@ enum Command {
         /// Overrides server.admin_listen.
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
+        /// Force the running mode at start (durable; `normal` clears the crash history).
+        #[arg(long, value_parser = ["normal", "degraded"])]
+        mode: Option<String>,
+    },
+    /// Print the running mode, or change it: `ballast mode set normal|degraded`.
+    Mode {
+        #[command(subcommand)]
+        command: Option<ModeCommand>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Validate a configuration file (with the environment applied).
     CheckConfig { config: PathBuf },
@@ -59,6 +69,16 @@ enum Command {
     DeadLetters {
         #[command(subcommand)]
         command: DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModeCommand {
+    /// Switch the running server's mode (durable; `normal` clears the crash history and
+    /// starts delivering the backlog).
+    Set {
+        #[arg(value_parser = ["normal", "degraded"])]
+        mode: String,
     },
 }
 
@@ -150,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             data_dir,
             listen,
             admin_listen,
+            mode,
         } => {
             let mut cfg = Config::load(&config)?;
             if let Some(d) = data_dir {
@@ -162,7 +183,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 cfg.server.admin_listen = l;
             }
             init_tracing(cfg.server.log_format);
-            runtime()?.block_on(crate::server::run(cfg))
+            let forced = mode.as_deref().map(|m| match m {
+                "degraded" => crate::server::Mode::Degraded,
+                _ => crate::server::Mode::Normal,
+            });
+            runtime()?.block_on(crate::server::run(cfg, forced))
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
@@ -179,6 +204,33 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             command: LogCommand::Dump { data_dir, meta },
         } => dump(&data_dir, meta),
         Command::Status { admin, json } => status(&admin, json),
+        Command::Mode { command, admin } => {
+            let rt = runtime()?;
+            let body = match command {
+                None => rt.block_on(client::get(
+                    &admin.admin,
+                    "/v1/mode",
+                    admin.token.as_deref(),
+                ))?,
+                Some(ModeCommand::Set { mode }) => rt.block_on(client::post_json(
+                    &admin.admin,
+                    "/v1/mode",
+                    admin.token.as_deref(),
+                    serde_json::json!({ "mode": mode }),
+                ))?,
+            };
+            let v: serde_json::Value = serde_json::from_slice(&body).context("reading answer")?;
+            println!(
+                "{} (since {}, {}; {} crash(es) in the last {} s, threshold {})",
+                v["mode"].as_str().unwrap_or("?"),
+                v["since"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("?"),
+                v["crashes_in_window"],
+                v["crash_window_s"],
+                v["crash_threshold"]
+            );
+            Ok(0)
+        }
         Command::DeadLetters {
             command:
                 DeadLetterCommand::List {

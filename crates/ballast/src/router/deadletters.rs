@@ -16,6 +16,7 @@ const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_let
 const REPLAY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("replay_queue");
 const RETRY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("retry_state");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const STRIKES: TableDefinition<(&str, u64), u32> = TableDefinition::new("strikes");
 
 #[derive(Debug, thiserror::Error)]
 #[error("router state: {0}")]
@@ -74,6 +75,7 @@ impl RouterDb {
             txn.open_table(REPLAY).map_err(e)?;
             txn.open_table(RETRY).map_err(e)?;
             txn.open_table(META).map_err(e)?;
+            txn.open_table(STRIKES).map_err(e)?;
         }
         txn.commit().map_err(e)?;
         Ok(RouterDb { db })
@@ -196,6 +198,55 @@ impl RouterDb {
             let mut t = txn.open_table(REPLAY).map_err(e)?;
             for id in ids {
                 t.remove((destination, *id)).map_err(e)?;
+            }
+        }
+        txn.commit().map_err(e)
+    }
+
+    /// Adds one strike to each event (it was being processed when the process died, or
+    /// when its worker panicked); returns the new counts.
+    pub fn add_strikes(&self, events: &[(String, Position)]) -> Result<Vec<u32>, DbError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        let mut counts = Vec::with_capacity(events.len());
+        {
+            let mut t = txn.open_table(STRIKES).map_err(e)?;
+            for (dest, pos) in events {
+                let n = t
+                    .get((dest.as_str(), *pos))
+                    .map_err(e)?
+                    .map(|v| v.value())
+                    .unwrap_or(0)
+                    + 1;
+                t.insert((dest.as_str(), *pos), n).map_err(e)?;
+                counts.push(n);
+            }
+        }
+        txn.commit().map_err(e)?;
+        Ok(counts)
+    }
+
+    /// Strikes of a destination's events.
+    pub fn load_strikes(&self, destination: &str) -> Result<HashMap<Position, u32>, DbError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(STRIKES).map_err(e)?;
+        let mut out = HashMap::new();
+        for item in t
+            .range((destination, 0u64)..=(destination, u64::MAX))
+            .map_err(e)?
+        {
+            let (k, v) = item.map_err(e)?;
+            out.insert(k.value().1, v.value());
+        }
+        Ok(out)
+    }
+
+    /// Forgets strikes of events that are finished.
+    pub fn clear_strikes(&self, destination: &str, positions: &[Position]) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = txn.open_table(STRIKES).map_err(e)?;
+            for p in positions {
+                t.remove((destination, *p)).map_err(e)?;
             }
         }
         txn.commit().map_err(e)

@@ -78,6 +78,8 @@ impl Router {
         config: &Config,
         store: Arc<dyn Store>,
         db: Arc<RouterDb>,
+        journal: Arc<crate::recovery::journal::Journal>,
+        alerts: Arc<crate::alerts::Alerts>,
         routing: watch::Receiver<bool>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Router> {
@@ -100,6 +102,9 @@ impl Router {
                 db.clone(),
                 stats.clone(),
                 replay.clone(),
+                journal.clone(),
+                alerts.clone(),
+                config.recovery.poison_threshold,
             )
             .await?;
             tasks.push(tokio::spawn(worker.run(routing.clone(), stop.clone())));

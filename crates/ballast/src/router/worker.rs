@@ -22,9 +22,11 @@ use tokio::task::JoinSet;
 
 use super::deadletters::{from_ms, to_ms, DeadLetter, RetryInfo, RouterDb};
 use super::{consumer_name, retry, DestinationStats};
+use crate::alerts::{Action, Alerts, Severity};
 use crate::config::DestinationConfig;
 use crate::destinations::{Destination, Event, Outcome};
 use crate::gateway::enrich::Shallow;
+use crate::recovery::journal::Journal;
 use crate::store::{Position, Store, StoredEvent};
 
 const MAX_LOADED: usize = 20_000;
@@ -45,6 +47,8 @@ struct Pending {
     event: Option<Event>,
     attempts: u32,
     first_attempt: Option<SystemTime>,
+    /// Struck out as a poison event: quarantined instead of delivered.
+    poison: bool,
 }
 
 #[derive(Default)]
@@ -70,8 +74,14 @@ pub(super) struct Worker {
     ready: VecDeque<Arc<str>>,
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     loaded: usize,
-    /// Deliveries in flight: the users whose heads they carry, and how many events each.
-    inflight: HashMap<tokio::task::Id, Vec<(Arc<str>, usize)>>,
+    /// Deliveries in flight: the users whose heads they carry, how many events each, and
+    /// their log positions (as written to the crash journal).
+    inflight: HashMap<tokio::task::Id, (Vec<(Arc<str>, usize)>, Vec<Position>)>,
+    journal: Arc<Journal>,
+    alerts: Arc<Alerts>,
+    strikes: HashMap<Position, u32>,
+    strike_clears: Vec<Position>,
+    poison_threshold: u32,
     tasks: JoinSet<Outcome>,
     known_retry: HashMap<Position, RetryInfo>,
     retry_changes: Vec<(Position, Option<RetryInfo>)>,
@@ -124,6 +134,7 @@ fn to_event(e: &StoredEvent) -> (Arc<str>, Event) {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn new(
         config: DestinationConfig,
         sink: Arc<dyn Destination>,
@@ -131,13 +142,19 @@ impl Worker {
         db: Arc<RouterDb>,
         stats: Arc<DestinationStats>,
         replay: Arc<Notify>,
+        journal: Arc<Journal>,
+        alerts: Arc<Alerts>,
+        poison_threshold: u32,
     ) -> anyhow::Result<Worker> {
         let consumer = consumer_name(&config.id);
         let start = store.register_consumer(&consumer).await?;
-        let known_retry = {
+        let (known_retry, strikes) = {
             let db = db.clone();
             let id = config.id.clone();
-            tokio::task::spawn_blocking(move || db.load_retry(&id)).await??
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, super::deadletters::DbError>((db.load_retry(&id)?, db.load_strikes(&id)?))
+            })
+            .await??
         };
         stats.cursor.store(start, Ordering::Relaxed);
         Ok(Worker {
@@ -161,6 +178,11 @@ impl Worker {
             known_retry,
             retry_changes: Vec::new(),
             replaying: HashSet::new(),
+            journal,
+            alerts,
+            strikes,
+            strike_clears: Vec::new(),
+            poison_threshold,
         })
     }
 
@@ -190,6 +212,11 @@ impl Worker {
                 self.load_replays().await;
             }
             if routing_on {
+                #[cfg(feature = "failpoints")]
+                if fail::eval("router::dispatch", |_| ()).is_some() {
+                    tracing::error!("failpoint router::dispatch: aborting the process");
+                    std::process::abort();
+                }
                 self.dispatch().await;
             }
             if last_ack.elapsed() >= ACK_EVERY {
@@ -213,6 +240,9 @@ impl Worker {
                             let id = e.id();
                             let reason = if e.is_panic() { "destination panicked" } else { "delivery task cancelled" };
                             tracing::error!(destination = %self.config.id, "{reason}");
+                            if e.is_panic() {
+                                self.strike(id).await;
+                            }
                             self.complete(id, Outcome::Retry { status: None, reason: reason.into(), retry_after: None }).await;
                         }
                     }
@@ -272,6 +302,8 @@ impl Worker {
                     self.loaded += 1;
                 }
                 let known = self.known_retry.get(&e.position).copied();
+                let poison =
+                    self.strikes.get(&e.position).copied().unwrap_or(0) >= self.poison_threshold;
                 self.unfinished.insert(e.position);
                 self.enqueue(
                     user,
@@ -281,6 +313,7 @@ impl Worker {
                         event: keep.then_some(event),
                         attempts: known.map(|k| k.attempts).unwrap_or(0),
                         first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
+                        poison,
                     },
                 );
             }
@@ -335,6 +368,7 @@ impl Worker {
                     }),
                     attempts: 0,
                     first_attempt: None,
+                    poison: false,
                 },
             );
         }
@@ -387,8 +421,26 @@ impl Worker {
                     }
                     _ => continue,
                 };
+                if self
+                    .users
+                    .get(&user)
+                    .and_then(|u| u.q.front())
+                    .is_some_and(|p| p.poison)
+                {
+                    self.quarantine(&user).await;
+                    continue;
+                }
                 let mut n = 0;
                 for i in 0..take {
+                    if i > 0
+                        && self
+                            .users
+                            .get(&user)
+                            .and_then(|u| u.q.get(i))
+                            .is_some_and(|p| p.poison)
+                    {
+                        break;
+                    }
                     if !self.load(&user, i).await {
                         break;
                     }
@@ -419,16 +471,50 @@ impl Worker {
             if units.is_empty() {
                 break;
             }
+            let positions: Vec<Position> = units
+                .iter()
+                .flat_map(|(user, n)| {
+                    self.users
+                        .get(user)
+                        .map(|u| {
+                            u.q.iter()
+                                .take(*n)
+                                .filter_map(|p| match p.origin {
+                                    Origin::Log(pos) => Some(pos),
+                                    Origin::Replay(_) => None,
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+            self.journal.begin(&self.config.id, &positions);
             let sink = self.sink.clone();
-            let handle = self.tasks.spawn(async move { sink.deliver(&events).await });
-            self.inflight.insert(handle.id(), units);
+            let handle = self.tasks.spawn(async move {
+                #[cfg(feature = "failpoints")]
+                if let Some(id) = fail::eval("router::deliver", |arg| arg.unwrap_or_default()) {
+                    if events.iter().any(|e| *e.message_id == id) {
+                        tracing::error!(message_id = %id, "failpoint router::deliver: aborting the process");
+                        std::process::abort();
+                    }
+                }
+                #[cfg(feature = "failpoints")]
+                if let Some(id) = fail::eval("router::deliver_panic", |arg| arg.unwrap_or_default()) {
+                    if events.iter().any(|e| *e.message_id == id) {
+                        panic!("failpoint router::deliver_panic for {id}");
+                    }
+                }
+                sink.deliver(&events).await
+            });
+            self.inflight.insert(handle.id(), (units, positions));
         }
     }
 
     async fn complete(&mut self, id: tokio::task::Id, outcome: Outcome) {
-        let Some(units) = self.inflight.remove(&id) else {
+        let Some((units, positions)) = self.inflight.remove(&id) else {
             return;
         };
+        self.journal.end(&self.config.id, &positions);
         match outcome {
             Outcome::Delivered => {
                 for (user, n) in units {
@@ -521,6 +607,9 @@ impl Worker {
                         if self.known_retry.remove(&pos).is_some() {
                             self.retry_changes.push((pos, None));
                         }
+                        if self.strikes.remove(&pos).is_some() {
+                            self.strike_clears.push(pos);
+                        }
                     }
                     Origin::Replay(id) => {
                         self.replaying.remove(&id);
@@ -609,6 +698,21 @@ impl Worker {
             }
         }
         tracing::warn!(destination = %self.config.id, events = count, ?status, reason, "events moved to the dead letters");
+        if kind == "aborted" && count > 0 {
+            let hour = to_ms(SystemTime::now()) / 3_600_000;
+            let key = format!("aborts:{}", self.config.id);
+            let alert = self.alerts.alert(
+                key.clone(),
+                Action::Trigger,
+                Severity::Warning,
+                format!("destination {} is aborting events ({reason})", self.config.id),
+                serde_json::json!({ "destination": self.config.id, "status": status, "reason": reason }),
+            );
+            let alerts = self.alerts.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || alerts.raise(&format!("{key}:{hour}"), alert))
+                    .await;
+        }
         self.stats.aborted.fetch_add(count, Ordering::Relaxed);
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         metrics::counter!("ballast_destination_aborted_total", "destination" => self.config.id.clone()).increment(count);
@@ -648,7 +752,86 @@ impl Worker {
         }
     }
 
+    /// A worker panicked while holding these events: one strike each; at the threshold
+    /// they are marked poison (quarantined when they reach the head again).
+    async fn strike(&mut self, id: tokio::task::Id) {
+        let Some((_, positions)) = self.inflight.get(&id) else {
+            return;
+        };
+        let events: Vec<(String, Position)> = positions
+            .iter()
+            .map(|p| (self.config.id.clone(), *p))
+            .collect();
+        let db = self.db.clone();
+        let counts = match tokio::task::spawn_blocking(move || db.add_strikes(&events)).await {
+            Ok(Ok(c)) => c,
+            _ => return,
+        };
+        for (pos, n) in positions.clone().into_iter().zip(counts) {
+            self.strikes.insert(pos, n);
+            if n >= self.poison_threshold {
+                for uq in self.users.values_mut() {
+                    for p in uq.q.iter_mut() {
+                        if p.origin == Origin::Log(pos) {
+                            p.poison = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves the user's head (a poison event) to the dead letters and raises the alert.
+    async fn quarantine(&mut self, user: &Arc<str>) {
+        if !self.load(user, 0).await {
+            self.ready.push_back(user.clone());
+            return;
+        }
+        let (pos, message_id, strikes) = match self.users.get(user).and_then(|u| u.q.front()) {
+            Some(p) => {
+                let pos = match p.origin {
+                    Origin::Log(pos) => pos,
+                    Origin::Replay(_) => 0,
+                };
+                let mid = p
+                    .event
+                    .as_ref()
+                    .map(|e| e.message_id.to_string())
+                    .unwrap_or_default();
+                (pos, mid, self.strikes.get(&pos).copied().unwrap_or(0))
+            }
+            None => return,
+        };
+        let reason = format!("poison: in flight at {strikes} crashes");
+        let alert = self.alerts.alert(
+            format!("poison:{}:{pos}", self.config.id),
+            Action::Trigger,
+            Severity::Error,
+            format!(
+                "ballast quarantined event {message_id} of destination {}: it was being processed at {strikes} crashes",
+                self.config.id
+            ),
+            serde_json::json!({ "destination": self.config.id, "position": pos, "messageId": message_id, "strikes": strikes }),
+        );
+        let alerts = self.alerts.clone();
+        let key = format!("poison:{}:{pos}", self.config.id);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || alerts.raise(&key, alert)).await {
+            tracing::error!(error = %e, "raising the poison alert failed");
+        }
+        self.dead_letter(user, 1, None, &reason, "poison").await;
+    }
+
     async fn save_retry_state(&mut self) {
+        if !self.strike_clears.is_empty() {
+            let clears = std::mem::take(&mut self.strike_clears);
+            let db = self.db.clone();
+            let dest = self.config.id.clone();
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || db.clear_strikes(&dest, &clears)).await
+            {
+                tracing::warn!(destination = %self.config.id, error = %e, "clearing strikes failed");
+            }
+        }
         if self.retry_changes.is_empty() {
             return;
         }
@@ -671,7 +854,7 @@ impl Worker {
         s.in_flight.store(
             self.inflight
                 .values()
-                .flatten()
+                .flat_map(|(u, _)| u.iter())
                 .map(|(_, n)| *n as u64)
                 .sum(),
             Ordering::Relaxed,

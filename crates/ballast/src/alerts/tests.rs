@@ -1,0 +1,84 @@
+use super::*;
+use crate::config::AlertsConfig;
+use serde_json::json;
+
+fn config() -> AlertsConfig {
+    AlertsConfig {
+        source: Some("node-1".into()),
+        pagerduty: Some(pagerduty::PagerDutyConfig {
+            routing_key: "R".into(),
+            base_url: "http://127.0.0.1:1".into(),
+        }),
+        victorops: Some(victorops::VictorOpsConfig {
+            api_key: "A".into(),
+            routing_key: "K".into(),
+            base_url: "http://127.0.0.1:1/".into(),
+        }),
+        slack: None,
+        webhook: vec![],
+    }
+}
+
+#[test]
+fn pagerduty_and_victorops_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let alerts = Alerts::open(&dir.path().join("a.redb"), &config()).unwrap();
+    let t = alerts.alert(
+        "degraded",
+        Action::Trigger,
+        Severity::Critical,
+        "degraded",
+        json!({"crashes": 5}),
+    );
+    let r = alerts.alert(
+        "degraded",
+        Action::Resolve,
+        Severity::Critical,
+        "normal again",
+        json!({}),
+    );
+    let pd = pagerduty::PagerDuty::new(config().pagerduty.unwrap());
+    let req = pd.request(&t);
+    assert_eq!(req.url, "http://127.0.0.1:1/v2/enqueue");
+    assert_eq!(req.body["event_action"], "trigger");
+    assert_eq!(req.body["routing_key"], "R");
+    assert_eq!(req.body["dedup_key"], "ballast/node-1/degraded");
+    assert_eq!(req.body["payload"]["severity"], "critical");
+    assert_eq!(req.body["payload"]["source"], "node-1");
+    assert_eq!(req.body["payload"]["custom_details"]["crashes"], 5);
+    let req = pd.request(&r);
+    assert_eq!(req.body["event_action"], "resolve");
+    assert_eq!(req.body["dedup_key"], "ballast/node-1/degraded");
+    let vo = victorops::VictorOps::new(config().victorops.unwrap());
+    let req = vo.request(&t);
+    assert_eq!(
+        req.url,
+        "http://127.0.0.1:1/integrations/generic/20131114/alert/A/K"
+    );
+    assert_eq!(req.body["message_type"], "CRITICAL");
+    let rec = vo.request(&r);
+    assert_eq!(rec.body["message_type"], "RECOVERY");
+    assert_eq!(rec.body["entity_id"], req.body["entity_id"]);
+    assert!(req.body["timestamp"].as_u64().unwrap() > 1_600_000_000);
+}
+
+#[test]
+fn raise_is_durable_and_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    {
+        let alerts = Alerts::open(&path, &config()).unwrap();
+        let t = alerts.alert(
+            "degraded",
+            Action::Trigger,
+            Severity::Critical,
+            "x",
+            json!({}),
+        );
+        assert!(alerts.raise("degraded:trigger:1", t.clone()).unwrap());
+        assert!(!alerts.raise("degraded:trigger:1", t).unwrap());
+        assert_eq!(alerts.pending().unwrap(), 2, "one entry per notifier");
+    }
+    let alerts = Alerts::open(&path, &config()).unwrap();
+    assert_eq!(alerts.pending().unwrap(), 2, "survives a restart");
+}

@@ -91,6 +91,9 @@ fn e<E: std::fmt::Display>(x: E) -> AlertError {
     AlertError(x.to_string())
 }
 
+/// Outbox entries due now (id, entry), and when the next one is due.
+type Due = (Vec<(u64, Entry)>, Option<u64>);
+
 pub struct Alerts {
     db: Database,
     notifiers: Vec<Arc<dyn Notifier>>,
@@ -216,7 +219,8 @@ impl Alerts {
         Ok(t.iter().map_err(e)?.count())
     }
 
-    fn due(&self, now_ms: u64) -> Result<(Vec<(u64, Entry)>, Option<u64>), AlertError> {
+    /// Entries due now, and when the next one is due.
+    fn due(&self, now_ms: u64) -> Result<Due, AlertError> {
         let txn = self.db.begin_read().map_err(e)?;
         let t = txn.open_table(OUTBOX).map_err(e)?;
         let mut due = Vec::new();

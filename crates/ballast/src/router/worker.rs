@@ -51,6 +51,9 @@ struct Pending {
     poison: bool,
 }
 
+/// One delivery in flight: (user, events of that user) units and their log positions.
+type InFlight = (Vec<(Arc<str>, usize)>, Vec<Position>);
+
 #[derive(Default)]
 struct UserQueue {
     q: VecDeque<Pending>,
@@ -76,7 +79,7 @@ pub(super) struct Worker {
     loaded: usize,
     /// Deliveries in flight: the users whose heads they carry, how many events each, and
     /// their log positions (as written to the crash journal).
-    inflight: HashMap<tokio::task::Id, (Vec<(Arc<str>, usize)>, Vec<Position>)>,
+    inflight: HashMap<tokio::task::Id, InFlight>,
     journal: Arc<Journal>,
     alerts: Arc<Alerts>,
     strikes: HashMap<Position, u32>,

@@ -224,13 +224,13 @@ impl Worker {
             }
             if last_ack.elapsed() >= ACK_EVERY {
                 self.ack().await;
+                self.publish_stats();
                 last_ack = Instant::now();
             }
             if last_retry_save.elapsed() >= SAVE_RETRY_EVERY {
                 self.save_retry_state().await;
                 last_retry_save = Instant::now();
             }
-            self.publish_stats();
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let sleep_until = next_timer
                 .unwrap_or_else(|| Instant::now() + ACK_EVERY)

@@ -59,6 +59,9 @@ struct UserQueue {
     q: VecDeque<Pending>,
     busy: bool,
     waiting: bool,
+    /// A batch holding this user's events together with other users' failed: send this
+    /// user's events on their own next time, so that a failure is judged per user.
+    solo: bool,
 }
 
 pub(super) struct Worker {
@@ -418,12 +421,17 @@ impl Worker {
                 let Some(user) = self.ready.pop_front() else {
                     break;
                 };
-                let take = match self.users.get(&user) {
+                let (take, solo) = match self.users.get(&user) {
                     Some(uq) if !uq.busy && !uq.waiting && !uq.q.is_empty() => {
-                        (max - events.len()).min(uq.q.len())
+                        ((max - events.len()).min(uq.q.len()), uq.solo)
                     }
                     _ => continue,
                 };
+                if solo && !units.is_empty() {
+                    // It goes first, alone, in the next request.
+                    self.ready.push_front(user);
+                    break;
+                }
                 if self
                     .users
                     .get(&user)
@@ -470,6 +478,9 @@ impl Worker {
                     }
                 }
                 units.push((user, n));
+                if solo {
+                    break;
+                }
             }
             if units.is_empty() {
                 break;
@@ -518,9 +529,25 @@ impl Worker {
             return;
         };
         self.journal.end(&self.config.id, &positions);
+        if units.len() > 1 && outcome != Outcome::Delivered {
+            // Several users in one failed request: nobody is blamed yet; each user's
+            // events go again on their own, without an attempt counted.
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            for (user, _) in units {
+                if let Some(uq) = self.users.get_mut(&user) {
+                    uq.busy = false;
+                    uq.solo = true;
+                }
+                self.make_ready(&user);
+            }
+            return;
+        }
         match outcome {
             Outcome::Delivered => {
                 for (user, n) in units {
+                    if let Some(uq) = self.users.get_mut(&user) {
+                        uq.solo = false;
+                    }
                     let (count, replays) = self.finish(&user, n);
                     self.stats
                         .delivered

@@ -1,0 +1,1467 @@
+//! Delivery, through the real binary: webhook and file destinations fed by a programmable
+//! HTTP receiver that records every request and answers by rule (200, 500, 429 +
+//! Retry-After, 400, 503, or hangs). Checks the "Durability and delivery semantics" of
+//! DESIGN.md: at least once, per-user order, retries and backoff, dead letters and replay,
+//! independent destinations, kill -9, and disk space given back once a backlog drains.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Server, WRITE_KEY};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------
+// The programmable receiver
+// ---------------------------------------------------------------------------------------
+
+/// What the receiver answers to one request.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Status(u16),
+    /// The status with `Retry-After: <secs>`.
+    RetryAfter(u16, u64),
+    /// Waits, then answers the status (keep it below the webhook's timeout).
+    Delay(Duration, u16),
+    /// Waits, then answers 503; meant to outlast the webhook's timeout (recorded as 0).
+    Hang(Duration),
+}
+
+/// One request as the rule sees it.
+struct Hit<'a> {
+    events: &'a [Value],
+    /// How many requests (this one included) carried the same first messageId.
+    attempt: usize,
+}
+
+impl Hit<'_> {
+    fn mid(&self) -> &str {
+        self.events.first().map(mid).unwrap_or("")
+    }
+}
+
+type Rule = Arc<dyn Fn(&Hit) -> Reply + Send + Sync>;
+
+fn rule(f: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Rule {
+    Arc::new(f)
+}
+
+fn always(status: u16) -> Rule {
+    rule(move |_| Reply::Status(status))
+}
+
+/// One recorded request.
+#[derive(Debug, Clone)]
+struct Received {
+    at: Instant,
+    method: String,
+    path: String,
+    headers: BTreeMap<String, String>,
+    body: Value,
+    /// The body's events: the body itself, or the elements of an array body.
+    events: Vec<Value>,
+    /// The status answered (0: the request was left hanging).
+    status: u16,
+}
+
+#[derive(Default)]
+struct Log {
+    requests: Vec<Received>,
+    /// Events in requests answered 200.
+    ok: usize,
+    seen: HashMap<String, usize>,
+}
+
+struct Shared {
+    log: Mutex<Log>,
+    rule: Mutex<Rule>,
+}
+
+struct Receiver {
+    port: u16,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+async fn handle(
+    axum::extract::State(s): axum::extract::State<Arc<Shared>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    let events = match &body {
+        Value::Array(items) => items.clone(),
+        other => vec![other.clone()],
+    };
+    let rule = s.rule.lock().unwrap().clone();
+    let reply = {
+        let mut log = s.log.lock().unwrap();
+        let key = events.first().map(mid).unwrap_or("").to_string();
+        let attempt = {
+            let n = log.seen.entry(key).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let reply = rule(&Hit {
+            events: &events,
+            attempt,
+        });
+        let status = match reply {
+            Reply::Status(s) | Reply::RetryAfter(s, _) | Reply::Delay(_, s) => s,
+            Reply::Hang(_) => 0,
+        };
+        if status == 200 {
+            log.ok += events.len();
+        }
+        log.requests.push(Received {
+            at: Instant::now(),
+            method: method.to_string(),
+            path: uri.path().to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body,
+            events,
+            status,
+        });
+        reply
+    };
+    let code = |s: u16| axum::http::StatusCode::from_u16(s).unwrap();
+    let text = |s: u16| match s {
+        200..=299 => "ok",
+        400 => "bad event",
+        500 => "boom",
+        _ => "unavailable",
+    };
+    match reply {
+        Reply::Status(s) => (code(s), text(s)).into_response(),
+        Reply::RetryAfter(s, secs) => (
+            code(s),
+            [(axum::http::header::RETRY_AFTER, secs.to_string())],
+            text(s),
+        )
+            .into_response(),
+        Reply::Delay(d, s) => {
+            tokio::time::sleep(d).await;
+            (code(s), text(s)).into_response()
+        }
+        Reply::Hang(d) => {
+            tokio::time::sleep(d).await;
+            (code(503), "hung").into_response()
+        }
+    }
+}
+
+impl Receiver {
+    fn start(rule: Rule) -> Receiver {
+        Receiver::start_on(0, rule)
+    }
+
+    /// Listens on 127.0.0.1:`port` (0: any free port), retrying the bind for a while.
+    fn start_on(port: u16, rule: Rule) -> Receiver {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "binding port {port}: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            log: Mutex::new(Log::default()),
+            rule: Mutex::new(rule),
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let state = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(handle).with_state(state);
+                tokio::select! {
+                    _ = async { let _ = axum::serve(listener, app).await; } => {}
+                    _ = rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        Receiver {
+            port,
+            shared,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        url_for(self.port)
+    }
+
+    fn set_rule(&self, rule: Rule) {
+        *self.shared.rule.lock().unwrap() = rule;
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.shared.log.lock().unwrap().requests.clone()
+    }
+
+    /// The events of the requests answered 200, in arrival order.
+    fn ok_events(&self) -> Vec<Value> {
+        self.shared
+            .log
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| r.status == 200)
+            .flat_map(|r| r.events.iter().cloned())
+            .collect()
+    }
+
+    /// How many events were answered 200 (duplicates included).
+    fn ok_count(&self) -> usize {
+        self.shared.log.lock().unwrap().ok
+    }
+
+    /// How many distinct messageIds were answered 200.
+    fn ok_distinct(&self) -> usize {
+        let log = self.shared.log.lock().unwrap();
+        log.requests
+            .iter()
+            .filter(|r| r.status == 200)
+            .flat_map(|r| r.events.iter().map(mid))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// True once every messageId in `ids` was answered 200.
+    fn has_all(&self, ids: &HashSet<String>) -> bool {
+        let log = self.shared.log.lock().unwrap();
+        let got: HashSet<&str> = log
+            .requests
+            .iter()
+            .filter(|r| r.status == 200)
+            .flat_map(|r| r.events.iter().map(mid))
+            .collect();
+        ids.iter().all(|i| got.contains(i.as_str()))
+    }
+
+    /// How many requests carried this messageId (any answer).
+    fn attempts_of(&self, id: &str) -> Vec<Received> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.events.iter().any(|e| mid(e) == id))
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn url_for(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/ingest")
+}
+
+/// A loopback port nothing listens on (for now).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------
+// Events, sending, waiting, checking
+// ---------------------------------------------------------------------------------------
+
+fn mid(e: &Value) -> &str {
+    e["messageId"].as_str().unwrap_or("")
+}
+
+/// The ordering key: userId, else anonymousId.
+fn user(e: &Value) -> String {
+    match e["userId"].as_str() {
+        Some(u) if !u.is_empty() => format!("u:{u}"),
+        _ => format!("a:{}", e["anonymousId"].as_str().unwrap_or("")),
+    }
+}
+
+fn event(user: &str, id: &str, pad: usize) -> Value {
+    json!({
+        "type": "track",
+        "event": "Delivery Test",
+        "userId": user,
+        "messageId": id,
+        "properties": {"pad": "x".repeat(pad), "ü": "✓"},
+        "context": {"library": {"name": "delivery-test"}}
+    })
+}
+
+fn post(server: &Server, path: &str, body: &Value) {
+    let r = common::client()
+        .post(server.url(path))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(body)
+        .send()
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 200, "{path}: {}", r.text().unwrap_or_default());
+}
+
+/// Sends the events in order, each call one event (`/v1/track`) or a batch of 2 to 8
+/// (`/v1/batch`), chosen at random; every call must be acknowledged.
+fn send_mixed(server: &Server, events: &[Value], rng: &mut StdRng) {
+    let mut i = 0;
+    while i < events.len() {
+        if rng.gen_bool(0.4) {
+            post(server, "/v1/track", &events[i]);
+            i += 1;
+        } else {
+            let n = rng.gen_range(2..=8).min(events.len() - i);
+            post(server, "/v1/batch", &json!({ "batch": &events[i..i + n] }));
+            i += n;
+        }
+    }
+}
+
+fn mids(events: &[Value]) -> Vec<&str> {
+    events.iter().map(mid).collect()
+}
+
+fn ids(events: &[Value]) -> HashSet<String> {
+    events.iter().map(|e| mid(e).to_string()).collect()
+}
+
+fn status(server: &Server) -> Value {
+    common::client()
+        .get(format!("{}/v1/status", server.admin))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+fn dest_status(server: &Server, id: &str) -> Value {
+    let s = status(server);
+    s["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no destination {id} in {s}"))
+}
+
+fn dead_letters(server: &Server, id: &str) -> Vec<Value> {
+    common::client()
+        .get(format!("{}/v1/dead-letters?destination={id}", server.admin))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// Polls `cond` every 20 ms until it holds or `secs` pass; returns whether it held.
+fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A webhook destination table.
+fn webhook(id: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[destinations]]
+id = "{id}"
+type = "webhook"
+sources = ["web"]
+url = "{url}"
+{extra}
+"#
+    )
+}
+
+/// Retries that never give up within a test (and back off quickly).
+const PATIENT: &str = r#"retry = { max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", max_backoff = "200ms" }"#;
+
+/// Per user: the messageIds of `delivered` in order, duplicates removed (first kept),
+/// must equal the messageIds of `accepted` in order.
+fn check_user_order(accepted: &[Value], delivered: &[Value]) -> Result<(), String> {
+    let mut want: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for e in accepted {
+        want.entry(user(e)).or_default().push(mid(e));
+    }
+    let mut got: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for e in delivered {
+        if seen.insert(mid(e)) {
+            got.entry(user(e)).or_default().push(mid(e));
+        }
+    }
+    for (u, w) in &want {
+        let g = got.get(u).cloned().unwrap_or_default();
+        if &g != w {
+            return Err(format!(
+                "user {u}: accepted {} events {:?}\n delivered {} {:?}",
+                w.len(),
+                w,
+                g.len(),
+                g
+            ));
+        }
+    }
+    if let Some(extra) = got.keys().find(|u| !want.contains_key(*u)) {
+        return Err(format!("delivered events of unknown user {extra}"));
+    }
+    Ok(())
+}
+
+/// How many deliveries beyond the first of each messageId.
+fn duplicates(delivered: &[Value]) -> usize {
+    delivered.len() - ids(delivered).len()
+}
+
+/// `ballast log dump --meta`: (position, event) of every stored event.
+fn dump_meta(data_dir: &Path) -> Vec<(u64, Value)> {
+    let out = Command::new(common::bin())
+        .args(["log", "dump", "--meta", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["position"].as_u64().unwrap(), v["event"].clone())
+        })
+        .collect()
+}
+
+/// The `.seg` files of the log: how many, and their total size.
+fn segments(data_dir: &Path) -> (usize, u64) {
+    let mut n = 0;
+    let mut bytes = 0;
+    for e in std::fs::read_dir(data_dir.join("log")).unwrap() {
+        let e = e.unwrap();
+        if e.path().extension().map(|x| x == "seg").unwrap_or(false) {
+            n += 1;
+            bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    (n, bytes)
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(common::bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Deterministic pseudo-random number in 0..100 for (seed, messageId, attempt).
+fn roll(seed: u64, id: &str, attempt: usize) -> u64 {
+    let mut h = DefaultHasher::new();
+    (seed, id, attempt).hash(&mut h);
+    h.finish() % 100
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+/// 1. Every accepted event reaches the webhook once, as stored, with the configured
+///    headers, `Content-Type: application/json` and `idempotency-key` = messageId.
+#[test]
+fn every_event_reaches_the_webhook_as_stored_with_headers() {
+    let rx = Receiver::start(always(200));
+    let extra = webhook(
+        "hook",
+        &rx.url(),
+        &format!(
+            "headers = {{ \"X-Token\" = \"secret\", \"X-Other\" = \"two words\" }}\n{PATIENT}"
+        ),
+    );
+    let server = Server::start(&common::config(&extra));
+    post(&server, "/v1/track", &event("alice", "t-1", 3));
+    // No messageId: the server makes one up, and it must be the idempotency key.
+    post(
+        &server,
+        "/v1/identify",
+        &json!({"userId": "bob", "traits": {"plan": "pro"}}),
+    );
+    post(
+        &server,
+        "/v1/page",
+        &json!({"anonymousId": "anon-1", "messageId": "p-1", "name": "Home"}),
+    );
+    post(
+        &server,
+        "/v1/batch",
+        &json!({"batch": [
+            event("alice", "t-2", 0),
+            {"type": "group", "userId": "carol", "groupId": "g", "messageId": "g-1"},
+            {"type": "screen", "anonymousId": "anon-1", "name": "S"},
+            event("alice", "t-3", 10),
+        ]}),
+    );
+    let stored = server.dump();
+    assert_eq!(stored.len(), 7);
+    let all = ids(&stored);
+    assert_eq!(all.len(), 7, "every stored event has its own messageId");
+    assert!(
+        wait_for(20, || rx.has_all(&all)),
+        "not delivered: {:?}\n{}",
+        rx.requests(),
+        server.stderr()
+    );
+    // Give a duplicate the chance to show up.
+    std::thread::sleep(Duration::from_millis(300));
+    let reqs = rx.requests();
+    assert_eq!(reqs.len(), 7, "one request per event: {reqs:?}");
+    let by_id: HashMap<&str, &Value> = stored.iter().map(|e| (mid(e), e)).collect();
+    for r in &reqs {
+        assert_eq!(r.status, 200);
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.path, "/ingest");
+        let id = mid(&r.body);
+        assert_eq!(&r.body, by_id[id], "the body is the stored event");
+        assert_eq!(r.headers.get("x-token").map(String::as_str), Some("secret"));
+        assert_eq!(
+            r.headers.get("x-other").map(String::as_str),
+            Some("two words")
+        );
+        assert_eq!(
+            r.headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
+        assert_eq!(
+            r.headers.get("idempotency-key").map(String::as_str),
+            Some(id)
+        );
+    }
+    check_user_order(&stored, &rx.ok_events()).unwrap();
+    let d = dest_status(&server, "hook");
+    assert_eq!(d["delivered"], 7, "{d}");
+    assert_eq!(d["aborted"], 0, "{d}");
+    assert_eq!(d["kind"], "webhook", "{d}");
+}
+
+/// 2. Property: whatever requests fail (500, 429, hangs past the timeout) for some users,
+///    each user's events are delivered in the order they were accepted, every one
+///    exactly once with a 200, and the other users are not held back for good.
+#[test]
+fn per_user_order_holds_while_the_receiver_fails_at_random() {
+    let started = Instant::now();
+    let base_seed: u64 = std::env::var("DELIVERY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x0bad_5eed);
+    const CASES: u64 = 6;
+    for case in 0..CASES {
+        let seed = base_seed.wrapping_add(case);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let users: Vec<String> = (0..10).map(|u| format!("user-{u}")).collect();
+        let flaky: BTreeSet<String> = users
+            .iter()
+            .filter(|_| rng.gen_bool(0.5))
+            .map(|u| format!("u:{u}"))
+            .collect();
+        let fail_pct: u64 = rng.gen_range(20..=50);
+        let batch_size = if case % 2 == 1 { 4 } else { 1 };
+        let concurrency = [16, 3][(case / 2 % 2) as usize];
+        let n = 200;
+        let events: Vec<Value> = (0..n)
+            .map(|i| {
+                let u = &users[rng.gen_range(0..users.len())];
+                event(u, &format!("s{seed}-e{i}"), rng.gen_range(0..40))
+            })
+            .collect();
+        let label = format!(
+            "seed {seed}: flaky {flaky:?}, fail {fail_pct}%, batch_size {batch_size}, concurrency {concurrency}"
+        );
+        let flaky_rule = flaky.clone();
+        let rx = Receiver::start(rule(move |h| {
+            let any_flaky = h.events.iter().any(|e| flaky_rule.contains(&user(e)));
+            // Bounded: the 6th attempt of a request always succeeds.
+            if !any_flaky || h.attempt >= 6 {
+                return Reply::Status(200);
+            }
+            let r = roll(seed, h.mid(), h.attempt);
+            if r >= fail_pct {
+                return Reply::Status(200);
+            }
+            match r % 10 {
+                0 => Reply::Hang(Duration::from_millis(3000)),
+                1 => Reply::RetryAfter(429, 1),
+                2..=4 => Reply::Status(429),
+                5 => Reply::Status(503),
+                _ => Reply::Status(500),
+            }
+        }));
+        let extra = webhook(
+            "hook",
+            &rx.url(),
+            &format!(
+                "timeout = \"2s\"\nbatch_size = {batch_size}\nconcurrency = {concurrency}\n{PATIENT}"
+            ),
+        );
+        let server = Server::start(&common::config(&extra));
+        send_mixed(&server, &events, &mut rng);
+        let stored = server.dump();
+        assert_eq!(
+            mids(&stored),
+            mids(&events),
+            "{label}: the log holds what was accepted"
+        );
+        let want = ids(&events);
+        let done = wait_for(40, || rx.ok_count() >= n && rx.has_all(&want));
+        let delivered = rx.ok_events();
+        assert!(
+            done,
+            "{label}: only {} of {n} delivered after 40 s; status {}",
+            rx.ok_distinct(),
+            status(&server)
+        );
+        check_user_order(&events, &delivered).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(
+            duplicates(&delivered),
+            0,
+            "{label}: an event answered 200 was sent again"
+        );
+        let failed = rx.requests().iter().filter(|r| r.status != 200).count();
+        for r in rx.requests() {
+            let key = match &r.body {
+                Value::Array(items) => format!("{}+{}", mid(&items[0]), items.len()),
+                one => mid(one).to_string(),
+            };
+            assert_eq!(r.headers.get("idempotency-key"), Some(&key), "{label}");
+            assert!(
+                r.events.len() <= batch_size,
+                "{label}: {} events",
+                r.events.len()
+            );
+        }
+        assert!(
+            wait_for(5, || dest_status(&server, "hook")["delivered"] == n),
+            "{label}: {}",
+            dest_status(&server, "hook")
+        );
+        let d = dest_status(&server, "hook");
+        assert_eq!(d["aborted"], 0, "{label}: {d}");
+        assert_eq!(d["dead_letters"], 0, "{label}: {d}");
+        eprintln!(
+            "order case {case} ({label}): {n} events, {failed} failed requests, {} ms",
+            started.elapsed().as_millis()
+        );
+        if !flaky.is_empty() {
+            assert!(failed > 0, "{label}: the rule failed nothing");
+        }
+    }
+}
+
+/// 3. A receiver that is not listening at all, and one that answers 503 to everything,
+///    come back: each then gets every event once, in order per user.
+#[test]
+fn receivers_that_were_down_get_everything_in_order_when_back() {
+    let port = free_port();
+    let flaky = Receiver::start(always(503));
+    let extra = format!(
+        "{}{}",
+        webhook("absent", &url_for(port), PATIENT),
+        webhook("unavailable", &flaky.url(), PATIENT)
+    );
+    let server = Server::start(&common::config(&extra));
+    let mut rng = StdRng::seed_from_u64(3);
+    let events: Vec<Value> = (0..120)
+        .map(|i| event(&format!("user-{}", i % 6), &format!("d-{i}"), i % 17))
+        .collect();
+    send_mixed(&server, &events, &mut rng);
+    assert!(
+        wait_for(20, || {
+            let a = dest_status(&server, "absent");
+            let u = dest_status(&server, "unavailable");
+            a["retries"].as_u64().unwrap() >= 12 && u["retries"].as_u64().unwrap() >= 12
+        }),
+        "{}",
+        status(&server)
+    );
+    assert_eq!(dest_status(&server, "absent")["delivered"], 0);
+    assert_eq!(dest_status(&server, "unavailable")["delivered"], 0);
+    assert!(flaky.requests().iter().all(|r| r.status == 503));
+    let attempts_while_down = flaky.requests().len();
+    assert!(attempts_while_down >= 6, "{attempts_while_down}");
+
+    let back = Receiver::start_on(port, always(200));
+    flaky.set_rule(always(200));
+    let want = ids(&events);
+    assert!(
+        wait_for(30, || back.has_all(&want) && flaky.has_all(&want)),
+        "absent got {}, unavailable got {} of {}; {}",
+        back.ok_distinct(),
+        flaky.ok_distinct(),
+        events.len(),
+        status(&server)
+    );
+    for (name, rx) in [("absent", &back), ("unavailable", &flaky)] {
+        let delivered = rx.ok_events();
+        check_user_order(&events, &delivered).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(delivered.len(), events.len(), "{name}: each event once");
+        assert!(
+            wait_for(5, || dest_status(&server, name)["delivered"] == 120),
+            "{}",
+            dest_status(&server, name)
+        );
+        assert_eq!(dest_status(&server, name)["aborted"], 0);
+    }
+    assert_eq!(
+        back.requests().len(),
+        120,
+        "nothing reached the absent receiver before it listened"
+    );
+}
+
+/// 4. A 400 goes to the dead letters at once (one attempt), shows in the admin API and
+///    `ballast dead-letters list`; replay (CLI and POST) delivers it once the receiver
+///    takes it, and the list is empty afterwards.
+#[test]
+fn a_400_is_dead_lettered_at_once_and_replay_delivers_it() {
+    let accept_bad = Arc::new(Mutex::new(false));
+    let flag = accept_bad.clone();
+    let rx = Receiver::start(rule(move |h| {
+        if h.mid().starts_with("bad") && !*flag.lock().unwrap() {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
+        }
+    }));
+    let extra = webhook("hook", &rx.url(), PATIENT);
+    let server = Server::start(&common::config(&extra));
+    let batch = [
+        event("u", "ok-1", 0),
+        event("u", "bad-1", 0),
+        event("u", "ok-2", 0),
+        event("v", "ok-3", 0),
+    ];
+    post(&server, "/v1/batch", &json!({ "batch": batch }));
+    let stored = server.dump();
+    assert!(
+        wait_for(20, || dead_letters(&server, "hook").len() == 1
+            && rx.has_all(&ids(&[
+                batch[0].clone(),
+                batch[2].clone(),
+                batch[3].clone()
+            ]))),
+        "{:?} {}",
+        rx.requests(),
+        status(&server)
+    );
+    // The user's later event went on after the bad one.
+    let order: Vec<String> = rx
+        .requests()
+        .iter()
+        .filter(|r| user(&r.body) == "u:u")
+        .map(|r| format!("{}:{}", mid(&r.body), r.status))
+        .collect();
+    assert_eq!(order, ["ok-1:200", "bad-1:400", "ok-2:200"]);
+    assert_eq!(rx.attempts_of("bad-1").len(), 1, "no retry after a 400");
+
+    let letters = dead_letters(&server, "hook");
+    let l = &letters[0];
+    assert_eq!(l["status"], 400, "{l}");
+    assert_eq!(l["attempts"], 1, "{l}");
+    assert_eq!(l["destination"], "hook", "{l}");
+    assert_eq!(l["source"], "web", "{l}");
+    assert_eq!(l["kind"], "aborted", "{l}");
+    assert_eq!(l["reason"], "bad event", "{l}");
+    assert_eq!(
+        &l["event"], &stored[1],
+        "the dead letter holds the stored event"
+    );
+    let d = dest_status(&server, "hook");
+    assert_eq!(
+        (d["aborted"].as_u64(), d["dead_letters"].as_u64()),
+        (Some(1), Some(1)),
+        "{d}"
+    );
+    assert_eq!(dead_letters(&server, "other"), Vec::<Value>::new());
+
+    let admin = server.admin.as_str();
+    let (ok, out, err) = cli(&[
+        "dead-letters",
+        "list",
+        "--destination",
+        "hook",
+        "--admin",
+        admin,
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["event"]["messageId"], "bad-1");
+    assert_eq!(lines[0]["status"], 400);
+
+    // Replay while the receiver still refuses it: dead again, one more attempt.
+    let (ok, out, err) = cli(&[
+        "dead-letters",
+        "replay",
+        "--destination",
+        "hook",
+        "--admin",
+        admin,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "1 dead letter(s) of hook re-enqueued");
+    assert!(
+        wait_for(10, || rx.attempts_of("bad-1").len() == 2
+            && dead_letters(&server, "hook").len() == 1),
+        "{:?}",
+        dead_letters(&server, "hook")
+    );
+
+    // Now the receiver takes it: replay through the CLI delivers it.
+    *accept_bad.lock().unwrap() = true;
+    let (ok, out, err) = cli(&[
+        "dead-letters",
+        "replay",
+        "--destination",
+        "hook",
+        "--admin",
+        admin,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "1 dead letter(s) of hook re-enqueued");
+    assert_eq!(dead_letters(&server, "hook"), Vec::<Value>::new());
+    assert!(
+        wait_for(10, || rx.has_all(&ids(&stored))),
+        "{:?}",
+        rx.requests()
+    );
+    let delivered: Vec<Received> = rx.attempts_of("bad-1");
+    assert_eq!(delivered.len(), 3);
+    assert_eq!(delivered[2].status, 200);
+    assert_eq!(
+        &delivered[2].body, &stored[1],
+        "the replay sends the stored event"
+    );
+    assert_eq!(
+        delivered[2]
+            .headers
+            .get("idempotency-key")
+            .map(String::as_str),
+        Some("bad-1")
+    );
+    assert!(
+        wait_for(5, || dest_status(&server, "hook")["buffered_events"] == 0),
+        "{}",
+        dest_status(&server, "hook")
+    );
+    let (ok, out, _) = cli(&[
+        "dead-letters",
+        "list",
+        "--destination",
+        "hook",
+        "--admin",
+        admin,
+    ]);
+    assert!(ok);
+    assert_eq!(out, "", "no dead letters left");
+    let d = dest_status(&server, "hook");
+    assert_eq!(d["dead_letters"], 0, "{d}");
+    assert_eq!(d["delivered"], 4, "{d}\n{}", server.stderr());
+    assert!(
+        wait_for(5, || dest_status(&server, "hook")["backlog_bytes"] == 0),
+        "the cursor did not move past the finished events: {}",
+        dest_status(&server, "hook")
+    );
+
+    // The POST endpoint, with `since`.
+    *accept_bad.lock().unwrap() = false;
+    let before = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    post(&server, "/v1/track", &event("u", "bad-2", 0));
+    assert!(wait_for(10, || dead_letters(&server, "hook").len() == 1));
+    *accept_bad.lock().unwrap() = true;
+    let http = common::client();
+    let replay = |q: &str| -> (u16, String) {
+        let r = http
+            .post(format!("{}/v1/dead-letters/replay?{q}", server.admin))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let future =
+        humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let (code, body) = replay(&format!("destination=hook&since={future}"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["replayed"], 0);
+    assert_eq!(dead_letters(&server, "hook").len(), 1);
+    assert_eq!(replay("destination=nope").0, 404);
+    assert_eq!(replay("").0, 400);
+    assert_eq!(replay("destination=hook&since=yesterday").0, 400);
+    let (code, body) = replay(&format!("destination=hook&since={before}"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"destination": "hook", "replayed": 1})
+    );
+    assert_eq!(dead_letters(&server, "hook"), Vec::<Value>::new());
+    assert!(wait_for(10, || rx
+        .attempts_of("bad-2")
+        .iter()
+        .any(|r| r.status == 200)));
+    assert_eq!(rx.attempts_of("bad-2").len(), 2);
+}
+
+/// 5. One destination down (503 forever, nothing aborts) does not keep a second
+///    destination of the same source from getting every event.
+#[test]
+fn a_dead_destination_does_not_hold_back_another() {
+    let a = Receiver::start(always(503));
+    let b = Receiver::start(always(200));
+    let extra = format!(
+        "{}{}",
+        webhook("down", &a.url(), PATIENT),
+        webhook("up", &b.url(), PATIENT)
+    );
+    let server = Server::start(&common::config(&extra));
+    let mut rng = StdRng::seed_from_u64(5);
+    let events: Vec<Value> = (0..150)
+        .map(|i| event(&format!("user-{}", i % 7), &format!("b-{i}"), i % 23))
+        .collect();
+    send_mixed(&server, &events, &mut rng);
+    let want = ids(&events);
+    assert!(
+        wait_for(30, || b.has_all(&want)),
+        "up got {} of 150; {}",
+        b.ok_distinct(),
+        status(&server)
+    );
+    let delivered = b.ok_events();
+    check_user_order(&events, &delivered).unwrap();
+    assert_eq!(delivered.len(), 150, "each event once");
+    assert!(!a.requests().is_empty(), "the down destination was tried");
+    assert!(a.requests().iter().all(|r| r.status == 503));
+    let down = dest_status(&server, "down");
+    assert_eq!(down["delivered"], 0, "{down}");
+    assert_eq!(down["aborted"], 0, "{down}");
+    assert_eq!(down["dead_letters"], 0, "{down}");
+    assert!(down["retries"].as_u64().unwrap() > 0, "{down}");
+    assert!(down["backlog_bytes"].as_u64().unwrap() > 0, "{down}");
+    assert!(
+        wait_for(5, || dest_status(&server, "up")["delivered"] == 150),
+        "{}",
+        dest_status(&server, "up")
+    );
+    // `ballast status` shows the same.
+    let (ok, out, err) = cli(&["status", "--admin", &server.admin, "--json"]);
+    assert!(ok, "{err}");
+    let st: Value = serde_json::from_str(&out).unwrap();
+    let by_id = |id: &str| -> Value {
+        st["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_id("up")["delivered"], 150, "{st}");
+    assert_eq!(by_id("down")["delivered"], 0, "{st}");
+    let (ok, out, err) = cli(&["status", "--admin", &server.admin]);
+    assert!(ok, "{err}");
+    let row = |id: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no row {id}:\n{out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // destination, backlog bytes, buffered, in flight, retrying, delivered, ...
+    assert_eq!(row("up")[5], "150", "{out}");
+    assert_eq!(row("down")[5], "0", "{out}");
+    assert_ne!(row("down")[1], "0", "{out}");
+}
+
+/// 6. kill -9 while events are being delivered, then a restart on the same directory:
+///    every accepted event is delivered at least once, and the only duplicates are the
+///    events at or after the destination's saved cursor that had reached the receiver
+///    (in flight, or finished after the last cursor save).
+#[test]
+fn kill_9_during_delivery_loses_nothing() {
+    let rx = Receiver::start(rule(|_| Reply::Delay(Duration::from_millis(30), 200)));
+    let extra = webhook("hook", &rx.url(), &format!("concurrency = 8\n{PATIENT}"));
+    let config = common::config(&extra);
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(dir.clone(), &config, &[]);
+    let n = 1000;
+    let events: Vec<Value> = (0..n)
+        .map(|i| event(&format!("user-{}", i % 25), &format!("k-{i}"), i % 50))
+        .collect();
+    for chunk in events.chunks(50) {
+        post(&server, "/v1/batch", &json!({ "batch": chunk }));
+    }
+    assert!(
+        wait_for(30, || rx.ok_distinct() >= 150),
+        "delivery did not start: {}",
+        status(&server)
+    );
+    server.kill9();
+    // Let the requests that were on the wire land.
+    std::thread::sleep(Duration::from_millis(300));
+    let before_kill = rx.ok_distinct();
+    let received_before: HashSet<String> = ids(&rx.ok_events());
+    assert!(
+        before_kill < n,
+        "everything was delivered before the kill; slow the receiver down"
+    );
+    let cursor: u64 = std::fs::read_to_string(server.data_dir().join("log/cursors/dest.hook"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stored = dump_meta(&server.data_dir());
+    assert_eq!(stored.len(), n);
+    // Expected duplicates: delivered before the kill, at or after the saved cursor.
+    let expected_dups: HashSet<&str> = stored
+        .iter()
+        .filter(|(pos, e)| *pos >= cursor && received_before.contains(mid(e)))
+        .map(|(_, e)| mid(e))
+        .collect();
+    let behind_cursor = stored.iter().filter(|(pos, _)| *pos < cursor).count();
+
+    let server = Server::start_in(dir, &config, &[]);
+    let want = ids(&events);
+    assert!(
+        wait_for(40, || rx.ok_count() >= n && rx.has_all(&want)),
+        "after the restart only {} of {n} delivered; {}",
+        rx.ok_distinct(),
+        status(&server)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let delivered = rx.ok_events();
+    let dups = duplicates(&delivered);
+    eprintln!(
+        "delivery crash test: {n} events, {before_kill} delivered before kill -9 \
+         ({behind_cursor} behind the saved cursor), {dups} duplicates"
+    );
+    check_user_order(&events, &delivered).unwrap();
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for e in &delivered {
+        *count.entry(mid(e)).or_default() += 1;
+    }
+    for (id, c) in &count {
+        let want = if expected_dups.contains(id) { 2 } else { 1 };
+        assert_eq!(*c, want, "{id} delivered {c} times (cursor {cursor})");
+    }
+    assert_eq!(dups, expected_dups.len());
+    assert!(
+        wait_for(5, || dest_status(&server, "hook")["delivered"]
+            == (n - behind_cursor) as u64),
+        "{}",
+        dest_status(&server, "hook")
+    );
+}
+
+/// 7. 500 forever with `max_attempts = 3, retry_window = "0s"`: exactly 3 attempts, then
+///    the dead letters, and the user's later events go on. A 429 with `Retry-After: 1`
+///    delays the next attempt by at least a second although min_backoff is 20ms.
+#[test]
+fn retries_are_bounded_and_retry_after_is_honoured() {
+    let rx = Receiver::start(rule(|h| match (h.mid(), h.attempt) {
+        ("doomed", _) => Reply::Status(500),
+        ("slow", 1) => Reply::RetryAfter(429, 1),
+        ("unavailable", 1) => Reply::RetryAfter(503, 1),
+        ("late", 1) => Reply::Status(408),
+        ("gone", _) => Reply::Status(404),
+        _ => Reply::Status(200),
+    }));
+    // Another destination: at least 2 attempts *and* 1.5 s.
+    let rx2 = Receiver::start(rule(|h| match h.mid() {
+        "doomed" => Reply::Status(500),
+        _ => Reply::Status(200),
+    }));
+    let extra = format!(
+        "{}{}",
+        webhook(
+            "hook",
+            &rx.url(),
+            r#"retry = { max_attempts = 3, retry_window = "0s", min_backoff = "20ms", max_backoff = "200ms" }"#,
+        ),
+        webhook(
+            "windowed",
+            &rx2.url(),
+            r#"retry = { max_attempts = 2, retry_window = "1500ms", min_backoff = "20ms", max_backoff = "200ms" }"#,
+        )
+    );
+    let server = Server::start(&common::config(&extra));
+    let events = [
+        event("u", "first", 0),
+        event("u", "doomed", 0),
+        event("v", "slow", 0),
+        event("w", "unavailable", 0),
+        event("u", "after-1", 0),
+        event("u", "after-2", 0),
+        event("v", "after-slow", 0),
+        event("x", "late", 0),
+        event("y", "gone", 0),
+        event("y", "after-gone", 0),
+    ];
+    post(&server, "/v1/batch", &json!({ "batch": events }));
+    let ok: HashSet<String> = ids(&events)
+        .into_iter()
+        .filter(|i| i != "doomed" && i != "gone")
+        .collect();
+    assert!(
+        wait_for(20, || rx.has_all(&ok)),
+        "{:?}\n{}",
+        rx.requests(),
+        status(&server)
+    );
+    // No further attempt of the doomed event.
+    std::thread::sleep(Duration::from_millis(500));
+    let doomed = rx.attempts_of("doomed");
+    assert_eq!(doomed.len(), 3, "exactly max_attempts attempts");
+    assert!(doomed.iter().all(|r| r.status == 500));
+    let letters = dead_letters(&server, "hook");
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let gone = letters
+        .iter()
+        .find(|l| l["event"]["messageId"] == "gone")
+        .unwrap();
+    assert_eq!(gone["attempts"], 1, "{gone}");
+    assert_eq!(gone["status"], 404, "{gone}");
+    assert_eq!(rx.attempts_of("gone").len(), 1, "a 404 is not retried");
+    assert_eq!(rx.attempts_of("late").len(), 2, "a 408 is retried");
+    let letters: Vec<Value> = letters
+        .into_iter()
+        .filter(|l| l["event"]["messageId"] == "doomed")
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["attempts"], 3);
+    assert_eq!(letters[0]["status"], 500);
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("retries exhausted"),
+        "{}",
+        letters[0]
+    );
+    let reqs = rx.requests();
+    let arrival = |id: &str| -> Vec<Instant> {
+        reqs.iter()
+            .filter(|r| mid(&r.body) == id)
+            .map(|r| r.at)
+            .collect()
+    };
+    // The user's later events were delivered after the third attempt, in order.
+    let last_doomed = doomed[2].at;
+    assert!(arrival("first")[0] < doomed[0].at);
+    assert!(arrival("after-1")[0] > last_doomed);
+    assert!(arrival("after-2")[0] > arrival("after-1")[0]);
+    assert_eq!(arrival("after-1").len(), 1);
+    assert_eq!(arrival("after-2").len(), 1);
+    for id in ["slow", "unavailable"] {
+        let a = arrival(id);
+        assert_eq!(a.len(), 2, "{id}");
+        let gap = a[1] - a[0];
+        assert!(
+            gap >= Duration::from_secs(1),
+            "{id}: Retry-After: 1 not honoured, next attempt after {gap:?}"
+        );
+    }
+    assert!(arrival("after-slow")[0] > arrival("slow")[1]);
+    assert!(arrival("after-gone")[0] > arrival("gone")[0]);
+    let d = dest_status(&server, "hook");
+    assert_eq!(d["delivered"], 8, "{d}");
+    assert_eq!(d["aborted"], 2, "{d}");
+    assert_eq!(d["dead_letters"], 2, "{d}");
+    // 2 retries of "doomed" plus the abort after its 3rd failure, and one each for
+    // "slow", "unavailable" and "late".
+    assert_eq!(d["retries"], 6, "{d}");
+
+    // "windowed" gives up only once both 2 attempts and 1.5 s have passed.
+    assert!(
+        wait_for(20, || dead_letters(&server, "windowed").len() == 1),
+        "{}",
+        status(&server)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let l = &dead_letters(&server, "windowed")[0];
+    let tries = rx2.attempts_of("doomed");
+    assert!(
+        tries.len() > 2,
+        "only {} attempts within the window",
+        tries.len()
+    );
+    assert_eq!(l["attempts"], tries.len(), "{l}");
+    let lived = l["dead_at_ms"].as_u64().unwrap() - l["first_attempt_ms"].as_u64().unwrap();
+    assert!(
+        lived >= 1500,
+        "aborted {lived} ms after the first attempt: {l}"
+    );
+    let later = ids(&events)
+        .into_iter()
+        .filter(|i| i != "doomed")
+        .collect::<HashSet<_>>();
+    assert!(wait_for(10, || rx2.has_all(&later)));
+    assert!(rx2.attempts_of("after-1")[0].at > tries[tries.len() - 1].at);
+}
+
+/// 8. A backlog held by a down webhook keeps segments on disk; once it drains they are
+///    deleted. The file destination writes every event as one JSON line.
+#[test]
+fn disk_use_falls_after_a_backlog_drains_and_file_gets_every_line() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let out: PathBuf = dir.path().join("out").join("events.jsonl");
+    let port = free_port();
+    let extra = format!(
+        r#"
+[[destinations]]
+id = "archive"
+type = "file"
+sources = ["web"]
+path = "{}"
+{}"#,
+        out.display(),
+        webhook("hook", &url_for(port), PATIENT)
+    );
+    let config = common::config(&extra);
+    let server = Server::start_in(
+        dir.clone(),
+        &config,
+        &[("BALLAST_STORAGE__SEGMENT_BYTES", "65536")],
+    );
+    let data = server.data_dir();
+    let (segs_empty, _) = segments(&data);
+    let n = 1000;
+    let events: Vec<Value> = (0..n)
+        .map(|i| event(&format!("user-{}", i % 13), &format!("f-{i}"), 2000))
+        .collect();
+    for chunk in events.chunks(10) {
+        post(&server, "/v1/batch", &json!({ "batch": chunk }));
+    }
+    let stored = server.dump();
+    assert_eq!(mids(&stored), mids(&events));
+    let (segs_full, bytes_full) = segments(&data);
+    assert!(
+        segs_full >= 20 && bytes_full >= 2_000_000,
+        "{segs_full} segments, {bytes_full} bytes (empty: {segs_empty})"
+    );
+    // The file destination gets everything while the webhook is down.
+    assert!(
+        wait_for(30, || dest_status(&server, "archive")["delivered"]
+            == n as u64),
+        "{}",
+        status(&server)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON event"))
+        .collect();
+    assert!(text.ends_with('\n'));
+    assert_eq!(lines.len(), n, "one line per event");
+    check_user_order(&events, &lines).unwrap();
+    let by_id: HashMap<&str, &Value> = stored.iter().map(|e| (mid(e), e)).collect();
+    for l in &lines {
+        assert_eq!(&l, &by_id[mid(l)], "the line is the stored event");
+    }
+    // The webhook's cursor holds the segments.
+    std::thread::sleep(Duration::from_millis(500));
+    let (segs_held, _) = segments(&data);
+    assert_eq!(segs_held, segs_full, "segments kept for the down webhook");
+    assert_eq!(dest_status(&server, "hook")["delivered"], 0);
+
+    let rx = Receiver::start_on(port, always(200));
+    assert!(
+        wait_for(40, || rx.ok_count() >= n && rx.has_all(&ids(&events))),
+        "webhook got {} of {n}; {}",
+        rx.ok_distinct(),
+        status(&server)
+    );
+    check_user_order(&events, &rx.ok_events()).unwrap();
+    let drained = || {
+        status(&server)["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["backlog_bytes"] == 0)
+    };
+    assert!(
+        wait_for(10, || segments(&data).0 <= 2 && drained()),
+        "segments not deleted after the drain: {:?}; {}",
+        segments(&data),
+        status(&server)
+    );
+    let (segs_after, bytes_after) = segments(&data);
+    let st = status(&server);
+    eprintln!(
+        "disk test: {segs_full} segments / {bytes_full} bytes with the backlog, \
+         {segs_after} / {bytes_after} after the drain"
+    );
+    assert!(bytes_after < 300_000, "{bytes_after} bytes left");
+    assert!(st["storage"]["segments"].as_u64().unwrap() <= 2, "{st}");
+    assert!(
+        st["storage"]["bytes_used"].as_u64().unwrap() < 300_000,
+        "{st}"
+    );
+    for d in st["destinations"].as_array().unwrap() {
+        assert_eq!(d["backlog_bytes"], 0, "{d}");
+    }
+    // Nothing written twice to the file.
+    let again = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(again.lines().count(), n);
+}
+
+/// With `batch_size > 1` a request carries the heads of several users. A permanent
+/// failure of one user's event must still abort only that event: DESIGN.md, "a failing
+/// event blocks that user's later events for that destination, and nobody else's".
+#[test]
+fn a_bad_event_in_a_batch_dead_letters_only_itself() {
+    let rx = Receiver::start(rule(|h| {
+        if h.events.iter().any(|e| mid(e) == "bad") {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
+        }
+    }));
+    let extra = webhook(
+        "hook",
+        &rx.url(),
+        &format!("batch_size = 4\nconcurrency = 1\n{PATIENT}"),
+    );
+    let server = Server::start(&common::config(&extra));
+    let events = [
+        event("a", "bad", 0),
+        event("b", "b-1", 0),
+        event("b", "b-2", 0),
+        event("b", "b-3", 0),
+    ];
+    post(&server, "/v1/batch", &json!({ "batch": events }));
+    assert!(
+        wait_for(10, || !rx.requests().is_empty()
+            && dest_status(&server, "hook")["buffered_events"] == 0),
+        "{}",
+        status(&server)
+    );
+    let letters: Vec<String> = dead_letters(&server, "hook")
+        .iter()
+        .map(|l| l["event"]["messageId"].as_str().unwrap().to_string())
+        .collect();
+    let reqs = rx.requests();
+    let seen: Vec<(Vec<&str>, u16)> = reqs
+        .iter()
+        .map(|r| (r.events.iter().map(mid).collect(), r.status))
+        .collect();
+    assert_eq!(letters, ["bad"], "requests (messageIds, status): {seen:?}");
+    assert!(rx.has_all(&ids(&events[1..])), "{seen:?}");
+}
+
+/// A backlog larger than the router keeps in memory (20 000 event bodies) while the
+/// webhook is down: once it is back, every event arrives once, in order per user.
+#[test]
+fn a_backlog_beyond_memory_is_delivered_in_order() {
+    let port = free_port();
+    let extra = webhook(
+        "hook",
+        &url_for(port),
+        &format!("concurrency = 64\n{PATIENT}"),
+    );
+    let server = Server::start(&common::config(&extra));
+    let n = 22_000;
+    let events: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "type": "track",
+                "event": "e",
+                "userId": format!("user-{}", i % 40),
+                "messageId": format!("big-{i}"),
+            })
+        })
+        .collect();
+    for chunk in events.chunks(500) {
+        post(&server, "/v1/batch", &json!({ "batch": chunk }));
+    }
+    assert!(
+        wait_for(20, || dest_status(&server, "hook")["retries"]
+            .as_u64()
+            .unwrap()
+            >= 40),
+        "{}",
+        status(&server)
+    );
+    let started = Instant::now();
+    let rx = Receiver::start_on(port, always(200));
+    let want = ids(&events);
+    assert!(
+        wait_for(120, || rx.ok_count() >= n && rx.has_all(&want)),
+        "{} of {n} delivered; {}",
+        rx.ok_distinct(),
+        status(&server)
+    );
+    eprintln!(
+        "backlog test: {n} events delivered in {} ms",
+        started.elapsed().as_millis()
+    );
+    let delivered = rx.ok_events();
+    assert_eq!(delivered.len(), n, "each event once");
+    check_user_order(&events, &delivered).unwrap();
+    assert!(
+        wait_for(5, || dest_status(&server, "hook")["backlog_bytes"] == 0),
+        "{}",
+        dest_status(&server, "hook")
+    );
+}

@@ -271,8 +271,12 @@ impl Alerts {
                 }
                 Err(_) => (Vec::new(), Some(now + 5_000)),
             };
-            for (id, entry) in due {
-                self.deliver(id, entry).await;
+            if !due.is_empty() {
+                for (id, entry) in due {
+                    self.deliver(id, entry).await;
+                }
+                // Deliveries rescheduled what failed: look again for the next due time.
+                continue;
             }
             let wait = next
                 .map(|n| {

@@ -123,10 +123,15 @@ enum LogCommand {
 #[derive(clap::Args, Debug)]
 struct AdminArgs {
     /// Admin API of the running server.
-    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8081")]
     admin: String,
     /// Bearer token of the admin API.
-    #[arg(long, env = "BALLAST_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "BALLAST_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -422,4 +427,39 @@ fn dump(data_dir: &std::path::Path, meta: bool) -> anyhow::Result<i32> {
     }
     out.flush().context("writing to stdout")?;
     Ok(if bad.get() > 0 { 2 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn admin_flags_go_before_or_after_subcommands() {
+        Cli::command().debug_assert();
+        for args in [
+            vec!["ballast", "mode", "set", "normal", "--admin", "http://x"],
+            vec!["ballast", "mode", "--admin", "http://x", "set", "normal"],
+            vec!["ballast", "mode", "--admin", "http://x"],
+            vec![
+                "ballast",
+                "dead-letters",
+                "replay",
+                "--destination",
+                "d",
+                "--admin",
+                "http://x",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let admin = match cli.command {
+                Command::Mode { admin, .. } => admin.admin,
+                Command::DeadLetters {
+                    command: DeadLetterCommand::Replay { admin, .. },
+                } => admin.admin,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(admin, "http://x", "{args:?}");
+        }
+    }
 }

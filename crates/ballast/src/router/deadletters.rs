@@ -16,7 +16,9 @@ const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_let
 const REPLAY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("replay_queue");
 const RETRY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("retry_state");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const STRIKES: TableDefinition<(&str, u64), u32> = TableDefinition::new("strikes");
+/// Strikes by (destination, strike key): the messageId, so a resent copy of a poison
+/// event shares its strikes.
+const STRIKES: TableDefinition<(&str, &str), u32> = TableDefinition::new("strikes_by_id");
 
 #[derive(Debug, thiserror::Error)]
 #[error("router state: {0}")]
@@ -203,21 +205,21 @@ impl RouterDb {
         txn.commit().map_err(e)
     }
 
-    /// Adds one strike to each event (it was being processed when the process died, or
-    /// when its worker panicked); returns the new counts.
-    pub fn add_strikes(&self, events: &[(String, Position)]) -> Result<Vec<u32>, DbError> {
+    /// Adds one strike to each event, named by its strike key (it was being processed
+    /// when the process died, or when its worker panicked); returns the new counts.
+    pub fn add_strikes(&self, events: &[(String, String)]) -> Result<Vec<u32>, DbError> {
         let txn = self.db.begin_write().map_err(e)?;
         let mut counts = Vec::with_capacity(events.len());
         {
             let mut t = txn.open_table(STRIKES).map_err(e)?;
-            for (dest, pos) in events {
+            for (dest, key) in events {
                 let n = t
-                    .get((dest.as_str(), *pos))
+                    .get((dest.as_str(), key.as_str()))
                     .map_err(e)?
                     .map(|v| v.value())
                     .unwrap_or(0)
                     + 1;
-                t.insert((dest.as_str(), *pos), n).map_err(e)?;
+                t.insert((dest.as_str(), key.as_str()), n).map_err(e)?;
                 counts.push(n);
             }
         }
@@ -225,28 +227,28 @@ impl RouterDb {
         Ok(counts)
     }
 
-    /// Strikes of a destination's events.
-    pub fn load_strikes(&self, destination: &str) -> Result<HashMap<Position, u32>, DbError> {
+    /// Strikes of a destination's events, by strike key.
+    pub fn load_strikes(&self, destination: &str) -> Result<HashMap<String, u32>, DbError> {
         let txn = self.db.begin_read().map_err(e)?;
         let t = txn.open_table(STRIKES).map_err(e)?;
         let mut out = HashMap::new();
-        for item in t
-            .range((destination, 0u64)..=(destination, u64::MAX))
-            .map_err(e)?
-        {
+        for item in t.iter().map_err(e)? {
             let (k, v) = item.map_err(e)?;
-            out.insert(k.value().1, v.value());
+            let (dest, key) = k.value();
+            if dest == destination {
+                out.insert(key.to_string(), v.value());
+            }
         }
         Ok(out)
     }
 
     /// Forgets strikes of events that are finished.
-    pub fn clear_strikes(&self, destination: &str, positions: &[Position]) -> Result<(), DbError> {
+    pub fn clear_strikes(&self, destination: &str, keys: &[String]) -> Result<(), DbError> {
         let txn = self.db.begin_write().map_err(e)?;
         {
             let mut t = txn.open_table(STRIKES).map_err(e)?;
-            for p in positions {
-                t.remove((destination, *p)).map_err(e)?;
+            for k in keys {
+                t.remove((destination, k.as_str())).map_err(e)?;
             }
         }
         txn.commit().map_err(e)

@@ -7,6 +7,7 @@
 pub mod deadletters;
 pub mod retry;
 mod worker;
+pub(crate) use worker::strike_key_of;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -49,10 +49,13 @@ struct Pending {
     first_attempt: Option<SystemTime>,
     /// Struck out as a poison event: quarantined instead of delivered.
     poison: bool,
+    /// Names the event's strikes: its messageId (so a resent copy shares them).
+    key: Arc<str>,
 }
 
-/// One delivery in flight: (user, events of that user) units and their log positions.
-type InFlight = (Vec<(Arc<str>, usize)>, Vec<Position>);
+/// One delivery in flight: (user, events of that user) units, their log positions (as
+/// journaled) and their strike keys.
+type InFlight = (Vec<(Arc<str>, usize)>, Vec<Position>, Vec<Arc<str>>);
 
 #[derive(Default)]
 struct UserQueue {
@@ -85,9 +88,12 @@ pub(super) struct Worker {
     inflight: HashMap<tokio::task::Id, InFlight>,
     journal: Arc<Journal>,
     alerts: Arc<Alerts>,
-    strikes: HashMap<Position, u32>,
-    strike_clears: Vec<Position>,
+    strikes: HashMap<String, u32>,
+    strike_clears: Vec<String>,
     poison_threshold: u32,
+    /// A suspect (an event with strikes) is being delivered alone: nothing else starts
+    /// until it finishes, so that a crash now names it and only it.
+    isolating: Option<tokio::task::Id>,
     tasks: JoinSet<Outcome>,
     known_retry: HashMap<Position, RetryInfo>,
     retry_changes: Vec<(Position, Option<RetryInfo>)>,
@@ -127,6 +133,20 @@ fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
         (None, None) => String::new(),
     };
     (Arc::from(key), Arc::from(message_id))
+}
+
+/// What names an event's strikes: its messageId, else its position.
+pub(crate) fn strike_key(message_id: &str, position: Position) -> String {
+    if message_id.is_empty() {
+        format!("@{position}")
+    } else {
+        message_id.to_string()
+    }
+}
+
+/// The strike key of a stored event.
+pub(crate) fn strike_key_of(e: &StoredEvent) -> String {
+    strike_key(&identify(&e.event).1, e.position)
 }
 
 fn to_event(e: &StoredEvent) -> (Arc<str>, Event) {
@@ -189,6 +209,7 @@ impl Worker {
             strikes,
             strike_clears: Vec::new(),
             poison_threshold,
+            isolating: None,
         })
     }
 
@@ -308,8 +329,8 @@ impl Worker {
                     self.loaded += 1;
                 }
                 let known = self.known_retry.get(&e.position).copied();
-                let poison =
-                    self.strikes.get(&e.position).copied().unwrap_or(0) >= self.poison_threshold;
+                let key: Arc<str> = Arc::from(strike_key(&event.message_id, e.position));
+                let poison = self.strikes.get(&*key).copied().unwrap_or(0) >= self.poison_threshold;
                 self.unfinished.insert(e.position);
                 self.enqueue(
                     user,
@@ -320,6 +341,7 @@ impl Worker {
                         attempts: known.map(|k| k.attempts).unwrap_or(0),
                         first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
                         poison,
+                        key,
                     },
                 );
             }
@@ -375,6 +397,7 @@ impl Worker {
                     attempts: 0,
                     first_attempt: None,
                     poison: false,
+                    key: Arc::from(format!("replay:{}", l.id)),
                 },
             );
         }
@@ -411,12 +434,25 @@ impl Worker {
         }
     }
 
+    /// True when the user's head has strikes (it was in flight at a crash or a panic).
+    fn head_is_suspect(&self, user: &Arc<str>) -> bool {
+        self.users
+            .get(user)
+            .and_then(|u| u.q.front())
+            .is_some_and(|p| self.strikes.get(&*p.key).copied().unwrap_or(0) > 0)
+    }
+
     /// Starts deliveries while there is capacity and a user ready.
+    ///
+    /// Suspects (events with strikes) are delivered alone, with nothing else of this
+    /// destination in flight, so that if they crash the process again the journal names
+    /// them and nothing else.
     async fn dispatch(&mut self) {
         let max = self.config.batch_size;
-        while self.tasks.len() < self.config.concurrency {
+        'requests: while self.isolating.is_none() && self.tasks.len() < self.config.concurrency {
             let mut units: Vec<(Arc<str>, usize)> = Vec::new();
             let mut events: Vec<Event> = Vec::new();
+            let mut isolate = false;
             while events.len() < max {
                 let Some(user) = self.ready.pop_front() else {
                     break;
@@ -427,11 +463,6 @@ impl Worker {
                     }
                     _ => continue,
                 };
-                if solo && !units.is_empty() {
-                    // It goes first, alone, in the next request.
-                    self.ready.push_front(user);
-                    break;
-                }
                 if self
                     .users
                     .get(&user)
@@ -441,16 +472,31 @@ impl Worker {
                     self.quarantine(&user).await;
                     continue;
                 }
+                let suspect = self.head_is_suspect(&user);
+                if (solo || suspect) && !units.is_empty() {
+                    // It goes first, alone, in the next request.
+                    self.ready.push_front(user);
+                    break;
+                }
+                if suspect && !self.tasks.is_empty() {
+                    // Let what is in flight finish first.
+                    self.ready.push_front(user);
+                    break 'requests;
+                }
+                let take = if suspect { 1 } else { take };
                 let mut n = 0;
                 for i in 0..take {
-                    if i > 0
-                        && self
-                            .users
-                            .get(&user)
-                            .and_then(|u| u.q.get(i))
-                            .is_some_and(|p| p.poison)
-                    {
-                        break;
+                    if i > 0 {
+                        let stop =
+                            self.users
+                                .get(&user)
+                                .and_then(|u| u.q.get(i))
+                                .is_some_and(|p| {
+                                    p.poison || self.strikes.get(&*p.key).copied().unwrap_or(0) > 0
+                                });
+                        if stop {
+                            break;
+                        }
                     }
                     if !self.load(&user, i).await {
                         break;
@@ -478,30 +524,26 @@ impl Worker {
                     }
                 }
                 units.push((user, n));
-                if solo {
+                if solo || suspect {
+                    isolate = suspect;
                     break;
                 }
             }
             if units.is_empty() {
                 break;
             }
-            let positions: Vec<Position> = units
-                .iter()
-                .flat_map(|(user, n)| {
-                    self.users
-                        .get(user)
-                        .map(|u| {
-                            u.q.iter()
-                                .take(*n)
-                                .filter_map(|p| match p.origin {
-                                    Origin::Log(pos) => Some(pos),
-                                    Origin::Replay(_) => None,
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                        .unwrap_or_default()
-                })
-                .collect();
+            let mut positions = Vec::new();
+            let mut keys = Vec::new();
+            for (user, n) in &units {
+                if let Some(u) = self.users.get(user) {
+                    for p in u.q.iter().take(*n) {
+                        keys.push(p.key.clone());
+                        if let Origin::Log(pos) = p.origin {
+                            positions.push(pos);
+                        }
+                    }
+                }
+            }
             self.journal.begin(&self.config.id, &positions);
             let sink = self.sink.clone();
             let handle = self.tasks.spawn(async move {
@@ -520,15 +562,21 @@ impl Worker {
                 }
                 sink.deliver(&events).await
             });
-            self.inflight.insert(handle.id(), (units, positions));
+            if isolate {
+                self.isolating = Some(handle.id());
+            }
+            self.inflight.insert(handle.id(), (units, positions, keys));
         }
     }
 
     async fn complete(&mut self, id: tokio::task::Id, outcome: Outcome) {
-        let Some((units, positions)) = self.inflight.remove(&id) else {
+        let Some((units, positions, _)) = self.inflight.remove(&id) else {
             return;
         };
         self.journal.end(&self.config.id, &positions);
+        if self.isolating == Some(id) {
+            self.isolating = None;
+        }
         if units.len() > 1 && outcome != Outcome::Delivered {
             // Several users in one failed request: nobody is blamed yet; each user's
             // events go again on their own, without an attempt counted.
@@ -637,8 +685,8 @@ impl Worker {
                         if self.known_retry.remove(&pos).is_some() {
                             self.retry_changes.push((pos, None));
                         }
-                        if self.strikes.remove(&pos).is_some() {
-                            self.strike_clears.push(pos);
+                        if self.strikes.remove(&*p.key).is_some() {
+                            self.strike_clears.push(p.key.to_string());
                         }
                     }
                     Origin::Replay(id) => {
@@ -785,24 +833,25 @@ impl Worker {
     /// A worker panicked while holding these events: one strike each; at the threshold
     /// they are marked poison (quarantined when they reach the head again).
     async fn strike(&mut self, id: tokio::task::Id) {
-        let Some((_, positions)) = self.inflight.get(&id) else {
+        let Some((_, _, keys)) = self.inflight.get(&id) else {
             return;
         };
-        let events: Vec<(String, Position)> = positions
+        let keys = keys.clone();
+        let events: Vec<(String, String)> = keys
             .iter()
-            .map(|p| (self.config.id.clone(), *p))
+            .map(|k| (self.config.id.clone(), k.to_string()))
             .collect();
         let db = self.db.clone();
         let counts = match tokio::task::spawn_blocking(move || db.add_strikes(&events)).await {
             Ok(Ok(c)) => c,
             _ => return,
         };
-        for (pos, n) in positions.clone().into_iter().zip(counts) {
-            self.strikes.insert(pos, n);
+        for (key, n) in keys.into_iter().zip(counts) {
+            self.strikes.insert(key.to_string(), n);
             if n >= self.poison_threshold {
                 for uq in self.users.values_mut() {
                     for p in uq.q.iter_mut() {
-                        if p.origin == Origin::Log(pos) {
+                        if p.key == key {
                             p.poison = true;
                         }
                     }
@@ -828,7 +877,7 @@ impl Worker {
                     .as_ref()
                     .map(|e| e.message_id.to_string())
                     .unwrap_or_default();
-                (pos, mid, self.strikes.get(&pos).copied().unwrap_or(0))
+                (pos, mid, self.strikes.get(&*p.key).copied().unwrap_or(0))
             }
             None => return,
         };
@@ -884,7 +933,7 @@ impl Worker {
         s.in_flight.store(
             self.inflight
                 .values()
-                .flat_map(|(u, _)| u.iter())
+                .flat_map(|(u, _, _)| u.iter())
                 .map(|(_, n)| *n as u64)
                 .sum(),
             Ordering::Relaxed,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -109,6 +109,20 @@ pub struct LoadReport {
     pub last_error: Option<String>,
     /// Latency of 200 answers.
     pub latency: Latency,
+    /// Wall-clock start of the load (warm-up included) and end of the last
+    /// request, in ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    pub finished_unix_ms: u64,
+    /// Requests and events answered 200 over the whole run: warm-up, measured
+    /// phase and requests that completed after the deadline.
+    pub accepted_requests_total: u64,
+    pub accepted_events_total: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 struct Shared {
@@ -122,6 +136,9 @@ struct Shared {
 }
 
 struct WorkerStats {
+    /// 200 answers and their events, whatever the phase.
+    all_ok: u64,
+    all_events: u64,
     ok: u64,
     events: u64,
     non_200: u64,
@@ -209,6 +226,8 @@ async fn send(
 
 async fn worker(id: usize, shared: Arc<Shared>) -> anyhow::Result<WorkerStats> {
     let mut stats = WorkerStats {
+        all_ok: 0,
+        all_events: 0,
         ok: 0,
         events: 0,
         non_200: 0,
@@ -258,6 +277,8 @@ async fn worker(id: usize, shared: Arc<Shared>) -> anyhow::Result<WorkerStats> {
         let measured = start >= shared.measure_start;
         match outcome {
             Ok(Ok(StatusCode::OK)) => {
+                stats.all_ok += 1;
+                stats.all_events += template.events() as u64;
                 if measured && end <= shared.deadline {
                     stats.ok += 1;
                     stats.events += template.events() as u64;
@@ -311,6 +332,7 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     let avg_body_bytes = pool.iter().map(|t| t.render().len()).sum::<usize>() / pool.len();
     let events_per_request = pool.first().map_or(1, BodyTemplate::events);
 
+    let started_unix_ms = unix_ms(SystemTime::now());
     let start = Instant::now();
     let measure_start = start + cfg.warmup;
     let shared = Arc::new(Shared {
@@ -354,9 +376,15 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
             max_us: 0,
             mean_us: 0.0,
         },
+        started_unix_ms,
+        finished_unix_ms: 0,
+        accepted_requests_total: 0,
+        accepted_events_total: 0,
     };
     for task in tasks {
         let stats = task.await.context("load task panicked")??;
+        report.accepted_requests_total += stats.all_ok;
+        report.accepted_events_total += stats.all_events;
         report.requests += stats.ok;
         report.events += stats.events;
         report.non_200 += stats.non_200;
@@ -369,6 +397,7 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
         }
         total.add(&stats.hist)?;
     }
+    report.finished_unix_ms = unix_ms(SystemTime::now());
     let secs = cfg.duration.as_secs_f64();
     report.requests_per_sec = report.requests as f64 / secs;
     report.events_per_sec = report.events as f64 / secs;

@@ -3,16 +3,21 @@
 //! - `null-server`: HTTP only, answers 200 without doing anything (baseline 1).
 //! - `naive-server`: parse, enrich, re-serialize, append + group fdatasync
 //!   (baseline 2).
+//! - `sink-server`: a null webhook receiver that records the delivery lag of
+//!   each event (for the end-to-end benchmark).
 //! - `load`: the load generator.
 //! - `run`: starts null, naive and ballast one after another on free
-//!   loopback ports, loads each, and prints a comparison.
+//!   loopback ports, loads each, and prints a comparison; with `--e2e` it
+//!   also measures ballast's end-to-end delivery to the sink.
 
+mod e2e;
 mod events;
 mod load;
 mod naive;
 mod null;
 mod run;
 mod server;
+mod sink;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +48,12 @@ enum Command {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Null webhook receiver: answers 200 to every POST and records each
+    /// event's delivery lag (arrival − `receivedAt`); GET /stats, POST /reset.
+    SinkServer {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        listen: SocketAddr,
+    },
     /// Send load to one server and report throughput and latency.
     Load {
         #[command(flatten)]
@@ -51,7 +62,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmark null, naive and ballast one after another and compare.
+    /// Benchmark null, naive and ballast one after another and compare (and,
+    /// with --e2e, ballast's end-to-end delivery).
     Run(run::RunArgs),
 }
 
@@ -71,6 +83,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::NullServer { listen } => null::run(listen).await,
         Command::NaiveServer { listen, file } => naive::run(listen, &file).await,
+        Command::SinkServer { listen } => sink::run(listen).await,
         Command::Load { config, json } => {
             let report = load::run(&config).await?;
             if json {

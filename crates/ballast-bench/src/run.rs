@@ -4,6 +4,9 @@
 //! process on a free loopback port, waited for, loaded for the same duration
 //! with the same number of connections, and stopped before the next one
 //! starts, so the servers never compete with each other for the two cores.
+//!
+//! The `e2e` mode (see `e2e.rs`) measures ballast with a webhook destination
+//! delivering to the sink server, against ballast without destinations.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -22,6 +25,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
 
+use crate::e2e::{self, E2eOutcome};
 use crate::load::{self, ms, LoadConfig, LoadReport, Mode};
 
 /// Metric lines reported from ballast's admin `/metrics` (and the naive
@@ -29,6 +33,9 @@ use crate::load::{self, ms, LoadConfig, LoadReport, Mode};
 const METRIC_PREFIXES: &[&str] = &[
     "ballast_log_fsyncs_total",
     "ballast_ingest_requests_total",
+    "ballast_log_events_total",
+    "ballast_destination_delivered_total",
+    "ballast_destination_retries_total",
     "naive_fsyncs_total",
     "naive_requests_total",
 ];
@@ -51,14 +58,31 @@ pub struct RunArgs {
     /// Unmeasured load before each measurement.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Load modes to run, comma-separated.
+    /// Modes to run, comma-separated: `single` and `batch` load null, naive
+    /// and ballast; `e2e` measures ballast's end-to-end delivery to a webhook
+    /// sink (ballast only).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
         default_value = "single,batch"
     )]
-    pub modes: Vec<Mode>,
+    pub modes: Vec<RunMode>,
+    /// Also run the `e2e` mode (same as adding `e2e` to --modes).
+    #[arg(long)]
+    pub e2e: bool,
+    /// e2e: the load sent to ballast, in both the ingest-only and the delivery run.
+    #[arg(long, value_enum, default_value_t = Mode::Batch)]
+    pub e2e_load: Mode,
+    /// e2e: the webhook destination's `concurrency` (deliveries in flight).
+    #[arg(long, default_value_t = 64)]
+    pub e2e_concurrency: usize,
+    /// e2e: the webhook destination's `batch_size` (events per delivery).
+    #[arg(long, default_value_t = 100)]
+    pub e2e_batch_size: usize,
+    /// e2e: how long to wait after the load for ballast to deliver everything.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub e2e_drain_timeout: Duration,
     /// Events per request in batch mode.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
@@ -80,9 +104,42 @@ pub struct RunArgs {
     pub startup_timeout: Duration,
 }
 
+/// What `--modes` accepts: a load shape, or the end-to-end benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunMode {
+    /// One event per request, POST /v1/track (null, naive, ballast).
+    Single,
+    /// `{"batch":[...]}` of --batch-size events per request (null, naive, ballast).
+    Batch,
+    /// ballast ingest-only vs ballast delivering to a webhook sink.
+    E2e,
+}
+
+impl RunArgs {
+    /// The load modes null, naive and ballast are compared in.
+    fn load_modes(&self) -> Vec<Mode> {
+        let mut modes = Vec::new();
+        for m in &self.modes {
+            let mode = match m {
+                RunMode::Single => Mode::Single,
+                RunMode::Batch => Mode::Batch,
+                RunMode::E2e => continue,
+            };
+            if !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
+        modes
+    }
+
+    fn wants_e2e(&self) -> bool {
+        self.e2e || self.modes.contains(&RunMode::E2e)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Server {
+pub(crate) enum Server {
     Null,
     Naive,
     Ballast,
@@ -99,26 +156,55 @@ impl Server {
 }
 
 #[derive(Debug, Serialize)]
-struct Outcome {
-    round: usize,
-    server: Server,
-    mode: Mode,
-    report: LoadReport,
+pub(crate) struct Outcome {
+    pub round: usize,
+    pub server: Server,
+    pub mode: Mode,
+    pub report: LoadReport,
     /// Selected lines of the server's /metrics after the run (warm-up included).
-    metrics: Vec<String>,
+    pub metrics: Vec<String>,
     /// Bytes the naive server wrote to its file (warm-up included).
-    data_bytes: Option<u64>,
+    pub data_bytes: Option<u64>,
+    /// CPU time (user + system) of the server and of the load generator during
+    /// the load (warm-up included), in seconds.
+    pub server_cpu_s: Option<f64>,
+    pub loadgen_cpu_s: Option<f64>,
+    /// Cores busy on the whole machine during the load (other processes included).
+    pub machine_cores: Option<f64>,
+}
+
+/// CPU time (user + system) of a process so far, in seconds (Linux).
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses: state is the
+    // first, utime the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (tick > 0).then(|| (utime + stime) as f64 / tick as f64)
+}
+
+/// CPU time used between two readings.
+pub(crate) fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(after? - before?)
 }
 
 /// A child server process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
 impl ServerProcess {
-    fn spawn(name: String, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(name: String, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null())
@@ -144,22 +230,26 @@ impl ServerProcess {
     }
 
     /// Last lines of the server's output, for error messages.
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(20)..].join("\n");
         format!("--- last lines of {} ---\n{tail}", self.log.display())
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Errors if the process has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited ({status})\n{}", self.name, self.log_tail());
         }
         Ok(())
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
@@ -192,13 +282,13 @@ impl Drop for ServerProcess {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?)
 }
 
 /// One GET over a fresh connection. Returns the status and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
     let stream = TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(async move {
@@ -220,7 +310,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, B
 }
 
 /// Waits until the server answers `path` (with 200 when `need_ok`).
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     proc: &mut ServerProcess,
     addr: SocketAddr,
     path: &str,
@@ -253,15 +343,23 @@ fn toml_string(s: &str) -> anyhow::Result<String> {
     Ok(serde_json::to_string(s)?)
 }
 
-fn ballast_config(
+/// A webhook destination for ballast's config (the e2e mode).
+pub(crate) struct WebhookDestination {
+    pub url: String,
+    pub concurrency: usize,
+    pub batch_size: usize,
+}
+
+pub(crate) fn ballast_config(
     listen: SocketAddr,
     admin: SocketAddr,
     data_dir: &Path,
+    destination: Option<&WebhookDestination>,
 ) -> anyhow::Result<String> {
     let data_dir = data_dir
         .to_str()
         .context("temporary directory path is not UTF-8")?;
-    Ok(format!(
+    let mut config = format!(
         r#"[server]
 listen = "{listen}"
 admin_listen = "{admin}"
@@ -276,10 +374,52 @@ write_key = "{WRITE_KEY}"
 enabled = true
 "#,
         data_dir = toml_string(data_dir)?
-    ))
+    );
+    if let Some(d) = destination {
+        let _ = write!(
+            config,
+            r#"
+[[destinations]]
+id = "{id}"
+type = "webhook"
+sources = ["bench"]
+url = {url}
+concurrency = {concurrency}
+batch_size = {batch_size}
+"#,
+            id = e2e::DESTINATION_ID,
+            url = toml_string(&d.url)?,
+            concurrency = d.concurrency,
+            batch_size = d.batch_size,
+        );
+    }
+    Ok(config)
 }
 
-fn dir_size(path: &Path) -> u64 {
+/// Selected lines of a server's `/metrics` (see `METRIC_PREFIXES`).
+pub(crate) async fn fetch_metrics(addr: SocketAddr, label: &str) -> Vec<String> {
+    match timeout(Duration::from_secs(5), http_get(addr, "/metrics")).await {
+        Ok(Ok((StatusCode::OK, body))) => String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| METRIC_PREFIXES.iter().any(|p| l.starts_with(p)))
+            .map(str::to_owned)
+            .collect(),
+        Ok(Ok((status, _))) => {
+            eprintln!("[{label}] GET {addr}/metrics answered {status}");
+            Vec::new()
+        }
+        Ok(Err(err)) => {
+            eprintln!("[{label}] GET {addr}/metrics: {err:#}");
+            Vec::new()
+        }
+        Err(_) => {
+            eprintln!("[{label}] GET {addr}/metrics timed out");
+            Vec::new()
+        }
+    }
+}
+
+pub(crate) fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };
@@ -293,16 +433,53 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-struct Bench<'a> {
-    args: &'a RunArgs,
-    exe: PathBuf,
-    root: &'a Path,
+pub(crate) struct Bench<'a> {
+    pub args: &'a RunArgs,
+    pub exe: PathBuf,
+    pub root: &'a Path,
 }
 
 impl Bench<'_> {
-    async fn one(&self, round: usize, server: Server, mode: Mode) -> anyhow::Result<Outcome> {
-        let addr = free_port()?;
+    /// The load every test of this run sends, in `mode`, to `addr`.
+    pub(crate) fn load_config(&self, addr: SocketAddr, mode: Mode) -> LoadConfig {
+        LoadConfig {
+            url: format!("http://{addr}"),
+            write_key: WRITE_KEY.into(),
+            connections: self.args.connections,
+            duration: self.args.duration,
+            mode,
+            batch_size: self.args.batch_size,
+            warmup: self.args.warmup,
+            pool: None,
+        }
+    }
+
+    pub(crate) fn ballast_bin(&self) -> anyhow::Result<&Path> {
+        self.args
+            .ballast_bin
+            .as_deref()
+            .context("--ballast-bin is required for ballast and the e2e mode")
+    }
+
+    pub(crate) async fn one(
+        &self,
+        round: usize,
+        server: Server,
+        mode: Mode,
+    ) -> anyhow::Result<Outcome> {
         let tag = format!("{}-{mode}-{round}", server.name());
+        self.one_tagged(round, server, mode, tag).await
+    }
+
+    /// As `one`; `tag` names the server's directory and log under the root.
+    pub(crate) async fn one_tagged(
+        &self,
+        round: usize,
+        server: Server,
+        mode: Mode,
+        tag: String,
+    ) -> anyhow::Result<Outcome> {
+        let addr = free_port()?;
         let dir = self.root.join(&tag);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = self.root.join(format!("{tag}.log"));
@@ -328,16 +505,12 @@ impl Bench<'_> {
                 (cmd, "/", false)
             }
             Server::Ballast => {
-                let bin = self
-                    .args
-                    .ballast_bin
-                    .as_ref()
-                    .context("--ballast-bin is required unless --skip-ballast is given")?;
+                let bin = self.ballast_bin()?;
                 let admin_addr = free_port()?;
                 let config = dir.join("ballast.toml");
                 std::fs::write(
                     &config,
-                    ballast_config(addr, admin_addr, &dir.join("data"))?,
+                    ballast_config(addr, admin_addr, &dir.join("data"), None)?,
                 )
                 .with_context(|| format!("writing {}", config.display()))?;
                 let mut cmd = Command::new(bin);
@@ -358,16 +531,7 @@ impl Bench<'_> {
         )
         .await?;
 
-        let config = LoadConfig {
-            url: format!("http://{addr}"),
-            write_key: WRITE_KEY.into(),
-            connections: self.args.connections,
-            duration: self.args.duration,
-            mode,
-            batch_size: self.args.batch_size,
-            warmup: self.args.warmup,
-            pool: None,
-        };
+        let config = self.load_config(addr, mode);
         eprintln!(
             "[{mode}] loading {} for {} + {} warm-up with {} connections",
             server.name(),
@@ -375,24 +539,23 @@ impl Bench<'_> {
             humantime::format_duration(self.args.warmup),
             self.args.connections
         );
+        let cpu0 = (
+            cpu_seconds(Some(proc.pid())),
+            cpu_seconds(None),
+            cpu_jiffies(),
+        );
         let report = load::run(&config).await?;
+        let cpu1 = (
+            cpu_seconds(Some(proc.pid())),
+            cpu_seconds(None),
+            cpu_jiffies(),
+        );
         proc.check_alive()
             .context("the server died during the load test")?;
 
         let mut metrics = Vec::new();
         if let Some(admin) = metrics_addr {
-            match timeout(Duration::from_secs(5), http_get(admin, "/metrics")).await {
-                Ok(Ok((StatusCode::OK, body))) => {
-                    metrics = String::from_utf8_lossy(&body)
-                        .lines()
-                        .filter(|l| METRIC_PREFIXES.iter().any(|p| l.starts_with(p)))
-                        .map(str::to_owned)
-                        .collect();
-                }
-                Ok(Ok((status, _))) => eprintln!("[{mode}] GET {admin}/metrics answered {status}"),
-                Ok(Err(err)) => eprintln!("[{mode}] GET {admin}/metrics: {err:#}"),
-                Err(_) => eprintln!("[{mode}] GET {admin}/metrics timed out"),
-            }
+            metrics = fetch_metrics(admin, &mode.to_string()).await;
         }
         proc.stop();
         let data_bytes = match (&data_file, server) {
@@ -421,12 +584,15 @@ impl Bench<'_> {
             report,
             metrics,
             data_bytes,
+            server_cpu_s: cpu_delta(cpu0.0, cpu1.0),
+            loadgen_cpu_s: cpu_delta(cpu0.1, cpu1.1),
+            machine_cores: machine_cores(cpu0.2, cpu1.2),
         })
     }
 }
 
 /// (busy, total) jiffies over all CPUs from /proc/stat (Linux).
-fn cpu_jiffies() -> Option<(u64, u64)> {
+pub(crate) fn cpu_jiffies() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
@@ -440,6 +606,14 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     // idle + iowait
     let idle = fields.get(3)? + fields.get(4)?;
     Some((total - idle, total))
+}
+
+/// Cores the whole machine kept busy between two `cpu_jiffies` readings.
+pub(crate) fn machine_cores(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((b0, t0), (b1, t1)) = (before?, after?);
+    let total = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(b1.saturating_sub(b0) as f64 / total as f64 * cpus as f64)
 }
 
 /// Fraction of CPU time other processes use right now, to flag runs on a
@@ -469,7 +643,7 @@ struct Summary {
     rps_max: f64,
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
@@ -516,7 +690,7 @@ fn summarize(outcomes: &[Outcome]) -> Vec<Summary> {
         .collect()
 }
 
-fn ratio(a: f64, b: f64) -> String {
+pub(crate) fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         let r = a / b;
         if r < 0.1 {
@@ -529,7 +703,7 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn markdown(args: &RunArgs, outcomes: &[Outcome]) -> String {
+fn markdown(args: &RunArgs, outcomes: &[Outcome], e2e_outcomes: &[E2eOutcome]) -> String {
     let mut s = String::new();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(
@@ -541,6 +715,16 @@ fn markdown(args: &RunArgs, outcomes: &[Outcome]) -> String {
         humantime::format_duration(args.warmup),
         args.batch_size
     );
+    if !outcomes.is_empty() {
+        comparison_markdown(&mut s, args, outcomes);
+    }
+    if !e2e_outcomes.is_empty() {
+        e2e::markdown(&mut s, args, e2e_outcomes);
+    }
+    s
+}
+
+fn comparison_markdown(s: &mut String, args: &RunArgs, outcomes: &[Outcome]) {
     let summaries = summarize(outcomes);
     if args.rounds > 1 {
         let _ = writeln!(
@@ -591,7 +775,7 @@ fn markdown(args: &RunArgs, outcomes: &[Outcome]) -> String {
         s,
         "\n| mode | comparison | req/s ratio | events/s ratio |\n|---|---|---:|---:|"
     );
-    for &mode in &args.modes {
+    for mode in args.load_modes() {
         let pairs = [
             (Server::Ballast, Server::Null),
             (Server::Ballast, Server::Naive),
@@ -652,8 +836,19 @@ fn markdown(args: &RunArgs, outcomes: &[Outcome]) -> String {
         } else if o.server == Server::Ballast {
             let _ = writeln!(s, "{label} /metrics: no fsync/ingest counters found");
         }
+        if let (Some(server), Some(loadgen)) = (o.server_cpu_s, o.loadgen_cpu_s) {
+            let wall = o.report.duration_s + o.report.warmup_s;
+            let _ = writeln!(
+                s,
+                "{label} CPU during the load (warm-up included): server {:.2} cores, load generator {:.2} cores{}",
+                server / wall,
+                loadgen / wall,
+                o.machine_cores
+                    .map(|m| format!(", whole machine {m:.2} cores"))
+                    .unwrap_or_default()
+            );
+        }
     }
-    s
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -662,6 +857,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
+    }
+    let load_modes = args.load_modes();
+    let with_e2e = args.wants_e2e();
+    if with_e2e && args.skip_ballast {
+        bail!("the e2e mode measures ballast: drop --skip-ballast");
+    }
+    if with_e2e {
+        e2e::check_args(&args)?;
     }
     let mut servers = vec![Server::Null, Server::Naive];
     if !args.skip_ballast {
@@ -703,17 +906,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let mut outcomes = Vec::new();
+    let mut e2e_outcomes = Vec::new();
     let all = async {
         for round in 1..=args.rounds {
             if args.rounds > 1 {
                 eprintln!("round {round}/{}", args.rounds);
             }
-            for &mode in &args.modes {
+            for &mode in &load_modes {
                 for &server in &servers {
                     outcomes.push(bench.one(round, server, mode).await?);
                     // Let the machine settle between servers.
                     sleep(Duration::from_secs(1)).await;
                 }
+            }
+            if with_e2e {
+                e2e_outcomes.push(e2e::run(&bench, round).await?);
+                sleep(Duration::from_secs(1)).await;
             }
         }
         anyhow::Ok(())
@@ -723,7 +931,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted"),
     }
 
-    let text = markdown(&args, &outcomes);
+    let text = markdown(&args, &outcomes, &e2e_outcomes);
     println!("\n{text}");
     if let Some(out) = &args.out {
         let content = if out.extension().is_some_and(|e| e == "json") {
@@ -736,6 +944,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "batch_size": args.batch_size,
                 "rounds": args.rounds,
                 "results": outcomes,
+                "e2e": e2e_outcomes,
             }))?
         } else {
             text
@@ -763,6 +972,7 @@ mod tests {
             "127.0.0.1:1000".parse().unwrap(),
             "127.0.0.1:1001".parse().unwrap(),
             Path::new("/tmp/x y/data"),
+            None,
         )
         .unwrap();
         assert!(cfg.contains("listen = \"127.0.0.1:1000\""));
@@ -770,5 +980,60 @@ mod tests {
         assert!(cfg.contains("data_dir = \"/tmp/x y/data\""));
         assert!(cfg.contains("backend = \"embedded\""));
         assert!(cfg.contains("write_key = \"bench-write-key\""));
+        assert!(!cfg.contains("[[destinations]]"));
+    }
+
+    #[test]
+    fn e2e_config_adds_the_webhook_destination() {
+        let cfg = ballast_config(
+            "127.0.0.1:1000".parse().unwrap(),
+            "127.0.0.1:1001".parse().unwrap(),
+            Path::new("/tmp/d"),
+            Some(&WebhookDestination {
+                url: "http://127.0.0.1:1002/in".into(),
+                concurrency: 64,
+                batch_size: 100,
+            }),
+        )
+        .unwrap();
+        let (_, dest) = cfg.split_once("\n[[destinations]]\n").unwrap();
+        let lines: Vec<&str> = dest.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "id = \"sink\"",
+                "type = \"webhook\"",
+                "sources = [\"bench\"]",
+                "url = \"http://127.0.0.1:1002/in\"",
+                "concurrency = 64",
+                "batch_size = 100",
+            ]
+        );
+    }
+
+    #[test]
+    fn modes_split_into_load_modes_and_e2e() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        let args = Cli::parse_from(["x", "--modes", "e2e"]).args;
+        assert!(args.wants_e2e());
+        assert!(args.load_modes().is_empty());
+        assert_eq!(args.e2e_load, Mode::Batch);
+        let args = Cli::parse_from(["x", "--modes", "batch,single", "--e2e"]).args;
+        assert!(args.wants_e2e());
+        assert_eq!(args.load_modes(), vec![Mode::Batch, Mode::Single]);
+        let args = Cli::parse_from(["x"]).args;
+        assert!(!args.wants_e2e());
+        assert_eq!(args.load_modes(), vec![Mode::Single, Mode::Batch]);
+    }
+
+    #[test]
+    fn cpu_seconds_of_this_process() {
+        let t = cpu_seconds(None).unwrap();
+        assert!(t >= 0.0);
     }
 }

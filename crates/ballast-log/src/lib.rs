@@ -454,8 +454,14 @@ impl Log {
                     break 'segments;
                 }
                 // Read a chunk, then take every complete frame in it.
-                let want =
-                    ((seg_end - pos) as usize).min(max_bytes.saturating_sub(bytes).max(64 << 10));
+                // Size the chunk by what was asked for (about 2 KiB a record), not only by
+                // the byte budget: a read of one record must not read megabytes.
+                let records_left = max_records - out.records.len();
+                let budget = max_bytes
+                    .saturating_sub(bytes)
+                    .min(records_left.saturating_mul(2048))
+                    .max(4096);
+                let want = ((seg_end - pos) as usize).min(budget);
                 buf.resize(want, 0);
                 seg.file
                     .read_exact_at(&mut buf, pos - seg.base)

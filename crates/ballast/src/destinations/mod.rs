@@ -15,8 +15,8 @@ use crate::config::DestinationConfig;
 /// One event as a destination receives it.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// The enriched event, as stored (a JSON object).
-    pub json: Arc<[u8]>,
+    /// The enriched event, as stored (a JSON object). Cheap to clone.
+    pub json: bytes::Bytes,
     /// Its `messageId` (for idempotency headers); empty if it has none.
     pub message_id: Arc<str>,
     pub source: Arc<str>,

@@ -7,8 +7,10 @@
 //! not yet finished (delivered or dead-lettered), so a restart re-delivers at most what
 //! was unfinished (at least once).
 //!
-//! Memory: at most `MAX_LOADED` event bodies are kept; beyond that a queue entry keeps
-//! only its position and is re-read from the log when it reaches the head.
+//! Memory: at most `MAX_LOADED` event bodies are kept, at most `PER_USER_LOADED` per user,
+//! and a user waiting for a retry keeps only its head's; other queue entries keep only
+//! their position and are re-read from the log (in bulk) when they come near the head.
+//! Reading stops while the body budget is used up: deliveries free it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -30,6 +32,11 @@ use crate::recovery::journal::Journal;
 use crate::store::{Position, Store, StoredEvent};
 
 const MAX_LOADED: usize = 20_000;
+const PER_USER_LOADED: usize = 256;
+/// Queue entries (with or without bodies) beyond which reading pauses.
+const MAX_ENTRIES: usize = 1_000_000;
+/// Log reads per turn of the loop, so that delivery keeps its share while ingest runs.
+const FILL_READS_PER_TURN: usize = 4;
 const READ_BATCH: usize = 1_000;
 const ACK_EVERY: Duration = Duration::from_millis(200);
 const SAVE_RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -62,6 +69,8 @@ struct UserQueue {
     q: VecDeque<Pending>,
     busy: bool,
     waiting: bool,
+    /// Entries of `q` whose body is in memory.
+    loaded: usize,
     /// A batch holding this user's events together with other users' failed: send this
     /// user's events on their own next time, so that a failure is judged per user.
     solo: bool,
@@ -149,10 +158,10 @@ pub(crate) fn strike_key_of(e: &StoredEvent) -> String {
     strike_key(&identify(&e.event).1, e.position)
 }
 
-fn to_event(e: &StoredEvent) -> (Arc<str>, Event) {
+fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
     let (user, message_id) = identify(&e.event);
     let event = Event {
-        json: Arc::from(e.event.as_slice()),
+        json: bytes::Bytes::from(e.event),
         message_id,
         source: Arc::from(e.source.as_str()),
     };
@@ -229,10 +238,15 @@ impl Worker {
                 break;
             }
             let routing_on = *routing.borrow();
-            if let Err(e) = self.fill(end).await {
-                tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+            // Read more only while there is little ready to deliver: reading ahead of
+            // delivery only costs CPU that ingestion needs.
+            let hungry = self.ready.len() < 2 * self.config.concurrency;
+            if hungry {
+                if let Err(e) = self.fill(end).await {
+                    tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             }
             if load_replays {
                 load_replays = false;
@@ -261,17 +275,10 @@ impl Worker {
                 .min(Instant::now() + ACK_EVERY);
             tokio::select! {
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    match done {
-                        Ok((id, outcome)) => self.complete(id, outcome).await,
-                        Err(e) => {
-                            let id = e.id();
-                            let reason = if e.is_panic() { "destination panicked" } else { "delivery task cancelled" };
-                            tracing::error!(destination = %self.config.id, "{reason}");
-                            if e.is_panic() {
-                                self.strike(id).await;
-                            }
-                            self.complete(id, Outcome::Retry { status: None, reason: reason.into(), retry_after: None }).await;
-                        }
+                    self.handle_done(done).await;
+                    // Take every other delivery that finished meanwhile in this turn too.
+                    while let Some(done) = self.tasks.try_join_next_with_id() {
+                        self.handle_done(done).await;
                     }
                 }
                 r = durable.changed() => {
@@ -312,30 +319,78 @@ impl Worker {
         tracing::info!(destination = %self.config.id, cursor = self.acked, "delivery stopped");
     }
 
-    /// Reads new events of this destination's sources into the user queues.
+    async fn handle_done(
+        &mut self,
+        done: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>,
+    ) {
+        match done {
+            Ok((id, outcome)) => self.complete(id, outcome).await,
+            Err(e) => {
+                let id = e.id();
+                let reason = if e.is_panic() {
+                    "destination panicked"
+                } else {
+                    "delivery task cancelled"
+                };
+                tracing::error!(destination = %self.config.id, "{reason}");
+                if e.is_panic() {
+                    self.strike(id).await;
+                }
+                self.complete(
+                    id,
+                    Outcome::Retry {
+                        status: None,
+                        reason: reason.into(),
+                        retry_after: None,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Reads new events of this destination's sources into the user queues (a few reads
+    /// per turn; pauses while the body budget is used up).
     async fn fill(&mut self, end: Position) -> Result<(), crate::store::StoreError> {
-        while self.read_pos < end {
+        let mut reads = 0;
+        while self.read_pos < end
+            && reads < FILL_READS_PER_TURN
+            && self.loaded < MAX_LOADED
+            && self.unfinished.len() < MAX_ENTRIES
+        {
+            reads += 1;
             let batch = self.store.read(self.read_pos, READ_BATCH).await?;
             if batch.events.is_empty() && batch.next <= self.read_pos {
                 break;
             }
-            for e in &batch.events {
+            for e in batch.events {
                 if !self.sources.contains(&e.source) {
                     continue;
                 }
+                let position = e.position;
                 let (user, event) = to_event(e);
-                let keep = self.loaded < MAX_LOADED;
-                if keep {
-                    self.loaded += 1;
-                }
-                let known = self.known_retry.get(&e.position).copied();
-                let key: Arc<str> = Arc::from(strike_key(&event.message_id, e.position));
-                let poison = self.strikes.get(&*key).copied().unwrap_or(0) >= self.poison_threshold;
-                self.unfinished.insert(e.position);
+                let keep = self.loaded < MAX_LOADED
+                    && self
+                        .users
+                        .get(&user)
+                        .is_none_or(|u| u.loaded < PER_USER_LOADED && !u.waiting);
+                let known = if self.known_retry.is_empty() {
+                    None
+                } else {
+                    self.known_retry.get(&position).copied()
+                };
+                let key: Arc<str> = if event.message_id.is_empty() {
+                    Arc::from(strike_key("", position))
+                } else {
+                    event.message_id.clone()
+                };
+                let poison = !self.strikes.is_empty()
+                    && self.strikes.get(&*key).copied().unwrap_or(0) >= self.poison_threshold;
+                self.unfinished.insert(position);
                 self.enqueue(
                     user,
                     Pending {
-                        origin: Origin::Log(e.position),
+                        origin: Origin::Log(position),
                         source: event.source.clone(),
                         event: keep.then_some(event),
                         attempts: known.map(|k| k.attempts).unwrap_or(0),
@@ -346,18 +401,16 @@ impl Worker {
                 );
             }
             self.read_pos = batch.next;
-            if self.loaded >= MAX_LOADED {
-                // Keep reading positions only while the oldest events are worked off.
-                if self.unfinished.len() > MAX_LOADED * 50 {
-                    break;
-                }
-            }
         }
         Ok(())
     }
 
     fn enqueue(&mut self, user: Arc<str>, p: Pending) {
         let uq = self.users.entry(user.clone()).or_default();
+        if p.event.is_some() {
+            uq.loaded += 1;
+            self.loaded += 1;
+        }
         let was_empty = uq.q.is_empty();
         uq.q.push_back(p);
         if was_empty && !uq.busy && !uq.waiting {
@@ -383,14 +436,13 @@ impl Worker {
             let json = l.event.get().as_bytes();
             let (user, message_id) = identify(json);
             let source: Arc<str> = Arc::from(l.source.as_str());
-            self.loaded += 1;
             self.enqueue(
                 user,
                 Pending {
                     origin: Origin::Replay(l.id),
                     source: source.clone(),
                     event: Some(Event {
-                        json: Arc::from(json),
+                        json: bytes::Bytes::copy_from_slice(json),
                         message_id,
                         source,
                     }),
@@ -403,7 +455,8 @@ impl Worker {
         }
     }
 
-    /// Loads the body of a queue entry that was kept as a position only.
+    /// Makes sure the body of the user's queue entry `idx` is in memory: reads the log
+    /// from there and fills every entry of this user found in what was read.
     async fn load(&mut self, user: &Arc<str>, idx: usize) -> bool {
         let Some(uq) = self.users.get(user) else {
             return false;
@@ -415,23 +468,41 @@ impl Worker {
         let Origin::Log(pos) = p.origin else {
             return false;
         };
-        match self.store.read(pos, 1).await {
-            Ok(r) => match r.events.into_iter().next().filter(|e| e.position == pos) {
-                Some(e) => {
-                    let (_, event) = to_event(&e);
-                    if let Some(p) = self.users.get_mut(user).and_then(|u| u.q.get_mut(idx)) {
-                        p.event = Some(event);
-                        self.loaded += 1;
-                    }
-                    true
-                }
-                None => false,
-            },
+        let read = match self.store.read(pos, READ_BATCH).await {
+            Ok(r) => r,
             Err(e) => {
-                tracing::error!(destination = %self.config.id, error = %e, "re-reading an event failed");
-                false
+                tracing::error!(destination = %self.config.id, error = %e, "re-reading events failed");
+                return false;
+            }
+        };
+        let by_pos: HashMap<Position, &StoredEvent> =
+            read.events.iter().map(|e| (e.position, e)).collect();
+        let Some(uq) = self.users.get_mut(user) else {
+            return false;
+        };
+        let mut added = 0;
+        for p in uq.q.iter_mut().skip(idx) {
+            if uq.loaded >= PER_USER_LOADED && added > 0 {
+                break;
+            }
+            let Origin::Log(pos) = p.origin else { continue };
+            if p.event.is_some() {
+                continue;
+            }
+            match by_pos.get(&pos) {
+                Some(e) => {
+                    p.event = Some(to_event((*e).clone()).1);
+                    uq.loaded += 1;
+                    added += 1;
+                }
+                None => break,
             }
         }
+        self.loaded += added;
+        self.users
+            .get(user)
+            .and_then(|u| u.q.get(idx))
+            .is_some_and(|p| p.event.is_some())
     }
 
     /// True when the user's head has strikes (it was in flight at a crash or a panic).
@@ -439,7 +510,9 @@ impl Worker {
         self.users
             .get(user)
             .and_then(|u| u.q.front())
-            .is_some_and(|p| self.strikes.get(&*p.key).copied().unwrap_or(0) > 0)
+            .is_some_and(|p| {
+                !self.strikes.is_empty() && self.strikes.get(&*p.key).copied().unwrap_or(0) > 0
+            })
     }
 
     /// Starts deliveries while there is capacity and a user ready.
@@ -660,6 +733,15 @@ impl Worker {
                     if let Some(uq) = self.users.get_mut(&user) {
                         uq.busy = false;
                         uq.waiting = true;
+                        // While it waits, only its head keeps its body in memory.
+                        let mut freed = 0;
+                        for p in uq.q.iter_mut().skip(1) {
+                            if matches!(p.origin, Origin::Log(_)) && p.event.take().is_some() {
+                                freed += 1;
+                            }
+                        }
+                        uq.loaded -= freed;
+                        self.loaded -= freed;
                     }
                     self.timers.push(Reverse((Instant::now() + delay, user)));
                 }
@@ -678,6 +760,7 @@ impl Worker {
                 count += 1;
                 if p.event.is_some() {
                     self.loaded = self.loaded.saturating_sub(1);
+                    uq.loaded = uq.loaded.saturating_sub(1);
                 }
                 match p.origin {
                     Origin::Log(pos) => {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 fn ev(n: usize) -> Event {
     Event {
-        json: Arc::from(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(40)).into_bytes()),
+        json: bytes::Bytes::from(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(40)).into_bytes()),
         message_id: Arc::from(format!("m{n}")),
         source: Arc::from("web"),
     }

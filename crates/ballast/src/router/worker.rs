@@ -768,7 +768,9 @@ impl Worker {
                         if self.known_retry.remove(&pos).is_some() {
                             self.retry_changes.push((pos, None));
                         }
-                        if self.strikes.remove(&*p.key).is_some() {
+                        // A quarantined event keeps its strikes, so that a copy of it sent
+                        // again (same messageId) is quarantined without new crashes.
+                        if !p.poison && self.strikes.remove(&*p.key).is_some() {
                             self.strike_clears.push(p.key.to_string());
                         }
                     }

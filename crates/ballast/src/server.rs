@@ -89,7 +89,8 @@ pub fn addresses_path(data_dir: &Path) -> PathBuf {
     data_dir.join("server.json")
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Write to a temporary file, fsync, rename over `path`, fsync the directory.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;

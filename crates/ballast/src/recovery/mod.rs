@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::alerts::{Action, Alerts, Severity};
 use crate::config::RecoveryConfig;
 use crate::router::deadletters::{from_ms, to_ms};
-use crate::server::Mode;
+use crate::server::{write_atomically, Mode};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StateFile {
@@ -57,19 +57,6 @@ pub struct Recovery {
     state: Mutex<StateFile>,
     mode: watch::Sender<Mode>,
     alerts: Arc<Alerts>,
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn mode_of(s: &StateFile) -> Mode {
@@ -109,6 +96,9 @@ impl Recovery {
         };
         let now = SystemTime::now();
         let now_ms = to_ms(now);
+        if state.mode_since_ms == 0 {
+            state.mode_since_ms = now_ms;
+        }
         let crashed = state.running;
         if crashed {
             state.crashes.push(now_ms);

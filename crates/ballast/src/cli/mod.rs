@@ -390,7 +390,7 @@ fn dump(data_dir: &std::path::Path, meta: bool) -> anyhow::Result<i32> {
                 return;
             }
             let r = match crate::store::envelope::decode(payload) {
-                Ok((source, event)) => {
+                Ok((source, _meta, event)) => {
                     if meta {
                         write!(out, "{{\"position\":{position},\"source\":")
                             .and_then(|_| {

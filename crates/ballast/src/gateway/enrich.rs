@@ -115,24 +115,24 @@ pub struct Enrichment<'a> {
     pub header_anonymous_id: Option<&'a str>,
 }
 
-/// True when an identity field counts as present: a non-blank string, or any value but
-/// null (numbers are common user ids).
-fn present(v: &RawValue) -> bool {
+/// The text of an identity field when it counts as present: a non-blank string
+/// (decoded), or any other value but null as its JSON text (numbers are common user ids).
+/// The router's ordering key uses the same rule (`router::worker::identify`).
+fn text(v: &RawValue) -> Option<Cow<'_, str>> {
     let raw = v.get();
     match raw.as_bytes().first() {
-        Some(b'"') => match serde_json::from_str::<Cow<str>>(raw) {
-            Ok(s) => !s.trim().is_empty(),
-            Err(_) => false,
-        },
-        Some(b'n') => false, // null
-        Some(_) => true,
-        None => false,
+        Some(b'"') => {
+            let s = match serde_json::from_str::<&str>(raw) {
+                Ok(s) => Cow::Borrowed(s),
+                // Escapes need an owned string.
+                Err(_) => Cow::Owned(serde_json::from_str::<String>(raw).ok()?),
+            };
+            (!s.trim().is_empty()).then_some(s)
+        }
+        Some(b'n') => None, // null
+        Some(_) => Some(Cow::Borrowed(raw)),
+        None => None,
     }
-}
-
-/// A messageId is kept unless it is missing, null or a blank string.
-fn usable_message_id(v: &RawValue) -> bool {
-    present(v)
 }
 
 fn write_key_json(out: &mut Vec<u8>, key: &Key<'_>) {
@@ -152,11 +152,13 @@ fn write_str_json(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-/// Checks one event and writes its enriched JSON to `out`.
+/// Checks one event, writes its enriched JSON to `out` and its meta block (ordering key
+/// and messageId, see `store::envelope::encode_meta`) to `meta`.
 pub fn enrich(
     fields: &[(Key<'_>, &RawValue)],
     e: &Enrichment<'_>,
     out: &mut Vec<u8>,
+    meta: &mut Vec<u8>,
 ) -> Result<(), EventError> {
     // With duplicate keys, JSON readers take the last value: judge that one.
     let mut user = None;
@@ -170,9 +172,12 @@ pub fn enrich(
             _ => {}
         }
     }
-    let has_user = user.is_some_and(present);
-    let has_anon = anon.is_some_and(present);
-    let has_message_id = message_id.is_some_and(usable_message_id);
+    let user_text = user.and_then(text);
+    let anon_text = anon.and_then(text);
+    let message_id_text = message_id.and_then(text);
+    let has_user = user_text.is_some();
+    let has_anon = anon_text.is_some();
+    let has_message_id = message_id_text.is_some();
     let anon_from_header = match e.header_anonymous_id {
         Some(h) if !has_anon && !h.trim().is_empty() => Some(h),
         _ => None,
@@ -205,18 +210,19 @@ pub fn enrich(
         out.push(b':');
         out.extend_from_slice(v.get().as_bytes());
     }
-    if !has_message_id {
+    let mut uuid_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let generated = if has_message_id {
+        None
+    } else {
+        let id: &str = uuid::Uuid::new_v4()
+            .hyphenated()
+            .encode_lower(&mut uuid_buf);
         sep(out);
         out.extend_from_slice(b"\"messageId\":\"");
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        out.extend_from_slice(
-            uuid::Uuid::new_v4()
-                .hyphenated()
-                .encode_lower(&mut buf)
-                .as_bytes(),
-        );
+        out.extend_from_slice(id.as_bytes());
         out.push(b'"');
-    }
+        Some(id.to_string())
+    };
     if let Some(anon) = anon_from_header {
         sep(out);
         out.extend_from_slice(b"\"anonymousId\":");
@@ -233,6 +239,18 @@ pub fn enrich(
     out.extend_from_slice(b"\",\"request_ip\":");
     write_str_json(out, e.request_ip);
     out.push(b'}');
+    let (prefix, key) = match (&user_text, &anon_text, anon_from_header) {
+        (Some(u), _, _) => ("u:", &**u),
+        (None, Some(a), _) => ("a:", &**a),
+        (None, None, Some(h)) => ("a:", h),
+        (None, None, None) => ("", ""),
+    };
+    let mid = match (&message_id_text, &generated) {
+        (Some(m), _) => &**m,
+        (None, Some(g)) => g.as_str(),
+        (None, None) => "",
+    };
+    crate::store::envelope::encode_meta(meta, prefix, key, mid);
     Ok(())
 }
 
@@ -247,7 +265,12 @@ mod tests {
             return Err(EventError::NotAnObject);
         };
         let mut out = Vec::new();
-        enrich(&fields, e, &mut out)?;
+        let mut meta = Vec::new();
+        enrich(&fields, e, &mut out, &mut meta)?;
+        // The meta block names what the router would find in the JSON.
+        let (key, mid) = crate::store::envelope::decode_meta(&meta).expect("meta written");
+        let (k2, m2) = crate::router::identify_for_tests(&out);
+        assert_eq!((key, mid), (&*k2, &*m2), "meta matches the event");
         Ok(serde_json::from_slice(&out).expect("output is valid JSON"))
     }
 

@@ -226,7 +226,7 @@ impl Gateway {
             let source = self.source(key.as_deref())?;
             let mut batch = EventBatch::new(source.id.clone(), req.body.len() + 160);
             batch
-                .push_with(|out| enrich::enrich(&fields, &enrichment, out))
+                .push_with(|out, meta| enrich::enrich(&fields, &enrichment, out, meta))
                 .map_err(event_error)?;
             (source, batch)
         } else {
@@ -249,7 +249,7 @@ impl Gateway {
                     return Err(NOT_AN_EVENT);
                 };
                 batch
-                    .push_with(|out| enrich::enrich(fields, &enrichment, out))
+                    .push_with(|out, meta| enrich::enrich(fields, &enrichment, out, meta))
                     .map_err(event_error)?;
             }
             (source, batch)

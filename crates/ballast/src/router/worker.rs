@@ -110,7 +110,7 @@ pub(super) struct Worker {
 }
 
 /// The ordering key and messageId of a stored event.
-fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
+pub(super) fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
     let mut user: Option<String> = None;
     let mut anon: Option<String> = None;
     let mut message_id = String::new();
@@ -155,11 +155,18 @@ pub(crate) fn strike_key(message_id: &str, position: Position) -> String {
 
 /// The strike key of a stored event.
 pub(crate) fn strike_key_of(e: &StoredEvent) -> String {
-    strike_key(&identify(&e.event).1, e.position)
+    match &e.ident {
+        Some((_, mid)) => strike_key(mid, e.position),
+        None => strike_key(&identify(&e.event).1, e.position),
+    }
 }
 
 fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
-    let (user, message_id) = identify(&e.event);
+    // Recorded at ingest when the record has it; else found in the JSON.
+    let (user, message_id) = match e.ident {
+        Some(ident) => ident,
+        None => identify(&e.event),
+    };
     let event = Event {
         json: bytes::Bytes::from(e.event),
         message_id,

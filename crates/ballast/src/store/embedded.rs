@@ -83,10 +83,10 @@ impl Store for EmbeddedStore {
     async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError> {
         let mut records =
             Batch::with_capacity(batch.bytes() + batch.len() * (20 + batch.source.len()));
-        for event in batch.events() {
+        for (event, meta) in batch.events() {
             records
                 .push_with::<()>(|buf| {
-                    envelope::encode_into(buf, &batch.source, event);
+                    envelope::encode_into(buf, &batch.source, meta, event);
                     Ok(())
                 })
                 .map_err(|e| match e {
@@ -143,13 +143,14 @@ impl Store for EmbeddedStore {
         let batch = blocking(move || log.read(from, max_events, 4 << 20)).await?;
         let mut events = Vec::with_capacity(batch.records.len());
         for r in batch.records {
-            let (source, event) = envelope::decode(&r.payload).map_err(|e| {
+            let (source, meta, event) = envelope::decode(&r.payload).map_err(|e| {
                 StoreError::Other(format!("record at position {}: {e}", r.position))
             })?;
             events.push(StoredEvent {
                 position: r.position,
                 source: source.to_string(),
                 event: event.to_vec(),
+                ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
             });
         }
         Ok(ReadEvents {

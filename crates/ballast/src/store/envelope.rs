@@ -1,7 +1,10 @@
 //! How the embedded backend stores one event in one log record:
-//! `[version = 1][source id length: u8][source id][event JSON]`.
+//! - version 2: `[2][source id length: u8][source id][meta length: u16 LE][meta][event JSON]`
+//!   where meta (possibly empty) is `[key length: u16 LE][ordering key][messageId length:
+//!   u16 LE][messageId]`;
+//! - version 1 (read only): `[1][source id length: u8][source id][event JSON]`.
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
@@ -15,21 +18,56 @@ pub enum EnvelopeError {
     Source,
 }
 
+/// Appends a meta block naming the event's ordering key and messageId; writes nothing
+/// when either is too long to record (delivery then reads them from the JSON).
+pub fn encode_meta(out: &mut Vec<u8>, key_prefix: &str, key: &str, message_id: &str) {
+    let key_len = key_prefix.len() + key.len();
+    if key_len > u16::MAX as usize || message_id.len() > u16::MAX as usize {
+        return;
+    }
+    out.extend_from_slice(&(key_len as u16).to_le_bytes());
+    out.extend_from_slice(key_prefix.as_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&(message_id.len() as u16).to_le_bytes());
+    out.extend_from_slice(message_id.as_bytes());
+}
+
+/// Reads a meta block: (ordering key, messageId).
+pub fn decode_meta(meta: &[u8]) -> Option<(&str, &str)> {
+    let take = |b: &[u8], at: usize| -> Option<(usize, usize)> {
+        let len = u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?]) as usize;
+        (b.len() >= at + 2 + len).then_some((at + 2, at + 2 + len))
+    };
+    let (ks, ke) = take(meta, 0)?;
+    let (ms, me) = take(meta, ke)?;
+    Some((
+        std::str::from_utf8(&meta[ks..ke]).ok()?,
+        std::str::from_utf8(&meta[ms..me]).ok()?,
+    ))
+}
+
 /// Appends the envelope of one event to `out`. `source` is at most 255 bytes
 /// (configuration validation guarantees it).
-pub fn encode_into(out: &mut Vec<u8>, source: &str, event: &[u8]) {
+pub fn encode_into(out: &mut Vec<u8>, source: &str, meta: &[u8], event: &[u8]) {
     let src = &source.as_bytes()[..source.len().min(255)];
-    out.reserve(2 + src.len() + event.len());
+    let meta = if meta.len() > u16::MAX as usize {
+        &[][..]
+    } else {
+        meta
+    };
+    out.reserve(4 + src.len() + meta.len() + event.len());
     out.push(VERSION);
     out.push(src.len() as u8);
     out.extend_from_slice(src);
+    out.extend_from_slice(&(meta.len() as u16).to_le_bytes());
+    out.extend_from_slice(meta);
     out.extend_from_slice(event);
 }
 
-/// Splits a record into source id and event JSON.
-pub fn decode(record: &[u8]) -> Result<(&str, &[u8]), EnvelopeError> {
+/// Splits a record into source id, meta block (empty for version 1) and event JSON.
+pub fn decode(record: &[u8]) -> Result<(&str, &[u8], &[u8]), EnvelopeError> {
     let (&version, rest) = record.split_first().ok_or(EnvelopeError::Empty)?;
-    if version != VERSION {
+    if version != 1 && version != 2 {
         return Err(EnvelopeError::Version(version));
     }
     let (&len, rest) = rest.split_first().ok_or(EnvelopeError::Truncated)?;
@@ -38,7 +76,18 @@ pub fn decode(record: &[u8]) -> Result<(&str, &[u8]), EnvelopeError> {
         return Err(EnvelopeError::Truncated);
     }
     let source = std::str::from_utf8(&rest[..len]).map_err(|_| EnvelopeError::Source)?;
-    Ok((source, &rest[len..]))
+    let rest = &rest[len..];
+    if version == 1 {
+        return Ok((source, &[], rest));
+    }
+    if rest.len() < 2 {
+        return Err(EnvelopeError::Truncated);
+    }
+    let meta_len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+    if rest.len() < 2 + meta_len {
+        return Err(EnvelopeError::Truncated);
+    }
+    Ok((source, &rest[2..2 + meta_len], &rest[2 + meta_len..]))
 }
 
 #[cfg(test)]
@@ -47,11 +96,26 @@ mod tests {
 
     #[test]
     fn roundtrip() {
+        let mut meta = Vec::new();
+        encode_meta(&mut meta, "u:", "user-1", "m-1");
+        assert_eq!(decode_meta(&meta), Some(("u:user-1", "m-1")));
         let mut out = Vec::new();
-        encode_into(&mut out, "web", br#"{"a":1}"#);
-        assert_eq!(decode(&out).unwrap(), ("web", &br#"{"a":1}"#[..]));
+        encode_into(&mut out, "web", &meta, br#"{"a":1}"#);
+        assert_eq!(
+            decode(&out).unwrap(),
+            ("web", &meta[..], &br#"{"a":1}"#[..])
+        );
+        let mut plain = Vec::new();
+        encode_into(&mut plain, "web", &[], b"{}");
+        assert_eq!(decode(&plain).unwrap(), ("web", &[][..], &b"{}"[..]));
+        assert_eq!(decode_meta(&[]), None);
+        // Version 1 records (no meta) still read.
+        assert_eq!(
+            decode(&[1, 1, b'w', b'{', b'}']).unwrap(),
+            ("w", &[][..], &b"{}"[..])
+        );
         assert_eq!(decode(&[]), Err(EnvelopeError::Empty));
-        assert_eq!(decode(&[2, 0]), Err(EnvelopeError::Version(2)));
-        assert_eq!(decode(&[1, 5, b'a']), Err(EnvelopeError::Truncated));
+        assert_eq!(decode(&[3, 0]), Err(EnvelopeError::Version(3)));
+        assert_eq!(decode(&[2, 5, b'a']), Err(EnvelopeError::Truncated));
     }
 }

@@ -16,12 +16,16 @@ use tokio::sync::watch;
 /// Where an event sits in the store; increases with acceptance order.
 pub type Position = u64;
 
-/// Events of one request (one source), each an enriched JSON object, stored together.
+/// Events of one request (one source), each an enriched JSON object, stored together,
+/// each with an optional small *meta* block (see [`envelope::encode_meta`]) that names its
+/// ordering key and messageId so that delivery need not parse the event again.
 #[derive(Debug, Default, Clone)]
 pub struct EventBatch {
     pub source: Arc<str>,
     buf: Vec<u8>,
     ends: Vec<usize>,
+    meta: Vec<u8>,
+    meta_ends: Vec<usize>,
 }
 
 impl EventBatch {
@@ -30,30 +34,37 @@ impl EventBatch {
             source,
             buf: Vec::with_capacity(capacity),
             ends: Vec::new(),
+            meta: Vec::new(),
+            meta_ends: Vec::new(),
         }
     }
 
-    /// Adds one event whose JSON `write` appends to the buffer it is given.
+    /// Adds one event: `write` appends its JSON to the first buffer and its meta block
+    /// (possibly nothing) to the second.
     pub fn push_with<E>(
         &mut self,
-        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+        write: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let start = self.buf.len();
-        match write(&mut self.buf) {
+        let (start, meta_start) = (self.buf.len(), self.meta.len());
+        match write(&mut self.buf, &mut self.meta) {
             Ok(()) => {
                 self.ends.push(self.buf.len());
+                self.meta_ends.push(self.meta.len());
                 Ok(())
             }
             Err(e) => {
                 self.buf.truncate(start);
+                self.meta.truncate(meta_start);
                 Err(e)
             }
         }
     }
 
+    /// Adds one event without a meta block.
     pub fn push(&mut self, event: &[u8]) {
         self.buf.extend_from_slice(event);
         self.ends.push(self.buf.len());
+        self.meta_ends.push(self.meta.len());
     }
 
     pub fn len(&self) -> usize {
@@ -65,17 +76,21 @@ impl EventBatch {
     }
 
     pub fn bytes(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.meta.len()
     }
 
-    /// The events, in order.
-    pub fn events(&self) -> impl Iterator<Item = &[u8]> {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let e = &self.buf[start..end];
-            start = end;
-            e
-        })
+    /// The events, in order: (JSON, meta block).
+    pub fn events(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let (mut start, mut meta_start) = (0, 0);
+        self.ends
+            .iter()
+            .zip(&self.meta_ends)
+            .map(move |(&end, &meta_end)| {
+                let e = (&self.buf[start..end], &self.meta[meta_start..meta_end]);
+                start = end;
+                meta_start = meta_end;
+                e
+            })
     }
 }
 
@@ -94,6 +109,8 @@ pub struct StoredEvent {
     pub position: Position,
     pub source: String,
     pub event: Vec<u8>,
+    /// Ordering key and messageId recorded at ingest, when the record has them.
+    pub ident: Option<(Arc<str>, Arc<str>)>,
 }
 
 /// Events read for a consumer, and where its next read starts.

@@ -389,49 +389,49 @@ async fn read_request(
     body::read(headers, body, gw.max_request_bytes).await
 }
 
+/// The shared path of the POST routes: write key (query first when given, else Basic
+/// auth), body within the limit, ingest, count.
+async fn post_events(
+    gw: &Gateway,
+    req: Request,
+    query_key: Option<String>,
+    route_type: Option<&'static str>,
+    route: &'static str,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let (peer, headers) = (peer_of(&parts), &parts.headers);
+    let result = async {
+        let key = match query_key.filter(|k| !k.is_empty()) {
+            Some(k) => Some(k),
+            None => auth::basic_user(headers)?,
+        };
+        let bytes = read_request(gw, headers, body).await?;
+        gw.ingest(Ingest {
+            headers,
+            peer,
+            key: key.as_deref(),
+            route_type,
+            body: &bytes,
+        })
+        .await
+    }
+    .await;
+    gw.finish(result, route)
+}
+
 async fn single(
     State(gw): State<Arc<Gateway>>,
     Path(kind): Path<String>,
     req: Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    let (peer, headers) = (peer_of(&parts), &parts.headers);
     let Some(route_type) = SINGLE_ROUTES.iter().copied().find(|r| *r == kind) else {
         return (StatusCode::NOT_FOUND, "404 page not found").into_response();
     };
-    let result = async {
-        let key = auth::basic_user(headers)?;
-        let bytes = read_request(&gw, headers, body).await?;
-        gw.ingest(Ingest {
-            headers,
-            peer,
-            key: key.as_deref(),
-            route_type: Some(route_type),
-            body: &bytes,
-        })
-        .await
-    }
-    .await;
-    gw.finish(result, route_type)
+    post_events(&gw, req, None, Some(route_type), route_type).await
 }
 
 async fn batch(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let (peer, headers) = (peer_of(&parts), &parts.headers);
-    let result = async {
-        let key = auth::basic_user(headers)?;
-        let bytes = read_request(&gw, headers, body).await?;
-        gw.ingest(Ingest {
-            headers,
-            peer,
-            key: key.as_deref(),
-            route_type: None,
-            body: &bytes,
-        })
-        .await
-    }
-    .await;
-    gw.finish(result, "batch")
+    post_events(&gw, req, None, None, "batch").await
 }
 
 /// `navigator.sendBeacon`: text/plain body, write key in the query.
@@ -440,25 +440,7 @@ async fn beacon(
     Query(q): Query<KeyQuery>,
     req: Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    let (peer, headers) = (peer_of(&parts), &parts.headers);
-    let result = async {
-        let key = match q.write_key.filter(|k| !k.is_empty()) {
-            Some(k) => Some(k),
-            None => auth::basic_user(headers)?,
-        };
-        let bytes = read_request(&gw, headers, body).await?;
-        gw.ingest(Ingest {
-            headers,
-            peer,
-            key: key.as_deref(),
-            route_type: None,
-            body: &bytes,
-        })
-        .await
-    }
-    .await;
-    gw.finish(result, "beacon")
+    post_events(&gw, req, q.write_key, None, "beacon").await
 }
 
 /// What RudderStack's JavaScript SDK fetches from its `configUrl`.

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Server, WRITE_KEY};
+use common::{wait_for, Server, WRITE_KEY};
 use serde_json::{json, Value};
 
 /// Names this server in alerts, so dedup keys are known in advance.
@@ -807,20 +807,6 @@ fn mode_set(admin: &str, mode: &str) -> String {
     let (ok, out, err) = cli(&["mode", "--admin", admin, "set", mode]);
     assert!(ok, "ballast mode set {mode} failed: {out}{err}");
     out
-}
-
-/// Polls `cond` every 20 ms until it holds or `secs` pass.
-fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Per user, the first deliveries (duplicates removed) of the events in `sent` must come

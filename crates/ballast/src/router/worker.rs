@@ -269,9 +269,10 @@ impl Worker {
             }
             if last_ack.elapsed() >= ACK_EVERY {
                 self.ack().await;
-                self.publish_stats();
                 last_ack = Instant::now();
             }
+            // Every turn, so that status never reports as idle work already read.
+            self.publish_stats();
             if last_retry_save.elapsed() >= SAVE_RETRY_EVERY {
                 self.save_retry_state().await;
                 last_retry_save = Instant::now();

@@ -227,3 +227,22 @@ pub fn client() -> reqwest::blocking::Client {
         .build()
         .expect("client")
 }
+
+/// How much longer than its nominal bound a wait may take before the test gives up.
+/// Deadlines here only bound a failing test; they assert nothing about speed, and the
+/// CI machines (2 shared cores, debug builds, tests running side by side) are slow.
+pub const WAIT_SLACK: u64 = 3;
+
+/// Polls `cond` every 20 ms until it holds (true) or `secs` × [`WAIT_SLACK`] pass (false).
+pub fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs * WAIT_SLACK);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

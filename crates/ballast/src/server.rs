@@ -163,6 +163,21 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     // takes effect.
     let alerts = Alerts::open(&data_dir.join("alerts.redb"), &config.alerts)
         .context("opening the alert outbox")?;
+    // A failed fsync stopped the previous run; the log has been recovered and the
+    // writer is running again, so that condition has cleared.
+    if let Some(since) = alerts.open_since(FSYNC_ALERT)? {
+        let alert = alerts.alert(
+            FSYNC_ALERT,
+            Action::Resolve,
+            Severity::Info,
+            format!(
+                "ballast on {}: the event log was recovered after the failed write and accepts events again",
+                alerts.source()
+            ),
+            serde_json::json!({ "recovered": report.records, "torn_tail_bytes": report.torn_tail_bytes, "corrupt_records": report.corrupt_records }),
+        );
+        alerts.raise(&format!("{FSYNC_ALERT}:resolved:{since}"), alert)?;
+    }
     let (recovery, start) = Recovery::start(
         &data_dir,
         config.recovery.clone(),
@@ -300,15 +315,19 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
             let reason = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
             tracing::error!(error = %reason, "storage failed; stopping so that the next start recovers from the log");
             let alert = alerts.alert(
-                "fsync",
+                FSYNC_ALERT,
                 Action::Trigger,
                 Severity::Critical,
                 format!("ballast on {}: writing the event log failed; the server stops and recovers at its next start", alerts.source()),
                 serde_json::json!({ "error": reason }),
             );
-            let key = format!("fsync:{}", crate::router::deadletters::to_ms(std::time::SystemTime::now()));
+            let key = format!("{FSYNC_ALERT}:{}", crate::router::deadletters::to_ms(std::time::SystemTime::now()));
             if let Err(e) = alerts.raise(&key, alert) {
                 tracing::error!(error = %e, "could not record the alert");
+            }
+            // Send it now if the notifiers answer (bounded): the next start may fail too.
+            if !alerts.flush(FATAL_ALERT_FLUSH).await {
+                tracing::warn!("alerts not yet delivered stay in the outbox for the next start");
             }
             1
         }
@@ -338,6 +357,18 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     Ok(exit_code)
 }
 
+/// How long a server stopping on a storage failure waits for its alerts to go out.
+const FATAL_ALERT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The condition key of the failed-write alert.
+const FSYNC_ALERT: &str = "fsync";
+
+/// The storage alerts' condition keys and what they say: at 90 % and at 100 %.
+const STORAGE_ALERTS: [(&str, &str); 2] = [
+    ("storage-90", "at 90 % of its quota"),
+    ("storage-full", "full: new events get 503"),
+];
+
 /// Raises (and resolves) the storage alerts: at 90 % and at 100 % of the quota.
 async fn storage_alerts(
     store: Arc<dyn Store>,
@@ -345,7 +376,10 @@ async fn storage_alerts(
     mut stop: watch::Receiver<bool>,
 ) {
     let started = crate::router::deadletters::to_ms(std::time::SystemTime::now());
-    let mut raised = [false, false];
+    // What an earlier run raised and nobody resolved yet (the quota may have been
+    // raised, or the backlog drained, while the server was down).
+    let mut raised = [STORAGE_ALERTS[0].0, STORAGE_ALERTS[1].0]
+        .map(|key| matches!(alerts.open_since(key), Ok(Some(_))));
     let mut seq = 0u64;
     loop {
         let st = store.status();
@@ -356,11 +390,7 @@ async fn storage_alerts(
                 continue;
             }
             seq += 1;
-            let (key, what) = if i == 0 {
-                ("storage-90", "at 90 % of its quota")
-            } else {
-                ("storage-full", "full: new events get 503")
-            };
+            let (key, what) = STORAGE_ALERTS[i];
             let action = if now_on {
                 Action::Trigger
             } else {

@@ -1730,3 +1730,65 @@ fn cli_mode_set_takes_admin_after_the_subcommand() {
     assert!(out.contains("NORMAL"), "{out}");
     assert!(server.terminate().success());
 }
+
+// ---------------------------------------------------------------------------------------
+// Storage failure alert
+// ---------------------------------------------------------------------------------------
+
+/// A failed fsync pages before the process exits (the next start may fail too), and the
+/// next start, having recovered the log, resolves that page under the same dedup_key and
+/// entity_id. A later clean restart does not resolve it again.
+#[test]
+fn a_failed_fsync_pages_and_the_recovered_start_resolves_it() {
+    let (pd, vo) = (Mock::pagerduty(), Mock::victorops());
+    let config = ha_config(None, &pd, &vo, "");
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let ports = Ports::pick();
+    let mut server = start(
+        &dir,
+        &config,
+        &failpoints("ballast_log::fsync=return"),
+        ports,
+    );
+    let r = http()
+        .post(format!("{}/v1/track", server.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&event("u1", "during-failure"))
+        .send();
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 503, "never acknowledged");
+    }
+    let status = server.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", server.stderr());
+    // Sent before the process exited.
+    let triggers = pd_accepted(&pd, "trigger", "/fsync");
+    assert_eq!(triggers.len(), 1, "{:#?}\n{}", pd.hits(), server.stderr());
+    assert_eq!(vo_accepted(&vo, "CRITICAL", "/fsync").len(), 1);
+    assert!(pd_accepted(&pd, "resolve", "/fsync").is_empty());
+
+    let mut server = start(&dir, &config, &[], ports);
+    assert!(
+        wait_for(10, || pd_accepted(&pd, "resolve", "/fsync").len() == 1
+            && vo_accepted(&vo, "RECOVERY", "/fsync").len() == 1),
+        "{:#?}\n{}",
+        pd.hits(),
+        server.stderr()
+    );
+    let resolve = &pd_accepted(&pd, "resolve", "/fsync")[0];
+    assert_eq!(resolve["dedup_key"], triggers[0]["dedup_key"]);
+    post_ok(&http(), &server.base, "/v1/track", &event("u1", "after"));
+    assert!(server.terminate().success());
+
+    // A clean restart: nothing new to say. Another alert sent after it (degraded mode)
+    // arrives after anything the start would have sent.
+    let mut server = start(&dir, &config, &[], ports);
+    mode_set(&server.admin, "degraded");
+    assert!(wait_for(10, || pd_accepted(&pd, "trigger", DEGRADED_KEY)
+        .len()
+        == 1));
+    assert_eq!(pd_accepted(&pd, "resolve", "/fsync").len(), 1);
+    assert_eq!(pd_accepted(&pd, "trigger", "/fsync").len(), 1);
+    assert_alerts_valid(&pd, &vo);
+    mode_set(&server.admin, "normal");
+    assert!(server.terminate().success());
+}

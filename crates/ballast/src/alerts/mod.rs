@@ -25,6 +25,9 @@ use crate::router::deadletters::to_ms;
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Conditions triggered and not yet resolved: key → when triggered (ms). Lets a later
+/// run resolve what an earlier one raised (fsync failure, full storage).
+const OPEN: TableDefinition<&str, u64> = TableDefinition::new("open");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,6 +121,7 @@ impl Alerts {
             txn.open_table(OUTBOX).map_err(e)?;
             txn.open_table(SEEN).map_err(e)?;
             txn.open_table(META).map_err(e)?;
+            txn.open_table(OPEN).map_err(e)?;
         }
         txn.commit().map_err(e)?;
         let mut notifiers: Vec<Arc<dyn Notifier>> = Vec::new();
@@ -203,6 +207,15 @@ impl Alerts {
                 }
                 meta.insert("next", next).map_err(e)?;
                 seen.insert(idempotency, alert.at_ms).map_err(e)?;
+                let mut open = txn.open_table(OPEN).map_err(e)?;
+                match alert.action {
+                    Action::Trigger => {
+                        open.insert(alert.key.as_str(), alert.at_ms).map_err(e)?;
+                    }
+                    Action::Resolve => {
+                        open.remove(alert.key.as_str()).map_err(e)?;
+                    }
+                }
             }
         }
         txn.commit().map_err(e)?;
@@ -212,11 +225,40 @@ impl Alerts {
         Ok(fresh)
     }
 
+    /// When the condition `key` was triggered, if it has not been resolved since (in
+    /// this run or an earlier one).
+    pub fn open_since(&self, key: &str) -> Result<Option<u64>, AlertError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(OPEN).map_err(e)?;
+        Ok(t.get(key).map_err(e)?.map(|v| v.value()))
+    }
+
     /// Entries not yet delivered.
     pub fn pending(&self) -> Result<usize, AlertError> {
         let txn = self.db.begin_read().map_err(e)?;
         let t = txn.open_table(OUTBOX).map_err(e)?;
         Ok(t.iter().map_err(e)?.count())
+    }
+
+    /// Waits until the outbox is empty or `within` has passed (the sender must be
+    /// running): used before the process exits on a fatal error, so that the page goes
+    /// out even if the next start fails too. True when everything was delivered.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.pending() {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "reading the alert outbox failed");
+                    return false;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Entries due now, and when the next one is due.
@@ -225,12 +267,20 @@ impl Alerts {
         let t = txn.open_table(OUTBOX).map_err(e)?;
         let mut due = Vec::new();
         let mut next: Option<u64> = None;
+        // Per notifier, the alerts of one condition go out in the order raised: a
+        // `resolve` never overtakes its `trigger` that is waiting for a retry.
+        let mut waiting: std::collections::HashSet<(String, String)> = Default::default();
         for item in t.iter().map_err(e)? {
             let (k, v) = item.map_err(e)?;
             let entry: Entry = serde_json::from_slice(v.value()).map_err(e)?;
+            let pair = (entry.notifier.clone(), entry.alert.key.clone());
+            if waiting.contains(&pair) {
+                continue;
+            }
             if entry.next_at_ms <= now_ms {
                 due.push((k.value(), entry));
             } else {
+                waiting.insert(pair);
                 next = Some(next.map_or(entry.next_at_ms, |n| n.min(entry.next_at_ms)));
             }
         }
@@ -272,8 +322,15 @@ impl Alerts {
                 Err(_) => (Vec::new(), Some(now + 5_000)),
             };
             if !due.is_empty() {
+                let mut failed: std::collections::HashSet<(String, String)> = Default::default();
                 for (id, entry) in due {
-                    self.deliver(id, entry).await;
+                    let pair = (entry.notifier.clone(), entry.alert.key.clone());
+                    if failed.contains(&pair) {
+                        continue;
+                    }
+                    if !self.deliver(id, entry).await {
+                        failed.insert(pair);
+                    }
                 }
                 // Deliveries rescheduled what failed: look again for the next due time.
                 continue;
@@ -292,12 +349,13 @@ impl Alerts {
         }
     }
 
-    async fn deliver(self: &Arc<Self>, id: u64, mut entry: Entry) {
+    /// Sends one entry: false when it stays in the outbox for a retry.
+    async fn deliver(self: &Arc<Self>, id: u64, mut entry: Entry) -> bool {
         let Some(n) = self.notifiers.iter().find(|n| n.name() == entry.notifier) else {
             tracing::warn!(notifier = %entry.notifier, "alert for a notifier no longer configured; dropped");
             let this = self.clone();
             let _ = tokio::task::spawn_blocking(move || this.finish(id)).await;
-            return;
+            return true;
         };
         let req = n.request(&entry.alert);
         let result = self.client.post(&req.url).json(&req.body).send().await;
@@ -331,6 +389,7 @@ impl Alerts {
             }
         })
         .await;
+        !retry
     }
 }
 

@@ -82,3 +82,70 @@ fn raise_is_durable_and_idempotent() {
     let alerts = Alerts::open(&path, &config()).unwrap();
     assert_eq!(alerts.pending().unwrap(), 2, "survives a restart");
 }
+
+#[test]
+fn open_conditions_are_tracked_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    let at;
+    {
+        let alerts = Alerts::open(&path, &config()).unwrap();
+        assert_eq!(alerts.open_since("fsync").unwrap(), None);
+        let t = alerts.alert("fsync", Action::Trigger, Severity::Critical, "x", json!({}));
+        at = t.at_ms;
+        alerts.raise("fsync:1", t).unwrap();
+    }
+    let alerts = Alerts::open(&path, &config()).unwrap();
+    assert_eq!(alerts.open_since("fsync").unwrap(), Some(at));
+    let r = alerts.alert("fsync", Action::Resolve, Severity::Info, "ok", json!({}));
+    alerts.raise("fsync:resolved:1", r).unwrap();
+    assert_eq!(alerts.open_since("fsync").unwrap(), None);
+}
+
+#[test]
+fn a_resolve_waits_for_its_trigger_being_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let alerts = Alerts::open(&dir.path().join("a.redb"), &config()).unwrap();
+    let raise = |key: &str, action, id: &str| {
+        let a = alerts.alert(key, action, Severity::Critical, "x", json!({}));
+        alerts.raise(id, a).unwrap();
+    };
+    raise("degraded", Action::Trigger, "d:t");
+    raise("storage-90", Action::Trigger, "s:t");
+    raise("degraded", Action::Resolve, "d:r");
+    // Entries 1..=6: (pd, vo) for each of the three. The PagerDuty trigger of
+    // "degraded" failed and waits for its retry.
+    let (due, _) = alerts.due(0).unwrap();
+    let (id, mut first) = due.into_iter().next().unwrap();
+    assert_eq!(
+        (first.notifier.as_str(), first.alert.key.as_str()),
+        ("pagerduty", "degraded")
+    );
+    first.next_at_ms = 10_000;
+    alerts.reschedule(id, &first).unwrap();
+
+    let (due, next) = alerts.due(5_000).unwrap();
+    let sent: Vec<(String, String, Action)> = due
+        .iter()
+        .map(|(_, e)| (e.notifier.clone(), e.alert.key.clone(), e.alert.action))
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            ("victorops".into(), "degraded".into(), Action::Trigger),
+            ("pagerduty".into(), "storage-90".into(), Action::Trigger),
+            ("victorops".into(), "storage-90".into(), Action::Trigger),
+            ("victorops".into(), "degraded".into(), Action::Resolve),
+        ],
+        "PagerDuty's resolve of degraded waits behind its trigger; nothing else does"
+    );
+    assert_eq!(next, Some(10_000));
+    // Once the trigger is due, both go, trigger first.
+    let (due, _) = alerts.due(10_000).unwrap();
+    let pd: Vec<Action> = due
+        .iter()
+        .filter(|(_, e)| e.notifier == "pagerduty" && e.alert.key == "degraded")
+        .map(|(_, e)| e.alert.action)
+        .collect();
+    assert_eq!(pd, vec![Action::Trigger, Action::Resolve]);
+}

@@ -781,6 +781,18 @@ fn health(base: &str) -> Value {
     get_json(&format!("{base}/health"))
 }
 
+/// True when the dead letters hold `message_id`; false also when the server cannot be
+/// asked (it may be between crash and restart under the supervisor).
+fn quarantined(admin: &str, message_id: &str) -> bool {
+    http()
+        .get(format!("{admin}/v1/dead-letters?destination=hook"))
+        .send()
+        .ok()
+        .and_then(|r| r.json::<Value>().ok())
+        .and_then(|v| v.as_array().cloned())
+        .is_some_and(|l| l.iter().any(|d| d["event"]["messageId"] == message_id))
+}
+
 fn dead_letters(admin: &str) -> Vec<Value> {
     get_json(&format!("{admin}/v1/dead-letters?destination=hook"))
         .as_array()
@@ -929,14 +941,9 @@ fn poison_event_is_quarantined_after_three_crashes_and_the_rest_delivered_in_ord
         .cloned()
         .collect();
     let all: HashSet<String> = innocent.iter().map(|e| mid(e).to_string()).collect();
-    let quarantined = || {
-        dead_letters(&ports.admin())
-            .iter()
-            .any(|d| d["event"]["messageId"] == "poison-1")
-    };
     assert!(
         wait_for(40, || sup.listening_pid().is_some()
-            && quarantined()
+            && quarantined(&ports.admin(), "poison-1")
             && all.is_subset(&hook.delivered_ids())),
         "not quarantined and delivered; poison post: {poison_post}; exits {:?}\n{}\n{}",
         sup.exits(),
@@ -1040,10 +1047,7 @@ fn poison_event_in_a_batch_with_other_users_quarantines_only_the_poison_event() 
         .collect();
     let all: HashSet<String> = innocent.iter().map(|e| mid(e).to_string()).collect();
     let settled = wait_for(40, || {
-        sup.listening_pid().is_some()
-            && dead_letters(&ports.admin())
-                .iter()
-                .any(|d| d["event"]["messageId"] == "poison-1")
+        sup.listening_pid().is_some() && quarantined(&ports.admin(), "poison-1")
     });
     assert!(settled, "exits {:?}\n{}", sup.exits(), sup.logs());
     assert!(sup.wait_stable(Duration::from_secs(1), Duration::from_secs(10)));

@@ -52,6 +52,8 @@ pub(crate) struct Writer {
     /// The group being formed: its bytes, and the submissions they came from.
     buf: Vec<u8>,
     pending: Vec<(Submission, Appended)>,
+    /// Latency of each fdatasync, for the application's metrics recorder (if any).
+    fsync_seconds: metrics::Histogram,
 }
 
 fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -103,6 +105,7 @@ impl Writer {
             max_group_bytes: config.max_group_bytes.max(1),
             buf: Vec::new(),
             pending: Vec::new(),
+            fsync_seconds: metrics::histogram!("ballast_log_fsync_seconds"),
         })
     }
 
@@ -234,9 +237,11 @@ impl Writer {
         if let Err(e) = sync(&self.file) {
             return Err(self.fatal(format!("fdatasync failed: {e}")));
         }
+        let took = t.elapsed();
+        self.fsync_seconds.record(took.as_secs_f64());
         let c = &self.shared.counters;
         c.fsync_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         c.fsyncs.fetch_add(1, Ordering::Relaxed);
         if self.pending.len() > 1 {
             c.shared_fsyncs.fetch_add(1, Ordering::Relaxed);

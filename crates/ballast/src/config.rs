@@ -69,9 +69,13 @@ impl Default for RecoveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
+    /// A destination's "aborting events" alert resolves once the destination has
+    /// delivered again and aborted nothing for this long (default 1h).
+    #[serde(default = "aborts_clear_after", deserialize_with = "duration")]
+    pub aborts_clear_after: Duration,
     /// Names this server in alerts (default: the host name).
     #[serde(default)]
     pub source: Option<String>,
@@ -83,6 +87,23 @@ pub struct AlertsConfig {
     pub slack: Option<crate::alerts::slack::SlackConfig>,
     #[serde(default)]
     pub webhook: Vec<crate::alerts::webhook::WebhookAlertConfig>,
+}
+
+fn aborts_clear_after() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            aborts_clear_after: aborts_clear_after(),
+            source: None,
+            pagerduty: None,
+            victorops: None,
+            slack: None,
+            webhook: Vec::new(),
+        }
+    }
 }
 
 /// A destination: the keys every type shares, and its type's own settings (checked
@@ -223,6 +244,7 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
     pub data_dir: PathBuf,
+    #[serde(deserialize_with = "size_usize")]
     pub max_request_bytes: usize,
     /// "text" or "json".
     pub log_format: LogFormat,
@@ -346,6 +368,11 @@ pub(crate) fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             .map_err(|e| serde::de::Error::custom(format!("invalid size {s:?}: {e}"))),
         Raw::Bytes(n) => Ok(n),
     }
+}
+
+fn size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = size(d)?;
+    usize::try_from(n).map_err(|_| serde::de::Error::custom(format!("size {n} is too large")))
 }
 
 impl Config {
@@ -488,6 +515,13 @@ impl Config {
                     d.id
                 )));
             }
+            let kind = match &d.kind {
+                DestinationKind::Webhook(c) => c.check().map(|_| ()).map_err(|e| e.to_string()),
+                DestinationKind::File(c) => c.check(),
+            };
+            if let Err(e) = kind {
+                return Err(ConfigError::Invalid(format!("destination {:?}: {e}", d.id)));
+            }
         }
         if self.recovery.crash_threshold == 0 || self.recovery.poison_threshold == 0 {
             return Err(ConfigError::Invalid(
@@ -512,12 +546,21 @@ impl Config {
 /// value it replaces (a string stays a string); new values are read as a TOML boolean,
 /// integer, float, array or inline table when they parse as one, else as a string.
 fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
+    set_path_in(table, path, raw, is_text_key(path))
+}
+
+fn set_path_in(
+    table: &mut toml::Table,
+    path: &[String],
+    raw: &str,
+    text: bool,
+) -> Result<(), String> {
     let (first, rest) = path.split_first().ok_or("empty key")?;
     if first.is_empty() {
         return Err("empty key segment".into());
     }
     if rest.is_empty() {
-        let typed = typed_value(table.get(first.as_str()), raw);
+        let typed = typed_value(table.get(first.as_str()), raw, text);
         table.insert(first.clone(), typed);
         return Ok(());
     }
@@ -529,12 +572,17 @@ fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), S
             toml::Value::Table(toml::Table::new())
         }
     });
-    set_in_value(entry, rest, raw)
+    set_in_value(entry, rest, raw, text)
 }
 
-fn set_in_value(value: &mut toml::Value, path: &[String], raw: &str) -> Result<(), String> {
+fn set_in_value(
+    value: &mut toml::Value,
+    path: &[String],
+    raw: &str,
+    text: bool,
+) -> Result<(), String> {
     match value {
-        toml::Value::Table(t) => set_path(t, path, raw),
+        toml::Value::Table(t) => set_path_in(t, path, raw, text),
         toml::Value::Array(items) => {
             let (first, rest) = path.split_first().ok_or("empty key")?;
             let idx: usize = first
@@ -550,17 +598,41 @@ fn set_in_value(value: &mut toml::Value, path: &[String], raw: &str) -> Result<(
                 items.push(toml::Value::Table(toml::Table::new()));
             }
             if rest.is_empty() {
-                items[idx] = typed_value(Some(&items[idx]), raw);
+                items[idx] = typed_value(Some(&items[idx]), raw, text);
                 return Ok(());
             }
-            set_in_value(&mut items[idx], rest, raw)
+            set_in_value(&mut items[idx], rest, raw, text)
         }
         _ => Err("a plain value cannot have sub-keys".into()),
     }
 }
 
-fn typed_value(existing: Option<&toml::Value>, raw: &str) -> toml::Value {
-    if let Some(toml::Value::String(_)) = existing {
+/// Settings that are text whatever they look like (a token of digits is still a token),
+/// by their key; every key under a `headers` table is text too.
+const TEXT_KEYS: &[&str] = &[
+    "id",
+    "write_key",
+    "admin_token",
+    "routing_key",
+    "api_key",
+    "url",
+    "base_url",
+    "source",
+    "method",
+    "path",
+    "data_dir",
+    "listen",
+    "admin_listen",
+    "name",
+];
+
+fn is_text_key(path: &[String]) -> bool {
+    let leaf = path.last().map(String::as_str).unwrap_or_default();
+    TEXT_KEYS.contains(&leaf) || path.iter().rev().skip(1).any(|s| s == "headers")
+}
+
+fn typed_value(existing: Option<&toml::Value>, raw: &str, text: bool) -> toml::Value {
+    if text || matches!(existing, Some(toml::Value::String(_))) {
         return toml::Value::String(raw.to_string());
     }
     let parsed: Result<toml::Table, _> = toml::from_str(&format!("v = {raw}"));
@@ -650,6 +722,51 @@ write_key = "k1"
         assert_eq!(c.sources[0].write_key, "123");
         assert_eq!(c.sources[1].id, "app");
         assert!(!c.sources[1].enabled);
+        let c = Config::from_toml(
+            BASE,
+            "t",
+            env(&[("BALLAST_SERVER__MAX_REQUEST_BYTES", "4MiB")]),
+        )
+        .unwrap();
+        assert_eq!(c.server.max_request_bytes, 4 << 20);
+    }
+
+    /// Secrets come from the environment whatever they look like, also when the file
+    /// does not set them (no string there to take the type from).
+    #[test]
+    fn text_settings_from_the_environment_stay_text() {
+        let c = Config::from_toml(
+            BASE,
+            "t",
+            env(&[
+                ("BALLAST_SERVER__ADMIN_TOKEN", "12345678"),
+                ("BALLAST_SOURCES__1__ID", "2024"),
+                ("BALLAST_SOURCES__1__WRITE_KEY", "true"),
+                ("BALLAST_ALERTS__PAGERDUTY__ROUTING_KEY", "1979-05-27"),
+                ("BALLAST_ALERTS__VICTORIA__X", "1"),
+            ]),
+        );
+        // The last one is an unknown key: the error names it.
+        let err = c.unwrap_err().to_string();
+        assert!(err.contains("victoria"), "{err}");
+        let c = Config::from_toml(
+            BASE,
+            "t",
+            env(&[
+                ("BALLAST_SERVER__ADMIN_TOKEN", "12345678"),
+                ("BALLAST_SOURCES__1__ID", "2024"),
+                ("BALLAST_SOURCES__1__WRITE_KEY", "true"),
+                ("BALLAST_ALERTS__PAGERDUTY__ROUTING_KEY", "1979-05-27"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.admin_token.as_deref(), Some("12345678"));
+        assert_eq!(c.sources[1].id, "2024");
+        assert_eq!(c.sources[1].write_key, "true");
+        assert_eq!(
+            c.alerts.pagerduty.as_ref().map(|p| p.routing_key.as_str()),
+            Some("1979-05-27")
+        );
     }
 
     #[test]

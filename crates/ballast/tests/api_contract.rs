@@ -732,6 +732,13 @@ fn every_error_row_has_its_exact_status_and_body_and_stores_nothing() {
                 .body(body),
         );
         expect(&r, 401, invalid);
+        // A key in the header is judged before the body: wrong key, broken body → 401.
+        let r = call(
+            http.post(server.url(path))
+                .basic_auth("no-such-key", Some(""))
+                .body("{not json"),
+        );
+        expect(&r, 401, invalid);
     }
     expect(
         &post_anon(
@@ -1425,6 +1432,10 @@ fn concurrent_requests_share_fsyncs() {
         fsyncs < ok as f64,
         "{fsyncs} fsyncs for {ok} requests: no group commit"
     );
+    // Latency histograms: one sample per fsync and per request.
+    assert!(metric(&server, "ballast_log_fsync_seconds_count") >= fsyncs);
+    assert!(metric(&server, "ballast_log_fsync_seconds_sum") > 0.0);
+    assert!(metric(&server, "ballast_ingest_request_seconds_count") >= ok as f64);
     let stored = by_message_id(&server.dump());
     assert_eq!(stored.len(), REQUESTS);
 }
@@ -1488,4 +1499,52 @@ fn a_top_level_array_is_not_a_batch() {
     );
     expect(&r, 401, "failed to read writekey from header");
     assert!(server.dump().is_empty());
+}
+
+/// `check-config` judges a config as `serve` would: what `serve` refuses, it refuses
+/// too (exit non-zero, a message naming the destination and what is wrong).
+#[test]
+fn check_config_refuses_what_serve_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |text: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(common::bin())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run ballast check-config");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let dest = |settings: &str| {
+        common::config(&format!(
+            "[[destinations]]\nid = \"hook\"\ntype = \"webhook\"\nsources = [\"web\"]\n{settings}\n"
+        ))
+    };
+    let (ok, out) = run(&dest("url = \"http://127.0.0.1:9/x\""));
+    assert!(ok, "{out}");
+    for (settings, says) in [
+        ("url = \"not a url\"", "not a url"),
+        ("url = \"ftp://127.0.0.1/x\"", "scheme"),
+        ("url = \"http://127.0.0.1/x\"\nmethod = \"GET\"", "GET"),
+        (
+            "url = \"http://127.0.0.1/x\"\nheaders = { \"bad header\" = \"v\" }",
+            "bad header",
+        ),
+        ("url = \"http://127.0.0.1/x\"\nurll = \"x\"", "urll"),
+    ] {
+        let (ok, out) = run(&dest(settings));
+        assert!(!ok, "{settings}: accepted\n{out}");
+        assert!(
+            out.contains("hook") && out.contains(says),
+            "{settings}: {out}"
+        );
+    }
 }

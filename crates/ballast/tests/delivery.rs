@@ -1454,3 +1454,66 @@ fn a_backlog_beyond_memory_is_delivered_in_order() {
         dest_status(&server, "hook")
     );
 }
+
+/// DESIGN.md, "Alerts": a destination aborting events raises an alert, and its `resolve`
+/// follows once the destination delivers again and aborts nothing for
+/// `alerts.aborts_clear_after`. Another abort after that starts a new alert.
+#[test]
+fn the_aborting_alert_resolves_once_the_destination_delivers_again() {
+    let rx = Receiver::start(rule(|h| {
+        if h.events.iter().any(|e| mid(e).starts_with("bad")) {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
+        }
+    }));
+    let alert_rx = Receiver::start(always(202));
+    let extra = format!(
+        "{}\n[alerts]\nsource = \"t\"\naborts_clear_after = \"1s\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n",
+        webhook("hook", &rx.url(), PATIENT),
+        alert_rx.url()
+    );
+    let server = Server::start(&common::config(&extra));
+    // (action, key) of the alerts received so far.
+    let alerts = || -> Vec<(String, String)> {
+        alert_rx
+            .requests()
+            .iter()
+            .filter(|r| r.status == 202)
+            .map(|r| {
+                (
+                    r.body["action"].as_str().unwrap_or("").to_string(),
+                    r.body["key"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let pair = |a: &str| (a.to_string(), "aborts:hook".to_string());
+
+    post(&server, "/v1/track", &event("a", "bad-1", 0));
+    assert!(
+        wait_for(10, || alerts() == [pair("trigger")]),
+        "{:?}",
+        alerts()
+    );
+    let aborted_at = Instant::now();
+    // No delivery since the abort: it stays open however long that lasts.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(alerts(), [pair("trigger")]);
+    post(&server, "/v1/track", &event("b", "good-1", 0));
+    assert!(
+        wait_for(10, || alerts() == [pair("trigger"), pair("resolve")]),
+        "{:?}",
+        alerts()
+    );
+    assert!(aborted_at.elapsed() >= Duration::from_secs(1));
+    // A new abort: a new trigger.
+    post(&server, "/v1/track", &event("a", "bad-2", 0));
+    assert!(
+        wait_for(10, || alerts()
+            == [pair("trigger"), pair("resolve"), pair("trigger")]),
+        "{:?}",
+        alerts()
+    );
+    assert_eq!(dead_letters(&server, "hook").len(), 2);
+}

@@ -1641,6 +1641,19 @@ fn ingestion_stays_available_through_a_crash_loop_and_nothing_acknowledged_is_lo
 
 #[test]
 fn destination_panic_is_caught_and_the_event_quarantined_after_three_panics() {
+    a_panic_is_contained_and_its_event_quarantined("router::deliver_panic");
+}
+
+/// DESIGN.md: "A panic inside one destination's worker is caught and counted like a
+/// crash of that worker" — here the delivery loop itself panics (not a delivery task):
+/// it is restarted from its cursor, and the event it was dispatching gets a strike.
+#[test]
+fn delivery_loop_panic_restarts_the_loop_and_quarantines_the_event() {
+    a_panic_is_contained_and_its_event_quarantined("router::loop_panic");
+}
+
+/// The failpoint `failpoint` panics whenever the event "panic-1" is handed to it.
+fn a_panic_is_contained_and_its_event_quarantined(failpoint: &str) {
     let (pd, vo, hook) = (Mock::pagerduty(), Mock::victorops(), Mock::webhook());
     let config = ha_config(Some(&hook), &pd, &vo, "");
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -1648,7 +1661,7 @@ fn destination_panic_is_caught_and_the_event_quarantined_after_three_panics() {
     let mut server = start(
         &dir,
         &config,
-        &failpoints("router::deliver_panic=return(panic-1)"),
+        &failpoints(&format!("{failpoint}=return(panic-1)")),
         ports,
     );
     let pid = server.child.as_ref().unwrap().id();
@@ -1693,7 +1706,7 @@ fn destination_panic_is_caught_and_the_event_quarantined_after_three_panics() {
     // Quarantined after exactly poison_threshold panics.
     let panics = server
         .stderr()
-        .matches("failpoint router::deliver_panic for panic-1")
+        .matches(&format!("failpoint {failpoint} for panic-1"))
         .count();
     assert_eq!(panics, 3, "{}", server.stderr());
     let letters = dead_letters(&server.admin);

@@ -10,7 +10,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Buckets of every `*_seconds` histogram (fsync, ingest request, delivery request):
+/// 100 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
 
 use crate::router::Router as EventRouter;
 use crate::server::ServerState;
@@ -28,6 +35,8 @@ pub struct AdminState {
 
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .context("setting histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")
 }
@@ -69,7 +78,6 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     metrics::counter!("ballast_log_fsyncs_total").absolute(st.fsyncs);
     metrics::counter!("ballast_log_appends_total").absolute(st.appends);
     metrics::counter!("ballast_log_events_total").absolute(st.events_appended);
-    metrics::gauge!("ballast_log_fsync_seconds_total").set(st.fsync_seconds);
     metrics::counter!("ballast_log_quarantined_records_total").absolute(st.quarantined_records);
     metrics::counter!("ballast_log_torn_tail_bytes_total").absolute(st.torn_tail_bytes);
     metrics::counter!("ballast_storage_quota_rejections_total").absolute(st.quota_rejections);

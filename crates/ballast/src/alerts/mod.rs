@@ -101,6 +101,7 @@ pub struct Alerts {
     db: Database,
     notifiers: Vec<Arc<dyn Notifier>>,
     source: String,
+    aborts_clear_after: Duration,
     wake: Notify,
     client: reqwest::Client,
 }
@@ -145,9 +146,15 @@ impl Alerts {
             db,
             notifiers,
             source: config.source.clone().unwrap_or_else(host_name),
+            aborts_clear_after: config.aborts_clear_after,
             wake: Notify::new(),
             client,
         }))
+    }
+
+    /// How long a destination must go without aborting for its alert to resolve.
+    pub fn aborts_clear_after(&self) -> Duration {
+        self.aborts_clear_after
     }
 
     pub fn source(&self) -> &str {

@@ -4,6 +4,7 @@ use serde_json::json;
 
 fn config() -> AlertsConfig {
     AlertsConfig {
+        aborts_clear_after: std::time::Duration::from_secs(3600),
         source: Some("node-1".into()),
         pagerduty: Some(pagerduty::PagerDutyConfig {
             routing_key: "R".into(),

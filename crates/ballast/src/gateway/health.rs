@@ -17,7 +17,7 @@ pub async fn health(State(gw): State<Arc<Gateway>>) -> Response {
         "server": "UP",
         "db": if store.writable { "UP" } else { "DOWN" },
         "acceptingEvents": flag(accepting),
-        // No router runs yet in this build: events are stored, not forwarded.
+        // False in degraded mode and when no destination is configured.
         "routingEvents": flag(gw.state.routing()),
         "mode": gw.state.mode().as_health_str(),
         "backendConfigMode": "STATIC",

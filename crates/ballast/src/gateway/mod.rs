@@ -42,6 +42,8 @@ pub struct Gateway {
     state: Arc<ServerState>,
     max_request_bytes: usize,
     requests: RequestCounters,
+    /// Time from the request's head to the answer of every POST ingest request.
+    latency: metrics::Histogram,
 }
 
 /// An error answer: status and the exact plain-text body SDKs key on.
@@ -140,6 +142,7 @@ impl Gateway {
             state,
             max_request_bytes: config.server.max_request_bytes,
             requests: RequestCounters::default(),
+            latency: metrics::histogram!("ballast_ingest_request_seconds"),
         }
     }
 
@@ -211,6 +214,11 @@ impl Gateway {
             header_anonymous_id: header_anon,
         };
         let mut key = req.key.map(Cow::Borrowed);
+        // A key from the header or the query is judged before the body is read: a wrong
+        // key is a 401 whatever the body holds.
+        if key.as_deref().is_some_and(|k| !k.is_empty()) {
+            self.source(key.as_deref())?;
+        }
 
         let (source, batch) = if req.route_type.is_some() {
             // One event: the body is the event.
@@ -398,6 +406,7 @@ async fn post_events(
     route_type: Option<&'static str>,
     route: &'static str,
 ) -> Response {
+    let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let (peer, headers) = (peer_of(&parts), &parts.headers);
     let result = async {
@@ -416,7 +425,9 @@ async fn post_events(
         .await
     }
     .await;
-    gw.finish(result, route)
+    let response = gw.finish(result, route);
+    gw.latency.record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn single(

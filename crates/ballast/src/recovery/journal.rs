@@ -147,6 +147,22 @@ impl Journal {
         Ok(())
     }
 
+    /// The positions `dest` has begun and not ended, now ended: what a delivery loop
+    /// that died inside this process held.
+    pub fn take_open(&self, dest: &str) -> Vec<u64> {
+        let mut open: Vec<u64> = {
+            let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            g.open
+                .iter()
+                .filter(|(d, _)| d == dest)
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        open.sort_unstable();
+        self.end(dest, &open);
+        open
+    }
+
     pub fn begin(&self, dest: &str, positions: &[u64]) {
         self.record(BEGIN, dest, positions);
     }
@@ -180,6 +196,21 @@ mod tests {
         drop(j);
         let (_, left) = Journal::open(&path).unwrap();
         assert!(left.is_empty());
+    }
+
+    #[test]
+    fn take_open_ends_what_one_destination_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (j, _) = Journal::open(&path).unwrap();
+        j.begin("a", &[5, 1]);
+        j.begin("b", &[2]);
+        j.end("a", &[1]);
+        assert_eq!(j.take_open("a"), vec![5]);
+        assert!(j.take_open("a").is_empty());
+        drop(j);
+        let (_, left) = Journal::open(&path).unwrap();
+        assert_eq!(left, vec![("b".to_string(), 2)]);
     }
 
     #[test]

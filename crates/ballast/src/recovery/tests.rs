@@ -3,6 +3,7 @@ use crate::config::AlertsConfig;
 
 fn alerts(dir: &Path) -> Arc<Alerts> {
     let cfg = AlertsConfig {
+        aborts_clear_after: std::time::Duration::from_secs(3600),
         source: Some("t".into()),
         pagerduty: Some(crate::alerts::pagerduty::PagerDutyConfig {
             routing_key: "R".into(),

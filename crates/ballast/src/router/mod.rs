@@ -74,6 +74,137 @@ pub struct Router {
     store: Arc<dyn Store>,
 }
 
+/// What a destination's delivery loop is built from (again, after a panic).
+#[derive(Clone)]
+struct WorkerParts {
+    config: crate::config::DestinationConfig,
+    sink: Arc<dyn crate::destinations::Destination>,
+    store: Arc<dyn Store>,
+    db: Arc<RouterDb>,
+    stats: Arc<DestinationStats>,
+    replay: Arc<Notify>,
+    journal: Arc<crate::recovery::journal::Journal>,
+    alerts: Arc<crate::alerts::Alerts>,
+    poison_threshold: u32,
+}
+
+impl WorkerParts {
+    async fn build(&self) -> anyhow::Result<worker::Worker> {
+        let p = self.clone();
+        worker::Worker::new(
+            p.config,
+            p.sink,
+            p.store,
+            p.db,
+            p.stats,
+            p.replay,
+            p.journal,
+            p.alerts,
+            p.poison_threshold,
+        )
+        .await
+    }
+
+    /// A panic of the delivery loop counts like a crash of the process for this
+    /// destination: every event it had in flight gets a strike (so that an event that
+    /// keeps killing the loop is quarantined at `poison_threshold`).
+    async fn strike_in_flight(&self) -> anyhow::Result<usize> {
+        let positions = self.journal.take_open(&self.config.id);
+        let mut struck = Vec::with_capacity(positions.len());
+        for pos in positions {
+            let key = match self.store.read(pos, 1).await {
+                Ok(r) => r
+                    .events
+                    .first()
+                    .filter(|e| e.position == pos)
+                    .map(strike_key_of),
+                Err(_) => None,
+            };
+            struck.push((
+                self.config.id.clone(),
+                key.unwrap_or_else(|| format!("@{pos}")),
+            ));
+        }
+        let n = struck.len();
+        let db = self.db.clone();
+        let counts = tokio::task::spawn_blocking(move || {
+            let counts = db.add_strikes(&struck)?;
+            Ok::<_, deadletters::DbError>(struck.into_iter().zip(counts).collect::<Vec<_>>())
+        })
+        .await??;
+        for ((dest, key), strikes) in counts {
+            tracing::warn!(destination = %dest, event = %key, strikes, threshold = self.poison_threshold, "event was in flight when the delivery loop panicked");
+        }
+        Ok(n)
+    }
+}
+
+/// Runs a destination's delivery loop; if the loop panics, strikes what it had in
+/// flight and starts it again from the destination's cursor (the process, ingestion and
+/// the other destinations go on).
+async fn supervise(
+    parts: WorkerParts,
+    first: worker::Worker,
+    routing: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) {
+    let id = parts.config.id.clone();
+    let mut next = Some(first);
+    let mut restarts: u32 = 0;
+    loop {
+        let worker = match next.take() {
+            Some(w) => w,
+            None => match parts.build().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(destination = %id, error = %e, "restarting the delivery loop failed; trying again");
+                    if sleep_or_stop(std::time::Duration::from_secs(1), &stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        let started = std::time::Instant::now();
+        match tokio::spawn(worker.run(routing.clone(), stop.clone())).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    restarts = 0;
+                }
+                restarts += 1;
+                metrics::counter!("ballast_destination_loop_panics_total", "destination" => id.clone())
+                    .increment(1);
+                tracing::error!(destination = %id, restarts, "the delivery loop panicked; restarting it from the destination's cursor");
+                if let Err(e) = parts.strike_in_flight().await {
+                    tracing::error!(destination = %id, error = %e, "recording strikes failed");
+                }
+                // Back off when it keeps panicking (at most 30 s), so that a loop that
+                // dies at once does not spin.
+                let wait = std::time::Duration::from_millis(100 << restarts.min(8))
+                    .min(std::time::Duration::from_secs(30));
+                if sleep_or_stop(wait, &stop).await {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sleeps; true if `stop` was raised meanwhile.
+async fn sleep_or_stop(d: std::time::Duration, stop: &watch::Receiver<bool>) -> bool {
+    let mut stop = stop.clone();
+    if *stop.borrow() {
+        return true;
+    }
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
 /// Consumer name of a destination in the store.
 pub fn consumer_name(destination: &str) -> String {
     format!("dest.{destination}")
@@ -103,19 +234,24 @@ impl Router {
             };
             stats.dead_letters.store(dead, Ordering::Relaxed);
             let replay = Arc::new(Notify::new());
-            let worker = worker::Worker::new(
-                d.clone(),
+            let parts = WorkerParts {
+                config: d.clone(),
                 sink,
-                store.clone(),
-                db.clone(),
-                stats.clone(),
-                replay.clone(),
-                journal.clone(),
-                alerts.clone(),
-                config.recovery.poison_threshold,
-            )
-            .await?;
-            tasks.push(tokio::spawn(worker.run(routing.clone(), stop.clone())));
+                store: store.clone(),
+                db: db.clone(),
+                stats: stats.clone(),
+                replay: replay.clone(),
+                journal: journal.clone(),
+                alerts: alerts.clone(),
+                poison_threshold: config.recovery.poison_threshold,
+            };
+            let first = parts.build().await?;
+            tasks.push(tokio::spawn(supervise(
+                parts,
+                first,
+                routing.clone(),
+                stop.clone(),
+            )));
             destinations.push(DestinationHandle {
                 id: d.id.clone(),
                 kind: d.kind.name(),

@@ -7,20 +7,24 @@ use rand::Rng;
 use crate::config::RetryConfig;
 
 /// Delay before the next attempt after `attempts` failures (1 = first failure):
-/// `min_backoff · 2^(attempts-1)` capped at `max_backoff`, "equal jitter" (between half
-/// and all of it), and never sooner than a `Retry-After` the destination asked for.
+/// `min_backoff · 2^(attempts-1)` plus up to half of it again at random, kept within
+/// `min_backoff..=max_backoff` (at the cap, up to a quarter below it, so that events that
+/// failed together do not retry together forever); never sooner than a `Retry-After` the
+/// destination asked for.
 pub fn backoff(c: &RetryConfig, attempts: u32, retry_after: Option<Duration>) -> Duration {
     let exp = attempts.saturating_sub(1).min(30);
-    let base = c
-        .min_backoff
-        .saturating_mul(1u32 << exp)
-        .min(c.max_backoff)
-        .max(Duration::from_millis(1));
-    let half = base / 2;
-    let jitter = rand::thread_rng().gen_range(Duration::ZERO..=half);
-    let delay = half + jitter;
+    let max = c.max_backoff.max(Duration::from_millis(1));
+    let min = c.min_backoff.min(max);
+    let base = min.saturating_mul(1u32 << exp).min(max);
+    let mut rng = rand::thread_rng();
+    let mut delay = base + rng.gen_range(Duration::ZERO..=base / 2);
+    if delay > max {
+        delay = max
+            .saturating_sub(rng.gen_range(Duration::ZERO..=max / 4))
+            .max(min);
+    }
     match retry_after {
-        Some(ra) => ra.max(delay.min(c.min_backoff)),
+        Some(ra) => ra.max(min),
         None => delay,
     }
 }
@@ -56,22 +60,29 @@ mod tests {
         for _ in 0..100 {
             let d1 = backoff(&c, 1, None);
             assert!(
-                d1 >= Duration::from_secs(5) && d1 <= Duration::from_secs(10),
+                d1 >= Duration::from_secs(10) && d1 <= Duration::from_secs(15),
                 "{d1:?}"
             );
             let d3 = backoff(&c, 3, None);
             assert!(
-                d3 >= Duration::from_secs(20) && d3 <= Duration::from_secs(40),
+                d3 >= Duration::from_secs(40) && d3 <= Duration::from_secs(60),
                 "{d3:?}"
             );
             let d20 = backoff(&c, 20, None);
-            assert!(d20 >= Duration::from_secs(150) && d20 <= Duration::from_secs(300));
+            assert!(
+                d20 >= Duration::from_secs(225) && d20 <= Duration::from_secs(300),
+                "{d20:?}"
+            );
         }
         assert_eq!(
             backoff(&c, 1, Some(Duration::from_secs(120))),
             Duration::from_secs(120)
         );
-        assert!(backoff(&c, 1, Some(Duration::ZERO)) <= Duration::from_secs(10));
+        assert_eq!(
+            backoff(&c, 1, Some(Duration::ZERO)),
+            Duration::from_secs(10),
+            "never sooner than min_backoff"
+        );
     }
 
     #[test]

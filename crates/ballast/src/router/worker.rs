@@ -107,6 +107,24 @@ pub(super) struct Worker {
     known_retry: HashMap<Position, RetryInfo>,
     retry_changes: Vec<(Position, Option<RetryInfo>)>,
     replaying: HashSet<u64>,
+    /// The open "destination is aborting events" alert, if any.
+    abort_alert: Option<AbortAlert>,
+    /// How long each delivery request takes, whatever its outcome.
+    request_seconds: metrics::Histogram,
+}
+
+/// An open "destination is aborting events" alert: it resolves once the destination has
+/// delivered again and aborted nothing for `alerts.aborts_clear_after`.
+struct AbortAlert {
+    /// When this episode's first trigger was raised (ms): names its alerts.
+    since_ms: u64,
+    last_abort: Instant,
+    delivered_since: bool,
+}
+
+/// The condition key of a destination's "aborting events" alert.
+fn abort_alert_key(destination: &str) -> String {
+    format!("aborts:{destination}")
 }
 
 /// The ordering key and messageId of a stored event.
@@ -199,6 +217,16 @@ impl Worker {
             .await??
         };
         stats.cursor.store(start, Ordering::Relaxed);
+        // An episode an earlier run left open: it must stay quiet for a whole period of
+        // this run before it resolves.
+        let abort_alert = alerts
+            .open_since(&abort_alert_key(&config.id))?
+            .map(|since_ms| AbortAlert {
+                since_ms,
+                last_abort: Instant::now(),
+                delivered_since: false,
+            });
+        let request_seconds = metrics::histogram!("ballast_destination_request_seconds", "destination" => config.id.clone());
         Ok(Worker {
             sources: config.sources.iter().cloned().collect(),
             consumer,
@@ -220,6 +248,8 @@ impl Worker {
             known_retry,
             retry_changes: Vec::new(),
             replaying: HashSet::new(),
+            abort_alert,
+            request_seconds,
             journal,
             alerts,
             strikes,
@@ -269,6 +299,7 @@ impl Worker {
             }
             if last_ack.elapsed() >= ACK_EVERY {
                 self.ack().await;
+                self.resolve_abort_alert().await;
                 last_ack = Instant::now();
             }
             // Every turn, so that status never reports as idle work already read.
@@ -626,7 +657,14 @@ impl Worker {
                 }
             }
             self.journal.begin(&self.config.id, &positions);
+            #[cfg(feature = "failpoints")]
+            if let Some(id) = fail::eval("router::loop_panic", |arg| arg.unwrap_or_default()) {
+                if events.iter().any(|e| *e.message_id == id) {
+                    panic!("failpoint router::loop_panic for {id}");
+                }
+            }
             let sink = self.sink.clone();
+            let request_seconds = self.request_seconds.clone();
             let handle = self.tasks.spawn(async move {
                 #[cfg(feature = "failpoints")]
                 if let Some(id) = fail::eval("router::deliver", |arg| arg.unwrap_or_default()) {
@@ -641,7 +679,10 @@ impl Worker {
                         panic!("failpoint router::deliver_panic for {id}");
                     }
                 }
-                sink.deliver(&events).await
+                let started = Instant::now();
+                let outcome = sink.deliver(&events).await;
+                request_seconds.record(started.elapsed().as_secs_f64());
+                outcome
             });
             if isolate {
                 self.isolating = Some(handle.id());
@@ -673,6 +714,9 @@ impl Worker {
         }
         match outcome {
             Outcome::Delivered => {
+                if let Some(a) = &mut self.abort_alert {
+                    a.delivered_since = true;
+                }
                 for (user, n) in units {
                     if let Some(uq) = self.users.get_mut(&user) {
                         uq.solo = false;
@@ -870,8 +914,18 @@ impl Worker {
         }
         tracing::warn!(destination = %self.config.id, events = count, ?status, reason, "events moved to the dead letters");
         if kind == "aborted" && count > 0 {
-            let hour = to_ms(SystemTime::now()) / 3_600_000;
-            let key = format!("aborts:{}", self.config.id);
+            let now_ms = to_ms(SystemTime::now());
+            let episode = self.abort_alert.get_or_insert(AbortAlert {
+                since_ms: now_ms,
+                last_abort: Instant::now(),
+                delivered_since: false,
+            });
+            episode.last_abort = Instant::now();
+            episode.delivered_since = false;
+            // Raised again each hour of the episode (an operator may have closed it).
+            let hour = now_ms / 3_600_000;
+            let since = episode.since_ms;
+            let key = abort_alert_key(&self.config.id);
             let alert = self.alerts.alert(
                 key.clone(),
                 Action::Trigger,
@@ -880,9 +934,10 @@ impl Worker {
                 serde_json::json!({ "destination": self.config.id, "status": status, "reason": reason }),
             );
             let alerts = self.alerts.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || alerts.raise(&format!("{key}:{hour}"), alert))
-                    .await;
+            let _ = tokio::task::spawn_blocking(move || {
+                alerts.raise(&format!("{key}:{since}:{hour}"), alert)
+            })
+            .await;
         }
         self.stats.aborted.fetch_add(count, Ordering::Relaxed);
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
@@ -1014,6 +1069,39 @@ impl Worker {
             tokio::task::spawn_blocking(move || db.save_retry(&dest, &changes)).await
         {
             tracing::warn!(destination = %self.config.id, error = %e, "saving retry state failed");
+        }
+    }
+
+    /// Resolves the "aborting events" alert once the destination delivered again and
+    /// aborted nothing for `alerts.aborts_clear_after`.
+    async fn resolve_abort_alert(&mut self) {
+        let clear = self.alerts.aborts_clear_after();
+        let Some(a) = &self.abort_alert else {
+            return;
+        };
+        if !a.delivered_since || a.last_abort.elapsed() < clear {
+            return;
+        }
+        let key = abort_alert_key(&self.config.id);
+        let idempotency = format!("{key}:{}:resolved", a.since_ms);
+        let alert = self.alerts.alert(
+            key,
+            Action::Resolve,
+            Severity::Info,
+            format!(
+                "destination {} delivers again: nothing aborted for {}",
+                self.config.id,
+                humantime::format_duration(clear)
+            ),
+            serde_json::json!({ "destination": self.config.id }),
+        );
+        let alerts = self.alerts.clone();
+        match tokio::task::spawn_blocking(move || alerts.raise(&idempotency, alert)).await {
+            Ok(Ok(_)) => self.abort_alert = None,
+            Ok(Err(e)) => {
+                tracing::warn!(destination = %self.config.id, error = %e, "recording the alert failed; will retry")
+            }
+            Err(_) => {}
         }
     }
 

@@ -14,3 +14,19 @@ pub struct FileConfig {
 fn max_file_bytes() -> u64 {
     100 << 20
 }
+
+impl FileConfig {
+    /// The path must name a file (not end in a separator or `..`); its directory is
+    /// created at start.
+    pub fn check(&self) -> Result<(), String> {
+        let named = self.path.file_name().is_some_and(|n| !n.is_empty())
+            && !self.path.as_os_str().to_string_lossy().ends_with('/');
+        if !named {
+            return Err(format!("path {:?} does not name a file", self.path));
+        }
+        if self.max_file_bytes == 0 {
+            return Err("max_file_bytes must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -6,5 +6,5 @@ pub mod sink;
 #[cfg(test)]
 mod tests;
 
-pub use config::WebhookConfig;
+pub use config::{WebhookConfig, WebhookError};
 pub use sink::WebhookSink;

@@ -1,26 +1,15 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::Method;
 
+use super::config::{Checked, WebhookError};
 use super::WebhookConfig;
 use crate::destinations::{Destination, Event, Outcome};
 
 /// Response bodies kept for the dead letters are cut to this size.
 const MAX_BODY: usize = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    #[error("invalid url {0:?}: {1}")]
-    Url(String, String),
-    #[error("unsupported method {0:?} (use POST, PUT or PATCH)")]
-    Method(String),
-    #[error("invalid header {0:?}")]
-    Header(String),
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
-}
 
 pub struct WebhookSink {
     client: reqwest::Client,
@@ -31,28 +20,11 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     pub fn new(c: &WebhookConfig) -> Result<WebhookSink, WebhookError> {
-        let url = reqwest::Url::parse(&c.url)
-            .map_err(|e| WebhookError::Url(c.url.clone(), e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(WebhookError::Url(
-                c.url.clone(),
-                "scheme must be http or https".into(),
-            ));
-        }
-        let method = match c.method.to_ascii_uppercase().as_str() {
-            "POST" => Method::POST,
-            "PUT" => Method::PUT,
-            "PATCH" => Method::PATCH,
-            _ => return Err(WebhookError::Method(c.method.clone())),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        for (k, v) in &c.headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| WebhookError::Header(k.clone()))?;
-            let value = HeaderValue::from_str(v).map_err(|_| WebhookError::Header(k.clone()))?;
-            headers.insert(name, value);
-        }
+        let Checked {
+            url,
+            method,
+            headers,
+        } = c.check()?;
         let client = reqwest::Client::builder()
             .timeout(c.timeout)
             .connect_timeout(c.timeout.min(Duration::from_secs(10)))

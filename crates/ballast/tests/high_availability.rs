@@ -777,6 +777,19 @@ fn diag(admin: &str, dir: &tempfile::TempDir, hook: &Mock) -> String {
     format!("status: {status:?}\nstored: {stored:?}\ndelivered: {delivered:?}")
 }
 
+/// Waits (40 s nominal) until the supervised server listens and says DEGRADED.
+fn comes_up_degraded(sup: &Supervisor, base: &str) -> bool {
+    wait_for(40, || {
+        sup.listening_pid().is_some()
+            && http()
+                .get(format!("{base}/health"))
+                .send()
+                .ok()
+                .and_then(|r| r.json::<Value>().ok())
+                .is_some_and(|h| h["mode"] == "DEGRADED")
+    })
+}
+
 fn health(base: &str) -> Value {
     get_json(&format!("{base}/health"))
 }
@@ -1149,15 +1162,7 @@ fn crash_loop_enters_degraded_mode_keeps_accepting_and_resumes_in_order_when_the
         12,
     );
     // Five crashes (crash_threshold), then the sixth start comes up degraded and stays.
-    let degraded = wait_for(40, || {
-        sup.listening_pid().is_some()
-            && http()
-                .get(format!("{base}/health"))
-                .send()
-                .ok()
-                .and_then(|r| r.json::<Value>().ok())
-                .is_some_and(|h| h["mode"] == "DEGRADED")
-    });
+    let degraded = comes_up_degraded(&sup, &base);
     assert!(degraded, "exits {:?}\n{}", sup.exits(), sup.logs());
     assert!(sup.wait_stable(Duration::from_millis(1500), Duration::from_secs(10)));
     let exits = sup.exits();
@@ -1555,15 +1560,7 @@ fn ingestion_stays_available_through_a_crash_loop_and_nothing_acknowledged_is_lo
         ports,
         12,
     );
-    let degraded = wait_for(40, || {
-        sup.listening_pid().is_some()
-            && http()
-                .get(format!("{base}/health"))
-                .send()
-                .ok()
-                .and_then(|r| r.json::<Value>().ok())
-                .is_some_and(|h| h["mode"] == "DEGRADED")
-    });
+    let degraded = comes_up_degraded(&sup, &base);
     assert!(degraded, "exits {:?}\n{}", sup.exits(), sup.logs());
     marks.push(started.elapsed());
     phase.store(1, Ordering::SeqCst);

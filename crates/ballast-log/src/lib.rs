@@ -140,7 +140,8 @@ pub struct Appended {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub position: Position,
-    pub payload: Vec<u8>,
+    /// A slice of the chunk it was read in (no copy of its own).
+    pub payload: bytes::Bytes,
 }
 
 /// Records read from a position, and where the next read starts.
@@ -445,7 +446,8 @@ impl Log {
         let mut pos = from.max(first.base);
         let mut idx = segs.partition_point(|s| s.base <= pos).saturating_sub(1);
         let mut bytes = 0usize;
-        let mut buf = Vec::new();
+        // A frame larger than the chunk just read: read exactly that much next.
+        let mut big = 0usize;
         'segments: while idx < segs.len() {
             let seg = &segs[idx];
             let seg_end = seg.end.min(durable);
@@ -461,44 +463,45 @@ impl Log {
                     .saturating_sub(bytes)
                     .min(records_left.saturating_mul(2048))
                     .max(4096);
-                let want = ((seg_end - pos) as usize).min(budget);
-                buf.resize(want, 0);
+                let want = match std::mem::take(&mut big) {
+                    0 => ((seg_end - pos) as usize).min(budget),
+                    frame_len => frame_len,
+                };
+                let mut buf = vec![0u8; want];
                 seg.file
                     .read_exact_at(&mut buf, pos - seg.base)
                     .map_err(io_err("reading segment", &seg.path))?;
+                // The records are slices of this chunk: one allocation a chunk, no copy.
+                let chunk = bytes::Bytes::from(buf);
                 let mut at = 0usize;
-                while at < buf.len() {
-                    let Some(h) = frame::decode_header(&buf[at..]) else {
+                while at < chunk.len() {
+                    let Some(h) = frame::decode_header(&chunk[at..]) else {
                         return Err(LogError::Corrupt {
                             position: pos + at as u64,
                             detail: "invalid record header".into(),
                         });
                     };
                     let frame_len = HEADER_LEN + h.len;
-                    if at + frame_len > buf.len() {
+                    if at + frame_len > chunk.len() {
                         if at == 0 {
                             // One frame larger than the chunk: read exactly that frame.
-                            buf.resize(frame_len, 0);
-                            seg.file
-                                .read_exact_at(&mut buf, pos - seg.base)
-                                .map_err(io_err("reading segment", &seg.path))?;
-                            continue;
+                            big = frame_len;
                         }
                         break;
                     }
-                    let payload = &buf[at + HEADER_LEN..at + frame_len];
-                    if crc32c::crc32c(payload) != h.payload_crc {
+                    let payload = chunk.slice(at + HEADER_LEN..at + frame_len);
+                    if crc32c::crc32c(&payload) != h.payload_crc {
                         return Err(LogError::Corrupt {
                             position: pos + at as u64,
                             detail: "payload checksum mismatch".into(),
                         });
                     }
                     if h.kind == frame::Kind::Data {
+                        bytes += payload.len();
                         out.records.push(Record {
                             position: pos + at as u64,
-                            payload: payload.to_vec(),
+                            payload,
                         });
-                        bytes += payload.len();
                     }
                     at += frame_len;
                     if out.records.len() >= max_records || bytes >= max_bytes {

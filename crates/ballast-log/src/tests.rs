@@ -65,7 +65,7 @@ fn append_read_roll_reopen() {
     assert_eq!(from[0].payload, payload(15));
     let more = log.append_wait(batch(&[b"after".to_vec()])).unwrap();
     assert!(more.first >= all.last().unwrap().position);
-    assert_eq!(read_all(&log, more.first)[0].payload, b"after");
+    assert_eq!(read_all(&log, more.first)[0].payload, &b"after"[..]);
 }
 
 #[test]
@@ -340,7 +340,7 @@ proptest! {
                     };
                     let b = l.read(from, max, usize::MAX).unwrap();
                     let expect: Vec<_> = model[read_pos[consumer]..].iter().take(max).cloned().collect();
-                    let got: Vec<_> = b.records.iter().map(|r| (r.position, r.payload.clone())).collect();
+                    let got: Vec<_> = b.records.iter().map(|r| (r.position, r.payload.to_vec())).collect();
                     prop_assert_eq!(got, expect);
                     read_pos[consumer] += b.records.len();
                 }
@@ -370,7 +370,7 @@ proptest! {
             let from = if slowest < model.len() { model[slowest].0 } else { l.durable_end() };
             prop_assert!(l.start() <= from);
             let all = read_all(l, from);
-            let got: Vec<_> = all.into_iter().map(|r| (r.position, r.payload)).collect();
+            let got: Vec<_> = all.into_iter().map(|r| (r.position, r.payload.to_vec())).collect();
             prop_assert_eq!(&got[..], &model[slowest..]);
         }
     }

@@ -14,7 +14,7 @@ fn payloads(log: &Log) -> Vec<Vec<u8>> {
         .unwrap()
         .records
         .into_iter()
-        .map(|r| r.payload)
+        .map(|r| r.payload.to_vec())
         .collect()
 }
 

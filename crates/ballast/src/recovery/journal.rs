@@ -6,7 +6,7 @@
 //! At the next start, entries begun and not ended are the events in flight when the
 //! process died. The file is compacted when it grows past `COMPACT_AT`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,8 @@ const COMPACT_AT: u64 = 8 << 20;
 struct Inner {
     file: File,
     len: u64,
-    open: HashSet<(String, u64)>,
+    /// Per destination, the positions begun and not ended.
+    open: HashMap<String, HashSet<u64>>,
 }
 
 pub struct Journal {
@@ -92,7 +93,7 @@ impl Journal {
                 inner: Mutex::new(Inner {
                     file,
                     len,
-                    open: HashSet::new(),
+                    open: HashMap::new(),
                 }),
             },
             leftover,
@@ -115,11 +116,15 @@ impl Journal {
         let mut buf = Vec::with_capacity(4 + dest.len() + positions.len() * 8);
         encode(&mut buf, op, dest, positions);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for p in positions {
-            if op == BEGIN {
-                g.open.insert((dest.to_string(), *p));
-            } else {
-                g.open.remove(&(dest.to_string(), *p));
+        if op == BEGIN {
+            let set = match g.open.get_mut(dest) {
+                Some(set) => set,
+                None => g.open.entry(dest.to_string()).or_default(),
+            };
+            set.extend(positions.iter().copied());
+        } else if let Some(set) = g.open.get_mut(dest) {
+            for p in positions {
+                set.remove(p);
             }
         }
         if let Err(e) = g.file.write_all(&buf) {
@@ -136,8 +141,9 @@ impl Journal {
 
     fn compact(&self, g: &mut Inner) -> std::io::Result<()> {
         let mut buf = Vec::new();
-        for (dest, p) in &g.open {
-            encode(&mut buf, BEGIN, dest, &[*p]);
+        for (dest, set) in &g.open {
+            let positions: Vec<u64> = set.iter().copied().collect();
+            encode(&mut buf, BEGIN, dest, &positions);
         }
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, &buf)?;
@@ -153,10 +159,9 @@ impl Journal {
         let mut open: Vec<u64> = {
             let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             g.open
-                .iter()
-                .filter(|(d, _)| d == dest)
-                .map(|(_, p)| *p)
-                .collect()
+                .get(dest)
+                .map(|set| set.iter().copied().collect())
+                .unwrap_or_default()
         };
         open.sort_unstable();
         self.end(dest, &open);

@@ -14,6 +14,10 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+
+/// Maps on the delivery hot path: foldhash (fast, seeded per process) instead of SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -88,13 +92,13 @@ pub(super) struct Worker {
     read_pos: Position,
     acked: Position,
     unfinished: BTreeSet<Position>,
-    users: HashMap<Arc<str>, UserQueue>,
+    users: FastMap<Arc<str>, UserQueue>,
     ready: VecDeque<Arc<str>>,
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     loaded: usize,
     /// Deliveries in flight: the users whose heads they carry, how many events each, and
     /// their log positions (as written to the crash journal).
-    inflight: HashMap<tokio::task::Id, InFlight>,
+    inflight: FastMap<tokio::task::Id, InFlight>,
     journal: Arc<Journal>,
     alerts: Arc<Alerts>,
     strikes: HashMap<String, u32>,
@@ -106,7 +110,7 @@ pub(super) struct Worker {
     tasks: JoinSet<Outcome>,
     known_retry: HashMap<Position, RetryInfo>,
     retry_changes: Vec<(Position, Option<RetryInfo>)>,
-    replaying: HashSet<u64>,
+    replaying: FastSet<u64>,
     /// The open "destination is aborting events" alert, if any.
     abort_alert: Option<AbortAlert>,
     /// How long each delivery request takes, whatever its outcome.
@@ -186,9 +190,9 @@ fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
         None => identify(&e.event),
     };
     let event = Event {
-        json: bytes::Bytes::from(e.event),
+        json: e.event,
         message_id,
-        source: Arc::from(e.source.as_str()),
+        source: e.source,
     };
     (user, event)
 }
@@ -239,15 +243,15 @@ impl Worker {
             read_pos: start,
             acked: start,
             unfinished: BTreeSet::new(),
-            users: HashMap::new(),
+            users: FastMap::default(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
             loaded: 0,
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             tasks: JoinSet::new(),
             known_retry,
             retry_changes: Vec::new(),
-            replaying: HashSet::new(),
+            replaying: FastSet::default(),
             abort_alert,
             request_seconds,
             journal,
@@ -297,13 +301,15 @@ impl Worker {
                 }
                 self.dispatch().await;
             }
-            if last_ack.elapsed() >= ACK_EVERY {
+            let periodic = last_ack.elapsed() >= ACK_EVERY;
+            if periodic {
                 self.ack().await;
                 self.resolve_abort_alert().await;
                 last_ack = Instant::now();
             }
-            // Every turn, so that status never reports as idle work already read.
-            self.publish_stats();
+            // Every turn (the cheap counters), so that status never reports as idle work
+            // already read; what needs a walk over every user, every 200 ms.
+            self.publish_stats(periodic);
             if last_retry_save.elapsed() >= SAVE_RETRY_EVERY {
                 self.save_retry_state().await;
                 last_retry_save = Instant::now();
@@ -403,7 +409,7 @@ impl Worker {
                 break;
             }
             for e in batch.events {
-                if !self.sources.contains(&e.source) {
+                if !self.sources.contains(&*e.source) {
                     continue;
                 }
                 let position = e.position;
@@ -514,7 +520,7 @@ impl Worker {
                 return false;
             }
         };
-        let by_pos: HashMap<Position, &StoredEvent> =
+        let by_pos: FastMap<Position, &StoredEvent> =
             read.events.iter().map(|e| (e.position, e)).collect();
         let Some(uq) = self.users.get_mut(user) else {
             return false;
@@ -1105,8 +1111,14 @@ impl Worker {
         }
     }
 
-    fn publish_stats(&self) {
+    fn publish_stats(&self, full: bool) {
         let s = &self.stats;
+        if full {
+            s.retrying_users.store(
+                self.users.values().filter(|u| u.waiting).count() as u64,
+                Ordering::Relaxed,
+            );
+        }
         s.buffered.store(
             self.unfinished.len() as u64 + self.replaying.len() as u64,
             Ordering::Relaxed,
@@ -1117,10 +1129,6 @@ impl Worker {
                 .flat_map(|(u, _, _)| u.iter())
                 .map(|(_, n)| *n as u64)
                 .sum(),
-            Ordering::Relaxed,
-        );
-        s.retrying_users.store(
-            self.users.values().filter(|u| u.waiting).count() as u64,
             Ordering::Relaxed,
         );
         s.read_position.store(self.read_pos, Ordering::Relaxed);

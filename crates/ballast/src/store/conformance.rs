@@ -31,8 +31,8 @@ async fn read_all(store: &dyn Store, from: u64) -> Vec<(String, String)> {
         }
         for e in &r.events {
             out.push((
-                e.source.clone(),
-                String::from_utf8(e.event.clone()).unwrap(),
+                e.source.to_string(),
+                String::from_utf8(e.event.to_vec()).unwrap(),
             ));
         }
         pos = r.next;

@@ -142,14 +142,22 @@ impl Store for EmbeddedStore {
         let log = self.log.clone();
         let batch = blocking(move || log.read(from, max_events, 4 << 20)).await?;
         let mut events = Vec::with_capacity(batch.records.len());
+        // Runs of records share a source: one allocation a run.
+        let mut last_source: Option<Arc<str>> = None;
         for r in batch.records {
             let (source, meta, event) = envelope::decode(&r.payload).map_err(|e| {
                 StoreError::Other(format!("record at position {}: {e}", r.position))
             })?;
+            let source = match &last_source {
+                Some(s) if **s == *source => s.clone(),
+                _ => last_source.insert(Arc::from(source)).clone(),
+            };
+            let start = event.as_ptr() as usize - r.payload.as_ptr() as usize;
+            let event = r.payload.slice(start..start + event.len());
             events.push(StoredEvent {
                 position: r.position,
-                source: source.to_string(),
-                event: event.to_vec(),
+                source,
+                event,
                 ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
             });
         }

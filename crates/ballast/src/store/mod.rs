@@ -107,8 +107,9 @@ pub struct Appended {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub position: Position,
-    pub source: String,
-    pub event: Vec<u8>,
+    pub source: Arc<str>,
+    /// The event's JSON (a slice of what the store read; cheap to clone).
+    pub event: bytes::Bytes,
     /// Ordering key and messageId recorded at ingest, when the record has them.
     pub ident: Option<(Arc<str>, Arc<str>)>,
 }

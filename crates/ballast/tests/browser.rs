@@ -1,0 +1,356 @@
+//! RudderStack's JavaScript SDK (`@rudderstack/analytics-js`, bundled build, pinned) in a
+//! real headless Chromium, against a ballast that goes down and comes back (DESIGN.md,
+//! "Client side"): the events tracked while the server is down are kept in the page's
+//! queue (localStorage) and retried until they are all stored.
+//!
+//! Needs `chromium` and `chromedriver` (Debian: `chromium`, `chromium-driver`; `.ci/run`
+//! and `scripts/test` install them) and `npm` (the SDK is installed from the registry
+//! into the target directory on first use).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{wait_for, Server, WRITE_KEY};
+use serde_json::{json, Value};
+
+const SDK_PACKAGE: &str = "@rudderstack/analytics-js@3.34.1";
+const SDK_FILE: &str =
+    "node_modules/@rudderstack/analytics-js/dist/npm/modern/bundled/umd/index.js";
+
+/// The SDK's bundled UMD build, installed once into `target/tmp`.
+fn sdk_js() -> &'static Path {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let r = PATH.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-sdk");
+        let file = dir.join(SDK_FILE);
+        if file.exists() {
+            return Ok(file);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let out = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .arg(SDK_PACKAGE)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("npm: {e}"))?;
+        if !out.status.success() || !file.exists() {
+            return Err(format!(
+                "npm install {SDK_PACKAGE} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(file)
+    });
+    r.as_deref()
+        .unwrap_or_else(|e| panic!("installing the JS SDK: {e}"))
+}
+
+/// A static file server on 127.0.0.1 for the test page and the SDK (another origin
+/// than ballast's, as on a real site). Stops when dropped.
+struct StaticServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StaticServer {
+    fn start(files: Vec<(&'static str, &'static str, Vec<u8>)>) -> StaticServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                // Skip the headers.
+                let mut h = String::new();
+                while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                    h.clear();
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let path = path.split('?').next().unwrap_or("/");
+                let found = files.iter().find(|(p, _, _)| *p == path);
+                let (status, ctype, body) = match found {
+                    Some((_, ctype, body)) => ("200 OK", *ctype, body.as_slice()),
+                    None => ("404 Not Found", "text/plain", &b"not found"[..]),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+                let _ = stream.flush();
+                let mut rest = [0u8; 64];
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(10)));
+                let _ = stream.read(&mut rest);
+            }
+        });
+        StaticServer {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// chromedriver driving a headless Chromium, through the W3C WebDriver protocol.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    http: reqwest::blocking::Client,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn find(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|n| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(n))
+                .find(|p| p.is_file())
+                .map(|p| p.display().to_string())
+        })
+    })
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let driver_bin = find(&["chromedriver"]).expect(
+            "chromedriver not found: install Debian's chromium and chromium-driver (scripts/test does)",
+        );
+        let chromium = find(&["chromium", "chromium-browser", "google-chrome"])
+            .expect("chromium not found: install Debian's chromium (scripts/test does)");
+        let port = free_port();
+        let driver = Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .no_proxy()
+            .build()
+            .unwrap();
+        let mut browser = Browser {
+            driver,
+            base,
+            session: String::new(),
+            http,
+        };
+        assert!(
+            wait_for(20, || browser
+                .http
+                .get(format!("{}/status", browser.base))
+                .send()
+                .ok()
+                .and_then(|r| r.json::<Value>().ok())
+                .is_some_and(|v| v["value"]["ready"] == true)),
+            "chromedriver did not become ready"
+        );
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--no-first-run",
+                         "--disable-background-networking"]
+            }
+        }}});
+        let r: Value = browser
+            .http
+            .post(format!("{}/session", browser.base))
+            .json(&caps)
+            .send()
+            .and_then(|r| r.json())
+            .expect("create a WebDriver session");
+        browser.session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {r}"))
+            .to_string();
+        browser
+    }
+
+    fn cmd(&self, path: &str, body: Value) -> Value {
+        let r: Value = self
+            .http
+            .post(format!("{}/session/{}/{path}", self.base, self.session))
+            .json(&body)
+            .send()
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        if r["value"]["error"].is_string() {
+            panic!("{path}: {r}");
+        }
+        r["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("url", json!({ "url": url }));
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.cmd("execute/sync", json!({ "script": script, "args": [] }))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self
+                .http
+                .delete(format!("{}/session/{}", self.base, self.session))
+                .send();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// The page: loads the SDK against ballast, with fast retries, and exposes `send(n)`.
+fn page(ballast: &str) -> String {
+    format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>ballast browser test</title>
+<script src="/sdk.js"></script>
+<script>
+  window.loaded = false;
+  window.errors = [];
+  window.addEventListener('error', (e) => window.errors.push(String(e.message)));
+  const ra = new rudderanalytics.RudderAnalytics();
+  ra.load("{WRITE_KEY}", "{ballast}", {{
+    configUrl: "{ballast}",
+    logLevel: "ERROR",
+    loadIntegration: false,
+    queueOptions: {{ minRetryDelay: 200, maxRetryDelay: 1000, backoffFactor: 2, maxAttempts: 1000, maxItems: 1000 }},
+    onLoaded: () => {{ window.loaded = true; }},
+  }});
+  ra.identify("browser-user", {{ plan: "pro" }});
+  window.send = (from, to) => {{
+    for (let i = from; i < to; i++) ra.track("Browser Event", {{ i }});
+  }};
+</script></head><body>ballast</body></html>"#
+    )
+}
+
+/// The `properties.i` of the stored "Browser Event"s.
+fn stored_indexes(server: &Server) -> Vec<i64> {
+    server
+        .dump()
+        .iter()
+        .filter(|e| e["event"] == "Browser Event")
+        .filter_map(|e| e["properties"]["i"].as_i64())
+        .collect()
+}
+
+#[test]
+fn js_sdk_keeps_events_while_the_server_is_down_and_delivers_them_when_it_is_back() {
+    let sdk = std::fs::read(sdk_js()).unwrap();
+    let port = free_port();
+    let ballast = format!("http://127.0.0.1:{port}");
+    let config = common::config("").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(dir.clone(), &config, &[]);
+    let site = StaticServer::start(vec![
+        ("/", "text/html", page(&ballast).into_bytes()),
+        ("/sdk.js", "application/javascript", sdk),
+    ]);
+    let browser = Browser::start();
+    browser.goto(&format!("http://127.0.0.1:{}/", site.port));
+    assert!(
+        wait_for(20, || browser.js("return window.loaded") == true),
+        "the SDK did not load: {}",
+        browser.js("return window.errors")
+    );
+
+    // Online: delivered.
+    browser.js("window.send(0, 5)");
+    assert!(
+        wait_for(20, || stored_indexes(&server).len() >= 5),
+        "{:?}",
+        stored_indexes(&server)
+    );
+
+    // The server goes away; the page goes on tracking.
+    assert!(server.terminate().success());
+    drop(server);
+    browser.js("window.send(5, 25)");
+    // Let it fail and retry a few times while nothing listens.
+    std::thread::sleep(Duration::from_millis(1500));
+    let queued =
+        browser.js("return Object.keys(localStorage).filter(k => k.includes('queue')).length");
+    assert!(
+        queued.as_u64().unwrap_or(0) > 0,
+        "nothing queued in localStorage: {queued}"
+    );
+
+    // Back on the same address, with the same data: everything arrives.
+    let server = Server::start_in(dir.clone(), &config, &[]);
+    let want: Vec<i64> = (0..25).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = stored_indexes(&server);
+    while Instant::now() < deadline {
+        got = stored_indexes(&server);
+        got.sort_unstable();
+        got.dedup();
+        if got == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        got, want,
+        "events tracked while the server was down were lost"
+    );
+    let identify = server
+        .dump()
+        .into_iter()
+        .find(|e| e["type"] == "identify")
+        .expect("the identify call");
+    assert_eq!(identify["userId"], "browser-user");
+    assert_eq!(
+        identify["context"]["library"]["name"],
+        "RudderLabs JavaScript SDK"
+    );
+}

@@ -278,6 +278,7 @@ pub enum LogFormat {
 #[serde(rename_all = "lowercase")]
 pub enum StorageBackend {
     Embedded,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -291,6 +292,9 @@ pub struct StorageConfig {
     pub segment_bytes: u64,
     /// Zero-fill the active segment ahead of the records (fewer metadata writes per fsync).
     pub preallocate: bool,
+    /// With `backend = "postgres"`: the database, e.g. `postgres://ballast@db/ballast`
+    /// (secrets from `BALLAST_STORAGE__POSTGRES_URL`).
+    pub postgres_url: Option<String>,
 }
 
 impl Default for StorageConfig {
@@ -300,6 +304,7 @@ impl Default for StorageConfig {
             max_bytes: 10 << 30,
             segment_bytes: 64 << 20,
             preallocate: true,
+            postgres_url: None,
         }
     }
 }
@@ -533,6 +538,11 @@ impl Config {
                 "server.max_request_bytes must be positive".into(),
             ));
         }
+        if self.storage.backend == StorageBackend::Postgres && self.storage.postgres_url.is_none() {
+            return Err(ConfigError::Invalid(
+                "storage.backend = \"postgres\" needs storage.postgres_url".into(),
+            ));
+        }
         if self.storage.segment_bytes < 4096 {
             return Err(ConfigError::Invalid(
                 "storage.segment_bytes must be at least 4KiB".into(),
@@ -621,6 +631,7 @@ const TEXT_KEYS: &[&str] = &[
     "method",
     "path",
     "data_dir",
+    "postgres_url",
     "listen",
     "admin_listen",
     "name",

@@ -15,12 +15,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::alerts::{Action, Alerts, Severity};
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::gateway::Gateway;
 use crate::recovery::journal::Journal;
 use crate::recovery::Recovery;
 use crate::router::{Router, RouterDb};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::postgres::PgStore;
 use crate::store::Store;
 
 /// Running mode (see DESIGN.md, "Running modes and crash loops").
@@ -128,35 +129,8 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let prometheus = crate::admin::install_recorder()?;
 
-    let log_dir = data_dir.join("log");
-    let storage = config.storage.clone();
-    let (store, report) = tokio::task::spawn_blocking(move || {
-        EmbeddedStore::open(
-            &log_dir,
-            storage.segment_bytes,
-            storage.max_bytes,
-            storage.preallocate,
-        )
-    })
-    .await
-    .context("opening the event log")?
-    .context("opening the event log")?;
-    tracing::info!(
-        segments = report.segments,
-        records = report.records,
-        corrupt_records = report.corrupt_records,
-        torn_tail_bytes = report.torn_tail_bytes,
-        "event log opened"
-    );
-    if report.corrupt_records > 0 {
-        tracing::error!(
-            corrupt_records = report.corrupt_records,
-            files = ?report.quarantine_files,
-            "damaged records were moved to the quarantine directory of the log"
-        );
-    }
-    let mut fatal = store.fatal_failures();
-    let store: Arc<dyn Store> = Arc::new(store);
+    let (store, mut fatal, report) = open_store(&config, &data_dir).await?;
+
     let state = Arc::new(ServerState::default());
 
     // Alerts first: every state change below writes its alert to the outbox before it
@@ -174,7 +148,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
                 "ballast on {}: the event log was recovered after the failed write and accepts events again",
                 alerts.source()
             ),
-            serde_json::json!({ "recovered": report.records, "torn_tail_bytes": report.torn_tail_bytes, "corrupt_records": report.corrupt_records }),
+            serde_json::json!({ "recovered": report.as_ref().map(|r| r.records), "torn_tail_bytes": report.as_ref().map(|r| r.torn_tail_bytes), "corrupt_records": report.as_ref().map(|r| r.corrupt_records) }),
         );
         alerts.raise(&format!("{FSYNC_ALERT}:resolved:{since}"), alert)?;
     }
@@ -311,8 +285,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
             0
         }
-        r = fatal.wait_for(|f| f.is_some()) => {
-            let reason = r.map(|f| f.clone().unwrap_or_default()).unwrap_or_default();
+        reason = fatal_failure(fatal.as_mut()) => {
             tracing::error!(error = %reason, "storage failed; stopping so that the next start recovers from the log");
             let alert = alerts.alert(
                 FSYNC_ALERT,
@@ -355,6 +328,82 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         tracing::info!("stopped cleanly");
     }
     Ok(exit_code)
+}
+
+/// Opens the configured store: the store, a channel that reports a fatal failure (the
+/// embedded log's failed fsync; never for PostgreSQL, whose failures are per append),
+/// and the embedded log's recovery report.
+async fn open_store(
+    config: &Config,
+    data_dir: &Path,
+) -> anyhow::Result<(
+    Arc<dyn Store>,
+    Option<watch::Receiver<Option<String>>>,
+    Option<ballast_log::RecoveryReport>,
+)> {
+    match config.storage.backend {
+        StorageBackend::Embedded => {
+            let log_dir = data_dir.join("log");
+            let storage = config.storage.clone();
+            let (store, report) = tokio::task::spawn_blocking(move || {
+                EmbeddedStore::open(
+                    &log_dir,
+                    storage.segment_bytes,
+                    storage.max_bytes,
+                    storage.preallocate,
+                )
+            })
+            .await
+            .context("opening the event log")?
+            .context("opening the event log")?;
+            tracing::info!(
+                segments = report.segments,
+                records = report.records,
+                corrupt_records = report.corrupt_records,
+                torn_tail_bytes = report.torn_tail_bytes,
+                "event log opened"
+            );
+            if report.corrupt_records > 0 {
+                tracing::error!(
+                    corrupt_records = report.corrupt_records,
+                    files = ?report.quarantine_files,
+                    "damaged records were moved to the quarantine directory of the log"
+                );
+            }
+            let fatal = store.fatal_failures();
+            Ok((Arc::new(store), Some(fatal), Some(report)))
+        }
+        StorageBackend::Postgres => {
+            let url = config
+                .storage
+                .postgres_url
+                .as_deref()
+                .context("storage.postgres_url is not set")?;
+            let store = PgStore::open(url, config.storage.max_bytes)
+                .await
+                .context("opening the PostgreSQL store")?;
+            let st = store.status();
+            tracing::info!(
+                start = st.start,
+                end = st.end,
+                bytes = st.bytes_used,
+                "PostgreSQL store opened"
+            );
+            Ok((Arc::new(store), None, None))
+        }
+    }
+}
+
+/// Resolves with the reason once the store reports a fatal failure; never for a store
+/// that has none.
+async fn fatal_failure(fatal: Option<&mut watch::Receiver<Option<String>>>) -> String {
+    match fatal {
+        Some(rx) => match rx.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().unwrap_or_default(),
+            Err(_) => "the store's writer stopped".to_string(),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// How long a server stopping on a storage failure waits for its alerts to go out.

@@ -142,3 +142,42 @@ mod embedded {
         .await;
     }
 }
+
+mod postgres {
+    use super::*;
+    use crate::store::pgtest::PgCluster;
+    use crate::store::postgres::PgStore;
+    use std::pin::Pin;
+
+    /// One database of the shared test cluster; reopening it is a restart.
+    struct Postgres {
+        url: String,
+    }
+
+    impl Factory for Postgres {
+        type Fut = Pin<Box<dyn Future<Output = Box<dyn Store>>>>;
+        fn open(&self, quota: u64) -> Self::Fut {
+            let url = self.url.clone();
+            Box::pin(async move {
+                let s = PgStore::open(&url, quota).await.unwrap();
+                Box::new(s) as Box<dyn Store>
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn postgres_store_conforms() {
+        let cluster = PgCluster::start();
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let mut dbs = Vec::new();
+        for i in 0..3 {
+            let db = format!("conformance_{i}");
+            cluster.create_db(&db).await;
+            dbs.push(cluster.url(&db));
+        }
+        run_all(|| Postgres {
+            url: dbs[n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)].clone(),
+        })
+        .await;
+    }
+}

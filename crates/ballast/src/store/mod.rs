@@ -4,9 +4,12 @@
 
 pub mod embedded;
 pub mod envelope;
+pub mod postgres;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+pub(crate) mod pgtest;
 
 use std::sync::Arc;
 

@@ -1,0 +1,142 @@
+//! A throwaway PostgreSQL cluster for tests: `initdb` and `pg_ctl` (PostgreSQL's server
+//! binaries on the PATH) in a temp dir, on a free loopback port, stopped and removed on
+//! drop. PostgreSQL refuses to run as root: as root, the cluster runs as the `postgres`
+//! user on a directory it owns. Used by the store's unit tests and (through `#[path]`)
+//! by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+/// Whether this process runs as root (the owner of `/proc/self`).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// `cmd args…`, as the `postgres` user when `as_postgres`.
+fn command(as_postgres: bool, program: &str) -> Command {
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut cmd: Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn chown_to_postgres(path: &Path) -> Result<(), String> {
+    run({
+        let mut c = Command::new("chown");
+        c.args(["-R", "postgres:postgres"]).arg(path);
+        c
+    })
+}
+
+impl PgCluster {
+    /// Starts a cluster with user `ballast` trusted on loopback; panics (with
+    /// PostgreSQL's own output) if it cannot.
+    pub fn start() -> PgCluster {
+        PgCluster::try_start().unwrap_or_else(|e| panic!("starting a test PostgreSQL: {e}"))
+    }
+
+    fn try_start() -> Result<PgCluster, String> {
+        let as_postgres = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("ballast-pg-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        if as_postgres {
+            chown_to_postgres(dir.path())?;
+        }
+        let data = dir.path().join("data");
+        let mut initdb = command(as_postgres, "initdb");
+        initdb.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "ballast",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        run(initdb)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let mut start = command(as_postgres, "pg_ctl");
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("postgres.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+                dir.path().display()
+            ))
+            .arg("start");
+        run(start)?;
+        Ok(PgCluster {
+            dir,
+            data,
+            port,
+            as_postgres,
+        })
+    }
+
+    /// A URL for database `db` (see [`PgCluster::create_db`]).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://ballast@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates database `db` (through the `postgres` database).
+    pub async fn create_db(&self, db: &str) {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL: {e}"));
+        let task = tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
+        drop(client);
+        let _ = task.await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut stop = command(self.as_postgres, "pg_ctl");
+        stop.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        let _ = stop.output();
+    }
+}

@@ -40,6 +40,8 @@ pub struct DestinationStats {
     pub read_position: AtomicU64,
     pub dead_letters: AtomicU64,
     pub replayed: AtomicU64,
+    /// This process holds the destination's lease and runs its delivery loop.
+    pub active: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of one destination for `/v1/status` and `/metrics`.
@@ -58,6 +60,9 @@ pub struct DestinationStatus {
     pub retries: u64,
     pub dead_letters: u64,
     pub cursor: u64,
+    /// This process delivers the destination (holds its lease); with several replicas on
+    /// PostgreSQL, one of them does.
+    pub active: bool,
 }
 
 pub struct DestinationHandle {
@@ -139,34 +144,75 @@ impl WorkerParts {
     }
 }
 
-/// Runs a destination's delivery loop; if the loop panics, strikes what it had in
+/// Runs a destination's delivery loop while this process holds the destination's lease
+/// (at once with the embedded store; with PostgreSQL, one replica at a time, another
+/// taking over within seconds when it dies). If the loop panics, strikes what it had in
 /// flight and starts it again from the destination's cursor (the process, ingestion and
-/// the other destinations go on).
+/// the other destinations go on); if the lease is lost, stops delivering and waits for
+/// it again.
 async fn supervise(
     parts: WorkerParts,
-    first: worker::Worker,
     routing: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 ) {
     let id = parts.config.id.clone();
-    let mut next = Some(first);
+    let consumer = consumer_name(&id);
     let mut restarts: u32 = 0;
     loop {
-        let worker = match next.take() {
-            Some(w) => w,
-            None => match parts.build().await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::error!(destination = %id, error = %e, "restarting the delivery loop failed; trying again");
-                    if sleep_or_stop(std::time::Duration::from_secs(1), &stop).await {
-                        return;
-                    }
-                    continue;
+        let lease = {
+            let mut stop_rx = stop.clone();
+            tokio::select! {
+                l = parts.store.lease(&consumer) => l,
+                _ = stop_rx.wait_for(|s| *s) => return,
+            }
+        };
+        let lease = match lease {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(destination = %id, error = %e, "taking the destination's lease failed; trying again");
+                if sleep_or_stop(std::time::Duration::from_secs(1), &stop).await {
+                    return;
                 }
-            },
+                continue;
+            }
+        };
+        let worker = match parts.build().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(destination = %id, error = %e, "starting the delivery loop failed; trying again");
+                if sleep_or_stop(std::time::Duration::from_secs(1), &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        parts.stats.active.store(true, Ordering::Relaxed);
+        // This run ends on the global stop or when the lease is lost.
+        let (run_stop_tx, run_stop_rx) = watch::channel(false);
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let mut stop = stop.clone();
+            let lost = lost.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = lease.lost() => lost.store(true, Ordering::Release),
+                }
+                let _ = run_stop_tx.send(true);
+                // The lease is held until the loop has stopped (this task is aborted
+                // then), so that no other replica starts while this one still delivers.
+                std::future::pending::<()>().await;
+                drop(lease);
+            })
         };
         let started = std::time::Instant::now();
-        match tokio::spawn(worker.run(routing.clone(), stop.clone())).await {
+        let outcome = tokio::spawn(worker.run(routing.clone(), run_stop_rx)).await;
+        watcher.abort();
+        parts.stats.active.store(false, Ordering::Relaxed);
+        match outcome {
+            Ok(()) if lost.load(Ordering::Acquire) => {
+                tracing::warn!(destination = %id, "delivery stopped: the lease was lost; waiting for it again");
+            }
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 if started.elapsed() > std::time::Duration::from_secs(60) {
@@ -245,10 +291,8 @@ impl Router {
                 alerts: alerts.clone(),
                 poison_threshold: config.recovery.poison_threshold,
             };
-            let first = parts.build().await?;
             tasks.push(tokio::spawn(supervise(
                 parts,
-                first,
                 routing.clone(),
                 stop.clone(),
             )));
@@ -287,6 +331,7 @@ impl Router {
                     retries: s.retries.load(Ordering::Relaxed),
                     dead_letters: s.dead_letters.load(Ordering::Relaxed),
                     cursor,
+                    active: s.active.load(Ordering::Relaxed),
                 }
             })
             .collect()

@@ -177,6 +177,13 @@ impl Store for EmbeddedStore {
         self.log.cursor(consumer)
     }
 
+    async fn lease(&self, _consumer: &str) -> Result<super::Lease, StoreError> {
+        // One process per data directory (the log's directory lock): never contended,
+        // never lost.
+        let (tx, rx) = watch::channel(false);
+        Ok(super::Lease::new(rx, Box::new(tx)))
+    }
+
     fn subscribe(&self) -> watch::Receiver<Position> {
         self.durable.subscribe()
     }

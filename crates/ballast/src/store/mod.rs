@@ -124,6 +124,27 @@ pub struct ReadEvents {
     pub next: Position,
 }
 
+/// The right to consume as one consumer alone among the processes sharing a store.
+/// Dropping it gives it up.
+pub struct Lease {
+    lost: watch::Receiver<bool>,
+    _held: Box<dyn Send + Sync>,
+}
+
+impl Lease {
+    pub fn new(lost: watch::Receiver<bool>, held: Box<dyn Send + Sync>) -> Lease {
+        Lease { lost, _held: held }
+    }
+
+    /// Resolves once the lease is lost (never for a lease that cannot be lost).
+    pub async fn lost(&self) {
+        let mut lost = self.lost.clone();
+        if lost.wait_for(|l| *l).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Point-in-time view of the store for health checks and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct StoreStatus {
@@ -189,6 +210,11 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<Position>;
 
     fn status(&self) -> StoreStatus;
+
+    /// Waits until this process may consume as `consumer` alone (the embedded log has
+    /// one process per data directory: at once; PostgreSQL: an advisory lock, which
+    /// another replica gets within seconds when this one dies).
+    async fn lease(&self, consumer: &str) -> Result<Lease, StoreError>;
 
     /// Finishes what was submitted and stops writing.
     async fn close(&self);

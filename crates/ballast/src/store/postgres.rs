@@ -252,6 +252,48 @@ impl PgStore {
     }
 }
 
+/// How often a replica waiting for a lease tries again, and how often the holder checks
+/// that its session (and so its advisory lock) is still alive.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+
+/// The advisory-lock key of a consumer's lease (FNV-1a of its name; stable across
+/// versions and processes).
+fn lease_key(consumer: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"ballast-lease:".iter().chain(consumer.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// Keeps the session that holds the advisory lock open, and reports the lease lost as
+/// soon as that session fails (then another replica may already hold it).
+fn hold_lease(client: Client, consumer: String) -> super::Lease {
+    let (lost_tx, lost_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LEASE_RETRY).await;
+            let alive = tokio::time::timeout(LEASE_RETRY * 3, client.simple_query("SELECT 1"))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !alive {
+                tracing::warn!(consumer, "lease lost: its database session failed");
+                let _ = lost_tx.send(true);
+                return;
+            }
+        }
+    });
+    /// Ends the session (releasing the lock) when the lease is dropped.
+    struct Held(tokio::task::JoinHandle<()>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    super::Lease::new(lost_rx, Box::new(Held(task)))
+}
+
 /// The group-commit writer: one transaction for everything submitted meanwhile.
 async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
     let mut client: Option<Client> = None;
@@ -537,6 +579,28 @@ impl Store for PgStore {
         self.cleanup().await
     }
 
+    async fn lease(&self, consumer: &str) -> Result<super::Lease, StoreError> {
+        let key = lease_key(consumer);
+        loop {
+            let client = connect(&self.shared.url).await?;
+            loop {
+                let got: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                    .await
+                    .map_err(pg_err)?
+                    .get(0);
+                if got {
+                    tracing::info!(consumer, "lease taken");
+                    return Ok(hold_lease(client, consumer.to_string()));
+                }
+                if client.is_closed() {
+                    break;
+                }
+                tokio::time::sleep(LEASE_RETRY).await;
+            }
+        }
+    }
+
     fn cursor(&self, consumer: &str) -> Option<Position> {
         lock(&self.shared.cursors).get(consumer).copied()
     }
@@ -651,5 +715,46 @@ mod tests {
         for s in [&*a, &*b, &follower] {
             s.close().await;
         }
+    }
+
+    /// One holder at a time; the next gets the lease once the holder gives it up or its
+    /// session dies, and a holder whose session dies is told so.
+    #[tokio::test]
+    async fn a_lease_has_one_holder_and_moves_when_it_is_gone() {
+        let cluster = PgCluster::start();
+        cluster.create_db("leases").await;
+        let url = cluster.url("leases");
+        let a = PgStore::open(&url, u64::MAX).await.unwrap();
+        let b = PgStore::open(&url, u64::MAX).await.unwrap();
+        let held = a.lease("dest.hook").await.unwrap();
+        // Another consumer's lease is independent.
+        let other = b.lease("dest.other").await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(2500), b.lease("dest.hook")).await;
+        assert!(waiting.is_err(), "a second holder while the first holds it");
+        drop(held);
+        let moved = tokio::time::timeout(Duration::from_secs(10), b.lease("dest.hook"))
+            .await
+            .expect("the lease moved within 10 s")
+            .unwrap();
+        // The holder's session is killed (as when its replica dies or is cut off).
+        let (admin, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        admin
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()",
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), moved.lost())
+            .await
+            .expect("the holder learns it lost the lease");
+        tokio::time::timeout(Duration::from_secs(10), other.lost())
+            .await
+            .expect("both sessions were killed");
+        let again = tokio::time::timeout(Duration::from_secs(10), a.lease("dest.hook"))
+            .await
+            .expect("free again once its session is gone");
+        assert!(again.is_ok());
     }
 }

@@ -746,31 +746,19 @@ write_key = "k1"
     /// does not set them (no string there to take the type from).
     #[test]
     fn text_settings_from_the_environment_stay_text() {
-        let c = Config::from_toml(
-            BASE,
-            "t",
-            env(&[
-                ("BALLAST_SERVER__ADMIN_TOKEN", "12345678"),
-                ("BALLAST_SOURCES__1__ID", "2024"),
-                ("BALLAST_SOURCES__1__WRITE_KEY", "true"),
-                ("BALLAST_ALERTS__PAGERDUTY__ROUTING_KEY", "1979-05-27"),
-                ("BALLAST_ALERTS__VICTORIA__X", "1"),
-            ]),
-        );
-        // The last one is an unknown key: the error names it.
-        let err = c.unwrap_err().to_string();
+        let vars = [
+            ("BALLAST_SERVER__ADMIN_TOKEN", "12345678"),
+            ("BALLAST_SOURCES__1__ID", "2024"),
+            ("BALLAST_SOURCES__1__WRITE_KEY", "true"),
+            ("BALLAST_ALERTS__PAGERDUTY__ROUTING_KEY", "1979-05-27"),
+        ];
+        // With an unknown key besides: the error names it.
+        let with_typo = [&vars[..], &[("BALLAST_ALERTS__VICTORIA__X", "1")]].concat();
+        let err = Config::from_toml(BASE, "t", env(&with_typo))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("victoria"), "{err}");
-        let c = Config::from_toml(
-            BASE,
-            "t",
-            env(&[
-                ("BALLAST_SERVER__ADMIN_TOKEN", "12345678"),
-                ("BALLAST_SOURCES__1__ID", "2024"),
-                ("BALLAST_SOURCES__1__WRITE_KEY", "true"),
-                ("BALLAST_ALERTS__PAGERDUTY__ROUTING_KEY", "1979-05-27"),
-            ]),
-        )
-        .unwrap();
+        let c = Config::from_toml(BASE, "t", env(&vars)).unwrap();
         assert_eq!(c.server.admin_token.as_deref(), Some("12345678"));
         assert_eq!(c.sources[1].id, "2024");
         assert_eq!(c.sources[1].write_key, "true");

@@ -159,25 +159,21 @@ async fn supervise(
     let consumer = consumer_name(&id);
     let mut restarts: u32 = 0;
     loop {
-        let lease = {
+        // The lease, then a worker built from the cursor as it is once the lease is ours.
+        let acquired = async {
+            let lease = parts.store.lease(&consumer).await?;
+            let worker = parts.build().await?;
+            Ok::<_, anyhow::Error>((lease, worker))
+        };
+        let acquired = {
             let mut stop_rx = stop.clone();
             tokio::select! {
-                l = parts.store.lease(&consumer) => l,
+                r = acquired => r,
                 _ = stop_rx.wait_for(|s| *s) => return,
             }
         };
-        let lease = match lease {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(destination = %id, error = %e, "taking the destination's lease failed; trying again");
-                if sleep_or_stop(std::time::Duration::from_secs(1), &stop).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        let worker = match parts.build().await {
-            Ok(w) => w,
+        let (lease, worker) = match acquired {
+            Ok(x) => x,
             Err(e) => {
                 tracing::error!(destination = %id, error = %e, "starting the delivery loop failed; trying again");
                 if sleep_or_stop(std::time::Duration::from_secs(1), &stop).await {

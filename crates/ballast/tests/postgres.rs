@@ -146,7 +146,14 @@ fn send(server: &Server, e: &Value) {
         .json(e)
         .send()
         .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().unwrap_or_default());
+    let status = r.status();
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        r.text().unwrap_or_default(),
+        server.stderr()
+    );
 }
 
 fn active(server: &Server) -> bool {

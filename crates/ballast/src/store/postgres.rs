@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::{
     envelope, Appended, EventBatch, Position, ReadEvents, Store, StoreError, StoreStatus,
@@ -102,8 +102,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// TLS for connections whose URL asks for it (`sslmode=require`, or `prefer`, the
+/// default, when the server offers it), verified against the Mozilla roots.
+fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    static TLS: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
+        std::sync::OnceLock::new();
+    let config = TLS.get_or_init(|| {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| e.to_string())
+    });
+    match config {
+        Ok(c) => Ok(tokio_postgres_rustls::MakeRustlsConnect::new(c.clone())),
+        Err(e) => Err(StoreError::Other(format!("postgres TLS: {e}"))),
+    }
+}
+
 async fn connect(url: &str) -> Result<Client, StoreError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(pg_err)?;
+    let (client, connection) = tokio_postgres::connect(url, tls()?).await.map_err(pg_err)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection closed");
@@ -206,7 +228,7 @@ impl PgStore {
             }
             *last = Instant::now();
         }
-        let freed: i64 = self
+        let freed: (i64, i64) = self
             .with_reader(|c| {
                 Box::pin(async move {
                     let row = c
@@ -218,19 +240,21 @@ impl PgStore {
                                   freed AS (SELECT coalesce(sum(b), 0)::bigint AS n FROM gone)
                              UPDATE ballast_meta SET bytes = greatest(bytes - (SELECT n FROM freed), 0)
                              WHERE id = 1
-                             RETURNING (SELECT n FROM freed)",
+                             RETURNING (SELECT n FROM freed), bytes",
                             &[],
                         )
                         .await?;
-                    Ok(row.get::<_, i64>(0))
+                    Ok((row.get::<_, i64>(0), row.get::<_, i64>(1)))
                 })
             })
             .await?;
+        let (freed, now_used) = freed;
+        // The database's figure, not local arithmetic: other replicas add and free too.
+        self.shared
+            .counters
+            .bytes_used
+            .store(now_used.max(0) as u64, Ordering::Relaxed);
         if freed > 0 {
-            self.shared
-                .counters
-                .bytes_used
-                .fetch_sub(freed as u64, Ordering::Relaxed);
             self.shared.quota_blocked.store(false, Ordering::Release);
         }
         let start: Option<i64> = self
@@ -344,12 +368,12 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
         };
         let started = Instant::now();
         match commit_group(c, &accepted).await {
-            Ok((first, added)) => {
+            Ok((first, now_used)) => {
                 let c = &shared.counters;
                 c.commits.fetch_add(1, Ordering::Relaxed);
                 c.commit_nanos
                     .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                c.bytes_used.fetch_add(added, Ordering::Relaxed);
+                c.bytes_used.store(now_used, Ordering::Relaxed);
                 let mut pos = first;
                 for s in accepted {
                     let n = s.batch.len() as u64;
@@ -388,7 +412,7 @@ fn fail_all(shared: &Shared, group: Vec<Submission>, err: &StoreError) {
 }
 
 /// One transaction: take positions, insert every event. Returns the first position and
-/// the bytes added.
+/// the bytes stored in all (by every replica) after it.
 async fn commit_group(
     client: &mut Client,
     group: &[Submission],
@@ -399,11 +423,12 @@ async fn commit_group(
     let row = tx
         .query_one(
             "UPDATE ballast_meta SET next_pos = next_pos + $1, bytes = bytes + $2
-             WHERE id = 1 RETURNING next_pos - $1",
+             WHERE id = 1 RETURNING next_pos - $1, bytes",
             &[&n, &bytes],
         )
         .await?;
     let first: i64 = row.get(0);
+    let now_used: i64 = row.get(1);
     let mut positions = Vec::with_capacity(n as usize);
     let mut sources = Vec::with_capacity(n as usize);
     let mut metas: Vec<&[u8]> = Vec::with_capacity(n as usize);
@@ -425,7 +450,7 @@ async fn commit_group(
     )
     .await?;
     tx.commit().await?;
-    Ok((first as u64, bytes as u64))
+    Ok((first as u64, now_used.max(0) as u64))
 }
 
 /// Follows what other replicas commit (and the bytes they add).
@@ -737,7 +762,9 @@ mod tests {
             .expect("the lease moved within 10 s")
             .unwrap();
         // The holder's session is killed (as when its replica dies or is cut off).
-        let (admin, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         admin
             .batch_execute(

@@ -1014,8 +1014,10 @@ fn a_dead_destination_does_not_hold_back_another() {
             .map(str::to_string)
             .collect()
     };
-    // destination, backlog bytes, buffered, in flight, retrying, delivered, ...
+    // destination, backlog, buffered, in flight, retrying, delivered, deliv/s, aborted,
+    // dead, here (the only replica delivers both)
     assert_eq!(row("up")[5], "150", "{out}");
+    assert_eq!(row("up")[9], "delivering", "{out}");
     assert_eq!(row("down")[5], "0", "{out}");
     assert_ne!(row("down")[1], "0", "{out}");
 }

@@ -331,16 +331,16 @@ fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
     );
     println!();
     println!(
-        "{:<20} {:>14} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
+        "{:<20} {:>14} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}  here",
         "destination",
-        "backlog bytes",
+        "backlog",
         "buffered",
         "in flight",
         "retrying",
         "delivered",
         "deliv/s",
         "aborted",
-        "dead"
+        "dead",
     );
     let empty = Vec::new();
     let before = first["destinations"].as_array().unwrap_or(&empty);
@@ -355,7 +355,7 @@ fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
             })
             .unwrap_or(0);
         println!(
-            "{:<20} {:>14} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
+            "{:<20} {:>14} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}  {}",
             d["id"].as_str().unwrap_or("?"),
             d["backlog_bytes"].to_string(),
             d["buffered_events"].to_string(),
@@ -364,7 +364,13 @@ fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
             d["delivered"].to_string(),
             rate,
             d["aborted"].to_string(),
-            d["dead_letters"].to_string()
+            d["dead_letters"].to_string(),
+            // With several replicas on PostgreSQL, one of them delivers each destination.
+            if d["active"] == true {
+                "delivering"
+            } else {
+                "standby"
+            }
         );
     }
     Ok(0)

@@ -102,6 +102,116 @@ pub async fn quota_refuses_and_keeps_what_is_stored<F: Factory>(f: &F) {
     store.close().await;
 }
 
+/// One step of the model test.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Appends this many events (1..) from source `web` or `app`.
+    Append(usize, bool),
+    /// Reads everything from the start in chunks of this size and compares with the model.
+    ReadAll(usize),
+    /// Acknowledges consumer `dest` up to just after the n-th stored event (modulo).
+    Ack(usize),
+    /// Closes and reopens the store.
+    Restart,
+}
+
+pub fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (1usize..6, any::<bool>()).prop_map(|(n, b)| Op::Append(n, b)),
+        2 => (1usize..7).prop_map(Op::ReadAll),
+        2 => (0usize..40).prop_map(Op::Ack),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// Runs `ops` against the store and an in-memory model (the events in order): reads
+/// return exactly the model's events, in order, with increasing positions; `end` and
+/// `subscribe` follow appends; a cursor is what was acknowledged, across restarts. A
+/// second consumer that never acknowledges keeps everything readable.
+pub async fn matches_the_model<F: Factory>(f: &F, ops: &[Op]) {
+    let mut store = f.open(1 << 30).await;
+    store.register_consumer("keeper").await.unwrap();
+    store.register_consumer("dest").await.unwrap();
+    let mut model: Vec<(String, String)> = Vec::new();
+    let mut cursor = store.cursor("dest");
+    let mut n = 0usize;
+    for op in ops {
+        match op {
+            Op::Append(count, app) => {
+                let source = if *app { "app" } else { "web" };
+                let events: Vec<String> = (0..*count)
+                    .map(|_| {
+                        n += 1;
+                        format!(r#"{{"n":{n}}}"#)
+                    })
+                    .collect();
+                let refs: Vec<&str> = events.iter().map(String::as_str).collect();
+                let a = store.append(batch(source, &refs)).await.unwrap();
+                assert_eq!(a.events, *count);
+                assert!(a.end > a.first);
+                assert!(*store.subscribe().borrow() >= a.end);
+                assert!(store.status().end >= a.end);
+                model.extend(events.into_iter().map(|e| (source.to_string(), e)));
+            }
+            Op::ReadAll(chunk) => {
+                let mut got = Vec::new();
+                let mut pos = 0;
+                let mut last: Option<u64> = None;
+                loop {
+                    let r = store.read(pos, *chunk).await.unwrap();
+                    if r.events.is_empty() {
+                        break;
+                    }
+                    assert!(r.events.len() <= *chunk);
+                    for e in &r.events {
+                        assert!(last.is_none_or(|l| e.position > l), "positions increase");
+                        last = Some(e.position);
+                        got.push((
+                            e.source.to_string(),
+                            String::from_utf8(e.event.to_vec()).unwrap(),
+                        ));
+                    }
+                    assert!(r.next > pos);
+                    pos = r.next;
+                }
+                assert_eq!(got, model);
+            }
+            Op::Ack(k) => {
+                if model.is_empty() {
+                    continue;
+                }
+                let k = k % model.len();
+                // The position just after the k-th event.
+                let mut pos = 0;
+                let mut seen = 0;
+                let upto = loop {
+                    let r = store.read(pos, 1).await.unwrap();
+                    assert!(!r.events.is_empty(), "the k-th event");
+                    if seen == k {
+                        break r.next;
+                    }
+                    seen += 1;
+                    // Positions are opaque (byte offsets in the embedded log): read on
+                    // from where the store says.
+                    pos = r.next;
+                };
+                store.ack("dest", upto).await.unwrap();
+                let want = cursor.map_or(upto, |c| c.max(upto));
+                assert_eq!(store.cursor("dest"), Some(want));
+                cursor = Some(want);
+            }
+            Op::Restart => {
+                store.close().await;
+                drop(store);
+                store = f.open(1 << 30).await;
+                assert_eq!(store.cursor("dest"), cursor, "the cursor survives");
+            }
+        }
+    }
+    store.close().await;
+}
+
 pub async fn run_all<F: Factory>(fresh: impl Fn() -> F) {
     appends_are_read_back_in_order(&fresh()).await;
     cursors_persist(&fresh()).await;
@@ -127,6 +237,17 @@ mod embedded {
                 let (s, _) = EmbeddedStore::open(&dir, 4096, quota, true).unwrap();
                 Box::new(s) as Box<dyn Store>
             })
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn embedded_store_matches_the_model(ops in proptest::collection::vec(op(), 1..30)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            let f = Embedded { dir: tmp.path().join("log"), _tmp: Arc::new(tmp) };
+            rt.block_on(matches_the_model(&f, &ops));
         }
     }
 
@@ -163,6 +284,36 @@ mod postgres {
                 Box::new(s) as Box<dyn Store>
             })
         }
+    }
+
+    /// The model test against PostgreSQL: one cluster, a fresh database per case.
+    #[test]
+    fn postgres_store_matches_the_model() {
+        use proptest::test_runner::{Config, TestRunner};
+        let cluster = PgCluster::start();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let case = std::cell::Cell::new(0usize);
+        let mut runner = TestRunner::new(Config::with_cases(12));
+        runner
+            .run(&proptest::collection::vec(op(), 1..30), |ops| {
+                case.set(case.get() + 1);
+                let db = format!("model_{}", case.get());
+                rt.block_on(async {
+                    cluster.create_db(&db).await;
+                    matches_the_model(
+                        &Postgres {
+                            url: cluster.url(&db),
+                        },
+                        &ops,
+                    )
+                    .await;
+                });
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[tokio::test]

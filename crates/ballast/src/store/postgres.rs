@@ -124,8 +124,24 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
     }
 }
 
+/// Bounds every statement and transaction: a database that stops answering (a
+/// partition without a reset) fails the request instead of hanging it.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn connect(url: &str) -> Result<Client, StoreError> {
-    let (client, connection) = tokio_postgres::connect(url, tls()?).await.map_err(pg_err)?;
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Other(format!("postgres url: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    // Notice a dead peer on an idle connection (the lease's session above all).
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    let (client, connection) = tokio::time::timeout(STATEMENT_TIMEOUT, config.connect(tls()?))
+        .await
+        .map_err(|_| StoreError::Other("postgres: connecting timed out".into()))?
+        .map_err(pg_err)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection closed");
@@ -216,7 +232,13 @@ impl PgStore {
         let Some(client) = guard.as_ref() else {
             return Err(StoreError::Other("postgres: not connected".into()));
         };
-        f(client).await.map_err(pg_err)
+        match tokio::time::timeout(STATEMENT_TIMEOUT, f(client)).await {
+            Ok(r) => r.map_err(pg_err),
+            Err(_) => {
+                *guard = None;
+                Err(StoreError::Other("postgres: the query timed out".into()))
+            }
+        }
     }
 
     /// Deletes what every consumer is past (at most every few seconds).
@@ -367,7 +389,19 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
             continue;
         };
         let started = Instant::now();
-        match commit_group(c, &accepted).await {
+        let result = match tokio::time::timeout(STATEMENT_TIMEOUT, commit_group(c, &accepted)).await
+        {
+            Ok(r) => r.map_err(pg_err),
+            Err(_) => {
+                // The transaction's outcome is unknown: nothing is acknowledged, and the
+                // connection is replaced (the server rolls back what did not commit).
+                client = None;
+                Err(StoreError::Other(
+                    "postgres: the append transaction timed out".into(),
+                ))
+            }
+        };
+        match result {
             Ok((first, now_used)) => {
                 let c = &shared.counters;
                 c.commits.fetch_add(1, Ordering::Relaxed);
@@ -395,8 +429,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
                 });
                 *lock(&shared.failure) = None;
             }
-            Err(e) => {
-                let err = pg_err(e);
+            Err(err) => {
                 tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
                 fail_all(&shared, accepted, &err);
             }

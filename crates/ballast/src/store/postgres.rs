@@ -86,6 +86,12 @@ struct Shared {
     durable: watch::Sender<Position>,
     failure: Mutex<Option<String>>,
     cursors: Mutex<HashMap<String, Position>>,
+    /// Leases this process took: consumer → (advisory-lock key, holding backend's pid).
+    /// An acknowledgement of a leased consumer only counts while that backend still
+    /// holds the lock (fencing: a replica that lost the lease cannot move the cursor).
+    leases: Mutex<HashMap<String, (i64, i32)>>,
+    /// Stored bytes when an append was last refused for the quota.
+    bytes_at_refusal: AtomicU64,
 }
 
 pub struct PgStore {
@@ -128,13 +134,39 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
 /// partition without a reset) fails the request instead of hanging it.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Server-side limits on every session: a replica that dies (or is cut off) while it holds
+/// the position row's lock in a transaction, or a lease, must not hold it for the
+/// operating system's keepalive time (hours). All are settable by an ordinary user.
+const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=10s -c lock_timeout=20s \
+     -c statement_timeout=25s -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 \
+     -c tcp_keepalives_count=3 -c tcp_user_timeout=10000";
+
+/// A lease's session also ends when idle this long: its holder pings every second, so
+/// only a dead or cut-off holder lets it expire (PostgreSQL 14 and later).
+const LEASE_SESSION_OPTIONS: &str = "-c idle_session_timeout=10s";
+
 async fn connect(url: &str) -> Result<Client, StoreError> {
+    connect_with(url, "").await
+}
+
+async fn connect_with(url: &str, extra_options: &str) -> Result<Client, StoreError> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| StoreError::Other(format!("postgres url: {e}")))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
+    let options = [
+        config.get_options().unwrap_or(""),
+        SESSION_OPTIONS,
+        extra_options,
+    ]
+    .iter()
+    .filter(|o| !o.is_empty())
+    .copied()
+    .collect::<Vec<_>>()
+    .join(" ");
+    config.options(&options);
     // Notice a dead peer on an idle connection (the lease's session above all).
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(10));
@@ -193,6 +225,8 @@ impl PgStore {
             durable,
             failure: Mutex::new(None),
             cursors: Mutex::new(cursors),
+            leases: Mutex::new(HashMap::new()),
+            bytes_at_refusal: AtomicU64::new(0),
         });
         shared
             .counters
@@ -315,8 +349,9 @@ fn lease_key(consumer: &str) -> i64 {
 
 /// Keeps the session that holds the advisory lock open, and reports the lease lost as
 /// soon as that session fails (then another replica may already hold it).
-fn hold_lease(client: Client, consumer: String) -> super::Lease {
+fn hold_lease(client: Client, consumer: String, shared: Arc<Shared>) -> super::Lease {
     let (lost_tx, lost_rx) = watch::channel(false);
+    let name = consumer.clone();
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(LEASE_RETRY).await;
@@ -331,13 +366,14 @@ fn hold_lease(client: Client, consumer: String) -> super::Lease {
         }
     });
     /// Ends the session (releasing the lock) when the lease is dropped.
-    struct Held(tokio::task::JoinHandle<()>);
+    struct Held(tokio::task::JoinHandle<()>, Arc<Shared>, String);
     impl Drop for Held {
         fn drop(&mut self) {
             self.0.abort();
+            lock(&self.1.leases).remove(&self.2);
         }
     }
-    super::Lease::new(lost_rx, Box::new(Held(task)))
+    super::Lease::new(lost_rx, Box::new(Held(task, shared, name)))
 }
 
 /// The group-commit writer: one transaction for everything submitted meanwhile.
@@ -361,6 +397,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
         for s in group {
             let b = s.batch.bytes() as u64;
             if used + b > shared.quota {
+                shared.bytes_at_refusal.store(used, Ordering::Relaxed);
                 shared.quota_blocked.store(true, Ordering::Release);
                 shared
                     .counters
@@ -498,10 +535,16 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             client = connect(&shared.url).await.ok();
         }
         let Some(c) = client.as_ref() else { continue };
-        if let Ok(row) = c
-            .query_one("SELECT next_pos, bytes FROM ballast_meta WHERE id = 1", &[])
-            .await
-        {
+        let polled = tokio::time::timeout(
+            STATEMENT_TIMEOUT,
+            c.query_one("SELECT next_pos, bytes FROM ballast_meta WHERE id = 1", &[]),
+        )
+        .await;
+        let Ok(polled) = polled else {
+            client = None; // hung: a new session next time
+            continue;
+        };
+        if let Ok(row) = polled {
             let (next, bytes): (i64, i64) = (row.get(0), row.get(1));
             // The database answers again: let the next append try (readiness follows).
             *lock(&shared.failure) = None;
@@ -509,7 +552,8 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .counters
                 .bytes_used
                 .store(bytes.max(0) as u64, Ordering::Relaxed);
-            if (bytes.max(0) as u64) < shared.quota {
+            // Space was freed (by any replica) since the last refusal.
+            if (bytes.max(0) as u64) < shared.bytes_at_refusal.load(Ordering::Relaxed) {
                 shared.quota_blocked.store(false, Ordering::Release);
             }
             let next = next as u64;
@@ -614,20 +658,44 @@ impl Store for PgStore {
     async fn ack(&self, consumer: &str, upto: Position) -> Result<(), StoreError> {
         let name = consumer.to_string();
         let upto_i = i64::try_from(upto).map_err(|_| StoreError::Other("position".into()))?;
+        let lease = lock(&self.shared.leases).get(consumer).copied();
         let updated = self
             .with_reader(|c| {
                 let name = name.clone();
                 Box::pin(async move {
-                    c.execute(
-                        "UPDATE ballast_consumers SET cursor = greatest(cursor, $2) WHERE name = $1",
-                        &[&name, &upto_i],
-                    )
-                    .await
+                    match lease {
+                        None => {
+                            c.execute(
+                                "UPDATE ballast_consumers SET cursor = greatest(cursor, $2)
+                                 WHERE name = $1",
+                                &[&name, &upto_i],
+                            )
+                            .await
+                        }
+                        Some((key, pid)) => {
+                            // pg_locks shows a bigint advisory key as two oids.
+                            let (hi, lo) = ((key as u64 >> 32) as u32, key as u64 as u32);
+                            c.execute(
+                                "UPDATE ballast_consumers SET cursor = greatest(cursor, $2)
+                                 WHERE name = $1 AND EXISTS (
+                                     SELECT 1 FROM pg_locks
+                                     WHERE locktype = 'advisory' AND classid = $3
+                                       AND objid = $4 AND objsubid = 1 AND pid = $5 AND granted)",
+                                &[&name, &upto_i, &hi, &lo, &pid],
+                            )
+                            .await
+                        }
+                    }
                 })
             })
             .await?;
         if updated == 0 {
-            return Err(StoreError::Other(format!("unknown consumer {consumer:?}")));
+            return Err(match lease {
+                Some(_) => StoreError::Other(format!(
+                    "consumer {consumer:?}: this process no longer holds its lease"
+                )),
+                None => StoreError::Other(format!("unknown consumer {consumer:?}")),
+            });
         }
         {
             let mut cursors = lock(&self.shared.cursors);
@@ -640,16 +708,26 @@ impl Store for PgStore {
     async fn lease(&self, consumer: &str) -> Result<super::Lease, StoreError> {
         let key = lease_key(consumer);
         loop {
-            let client = connect(&self.shared.url).await?;
+            let client = connect_with(&self.shared.url, LEASE_SESSION_OPTIONS).await?;
             loop {
-                let got: bool = client
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-                    .await
-                    .map_err(pg_err)?
-                    .get(0);
+                let tried = tokio::time::timeout(
+                    STATEMENT_TIMEOUT,
+                    client.query_one("SELECT pg_try_advisory_lock($1), pg_backend_pid()", &[&key]),
+                )
+                .await;
+                let row = match tried {
+                    Ok(r) => r.map_err(pg_err)?,
+                    Err(_) => break, // a new session
+                };
+                let (got, pid): (bool, i32) = (row.get(0), row.get(1));
                 if got {
                     tracing::info!(consumer, "lease taken");
-                    return Ok(hold_lease(client, consumer.to_string()));
+                    lock(&self.shared.leases).insert(consumer.to_string(), (key, pid));
+                    return Ok(hold_lease(
+                        client,
+                        consumer.to_string(),
+                        self.shared.clone(),
+                    ));
                 }
                 if client.is_closed() {
                     break;
@@ -794,6 +872,11 @@ mod tests {
             .await
             .expect("the lease moved within 10 s")
             .unwrap();
+        // The holder's acknowledgements count.
+        b.register_consumer("dest.hook").await.unwrap();
+        b.append(batch("x", 3)).await.unwrap();
+        b.ack("dest.hook", 2).await.unwrap();
+        assert_eq!(b.cursor("dest.hook"), Some(2));
         // The holder's session is killed (as when its replica dies or is cut off).
         let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
@@ -809,6 +892,21 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), moved.lost())
             .await
             .expect("the holder learns it lost the lease");
+        // Fenced: a process that lost the lease cannot move the cursor any more.
+        assert!(b.ack("dest.hook", 3).await.is_err());
+        let (check, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let cursor: i64 = check
+            .query_one(
+                "SELECT cursor FROM ballast_consumers WHERE name = 'dest.hook'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(cursor, 2);
         tokio::time::timeout(Duration::from_secs(10), other.lost())
             .await
             .expect("both sessions were killed");

@@ -171,22 +171,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     let (journal, leftover) =
         Journal::open(&data_dir.join("inflight.journal")).context("opening the crash journal")?;
     if start.crashed && !leftover.is_empty() {
-        // Strikes are named by messageId, so that a copy of the event sent again (the
-        // client got no answer before the crash) shares them.
-        let mut struck = Vec::with_capacity(leftover.len());
-        for (dest, pos) in &leftover {
-            let key = match store.read(*pos, 1).await {
-                Ok(r) => r
-                    .events
-                    .first()
-                    .filter(|e| e.position == *pos)
-                    .map(crate::router::strike_key_of),
-                Err(_) => None,
-            };
-            struck.push((dest.clone(), key.unwrap_or_else(|| format!("@{pos}"))));
-        }
-        let counts = db.add_strikes(&struck)?;
-        for ((dest, key), n) in struck.iter().zip(counts) {
+        for ((dest, key), n) in crate::router::strike(&*store, &db, &leftover).await? {
             tracing::warn!(destination = %dest, event = %key, strikes = n, threshold = config.recovery.poison_threshold, "event was in flight when the process died");
         }
     }

@@ -24,7 +24,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::store::Store;
+use crate::store::{Position, Store};
 pub use deadletters::{DeadLetter, RouterDb};
 
 /// Live counters of one destination.
@@ -114,34 +114,49 @@ impl WorkerParts {
     /// destination: every event it had in flight gets a strike (so that an event that
     /// keeps killing the loop is quarantined at `poison_threshold`).
     async fn strike_in_flight(&self) -> anyhow::Result<usize> {
-        let positions = self.journal.take_open(&self.config.id);
-        let mut struck = Vec::with_capacity(positions.len());
-        for pos in positions {
-            let key = match self.store.read(pos, 1).await {
-                Ok(r) => r
-                    .events
-                    .first()
-                    .filter(|e| e.position == pos)
-                    .map(strike_key_of),
-                Err(_) => None,
-            };
-            struck.push((
-                self.config.id.clone(),
-                key.unwrap_or_else(|| format!("@{pos}")),
-            ));
-        }
-        let n = struck.len();
-        let db = self.db.clone();
-        let counts = tokio::task::spawn_blocking(move || {
-            let counts = db.add_strikes(&struck)?;
-            Ok::<_, deadletters::DbError>(struck.into_iter().zip(counts).collect::<Vec<_>>())
-        })
-        .await??;
-        for ((dest, key), strikes) in counts {
+        let in_flight: Vec<(String, Position)> = self
+            .journal
+            .take_open(&self.config.id)
+            .into_iter()
+            .map(|p| (self.config.id.clone(), p))
+            .collect();
+        let struck = strike(&*self.store, &self.db, &in_flight).await?;
+        for ((dest, key), strikes) in &struck {
             tracing::warn!(destination = %dest, event = %key, strikes, threshold = self.poison_threshold, "event was in flight when the delivery loop panicked");
         }
-        Ok(n)
+        Ok(struck.len())
     }
+}
+
+/// Gives one strike to each (destination, position) that was being delivered when
+/// processing died (the process, or one destination's loop); returns each struck
+/// (destination, event key) with its strikes now. Strikes are named by messageId, so
+/// that a copy of the event sent again (the client got no answer before the crash)
+/// shares them; an event that cannot be read is named by its position.
+pub(crate) async fn strike(
+    store: &dyn Store,
+    db: &Arc<RouterDb>,
+    in_flight: &[(String, Position)],
+) -> anyhow::Result<Vec<((String, String), u32)>> {
+    let mut struck = Vec::with_capacity(in_flight.len());
+    for (dest, pos) in in_flight {
+        let key = match store.read(*pos, 1).await {
+            Ok(r) => r
+                .events
+                .first()
+                .filter(|e| e.position == *pos)
+                .map(strike_key_of),
+            Err(_) => None,
+        };
+        struck.push((dest.clone(), key.unwrap_or_else(|| format!("@{pos}"))));
+    }
+    let db = db.clone();
+    let counts = tokio::task::spawn_blocking(move || {
+        let counts = db.add_strikes(&struck)?;
+        Ok::<_, deadletters::DbError>(struck.into_iter().zip(counts).collect())
+    })
+    .await??;
+    Ok(counts)
 }
 
 /// Runs a destination's delivery loop while this process holds the destination's lease

@@ -216,9 +216,10 @@ impl Gateway {
         let mut key = req.key.map(Cow::Borrowed);
         // A key from the header or the query is judged before the body is read: a wrong
         // key is a 401 whatever the body holds.
-        if key.as_deref().is_some_and(|k| !k.is_empty()) {
-            self.source(key.as_deref())?;
-        }
+        let known = match key.as_deref().filter(|k| !k.is_empty()) {
+            Some(k) => Some(self.source(Some(k))?),
+            None => None,
+        };
 
         let (source, batch) = if req.route_type.is_some() {
             // One event: the body is the event.
@@ -231,7 +232,10 @@ impl Gateway {
             if key.is_none() {
                 key = body_write_key(&fields).map(Cow::Owned);
             }
-            let source = self.source(key.as_deref())?;
+            let source = match known {
+                Some(source) => source,
+                None => self.source(key.as_deref())?,
+            };
             let mut batch = EventBatch::new(source.id.clone(), req.body.len() + 160);
             batch
                 .push_with(|out, meta| enrich::enrich(&fields, &enrichment, out, meta))
@@ -246,7 +250,10 @@ impl Gateway {
             if key.is_none() {
                 key = body.write_key.clone();
             }
-            let source = self.source(key.as_deref())?;
+            let source = match known {
+                Some(source) => source,
+                None => self.source(key.as_deref())?,
+            };
             let events = body.batch.unwrap_or_default();
             if events.is_empty() {
                 return Err(EMPTY_BATCH);

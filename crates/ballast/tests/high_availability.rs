@@ -24,7 +24,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -441,47 +441,17 @@ fn spawn(
     env: &[(String, String)],
     ports: Ports,
 ) -> Server {
-    use std::io::{BufRead, BufReader};
-    let config_path = dir.path().join("ballast.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let data = dir.path().join("data");
-    let _ = std::fs::remove_file(data.join("server.json"));
-    let mut cmd = Command::new(ballast_bin());
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{}", ports.public))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{}", ports.admin))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn ballast");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    if let Some(err) = child.stderr.take() {
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-    }
-    Server {
-        dir: dir.clone(),
-        config_path,
-        child: Some(child),
-        base: ports.base(),
-        admin: ports.admin(),
-        stderr,
-    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args = [
+        "--listen".to_string(),
+        format!("127.0.0.1:{}", ports.public),
+        "--admin-listen".to_string(),
+        format!("127.0.0.1:{}", ports.admin),
+    ];
+    let mut server = Server::spawn(ballast_bin(), dir.clone(), config, &env, &args);
+    server.base = ports.base();
+    server.admin = ports.admin();
+    server
 }
 
 /// True when `server.json` names this process.

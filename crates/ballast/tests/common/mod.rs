@@ -59,16 +59,32 @@ impl Server {
 
     /// Starts (or restarts) a server on an existing directory.
     pub fn start_in(dir: Arc<tempfile::TempDir>, config: &str, env: &[(&str, &str)]) -> Server {
+        let mut server = Server::spawn(Path::new(bin()), dir, config, env, &[]);
+        server.wait_listening();
+        server
+    }
+
+    /// Spawns `BIN serve --config … --data-dir … ARGS` on the directory without waiting
+    /// for it to listen (`base`/`admin` stay empty until `wait_listening`). Its stderr is
+    /// collected.
+    pub fn spawn(
+        bin: &Path,
+        dir: Arc<tempfile::TempDir>,
+        config: &str,
+        env: &[(&str, &str)],
+        args: &[String],
+    ) -> Server {
         let config_path = dir.path().join("ballast.toml");
         std::fs::write(&config_path, config).expect("write config");
         let data = dir.path().join("data");
         let _ = std::fs::remove_file(data.join("server.json"));
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
             .arg("--data-dir")
             .arg(&data)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -87,16 +103,14 @@ impl Server {
                 }
             });
         }
-        let mut server = Server {
+        Server {
             dir,
             config_path,
             child: Some(child),
             base: String::new(),
             admin: String::new(),
             stderr,
-        };
-        server.wait_listening();
-        server
+        }
     }
 
     fn wait_listening(&mut self) {

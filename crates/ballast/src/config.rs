@@ -293,8 +293,13 @@ pub struct StorageConfig {
     /// Zero-fill the active segment ahead of the records (fewer metadata writes per fsync).
     pub preallocate: bool,
     /// With `backend = "postgres"`: the database, e.g. `postgres://ballast@db/ballast`
-    /// (secrets from `BALLAST_STORAGE__POSTGRES_URL`).
+    /// (secrets from `BALLAST_STORAGE__POSTGRES_URL`). Several hosts and
+    /// `target_session_attrs=read-write` follow a failover to the new primary.
     pub postgres_url: Option<String>,
+    /// With `backend = "postgres"`: how many partitions users are hashed into (positions,
+    /// cursors and delivery leases are per partition). Fixed when the database is first
+    /// used; a different value later is ignored with a warning.
+    pub partitions: u32,
 }
 
 impl Default for StorageConfig {
@@ -305,6 +310,7 @@ impl Default for StorageConfig {
             segment_bytes: 64 << 20,
             preallocate: true,
             postgres_url: None,
+            partitions: 16,
         }
     }
 }
@@ -537,6 +543,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "server.max_request_bytes must be positive".into(),
             ));
+        }
+        if self.storage.partitions == 0 || self.storage.partitions > crate::store::MAX_PARTITIONS {
+            return Err(ConfigError::Invalid(format!(
+                "storage.partitions must be 1..={}",
+                crate::store::MAX_PARTITIONS
+            )));
         }
         if self.storage.backend == StorageBackend::Postgres && self.storage.postgres_url.is_none() {
             return Err(ConfigError::Invalid(

@@ -364,7 +364,7 @@ async fn open_store(
                 .postgres_url
                 .as_deref()
                 .context("storage.postgres_url is not set")?;
-            let store = PgStore::open(url, config.storage.max_bytes)
+            let store = PgStore::open(url, config.storage.max_bytes, config.storage.partitions)
                 .await
                 .context("opening the PostgreSQL store")?;
             let st = store.status();

@@ -156,11 +156,17 @@ impl Journal {
     /// The positions `dest` has begun and not ended, now ended: what a delivery loop
     /// that died inside this process held.
     pub fn take_open(&self, dest: &str) -> Vec<u64> {
+        self.take_open_where(dest, |_| true)
+    }
+
+    /// Like [`Journal::take_open`], for the positions `keep` selects (one partition's, when
+    /// a destination has a delivery loop per partition).
+    pub fn take_open_where(&self, dest: &str, keep: impl Fn(u64) -> bool) -> Vec<u64> {
         let mut open: Vec<u64> = {
             let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             g.open
                 .get(dest)
-                .map(|set| set.iter().copied().collect())
+                .map(|set| set.iter().copied().filter(|p| keep(*p)).collect())
                 .unwrap_or_default()
         };
         open.sort_unstable();

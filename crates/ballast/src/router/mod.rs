@@ -36,12 +36,13 @@ pub struct DestinationStats {
     pub in_flight: AtomicU64,
     pub buffered: AtomicU64,
     pub retrying_users: AtomicU64,
-    pub cursor: AtomicU64,
-    pub read_position: AtomicU64,
     pub dead_letters: AtomicU64,
     pub replayed: AtomicU64,
-    /// This process holds the destination's lease and runs its delivery loop.
-    pub active: std::sync::atomic::AtomicBool,
+    /// Partitions of the store whose lease this process holds for the destination (and
+    /// whose delivery loop it runs).
+    pub partitions_held: AtomicU64,
+    /// One of this process's loops of the destination delivers its replayed dead letters.
+    pub replay_owner: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of one destination for `/v1/status` and `/metrics`.
@@ -50,7 +51,8 @@ pub struct DestinationStatus {
     pub id: String,
     pub kind: &'static str,
     pub enabled: bool,
-    /// Bytes of the log between the destination's cursor and the durable end.
+    /// What the destination has not passed yet: bytes of the log between its cursor and
+    /// the durable end (embedded store), or events (PostgreSQL store, all partitions).
     pub backlog_bytes: u64,
     pub buffered_events: u64,
     pub in_flight: u64,
@@ -59,10 +61,14 @@ pub struct DestinationStatus {
     pub aborted: u64,
     pub retries: u64,
     pub dead_letters: u64,
+    /// The cursor in the store's first partition.
     pub cursor: u64,
-    /// This process delivers the destination (holds its lease); with several replicas on
-    /// PostgreSQL, one of them does.
+    /// This process delivers the destination (holds the lease of one of its partitions at
+    /// least); with several replicas on PostgreSQL, they share its partitions.
     pub active: bool,
+    /// Partitions of the destination this process delivers, of `partitions`.
+    pub partitions_held: u64,
+    pub partitions: u32,
 }
 
 pub struct DestinationHandle {
@@ -91,6 +97,7 @@ struct WorkerParts {
     journal: Arc<crate::recovery::journal::Journal>,
     alerts: Arc<crate::alerts::Alerts>,
     poison_threshold: u32,
+    partition: u32,
 }
 
 impl WorkerParts {
@@ -106,6 +113,7 @@ impl WorkerParts {
             p.journal,
             p.alerts,
             p.poison_threshold,
+            p.partition,
         )
         .await
     }
@@ -114,9 +122,12 @@ impl WorkerParts {
     /// destination: every event it had in flight gets a strike (so that an event that
     /// keeps killing the loop is quarantined at `poison_threshold`).
     async fn strike_in_flight(&self) -> anyhow::Result<usize> {
+        let partition = self.partition;
         let in_flight: Vec<(String, Position)> = self
             .journal
-            .take_open(&self.config.id)
+            .take_open_where(&self.config.id, |p| {
+                crate::store::partition_of(p) == partition
+            })
             .into_iter()
             .map(|p| (self.config.id.clone(), p))
             .collect();
@@ -171,12 +182,13 @@ async fn supervise(
     stop: watch::Receiver<bool>,
 ) {
     let id = parts.config.id.clone();
+    let partition = parts.partition;
     let consumer = consumer_name(&id);
     let mut restarts: u32 = 0;
     loop {
         // The lease, then a worker built from the cursor as it is once the lease is ours.
         let acquired = async {
-            let lease = parts.store.lease(&consumer).await?;
+            let lease = parts.store.lease(&consumer, partition).await?;
             let worker = parts.build().await?;
             Ok::<_, anyhow::Error>((lease, worker))
         };
@@ -197,8 +209,8 @@ async fn supervise(
                 continue;
             }
         };
-        parts.stats.active.store(true, Ordering::Relaxed);
-        // This run ends on the global stop or when the lease is lost.
+        parts.stats.partitions_held.fetch_add(1, Ordering::Relaxed);
+        // This run ends on the global stop or when the lease is lost or asked back.
         let (run_stop_tx, run_stop_rx) = watch::channel(false);
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watcher = {
@@ -207,7 +219,7 @@ async fn supervise(
             tokio::spawn(async move {
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => {}
-                    _ = lease.lost() => lost.store(true, Ordering::Release),
+                    _ = lease.ended() => lost.store(true, Ordering::Release),
                 }
                 let _ = run_stop_tx.send(true);
                 // The lease is held until the loop has stopped (this task is aborted
@@ -219,10 +231,10 @@ async fn supervise(
         let started = std::time::Instant::now();
         let outcome = tokio::spawn(worker.run(routing.clone(), run_stop_rx)).await;
         watcher.abort();
-        parts.stats.active.store(false, Ordering::Relaxed);
+        parts.stats.partitions_held.fetch_sub(1, Ordering::Relaxed);
         match outcome {
             Ok(()) if lost.load(Ordering::Acquire) => {
-                tracing::warn!(destination = %id, "delivery stopped: the lease was lost; waiting for it again");
+                tracing::info!(destination = %id, partition, "delivery of the partition stopped: its lease was lost or given back");
             }
             Ok(()) => return,
             Err(e) if e.is_panic() => {
@@ -281,7 +293,13 @@ impl Router {
     ) -> anyhow::Result<Router> {
         let mut destinations = Vec::new();
         let mut tasks = Vec::new();
+        let partitions = store.partitions().max(1);
         for d in config.destinations.iter().filter(|d| d.enabled) {
+            // Every partition's cursor exists before anything is delivered, so that no
+            // replica deletes what this destination has not read.
+            for p in 0..partitions {
+                store.register_consumer(&consumer_name(&d.id), p).await?;
+            }
             let sink = crate::destinations::build(d)?;
             let stats = Arc::new(DestinationStats::default());
             let dead = {
@@ -301,12 +319,18 @@ impl Router {
                 journal: journal.clone(),
                 alerts: alerts.clone(),
                 poison_threshold: config.recovery.poison_threshold,
+                partition: 0,
             };
-            tasks.push(tokio::spawn(supervise(
-                parts,
-                routing.clone(),
-                stop.clone(),
-            )));
+            for p in 0..partitions {
+                tasks.push(tokio::spawn(supervise(
+                    WorkerParts {
+                        partition: p,
+                        ..parts.clone()
+                    },
+                    routing.clone(),
+                    stop.clone(),
+                )));
+            }
             destinations.push(DestinationHandle {
                 id: d.id.clone(),
                 kind: d.kind.name(),
@@ -323,17 +347,19 @@ impl Router {
     }
 
     pub fn status(&self) -> Vec<DestinationStatus> {
-        let end = self.store.status().end;
+        let partitions = self.store.partitions();
         self.destinations
             .iter()
             .map(|d| {
                 let s = &d.stats;
-                let cursor = s.cursor.load(Ordering::Relaxed);
+                let consumer = consumer_name(&d.id);
+                let cursor = self.store.cursor(&consumer, 0).unwrap_or_default();
+                let held = s.partitions_held.load(Ordering::Relaxed);
                 DestinationStatus {
                     id: d.id.clone(),
                     kind: d.kind,
                     enabled: true,
-                    backlog_bytes: end.saturating_sub(cursor),
+                    backlog_bytes: self.store.backlog(&consumer),
                     buffered_events: s.buffered.load(Ordering::Relaxed),
                     in_flight: s.in_flight.load(Ordering::Relaxed),
                     retrying_users: s.retrying_users.load(Ordering::Relaxed),
@@ -342,7 +368,9 @@ impl Router {
                     retries: s.retries.load(Ordering::Relaxed),
                     dead_letters: s.dead_letters.load(Ordering::Relaxed),
                     cursor,
-                    active: s.active.load(Ordering::Relaxed),
+                    active: held > 0,
+                    partitions_held: held,
+                    partitions,
                 }
             })
             .collect()

@@ -33,7 +33,7 @@ use crate::config::DestinationConfig;
 use crate::destinations::{Destination, Event, Outcome};
 use crate::gateway::enrich::Shallow;
 use crate::recovery::journal::Journal;
-use crate::store::{Position, Store, StoredEvent};
+use crate::store::{Position, Progress, Store, StoredEvent};
 
 const MAX_LOADED: usize = 20_000;
 const PER_USER_LOADED: usize = 256;
@@ -43,6 +43,9 @@ const MAX_ENTRIES: usize = 1_000_000;
 const FILL_READS_PER_TURN: usize = 4;
 const READ_BATCH: usize = 1_000;
 const ACK_EVERY: Duration = Duration::from_millis(200);
+/// Finished ranges an acknowledgement records above the cursor at most (beyond them a
+/// takeover re-sends; the cost of an acknowledgement stays bounded whatever the backlog).
+const MAX_DONE_RANGES: usize = 4096;
 const SAVE_RETRY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +86,22 @@ struct UserQueue {
 pub(super) struct Worker {
     config: DestinationConfig,
     consumer: String,
+    /// The store partition this loop delivers (one loop per partition it holds).
+    partition: u32,
+    /// Deliveries in flight at most: the destination's concurrency shared out over its
+    /// partitions.
+    concurrency: usize,
+    /// Ranges an earlier holder finished above the cursor, not read past yet: skipped.
+    skip: VecDeque<(Position, Position)>,
+    /// Below this, an event read that is not skipped may have been sent by an earlier
+    /// holder (counted as a re-delivery).
+    takeover_mark: Position,
+    last_progress: Progress,
+    /// This loop delivers the destination's replayed dead letters (one loop per process).
+    replays: bool,
+    /// What this loop last added to the destination's shared gauges.
+    published: (u64, u64, u64),
+    redelivered: metrics::Counter,
     sink: Arc<dyn Destination>,
     store: Arc<dyn Store>,
     db: Arc<RouterDb>,
@@ -209,9 +228,14 @@ impl Worker {
         journal: Arc<Journal>,
         alerts: Arc<Alerts>,
         poison_threshold: u32,
+        partition: u32,
     ) -> anyhow::Result<Worker> {
         let consumer = consumer_name(&config.id);
-        let start = store.register_consumer(&consumer).await?;
+        let progress = store.register_consumer(&consumer, partition).await?;
+        let start = progress.cursor;
+        let takeover_mark = progress.done.last().map_or(start, |r| r.1);
+        let partitions = store.partitions().max(1) as usize;
+        let concurrency = config.concurrency.div_ceil(partitions).max(1);
         let (known_retry, strikes) = {
             let db = db.clone();
             let id = config.id.clone();
@@ -220,7 +244,6 @@ impl Worker {
             })
             .await??
         };
-        stats.cursor.store(start, Ordering::Relaxed);
         // An episode an earlier run left open: it must stay quiet for a whole period of
         // this run before it resolves.
         let abort_alert = alerts
@@ -231,9 +254,18 @@ impl Worker {
                 delivered_since: false,
             });
         let request_seconds = metrics::histogram!("ballast_destination_request_seconds", "destination" => config.id.clone());
+        let redelivered = metrics::counter!("ballast_destination_redelivered_total", "destination" => config.id.clone());
         Ok(Worker {
             sources: config.sources.iter().cloned().collect(),
             consumer,
+            partition,
+            concurrency,
+            skip: progress.done.iter().copied().collect(),
+            takeover_mark,
+            last_progress: progress,
+            replays: false,
+            published: (0, 0, 0),
+            redelivered,
             config,
             sink,
             store,
@@ -268,12 +300,18 @@ impl Worker {
         mut routing: watch::Receiver<bool>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut durable = self.store.subscribe();
+        let mut durable = self.store.subscribe(self.partition);
         let mut end = *durable.borrow_and_update();
         let mut last_ack = Instant::now();
         let mut last_retry_save = Instant::now();
-        let mut load_replays = true;
-        tracing::info!(destination = %self.config.id, cursor = self.read_pos, "delivery started");
+        self.replays = self
+            .stats
+            .replay_owner
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        let mut load_replays = self.replays;
+        let replay = self.replay.clone();
+        tracing::info!(destination = %self.config.id, partition = self.partition, cursor = self.read_pos, "delivery started");
         loop {
             if *stop.borrow() {
                 break;
@@ -281,7 +319,7 @@ impl Worker {
             let routing_on = *routing.borrow();
             // Read more only while there is little ready to deliver: reading ahead of
             // delivery only costs CPU that ingestion needs.
-            let hungry = self.ready.len() < 2 * self.config.concurrency;
+            let hungry = self.ready.len() < 2 * self.concurrency;
             if hungry {
                 if let Err(e) = self.fill(end).await {
                     tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
@@ -334,7 +372,7 @@ impl Worker {
                     }
                 }
                 _ = tokio::time::sleep_until(sleep_until.into()) => self.wake_timers(),
-                _ = self.replay.notified() => load_replays = true,
+                _ = replay.notified(), if self.replays => load_replays = true,
                 _ = routing.changed() => {}
                 _ = stop.changed() => {}
             }
@@ -361,7 +399,16 @@ impl Worker {
         }
         self.ack().await;
         self.save_retry_state().await;
-        tracing::info!(destination = %self.config.id, cursor = self.acked, "delivery stopped");
+        // This loop's share of the gauges goes with it.
+        self.unfinished.clear();
+        self.replaying.clear();
+        self.inflight.clear();
+        self.users.clear();
+        self.publish_stats(true);
+        if self.replays {
+            self.stats.replay_owner.store(false, Ordering::Release);
+        }
+        tracing::info!(destination = %self.config.id, partition = self.partition, cursor = self.acked, "delivery stopped");
     }
 
     async fn handle_done(
@@ -413,6 +460,16 @@ impl Worker {
                     continue;
                 }
                 let position = e.position;
+                if position < self.takeover_mark {
+                    // An earlier holder read this far: skip what it finished.
+                    while self.skip.front().is_some_and(|r| r.1 <= position) {
+                        self.skip.pop_front();
+                    }
+                    if self.skip.front().is_some_and(|r| r.0 <= position) {
+                        continue;
+                    }
+                    self.redelivered.increment(1);
+                }
                 let (user, event) = to_event(e);
                 let keep = self.loaded < MAX_LOADED
                     && self
@@ -567,7 +624,7 @@ impl Worker {
     /// them and nothing else.
     async fn dispatch(&mut self) {
         let max = self.config.batch_size;
-        'requests: while self.isolating.is_none() && self.tasks.len() < self.config.concurrency {
+        'requests: while self.isolating.is_none() && self.tasks.len() < self.concurrency {
             let mut units: Vec<(Arc<str>, usize)> = Vec::new();
             let mut events: Vec<Event> = Vec::new();
             let mut isolate = false;
@@ -968,15 +1025,61 @@ impl Worker {
         }
     }
 
+    /// How far this loop got: the oldest unfinished event, and the ranges finished above
+    /// it (what lies between unfinished events, up to what was read, and what an earlier
+    /// holder finished beyond that).
+    fn progress(&self) -> Progress {
+        let mut unfinished = self.unfinished.iter().copied();
+        let Some(cursor) = unfinished.next() else {
+            let mut done: Vec<_> = self
+                .skip
+                .iter()
+                .copied()
+                .filter(|r| r.1 > self.read_pos)
+                .collect();
+            if let Some(first) = done.first_mut() {
+                first.0 = first.0.max(self.read_pos);
+            }
+            return Progress {
+                cursor: self.read_pos,
+                done,
+            };
+        };
+        let mut done = Vec::new();
+        let mut prev = cursor;
+        let mut complete = true;
+        for u in unfinished {
+            if done.len() >= MAX_DONE_RANGES {
+                complete = false;
+                break;
+            }
+            if u > prev + 1 {
+                done.push((prev + 1, u));
+            }
+            prev = u;
+        }
+        if complete {
+            if self.read_pos > prev + 1 {
+                done.push((prev + 1, self.read_pos));
+            }
+            for &(a, b) in &self.skip {
+                if b > self.read_pos && done.len() < MAX_DONE_RANGES {
+                    done.push((a.max(self.read_pos), b));
+                }
+            }
+        }
+        Progress { cursor, done }
+    }
+
     async fn ack(&mut self) {
-        let cursor = self.unfinished.first().copied().unwrap_or(self.read_pos);
-        if cursor <= self.acked {
+        let progress = self.progress();
+        if progress == self.last_progress || progress.cursor < self.acked {
             return;
         }
-        match self.store.ack(&self.consumer, cursor).await {
+        match self.store.ack(&self.consumer, &progress).await {
             Ok(()) => {
-                self.acked = cursor;
-                self.stats.cursor.store(cursor, Ordering::Relaxed);
+                self.acked = progress.cursor;
+                self.last_progress = progress;
             }
             Err(e) => {
                 tracing::error!(destination = %self.config.id, error = %e, "saving the cursor failed")
@@ -1111,27 +1214,34 @@ impl Worker {
         }
     }
 
-    fn publish_stats(&self, full: bool) {
+    /// Adds this loop's change since it last published to the destination's gauges
+    /// (several loops, one per partition held, share them).
+    fn publish_stats(&mut self, full: bool) {
         let s = &self.stats;
-        if full {
-            s.retrying_users.store(
-                self.users.values().filter(|u| u.waiting).count() as u64,
-                Ordering::Relaxed,
-            );
-        }
-        s.buffered.store(
-            self.unfinished.len() as u64 + self.replaying.len() as u64,
-            Ordering::Relaxed,
-        );
-        s.in_flight.store(
-            self.inflight
-                .values()
-                .flat_map(|(u, _, _)| u.iter())
-                .map(|(_, n)| *n as u64)
-                .sum(),
-            Ordering::Relaxed,
-        );
-        s.read_position.store(self.read_pos, Ordering::Relaxed);
+        let (buffered, in_flight, retrying) = self.published;
+        let retrying_now = if full {
+            self.users.values().filter(|u| u.waiting).count() as u64
+        } else {
+            retrying
+        };
+        let buffered_now = self.unfinished.len() as u64 + self.replaying.len() as u64;
+        let in_flight_now = self
+            .inflight
+            .values()
+            .flat_map(|(u, _, _)| u.iter())
+            .map(|(_, n)| *n as u64)
+            .sum();
+        let shift = |gauge: &std::sync::atomic::AtomicU64, was: u64, now: u64| {
+            if now >= was {
+                gauge.fetch_add(now - was, Ordering::Relaxed);
+            } else {
+                gauge.fetch_sub(was - now, Ordering::Relaxed);
+            }
+        };
+        shift(&s.buffered, buffered, buffered_now);
+        shift(&s.in_flight, in_flight, in_flight_now);
+        shift(&s.retrying_users, retrying, retrying_now);
+        self.published = (buffered_now, in_flight_now, retrying_now);
     }
 }
 

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use super::{EventBatch, Store, StoreError};
+use super::{partition_base, partition_of, EventBatch, Progress, Store, StoreError};
 
 /// Opens the backend's store for a given test directory/database; called again with the
 /// same argument to simulate a restart.
@@ -48,7 +48,7 @@ pub async fn appends_are_read_back_in_order<F: Factory>(f: &F) {
     assert_eq!(a.events, 2);
     let b = store.append(batch("app", &[r#"{"n":3}"#])).await.unwrap();
     assert!(b.first >= a.end);
-    assert_eq!(*store.subscribe().borrow(), b.end);
+    assert_eq!(*store.subscribe(0).borrow(), b.end);
     let all = read_all(&*store, 0).await;
     assert_eq!(
         all,
@@ -69,17 +69,119 @@ pub async fn appends_are_read_back_in_order<F: Factory>(f: &F) {
 
 pub async fn cursors_persist<F: Factory>(f: &F) {
     let store = f.open(1 << 30).await;
-    let start = store.register_consumer("dest-a").await.unwrap();
+    let start = store.register_consumer("dest-a", 0).await.unwrap();
     let a = store.append(batch("web", &[r#"{"n":1}"#])).await.unwrap();
-    assert!(start <= a.first);
-    store.ack("dest-a", a.end).await.unwrap();
-    assert_eq!(store.cursor("dest-a"), Some(a.end));
-    assert!(store.ack("nobody", a.end).await.is_err());
+    assert!(start.cursor <= a.first);
+    store.ack("dest-a", &Progress::at(a.end)).await.unwrap();
+    assert_eq!(store.cursor("dest-a", 0), Some(a.end));
+    assert!(store.ack("nobody", &Progress::at(a.end)).await.is_err());
     store.close().await;
     drop(store);
     let store = f.open(1 << 30).await;
-    assert_eq!(store.cursor("dest-a"), Some(a.end));
-    assert_eq!(store.register_consumer("dest-a").await.unwrap(), a.end);
+    assert_eq!(store.cursor("dest-a", 0), Some(a.end));
+    assert_eq!(
+        store.register_consumer("dest-a", 0).await.unwrap().cursor,
+        a.end
+    );
+    store.close().await;
+}
+
+/// Events with an ordering key (a meta block) are spread over the partitions by it: each
+/// partition reads back its users' events, every event once, each user's in order.
+pub async fn partitions_keep_each_users_order<F: Factory>(f: &F) {
+    let store = f.open(1 << 30).await;
+    let partitions = store.partitions();
+    assert!(partitions >= 1);
+    let mut sent: Vec<(String, u32)> = Vec::new();
+    for round in 0..6u32 {
+        let mut b = EventBatch::new(Arc::from("web"), 0);
+        for u in 0..9u32 {
+            let user = format!("user-{u}");
+            let mid = format!("{user}-{round}");
+            b.push_with::<()>(|json, meta| {
+                json.extend_from_slice(format!(r#"{{"userId":"{user}","n":{round}}}"#).as_bytes());
+                super::envelope::encode_meta(meta, "u:", &user, &mid);
+                Ok(())
+            })
+            .unwrap();
+            sent.push((user, round));
+        }
+        assert_eq!(store.append(b).await.unwrap().events, 9);
+    }
+    let mut got: Vec<(String, u32)> = Vec::new();
+    for p in 0..partitions {
+        let mut pos = partition_base(p);
+        let mut last = None;
+        loop {
+            let r = store.read(pos, 4).await.unwrap();
+            if r.events.is_empty() {
+                break;
+            }
+            for e in &r.events {
+                assert_eq!(partition_of(e.position), p);
+                assert!(last.is_none_or(|l| e.position > l), "positions increase");
+                last = Some(e.position);
+                let (key, _) = e.ident.clone().unwrap();
+                assert_eq!(super::partition_for_key(key.as_bytes(), partitions), p);
+                let v: serde_json::Value = serde_json::from_slice(&e.event).unwrap();
+                got.push((
+                    v["userId"].as_str().unwrap().to_string(),
+                    v["n"].as_u64().unwrap() as u32,
+                ));
+            }
+            pos = r.next;
+        }
+        assert!(
+            *store.subscribe(p).borrow() >= partition_base(p),
+            "a partition's end is in its range"
+        );
+    }
+    assert_eq!(got.len(), sent.len(), "every event once");
+    for u in 0..9u32 {
+        let user = format!("user-{u}");
+        let rounds: Vec<u32> = got
+            .iter()
+            .filter(|(w, _)| *w == user)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(rounds, (0..6).collect::<Vec<_>>(), "{user}'s order");
+    }
+    store.close().await;
+}
+
+/// An acknowledgement with finished ranges above the cursor: the cursor is kept exactly;
+/// the ranges are kept as given or not at all (then more is re-delivered, never less).
+pub async fn progress_is_kept<F: Factory>(f: &F) {
+    let store = f.open(1 << 30).await;
+    store.register_consumer("dest", 0).await.unwrap();
+    let mut ends = Vec::new();
+    for n in 0..6 {
+        let a = store
+            .append(batch("web", &[&format!(r#"{{"n":{n}}}"#)]))
+            .await
+            .unwrap();
+        ends.push((a.first, a.end));
+    }
+    let progress = Progress {
+        cursor: ends[1].0,
+        done: vec![(ends[2].0, ends[3].1), (ends[5].0, ends[5].1)],
+    };
+    store.ack("dest", &progress).await.unwrap();
+    store.close().await;
+    drop(store);
+    let store = f.open(1 << 30).await;
+    let back = store.register_consumer("dest", 0).await.unwrap();
+    assert_eq!(back.cursor, progress.cursor);
+    assert!(
+        back.done.is_empty() || back.done == progress.done,
+        "{back:?}"
+    );
+    // The cursor never moves back.
+    store
+        .ack("dest", &Progress::at(ends[0].0))
+        .await
+        .unwrap_or(());
+    assert_eq!(store.cursor("dest", 0), Some(progress.cursor));
     store.close().await;
 }
 
@@ -131,10 +233,10 @@ pub fn op() -> impl proptest::strategy::Strategy<Value = Op> {
 /// second consumer that never acknowledges keeps everything readable.
 pub async fn matches_the_model<F: Factory>(f: &F, ops: &[Op]) {
     let mut store = f.open(1 << 30).await;
-    store.register_consumer("keeper").await.unwrap();
-    store.register_consumer("dest").await.unwrap();
+    store.register_consumer("keeper", 0).await.unwrap();
+    store.register_consumer("dest", 0).await.unwrap();
     let mut model: Vec<(String, String)> = Vec::new();
-    let mut cursor = store.cursor("dest");
+    let mut cursor = store.cursor("dest", 0);
     let mut n = 0usize;
     for op in ops {
         match op {
@@ -150,7 +252,7 @@ pub async fn matches_the_model<F: Factory>(f: &F, ops: &[Op]) {
                 let a = store.append(batch(source, &refs)).await.unwrap();
                 assert_eq!(a.events, *count);
                 assert!(a.end > a.first);
-                assert!(*store.subscribe().borrow() >= a.end);
+                assert!(*store.subscribe(0).borrow() >= a.end);
                 assert!(store.status().end >= a.end);
                 model.extend(events.into_iter().map(|e| (source.to_string(), e)));
             }
@@ -196,16 +298,16 @@ pub async fn matches_the_model<F: Factory>(f: &F, ops: &[Op]) {
                     // from where the store says.
                     pos = r.next;
                 };
-                store.ack("dest", upto).await.unwrap();
+                store.ack("dest", &Progress::at(upto)).await.unwrap();
                 let want = cursor.map_or(upto, |c| c.max(upto));
-                assert_eq!(store.cursor("dest"), Some(want));
+                assert_eq!(store.cursor("dest", 0), Some(want));
                 cursor = Some(want);
             }
             Op::Restart => {
                 store.close().await;
                 drop(store);
                 store = f.open(1 << 30).await;
-                assert_eq!(store.cursor("dest"), cursor, "the cursor survives");
+                assert_eq!(store.cursor("dest", 0), cursor, "the cursor survives");
             }
         }
     }
@@ -216,6 +318,8 @@ pub async fn run_all<F: Factory>(fresh: impl Fn() -> F) {
     appends_are_read_back_in_order(&fresh()).await;
     cursors_persist(&fresh()).await;
     quota_refuses_and_keeps_what_is_stored(&fresh()).await;
+    partitions_keep_each_users_order(&fresh()).await;
+    progress_is_kept(&fresh()).await;
 }
 
 mod embedded {
@@ -280,7 +384,7 @@ mod postgres {
         fn open(&self, quota: u64) -> Self::Fut {
             let url = self.url.clone();
             Box::pin(async move {
-                let s = PgStore::open(&url, quota).await.unwrap();
+                let s = PgStore::open(&url, quota, 4).await.unwrap();
                 Box::new(s) as Box<dyn Store>
             })
         }
@@ -321,7 +425,7 @@ mod postgres {
         let cluster = PgCluster::start();
         let n = std::sync::atomic::AtomicUsize::new(0);
         let mut dbs = Vec::new();
-        for i in 0..3 {
+        for i in 0..5 {
             let db = format!("conformance_{i}");
             cluster.create_db(&db).await;
             dbs.push(cluster.url(&db));

@@ -8,8 +8,8 @@ use ballast_log::{Batch, Log, LogConfig, LogError, PushError, RecoveryReport};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    envelope, Appended, EventBatch, Position, ReadEvents, Store, StoreError, StoreStatus,
-    StoredEvent,
+    envelope, Appended, EventBatch, LeaseState, Position, Progress, ReadEvents, Store, StoreError,
+    StoreStatus, StoredEvent,
 };
 
 pub struct EmbeddedStore {
@@ -80,6 +80,10 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl Store for EmbeddedStore {
+    fn partitions(&self) -> u32 {
+        1
+    }
+
     async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError> {
         let mut records =
             Batch::with_capacity(batch.bytes() + batch.len() * (20 + batch.source.len()));
@@ -132,10 +136,16 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn register_consumer(&self, consumer: &str) -> Result<Position, StoreError> {
+    async fn register_consumer(
+        &self,
+        consumer: &str,
+        _partition: u32,
+    ) -> Result<Progress, StoreError> {
         let log = self.log.clone();
         let name = consumer.to_string();
-        blocking(move || log.register_consumer(&name)).await
+        blocking(move || log.register_consumer(&name))
+            .await
+            .map(Progress::at)
     }
 
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
@@ -167,24 +177,28 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn ack(&self, consumer: &str, upto: Position) -> Result<(), StoreError> {
+    /// Keeps the cursor only: one process owns the log, so what it re-sends after a
+    /// crash is what was unfinished since the last acknowledgement (at most 200 ms of
+    /// deliveries plus what was in flight, and a slow user's tail).
+    async fn ack(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
         let log = self.log.clone();
         let name = consumer.to_string();
+        let upto = progress.cursor;
         blocking(move || log.ack(&name, upto)).await
     }
 
-    fn cursor(&self, consumer: &str) -> Option<Position> {
+    fn cursor(&self, consumer: &str, _partition: u32) -> Option<Position> {
         self.log.cursor(consumer)
     }
 
-    async fn lease(&self, _consumer: &str) -> Result<super::Lease, StoreError> {
+    async fn lease(&self, _consumer: &str, _partition: u32) -> Result<super::Lease, StoreError> {
         // One process per data directory (the log's directory lock): never contended,
         // never lost.
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(LeaseState::Held);
         Ok(super::Lease::new(rx, Box::new(tx)))
     }
 
-    fn subscribe(&self) -> watch::Receiver<Position> {
+    fn subscribe(&self, _partition: u32) -> watch::Receiver<Position> {
         self.durable.subscribe()
     }
 

@@ -16,8 +16,133 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-/// Where an event sits in the store; increases with acceptance order.
+/// Where an event sits in the store; increases with acceptance order within its
+/// partition. The partition is in the top bits (see [`partition_of`]), so a position
+/// names one event in the whole store, and anything keyed by position (retry state, the
+/// crash journal) needs no partition beside it.
 pub type Position = u64;
+
+/// Bits of a position below the partition number.
+pub const PARTITION_SHIFT: u32 = 48;
+/// The most partitions a store may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// The partition a position belongs to.
+pub fn partition_of(pos: Position) -> u32 {
+    (pos >> PARTITION_SHIFT) as u32
+}
+
+/// The first position of a partition.
+pub fn partition_base(partition: u32) -> Position {
+    (partition as u64) << PARTITION_SHIFT
+}
+
+/// The partition of an ordering key (userId, else anonymousId, as the meta block records
+/// it): FNV-1a, stable across versions, processes and machines, since it decides where a
+/// user's events are stored for as long as the database lives.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % partitions as u64) as u32
+}
+
+/// The partition of one event, from its meta block: events without one (no ordering key
+/// recorded) all go to partition 0, so that they keep their order among themselves.
+pub fn partition_for_meta(meta: &[u8], partitions: u32) -> u32 {
+    match envelope::decode_meta(meta) {
+        Some((key, _)) if partitions > 1 => partition_for_key(key.as_bytes(), partitions),
+        _ => 0,
+    }
+}
+
+/// How far a consumer got in one partition: everything before `cursor` is finished, and
+/// so is every position inside one of the `done` ranges (half-open, ascending, above the
+/// cursor). A consumer finishes events out of order (per-user queues), so the cursor alone
+/// lags behind what was delivered; the ranges let a replica that takes over skip what its
+/// predecessor already finished, so that it re-sends only what was unfinished.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub cursor: Position,
+    pub done: Vec<(Position, Position)>,
+}
+
+impl Progress {
+    pub fn at(cursor: Position) -> Progress {
+        Progress {
+            cursor,
+            done: Vec::new(),
+        }
+    }
+
+    /// Compact bytes: LEB128 varints of the gaps and lengths of the ranges, relative to the
+    /// cursor (a few bytes a range).
+    pub fn encode_done(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.done.len() * 4);
+        let mut prev = self.cursor;
+        for &(start, end) in &self.done {
+            if start < prev || end <= start {
+                break;
+            }
+            put_varint(&mut out, start - prev);
+            put_varint(&mut out, end - start);
+            prev = end;
+        }
+        out
+    }
+
+    /// Reads what [`Progress::encode_done`] wrote; damaged bytes end the list early (the
+    /// ranges lost are only re-delivered, never skipped).
+    pub fn decode_done(cursor: Position, bytes: &[u8]) -> Progress {
+        let mut done = Vec::new();
+        let mut prev = cursor;
+        let mut at = 0;
+        while at < bytes.len() {
+            let (Some(gap), Some(len)) = (get_varint(bytes, &mut at), get_varint(bytes, &mut at))
+            else {
+                break;
+            };
+            let (Some(start), Some(end)) = (
+                prev.checked_add(gap),
+                prev.checked_add(gap).and_then(|s| s.checked_add(len)),
+            ) else {
+                break;
+            };
+            if len == 0 {
+                break;
+            }
+            done.push((start, end));
+            prev = end;
+        }
+        Progress { cursor, done }
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= ((byte & 0x7f) as u64) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
 
 /// Events of one request (one source), each an enriched JSON object, stored together,
 /// each with an optional small *meta* block (see [`envelope::encode_meta`]) that names its
@@ -100,8 +225,10 @@ impl EventBatch {
 /// The result of a durable append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
+    /// Position of the first event (in the partition of the batch's first event).
     pub first: Position,
-    /// Position after the last event: a consumer that acknowledges it is past the batch.
+    /// Position after the batch's last event in that partition: a consumer of a
+    /// one-partition store that acknowledges it is past the batch.
     pub end: Position,
     pub events: usize,
 }
@@ -124,23 +251,40 @@ pub struct ReadEvents {
     pub next: Position,
 }
 
-/// The right to consume as one consumer alone among the processes sharing a store.
-/// Dropping it gives it up.
+/// The right to consume one partition as one consumer alone among the processes sharing
+/// a store. Dropping it gives it up.
 pub struct Lease {
-    lost: watch::Receiver<bool>,
+    state: watch::Receiver<LeaseState>,
     _held: Box<dyn Send + Sync>,
 }
 
+/// What a lease holder is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    Held,
+    /// Another replica needs it to even out the load: finish what is in flight,
+    /// acknowledge, then drop the lease (it is still held until then).
+    Yield,
+    /// Lost (its session died): another replica may already hold it.
+    Lost,
+}
+
 impl Lease {
-    pub fn new(lost: watch::Receiver<bool>, held: Box<dyn Send + Sync>) -> Lease {
-        Lease { lost, _held: held }
+    pub fn new(state: watch::Receiver<LeaseState>, held: Box<dyn Send + Sync>) -> Lease {
+        Lease { state, _held: held }
     }
 
-    /// Resolves once the lease is lost (never for a lease that cannot be lost).
-    pub async fn lost(&self) {
-        let mut lost = self.lost.clone();
-        if lost.wait_for(|l| *l).await.is_err() {
-            std::future::pending::<()>().await;
+    /// Resolves once the holder must stop: the lease was lost or is asked back (never
+    /// for a lease that cannot be lost). Returns which.
+    pub async fn ended(&self) -> LeaseState {
+        let mut state = self.state.clone();
+        let ended = match state.wait_for(|s| *s != LeaseState::Held).await {
+            Ok(s) => Some(*s),
+            Err(_) => None,
+        };
+        match ended {
+            Some(s) => s,
+            None => std::future::pending().await,
         }
     }
 }
@@ -191,31 +335,90 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// How many partitions events are spread over (by ordering key; see
+    /// [`partition_for_meta`]). The embedded log has one.
+    fn partitions(&self) -> u32;
+
     /// Stores the batch; returns once every event of it is on stable storage.
     async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError>;
 
-    /// Registers a consumer (idempotent) and returns its cursor.
-    async fn register_consumer(&self, consumer: &str) -> Result<Position, StoreError>;
+    /// Registers a consumer of one partition (idempotent) and returns how far it got.
+    async fn register_consumer(
+        &self,
+        consumer: &str,
+        partition: u32,
+    ) -> Result<Progress, StoreError>;
 
-    /// Reads up to `max_events` stored events at or after `from`.
+    /// Reads up to `max_events` stored events at or after `from`, in `from`'s partition.
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError>;
 
-    /// Everything before `upto` is done for this consumer.
-    async fn ack(&self, consumer: &str, upto: Position) -> Result<(), StoreError>;
+    /// Records how far the consumer got in the partition of `progress.cursor`: the
+    /// cursor only moves forward; the finished ranges above it replace the last ones
+    /// (a backend may keep none of them: then more is re-delivered, never less).
+    async fn ack(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError>;
 
-    /// The consumer's cursor, if registered.
-    fn cursor(&self, consumer: &str) -> Option<Position>;
+    /// The consumer's cursor in a partition, if registered (as this process last knew).
+    fn cursor(&self, consumer: &str, partition: u32) -> Option<Position>;
 
-    /// Follows the end of what is durable.
-    fn subscribe(&self) -> watch::Receiver<Position>;
+    /// Follows the end of what is durable in a partition.
+    fn subscribe(&self, partition: u32) -> watch::Receiver<Position>;
 
     fn status(&self) -> StoreStatus;
 
-    /// Waits until this process may consume as `consumer` alone (the embedded log has
-    /// one process per data directory: at once; PostgreSQL: an advisory lock, which
+    /// What a consumer has not passed yet, summed over the partitions: bytes of the log
+    /// (embedded) or events (PostgreSQL).
+    fn backlog(&self, consumer: &str) -> u64 {
+        (0..self.partitions())
+            .map(|p| {
+                let end = *self.subscribe(p).borrow();
+                end.saturating_sub(self.cursor(consumer, p).unwrap_or(end))
+            })
+            .sum()
+    }
+
+    /// Waits until this process may consume `consumer`'s partition alone (the embedded
+    /// log has one process per data directory: at once; PostgreSQL: an advisory lock,
+    /// taken only while this replica holds fewer than its share of the partitions, which
     /// another replica gets within seconds when this one dies).
-    async fn lease(&self, consumer: &str) -> Result<Lease, StoreError>;
+    async fn lease(&self, consumer: &str, partition: u32) -> Result<Lease, StoreError>;
 
     /// Finishes what was submitted and stops writing.
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_carry_their_partition() {
+        let p = partition_base(5) + 42;
+        assert_eq!(partition_of(p), 5);
+        assert_eq!(partition_of(42), 0);
+        assert_eq!(partition_for_key(b"u:alice", 1), 0);
+        // Stable across versions: the hash decides where stored users live.
+        assert_eq!(
+            partition_for_key(b"u:alice", 16),
+            partition_for_key(b"u:alice", 16)
+        );
+        let spread: std::collections::HashSet<u32> = (0..200)
+            .map(|i| partition_for_key(format!("u:{i}").as_bytes(), 16))
+            .collect();
+        assert_eq!(spread.len(), 16);
+    }
+
+    #[test]
+    fn progress_round_trips_and_stops_at_damage() {
+        let p = Progress {
+            cursor: 1_000,
+            done: vec![(1_002, 1_010), (1_011, 1_012), (5_000_000, 5_000_300)],
+        };
+        let bytes = p.encode_done();
+        assert!(bytes.len() < 16);
+        assert_eq!(Progress::decode_done(1_000, &bytes), p);
+        // A truncated list keeps the ranges before the damage.
+        let cut = Progress::decode_done(1_000, &bytes[..bytes.len() - 1]);
+        assert_eq!(cut.done, p.done[..2].to_vec());
+        assert_eq!(Progress::decode_done(7, &[]), Progress::at(7));
+    }
 }

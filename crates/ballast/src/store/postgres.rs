@@ -1,24 +1,48 @@
-//! The PostgreSQL backend: the same semantics as the embedded log, on a shared database.
+//! The PostgreSQL backend: the same semantics as the embedded log, on a shared database
+//! that several replicas use at once.
 //!
-//! - `ballast_events(pos, source, meta, payload)`: one row per event; `pos` is the
-//!   event's position (0, 1, 2, … in acceptance order).
-//! - `ballast_meta`: one row with the next position and the bytes stored. Every append
-//!   transaction takes its positions with `UPDATE ballast_meta … RETURNING`, which holds
-//!   that row's lock until the transaction commits. So positions are committed in the
-//!   order they were handed out, whichever replica wrote them: a reader that sees
-//!   position `p` committed also sees every position below `p` that will ever exist (a
-//!   rolled-back transaction leaves no gap, as the counter rolls back with it).
-//! - `ballast_consumers(name, cursor)`: consumer cursors; rows every consumer is past are
-//!   deleted (and their bytes given back to the quota).
-//! - Group commit: one writer task per process takes every batch submitted while the
-//!   previous transaction ran and stores them in one transaction (one WAL flush). An
-//!   append is acknowledged once its transaction committed. An error — even during
-//!   `COMMIT`, where the outcome is unknown — acknowledges nothing (the client retries;
-//!   at worst the event is stored twice, never lost).
-//! - Appends by other replicas are seen by polling the next position (every 100 ms).
+//! - **Partitions.** Users are hashed by ordering key into `partitions` partitions (fixed
+//!   in `ballast_settings` when the database is first used). Each partition has its own
+//!   row in `ballast_partition` (next sequence number, bytes stored), its own sequence of
+//!   positions and its own cursors, so appends of different partitions never wait for
+//!   each other. A position is the partition in the top bits and the sequence number
+//!   below (see `store::partition_of`).
+//! - **Chunks.** Events are stored in `ballast_chunk(part, end_seq, first_seq, data)`:
+//!   one row holds every event one group commit wrote to one partition (records framed
+//!   by their length), so that an append costs a row per partition touched, not a row
+//!   per event.
+//! - **Order.** Each chunk is written by one statement that bumps its partition's row
+//!   (`UPDATE … RETURNING next_seq`) and inserts the chunk: the row lock is held until
+//!   the statement's transaction commits, so a partition's chunks become visible in the
+//!   order of their positions, whichever replica wrote them, and a reader never steps
+//!   over a position that commits later (a rolled-back statement leaves no gap).
+//! - **Group commit.** `WRITERS` writer tasks per process (partition `p` is written by
+//!   writer `p % WRITERS`), each with its own connection: a writer takes everything
+//!   submitted while its last commit ran and writes one chunk per partition, the
+//!   statements pipelined on its connection. A request is acknowledged once every chunk
+//!   holding one of its events committed. An error — even one where the outcome is
+//!   unknown — acknowledges nothing (the client retries; at worst an event is stored
+//!   twice, never lost).
+//! - **Cursors** `ballast_cursor(name, part, cursor, done)`: per consumer and partition,
+//!   the cursor and the ranges finished above it (`store::Progress`), so a replica that
+//!   takes a partition over re-sends only what was unfinished. Chunks every consumer of
+//!   their partition is past are deleted (by one replica at a time) and their bytes given
+//!   back to the quota.
+//! - **Leases** per (consumer, partition): PostgreSQL advisory locks held by one session
+//!   per process, which also holds a *member* lock; the member locks count the live
+//!   replicas, and a replica takes a partition only while it holds fewer than
+//!   `ceil(partitions / replicas)` of that consumer's, and asks its leases beyond that
+//!   share back (so a joining replica gets its share). When a replica dies its session
+//!   ends, its locks go with it, and the others take its partitions within seconds.
+//!   Acknowledgements are fenced: they only count while the lock is still held by the
+//!   session that took it.
+//! - **Failover.** Every connection is made again, with backoff, when it fails; with a
+//!   multi-host URL and `target_session_attrs=read-write` that finds the new primary.
+//!   While none answers, appends fail (503) and the store reports itself not writable.
+//! - Appends by other replicas are seen by polling the partitions' rows (every 100 ms).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,44 +51,76 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Client;
 
 use super::{
-    envelope, Appended, EventBatch, Position, ReadEvents, Store, StoreError, StoreStatus,
-    StoredEvent,
+    envelope, partition_base, partition_for_meta, partition_of, Appended, EventBatch, LeaseState,
+    Position, Progress, ReadEvents, Store, StoreError, StoreStatus, StoredEvent, PARTITION_SHIFT,
 };
 
 const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS ballast_meta (
+CREATE TABLE IF NOT EXISTS ballast_settings (
     id int PRIMARY KEY CHECK (id = 1),
-    next_pos bigint NOT NULL,
+    partitions int NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ballast_partition (
+    part int PRIMARY KEY,
+    next_seq bigint NOT NULL,
     bytes bigint NOT NULL
 );
-INSERT INTO ballast_meta (id, next_pos, bytes) VALUES (1, 0, 0) ON CONFLICT (id) DO NOTHING;
-CREATE TABLE IF NOT EXISTS ballast_events (
-    pos bigint PRIMARY KEY,
-    source text NOT NULL,
-    meta bytea NOT NULL,
-    payload bytea NOT NULL
+CREATE TABLE IF NOT EXISTS ballast_chunk (
+    part int NOT NULL,
+    end_seq bigint NOT NULL,
+    first_seq bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (part, end_seq)
 );
-CREATE TABLE IF NOT EXISTS ballast_consumers (
-    name text PRIMARY KEY,
-    cursor bigint NOT NULL
+CREATE TABLE IF NOT EXISTS ballast_cursor (
+    name text NOT NULL,
+    part int NOT NULL,
+    cursor bigint NOT NULL,
+    done bytea NOT NULL DEFAULT '\x',
+    PRIMARY KEY (name, part)
 );
 "#;
 
 /// Serialises schema creation between replicas starting at once.
 const SCHEMA_LOCK: i64 = 0x6261_6c6c_6173_7401;
+/// Held (per transaction) by the replica deleting what every consumer is past.
+const CLEANUP_LOCK: i64 = 0x6261_6c6c_6173_7402;
+/// First key of the member locks (second key: a random id per process).
+const MEMBER_CLASS: i32 = 0x6261_6c6d;
 
+/// Writer tasks (and connections) per process, at most one per partition.
+const WRITERS: u32 = 8;
+/// Connections for reads and acknowledgements (queries pipelined on each).
+const READERS: usize = 2;
 /// Bytes one group commit gathers at most.
 const MAX_GROUP_BYTES: usize = 8 << 20;
+/// Chunks one read fetches at most.
+const READ_CHUNKS: i64 = 8;
 const POLL_EVERY: Duration = Duration::from_millis(100);
+const CURSORS_EVERY: Duration = Duration::from_secs(1);
 const CLEANUP_EVERY: Duration = Duration::from_secs(2);
+/// How often the lease session is checked, shares recomputed, and a replica waiting for
+/// a lease tries again.
+const LEASE_TICK: Duration = Duration::from_secs(1);
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Other(format!("postgres: {e}"))
+    // The database's own message (with its detail), not only the driver's summary.
+    match e.as_db_error() {
+        Some(db) => StoreError::Other(format!("postgres: {}", db.message())),
+        None => StoreError::Other(format!("postgres: {e}")),
+    }
 }
 
-struct Submission {
-    batch: EventBatch,
-    done: oneshot::Sender<Result<Appended, StoreError>>,
+fn seq_of(pos: Position) -> i64 {
+    (pos & ((1u64 << PARTITION_SHIFT) - 1)) as i64
+}
+
+/// Events of one request bound for one partition, framed as they are stored.
+struct Piece {
+    partition: u32,
+    data: Vec<u8>,
+    events: u64,
+    done: oneshot::Sender<Result<u64, StoreError>>,
 }
 
 #[derive(Default)]
@@ -75,33 +131,46 @@ struct Counters {
     commit_nanos: AtomicU64,
     quota_rejections: AtomicU64,
     bytes_used: AtomicU64,
-    start: AtomicU64,
 }
 
 struct Shared {
     url: String,
     quota: u64,
+    partitions: u32,
     counters: Counters,
     quota_blocked: AtomicBool,
-    durable: watch::Sender<Position>,
+    /// The durable end of each partition.
+    ends: Vec<watch::Sender<Position>>,
     failure: Mutex<Option<String>>,
-    cursors: Mutex<HashMap<String, Position>>,
-    /// Leases this process took: consumer → (advisory-lock key, holding backend's pid).
-    /// An acknowledgement of a leased consumer only counts while that backend still
-    /// holds the lock (fencing: a replica that lost the lease cannot move the cursor).
-    leases: Mutex<HashMap<String, (i64, i32)>>,
+    /// (consumer, partition) → cursor, as this process last knew it.
+    cursors: Mutex<HashMap<(String, u32), Position>>,
     /// Stored bytes when an append was last refused for the quota.
     bytes_at_refusal: AtomicU64,
+    leases: Leases,
+}
+
+impl Shared {
+    fn advance(&self, partition: u32, end: Position) {
+        if let Some(tx) = self.ends.get(partition as usize) {
+            tx.send_if_modified(|e| {
+                let grew = end > *e;
+                if grew {
+                    *e = end;
+                }
+                grew
+            });
+        }
+    }
 }
 
 pub struct PgStore {
     shared: Arc<Shared>,
-    /// Reads, acknowledgements and cleanup (the writer has its own connection).
-    reader: tokio::sync::Mutex<Option<Client>>,
-    tx: Mutex<Option<mpsc::Sender<Submission>>>,
-    writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Reads and acknowledgements (the writers have their own connections).
+    readers: Vec<tokio::sync::RwLock<Option<Arc<Client>>>>,
+    next_reader: AtomicUsize,
+    writers: Mutex<Option<Vec<mpsc::Sender<Piece>>>>,
+    writer_tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
-    last_cleanup: Mutex<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,220 +251,518 @@ async fn connect_with(url: &str, extra_options: &str) -> Result<Client, StoreErr
     Ok(client)
 }
 
+/// The lease session of this process and what it holds.
+#[derive(Default)]
+struct Leases {
+    /// Set once anything asked for a lease: only then is this process a member.
+    wanted: AtomicBool,
+    wake: tokio::sync::Notify,
+    session: tokio::sync::RwLock<Option<LeaseSession>>,
+    /// Until the holder drops it, a lost lease stays here (marked lost).
+    held: Mutex<HashMap<(String, u32), HeldLease>>,
+    /// Every (consumer, partition) this process ever leased: its acknowledgements are
+    /// always fenced, also once the lease is gone.
+    ever: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// Serialises taking leases in this process (a share is checked, then taken).
+    taking: tokio::sync::Mutex<()>,
+    /// Live replicas (member locks) at the last check.
+    live: AtomicU64,
+    /// The lease session's backend pid (0 while there is none), for status.
+    pid: AtomicI32,
+}
+
+#[derive(Clone)]
+struct LeaseSession {
+    client: Arc<Client>,
+    pid: i32,
+    generation: u64,
+}
+
+struct HeldLease {
+    generation: u64,
+    pid: i32,
+    state: watch::Sender<LeaseState>,
+}
+
+/// The first advisory-lock key of a consumer's leases (FNV-1a of its name; stable across
+/// versions and processes); the second is the partition.
+fn lease_class(consumer: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in b"ballast-lease:".iter().chain(consumer.as_bytes()) {
+        h ^= *b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    // Never the member class.
+    if h as i32 == MEMBER_CLASS {
+        h ^= 1;
+    }
+    h as i32
+}
+
+/// A replica's share of a consumer's partitions.
+fn fair_share(partitions: u32, live: u64) -> usize {
+    (partitions as u64).div_ceil(live.max(1)) as usize
+}
+
+impl Leases {
+    fn mark_all(&self, state: LeaseState) {
+        for h in lock(&self.held).values() {
+            let _ = h.state.send(state);
+        }
+    }
+}
+
+/// Opens the lease session and takes a member lock on it.
+async fn open_lease_session(url: &str, generation: u64) -> Result<LeaseSession, StoreError> {
+    let client = connect_with(url, LEASE_SESSION_OPTIONS).await?;
+    for _ in 0..16 {
+        let id: i32 = rand::random();
+        let row = tokio::time::timeout(
+            STATEMENT_TIMEOUT,
+            client.query_one(
+                "SELECT pg_try_advisory_lock($1::int4, $2::int4), pg_backend_pid()",
+                &[&MEMBER_CLASS, &id],
+            ),
+        )
+        .await
+        .map_err(|_| StoreError::Other("postgres: taking the member lock timed out".into()))?
+        .map_err(pg_err)?;
+        if row.get::<_, bool>(0) {
+            return Ok(LeaseSession {
+                client: Arc::new(client),
+                pid: row.get(1),
+                generation,
+            });
+        }
+    }
+    Err(StoreError::Other(
+        "postgres: no free member id for this replica".into(),
+    ))
+}
+
+/// Keeps the lease session alive (a new one when it fails, every lease then lost), counts
+/// the live replicas and asks back the leases beyond this replica's share.
+async fn lease_keeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let leases = &shared.leases;
+    let mut generation = 0u64;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_TICK) => {}
+            _ = leases.wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        if !leases.wanted.load(Ordering::Acquire) {
+            continue;
+        }
+        let current = leases.session.read().await.clone();
+        let alive = match &current {
+            Some(s) if !s.client.is_closed() => {
+                tokio::time::timeout(LEASE_TICK * 3, s.client.simple_query("SELECT 1"))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+            _ => false,
+        };
+        if !alive {
+            if current.is_some() {
+                tracing::warn!(
+                    "the lease session failed: every delivery lease of this replica is lost"
+                );
+                *leases.session.write().await = None;
+                leases.pid.store(0, Ordering::Relaxed);
+                leases.mark_all(LeaseState::Lost);
+            }
+            generation += 1;
+            match open_lease_session(&shared.url, generation).await {
+                Ok(s) => {
+                    tracing::info!(pid = s.pid, "lease session open");
+                    leases.pid.store(s.pid, Ordering::Relaxed);
+                    *leases.session.write().await = Some(s);
+                    failing_since = None;
+                }
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < LEASE_TICK * 2 {
+                        tracing::warn!(error = %e, "opening the lease session failed; retrying every second");
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(session) = leases.session.read().await.clone() else {
+            continue;
+        };
+        let counted = tokio::time::timeout(
+            STATEMENT_TIMEOUT,
+            session.client.query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                 AND classid = $1::oid AND objsubid = 2 AND granted",
+                &[&(MEMBER_CLASS as u32)],
+            ),
+        )
+        .await;
+        let Ok(Ok(row)) = counted else { continue };
+        let live = row.get::<_, i64>(0).max(1) as u64;
+        leases.live.store(live, Ordering::Relaxed);
+        // Ask back what is beyond the share (the highest partitions first).
+        let share = fair_share(shared.partitions, live);
+        let held = lock(&leases.held);
+        let mut by_consumer: HashMap<&str, Vec<(u32, &HeldLease)>> = HashMap::new();
+        for ((consumer, partition), h) in held.iter() {
+            if *h.state.borrow() == LeaseState::Held {
+                by_consumer
+                    .entry(consumer.as_str())
+                    .or_default()
+                    .push((*partition, h));
+            }
+        }
+        for (consumer, mut mine) in by_consumer {
+            if mine.len() > share {
+                mine.sort_by_key(|(p, _)| *p);
+                for (partition, h) in &mine[share..] {
+                    tracing::info!(
+                        consumer,
+                        partition,
+                        live,
+                        share,
+                        "giving a lease back to even out the replicas"
+                    );
+                    let _ = h.state.send(LeaseState::Yield);
+                }
+            }
+        }
+    }
+    // Stopping: the session ends with the last handle (its locks with it).
+    leases.mark_all(LeaseState::Lost);
+    *leases.session.write().await = None;
+}
+
+/// Gives the advisory lock back when a lease is dropped.
+struct Held {
+    shared: Arc<Shared>,
+    consumer: String,
+    partition: u32,
+    generation: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let key = (std::mem::take(&mut self.consumer), self.partition);
+        let ours = {
+            let mut held = lock(&self.shared.leases.held);
+            match held.get(&key) {
+                Some(h) if h.generation == self.generation => held.remove(&key).is_some(),
+                _ => false,
+            }
+        };
+        if !ours {
+            return;
+        }
+        let shared = self.shared.clone();
+        let generation = self.generation;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let session = shared.leases.session.read().await.clone();
+                if let Some(s) = session.filter(|s| s.generation == generation) {
+                    let _ = tokio::time::timeout(
+                        STATEMENT_TIMEOUT,
+                        s.client.execute(
+                            "SELECT pg_advisory_unlock($1::int4, $2::int4)",
+                            &[&lease_class(&key.0), &(key.1 as i32)],
+                        ),
+                    )
+                    .await;
+                }
+            });
+        }
+    }
+}
+
 impl PgStore {
-    /// Connects, creates the schema if needed, and starts the writer. `quota` bounds the
-    /// bytes of stored events (payload and meta).
-    pub async fn open(url: &str, quota: u64) -> Result<PgStore, StoreError> {
+    /// Connects, creates the schema if needed, and starts the writers. `quota` bounds the
+    /// bytes of stored events; `partitions` is used when the database is new (else the
+    /// database's own number stands).
+    pub async fn open(url: &str, quota: u64, partitions: u32) -> Result<PgStore, StoreError> {
         let client = connect(url).await?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&SCHEMA_LOCK])
             .await
             .map_err(pg_err)?;
-        let created = client.batch_execute(SCHEMA).await.map_err(pg_err);
+        let prepared = prepare_schema(&client, partitions).await;
         client
             .execute("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK])
             .await
             .map_err(pg_err)?;
-        created?;
-        let row = client
-            .query_one("SELECT next_pos, bytes FROM ballast_meta WHERE id = 1", &[])
+        let partitions = prepared?;
+        let mut ends = Vec::with_capacity(partitions as usize);
+        let mut bytes = 0i64;
+        let rows = client
+            .query(
+                "SELECT part, next_seq, bytes FROM ballast_partition ORDER BY part",
+                &[],
+            )
             .await
             .map_err(pg_err)?;
-        let (next, bytes): (i64, i64) = (row.get(0), row.get(1));
-        let start: Option<i64> = client
-            .query_one("SELECT min(pos) FROM ballast_events", &[])
-            .await
-            .map_err(pg_err)?
-            .get(0);
+        for r in &rows {
+            let (part, next, b): (i32, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            if part as usize != ends.len() {
+                return Err(StoreError::Other(format!(
+                    "postgres: ballast_partition lacks partition {}",
+                    ends.len()
+                )));
+            }
+            ends.push(watch::channel(partition_base(part as u32) + next.max(0) as u64).0);
+            bytes += b.max(0);
+        }
+        if ends.len() != partitions as usize {
+            return Err(StoreError::Other(format!(
+                "postgres: ballast_partition has {} rows for {partitions} partitions",
+                ends.len()
+            )));
+        }
         let mut cursors = HashMap::new();
         for r in client
-            .query("SELECT name, cursor FROM ballast_consumers", &[])
+            .query("SELECT name, part, cursor FROM ballast_cursor", &[])
             .await
             .map_err(pg_err)?
         {
-            let (name, cursor): (String, i64) = (r.get(0), r.get(1));
-            cursors.insert(name, cursor as u64);
+            let (name, part, cursor): (String, i32, i64) = (r.get(0), r.get(1), r.get(2));
+            cursors.insert(
+                (name, part as u32),
+                partition_base(part as u32) + cursor.max(0) as u64,
+            );
         }
-        let (durable, _) = watch::channel(next as u64);
         let shared = Arc::new(Shared {
             url: url.to_string(),
             quota,
+            partitions,
             counters: Counters::default(),
             quota_blocked: AtomicBool::new(false),
-            durable,
+            ends,
             failure: Mutex::new(None),
             cursors: Mutex::new(cursors),
-            leases: Mutex::new(HashMap::new()),
             bytes_at_refusal: AtomicU64::new(0),
+            leases: Leases::default(),
         });
         shared
             .counters
             .bytes_used
-            .store(bytes.max(0) as u64, Ordering::Relaxed);
-        shared
-            .counters
-            .start
-            .store(start.unwrap_or(next) as u64, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(4096);
+            .store(bytes as u64, Ordering::Relaxed);
         let (stop, stop_rx) = watch::channel(false);
-        let writer = tokio::spawn(write_loop(shared.clone(), rx));
-        tokio::spawn(poll_loop(shared.clone(), stop_rx));
+        let mut senders = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..partitions.min(WRITERS) {
+            let (tx, rx) = mpsc::channel(4096);
+            senders.push(tx);
+            tasks.push(tokio::spawn(write_loop(shared.clone(), rx)));
+        }
+        tokio::spawn(poll_loop(shared.clone(), stop_rx.clone()));
+        tokio::spawn(lease_keeper(shared.clone(), stop_rx));
+        let mut readers = Vec::with_capacity(READERS);
+        readers.push(tokio::sync::RwLock::new(Some(Arc::new(client))));
+        while readers.len() < READERS {
+            readers.push(tokio::sync::RwLock::new(None));
+        }
         Ok(PgStore {
             shared,
-            reader: tokio::sync::Mutex::new(Some(client)),
-            tx: Mutex::new(Some(tx)),
-            writer: tokio::sync::Mutex::new(Some(writer)),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            writers: Mutex::new(Some(senders)),
+            writer_tasks: tokio::sync::Mutex::new(tasks),
             stop,
-            last_cleanup: Mutex::new(Instant::now()),
         })
     }
 
-    /// Runs `f` with the reader connection, reconnecting once if it was lost.
+    /// Live replicas as the lease session last counted them (0 before it did).
+    pub fn live_replicas(&self) -> u64 {
+        self.shared.leases.live.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on one of the reader connections (made again when it was lost).
     async fn with_reader<T>(
         &self,
-        f: impl for<'c> Fn(
+        f: impl for<'c> FnOnce(
             &'c Client,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
         >,
     ) -> Result<T, StoreError> {
-        let mut guard = self.reader.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(connect(&self.shared.url).await?);
-        }
-        let Some(client) = guard.as_ref() else {
-            return Err(StoreError::Other("postgres: not connected".into()));
+        let slot = &self.readers[self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS];
+        let current = slot.read().await.clone();
+        let client = match current {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                let mut w = slot.write().await;
+                match w.as_ref() {
+                    Some(c) if !c.is_closed() => c.clone(),
+                    _ => {
+                        let c = Arc::new(connect(&self.shared.url).await?);
+                        *w = Some(c.clone());
+                        c
+                    }
+                }
+            }
         };
-        match tokio::time::timeout(STATEMENT_TIMEOUT, f(client)).await {
+        match tokio::time::timeout(STATEMENT_TIMEOUT, f(&client)).await {
             Ok(r) => r.map_err(pg_err),
             Err(_) => {
-                *guard = None;
+                *slot.write().await = None;
                 Err(StoreError::Other("postgres: the query timed out".into()))
             }
         }
     }
 
-    /// Deletes what every consumer is past (at most every few seconds).
-    async fn cleanup(&self) -> Result<(), StoreError> {
-        {
-            let mut last = lock(&self.last_cleanup);
-            if last.elapsed() < CLEANUP_EVERY {
-                return Ok(());
-            }
-            *last = Instant::now();
-        }
-        let freed: (i64, i64) = self
-            .with_reader(|c| {
-                Box::pin(async move {
-                    let row = c
-                        .query_one(
-                            "WITH horizon AS (SELECT min(cursor) AS h FROM ballast_consumers),
-                                  gone AS (DELETE FROM ballast_events
-                                           WHERE pos < (SELECT h FROM horizon)
-                                           RETURNING octet_length(payload) + octet_length(meta) AS b),
-                                  freed AS (SELECT coalesce(sum(b), 0)::bigint AS n FROM gone)
-                             UPDATE ballast_meta SET bytes = greatest(bytes - (SELECT n FROM freed), 0)
-                             WHERE id = 1
-                             RETURNING (SELECT n FROM freed), bytes",
-                            &[],
-                        )
-                        .await?;
-                    Ok((row.get::<_, i64>(0), row.get::<_, i64>(1)))
-                })
-            })
-            .await?;
-        let (freed, now_used) = freed;
-        // The database's figure, not local arithmetic: other replicas add and free too.
-        self.shared
-            .counters
-            .bytes_used
-            .store(now_used.max(0) as u64, Ordering::Relaxed);
-        if freed > 0 {
-            self.shared.quota_blocked.store(false, Ordering::Release);
-        }
-        let start: Option<i64> = self
-            .with_reader(|c| {
-                Box::pin(async move {
-                    Ok(c.query_one("SELECT min(pos) FROM ballast_events", &[])
-                        .await?
-                        .get(0))
-                })
-            })
-            .await?;
-        if let Some(s) = start {
-            self.shared
-                .counters
-                .start
-                .store(s as u64, Ordering::Relaxed);
-        }
-        Ok(())
+    fn writer_for(&self, partition: u32) -> Option<mpsc::Sender<Piece>> {
+        let writers = lock(&self.writers);
+        let w = writers.as_ref()?;
+        w.get(partition as usize % w.len()).cloned()
     }
 }
 
-/// How often a replica waiting for a lease tries again, and how often the holder checks
-/// that its session (and so its advisory lock) is still alive.
-const LEASE_RETRY: Duration = Duration::from_secs(1);
-
-/// The advisory-lock key of a consumer's lease (FNV-1a of its name; stable across
-/// versions and processes).
-fn lease_key(consumer: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in b"ballast-lease:".iter().chain(consumer.as_bytes()) {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h as i64
-}
-
-/// Keeps the session that holds the advisory lock open, and reports the lease lost as
-/// soon as that session fails (then another replica may already hold it).
-fn hold_lease(client: Client, consumer: String, shared: Arc<Shared>) -> super::Lease {
-    let (lost_tx, lost_rx) = watch::channel(false);
-    let name = consumer.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(LEASE_RETRY).await;
-            let alive = tokio::time::timeout(LEASE_RETRY * 3, client.simple_query("SELECT 1"))
-                .await
-                .is_ok_and(|r| r.is_ok());
-            if !alive {
-                tracing::warn!(consumer, "lease lost: its database session failed");
-                let _ = lost_tx.send(true);
-                return;
-            }
-        }
-    });
-    /// Ends the session (releasing the lock) when the lease is dropped.
-    struct Held(tokio::task::JoinHandle<()>, Arc<Shared>, String);
-    impl Drop for Held {
-        fn drop(&mut self) {
-            self.0.abort();
-            lock(&self.1.leases).remove(&self.2);
+/// Creates the schema if needed (under the schema lock) and returns the partitions of
+/// the database.
+async fn prepare_schema(client: &Client, partitions: u32) -> Result<u32, StoreError> {
+    let old_layout: bool = client
+        .query_one("SELECT to_regclass('ballast_events') IS NOT NULL", &[])
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    if old_layout {
+        let left: bool = client
+            .query_one("SELECT EXISTS (SELECT 1 FROM ballast_events)", &[])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if left {
+            return Err(StoreError::Other(
+                "postgres: this database still holds undelivered events in the layout of an \
+                 earlier ballast (table ballast_events); let that version deliver them first"
+                    .into(),
+            ));
         }
     }
-    super::Lease::new(lost_rx, Box::new(Held(task, shared, name)))
+    client.batch_execute(SCHEMA).await.map_err(pg_err)?;
+    // Chunks are written once and read whole: no compression (CPU) on the hot path.
+    let storage: Option<i8> = client
+        .query_opt(
+            "SELECT attstorage FROM pg_attribute
+             WHERE attrelid = 'ballast_chunk'::regclass AND attname = 'data'",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?
+        .map(|r| r.get(0));
+    if storage != Some(b'e' as i8) {
+        client
+            .batch_execute("ALTER TABLE ballast_chunk ALTER COLUMN data SET STORAGE EXTERNAL")
+            .await
+            .map_err(pg_err)?;
+    }
+    let wanted = partitions.clamp(1, super::MAX_PARTITIONS) as i32;
+    client
+        .execute(
+            "INSERT INTO ballast_settings (id, partitions) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+            &[&wanted],
+        )
+        .await
+        .map_err(pg_err)?;
+    let fixed: i32 = client
+        .query_one("SELECT partitions FROM ballast_settings WHERE id = 1", &[])
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    if fixed != wanted {
+        tracing::warn!(
+            configured = wanted,
+            database = fixed,
+            "storage.partitions differs from the number fixed when this database was first used; using the database's"
+        );
+    }
+    client
+        .execute(
+            "INSERT INTO ballast_partition (part, next_seq, bytes)
+             SELECT g, 0, 0 FROM generate_series(0, $1 - 1) AS g ON CONFLICT (part) DO NOTHING",
+            &[&fixed],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(fixed.max(1) as u32)
 }
 
-/// The group-commit writer: one transaction for everything submitted meanwhile.
-async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
-    let mut client: Option<Client> = None;
+/// Appends one event, framed by its length, to a chunk's bytes.
+fn frame_into(buf: &mut Vec<u8>, source: &str, meta: &[u8], event: &[u8]) {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    envelope::encode_into(buf, source, meta, event);
+    let len = (buf.len() - at - 4) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// The records of a chunk, in order.
+fn unframe(data: &bytes::Bytes) -> impl Iterator<Item = Result<bytes::Bytes, StoreError>> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= data.len() {
+            return None;
+        }
+        let Some(len) = data
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        else {
+            at = data.len();
+            return Some(Err(StoreError::Other(
+                "postgres: a chunk is truncated".into(),
+            )));
+        };
+        let (start, end) = (at + 4, at + 4 + len);
+        if end > data.len() {
+            at = data.len();
+            return Some(Err(StoreError::Other(
+                "postgres: a chunk is truncated".into(),
+            )));
+        }
+        at = end;
+        Some(Ok(data.slice(start..end)))
+    })
+}
+
+const WRITE_CHUNK: &str = "WITH bumped AS (
+        UPDATE ballast_partition SET next_seq = next_seq + $2, bytes = bytes + $3
+        WHERE part = $1 RETURNING next_seq
+    )
+    INSERT INTO ballast_chunk (part, end_seq, first_seq, data)
+    SELECT $1, next_seq, next_seq - $2, $4 FROM bumped
+    RETURNING first_seq";
+
+/// A writer's connection and its prepared statement.
+struct WriterConn {
+    client: Client,
+    write_chunk: tokio_postgres::Statement,
+}
+
+/// One group-commit writer: everything submitted to it while its last commit ran, one
+/// chunk per partition, the statements pipelined on its connection.
+async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
+    let mut conn: Option<WriterConn> = None;
+    let mut backoff = Duration::from_millis(100);
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
-        let mut bytes = group[0].batch.bytes();
+        let mut bytes = group[0].data.len();
         while bytes < MAX_GROUP_BYTES {
             match rx.try_recv() {
-                Ok(s) => {
-                    bytes += s.batch.bytes();
-                    group.push(s);
+                Ok(p) => {
+                    bytes += p.data.len();
+                    group.push(p);
                 }
                 Err(_) => break,
             }
         }
-        // The quota, per submission in order: what does not fit is refused, the rest goes.
+        // The quota, per piece in order: what does not fit is refused, the rest goes.
         let mut used = shared.counters.bytes_used.load(Ordering::Relaxed);
-        let mut accepted = Vec::with_capacity(group.len());
-        for s in group {
-            let b = s.batch.bytes() as u64;
+        let mut by_part: BTreeMap<u32, Vec<Piece>> = BTreeMap::new();
+        for p in group {
+            let b = p.data.len() as u64;
             if used + b > shared.quota {
                 shared.bytes_at_refusal.store(used, Ordering::Relaxed);
                 shared.quota_blocked.store(true, Ordering::Release);
@@ -403,285 +770,447 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submission>) {
                     .counters
                     .quota_rejections
                     .fetch_add(1, Ordering::Relaxed);
-                let _ = s.done.send(Err(StoreError::QuotaExceeded));
+                let _ = p.done.send(Err(StoreError::QuotaExceeded));
             } else {
                 used += b;
-                accepted.push(s);
+                by_part.entry(p.partition).or_default().push(p);
             }
         }
-        if accepted.is_empty() {
+        if by_part.is_empty() {
             continue;
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match connect(&shared.url).await {
-                Ok(c) => Some(c),
+        if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            conn = match connect_writer(&shared.url).await {
+                Ok(c) => {
+                    backoff = Duration::from_millis(100);
+                    Some(c)
+                }
                 Err(e) => {
-                    fail_all(&shared, accepted, &e);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    fail_all(&shared, by_part.into_values().flatten(), &e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             };
         }
-        let Some(c) = client.as_mut() else {
-            continue;
-        };
-        let started = Instant::now();
-        let result = match tokio::time::timeout(STATEMENT_TIMEOUT, commit_group(c, &accepted)).await
-        {
-            Ok(r) => r.map_err(pg_err),
-            Err(_) => {
-                // The transaction's outcome is unknown: nothing is acknowledged, and the
-                // connection is replaced (the server rolls back what did not commit).
-                client = None;
-                Err(StoreError::Other(
-                    "postgres: the append transaction timed out".into(),
-                ))
-            }
-        };
-        match result {
-            Ok((first, now_used)) => {
-                let c = &shared.counters;
-                c.commits.fetch_add(1, Ordering::Relaxed);
-                c.commit_nanos
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                c.bytes_used.store(now_used, Ordering::Relaxed);
-                let mut pos = first;
-                for s in accepted {
-                    let n = s.batch.len() as u64;
-                    c.appends.fetch_add(1, Ordering::Relaxed);
-                    c.events.fetch_add(n, Ordering::Relaxed);
-                    let _ = s.done.send(Ok(Appended {
-                        first: pos,
-                        end: pos + n,
-                        events: n as usize,
-                    }));
-                    pos += n;
+        let Some(c) = conn.as_ref() else { continue };
+        let chunks: Vec<(u32, i64, i64, Vec<u8>)> = by_part
+            .iter()
+            .map(|(part, pieces)| {
+                let n: u64 = pieces.iter().map(|p| p.events).sum();
+                let mut data = Vec::with_capacity(pieces.iter().map(|p| p.data.len()).sum());
+                for p in pieces {
+                    data.extend_from_slice(&p.data);
                 }
-                shared.durable.send_if_modified(|end| {
-                    let grew = pos > *end;
-                    if grew {
-                        *end = pos;
+                (*part, n as i64, data.len() as i64, data)
+            })
+            .collect();
+        let started = Instant::now();
+        let writes = chunks.iter().map(|(part, n, b, data)| {
+            let part = *part as i32;
+            async move {
+                c.client
+                    .query_one(&c.write_chunk, &[&part, n, b, data])
+                    .await
+                    .map(|r| r.get::<_, i64>(0))
+            }
+        });
+        let results = tokio::time::timeout(STATEMENT_TIMEOUT, futures::future::join_all(writes))
+            .await
+            .unwrap_or_else(|_| {
+                // The outcome is unknown: nothing is acknowledged, and the connection is
+                // replaced (the server rolls back what did not commit).
+                Vec::new()
+            });
+        if results.len() != chunks.len() {
+            conn = None;
+            let err = StoreError::Other("postgres: the append timed out".into());
+            tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
+            fail_all(&shared, by_part.into_values().flatten(), &err);
+            continue;
+        }
+        let counters = &shared.counters;
+        let mut failed = false;
+        for ((part, pieces), (result, (_, n, b, _))) in
+            by_part.into_iter().zip(results.into_iter().zip(&chunks))
+        {
+            match result {
+                Ok(first_seq) => {
+                    counters.commits.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes_used.fetch_add(*b as u64, Ordering::Relaxed);
+                    let mut seq = first_seq as u64;
+                    for p in pieces {
+                        counters.appends.fetch_add(1, Ordering::Relaxed);
+                        counters.events.fetch_add(p.events, Ordering::Relaxed);
+                        let _ = p.done.send(Ok(seq));
+                        seq += p.events;
                     }
-                    grew
-                });
-                *lock(&shared.failure) = None;
+                    shared.advance(part, partition_base(part) + first_seq as u64 + *n as u64);
+                }
+                Err(e) => {
+                    failed = true;
+                    let err = pg_err(e);
+                    tracing::error!(error = %err, partition = part, "storing events in postgres failed; nothing of this chunk is acknowledged");
+                    fail_all(&shared, pieces.into_iter(), &err);
+                }
             }
-            Err(err) => {
-                tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
-                fail_all(&shared, accepted, &err);
+        }
+        counters
+            .commit_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if failed {
+            if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+                conn = None;
             }
+        } else {
+            *lock(&shared.failure) = None;
         }
     }
 }
 
-fn fail_all(shared: &Shared, group: Vec<Submission>, err: &StoreError) {
+async fn connect_writer(url: &str) -> Result<WriterConn, StoreError> {
+    let client = connect(url).await?;
+    let write_chunk = tokio::time::timeout(STATEMENT_TIMEOUT, client.prepare(WRITE_CHUNK))
+        .await
+        .map_err(|_| StoreError::Other("postgres: preparing the append timed out".into()))?
+        .map_err(pg_err)?;
+    Ok(WriterConn {
+        client,
+        write_chunk,
+    })
+}
+
+fn fail_all(shared: &Shared, pieces: impl Iterator<Item = Piece>, err: &StoreError) {
     *lock(&shared.failure) = Some(err.to_string());
-    for s in group {
-        let _ = s.done.send(Err(StoreError::Other(err.to_string())));
+    for p in pieces {
+        let _ = p.done.send(Err(StoreError::Other(err.to_string())));
     }
 }
 
-/// One transaction: take positions, insert every event. Returns the first position and
-/// the bytes stored in all (by every replica) after it.
-async fn commit_group(
-    client: &mut Client,
-    group: &[Submission],
-) -> Result<(u64, u64), tokio_postgres::Error> {
-    let n: i64 = group.iter().map(|s| s.batch.len() as i64).sum();
-    let bytes: i64 = group.iter().map(|s| s.batch.bytes() as i64).sum();
+const CLEANUP: &str =
+    "WITH horizon AS (SELECT part, min(cursor) AS h FROM ballast_cursor GROUP BY part),
+     gone AS (DELETE FROM ballast_chunk c USING horizon
+              WHERE c.part = horizon.part AND c.end_seq <= horizon.h
+              RETURNING c.part, octet_length(c.data)::bigint AS b),
+     freed AS (SELECT part, sum(b)::bigint AS n FROM gone GROUP BY part)
+UPDATE ballast_partition p SET bytes = greatest(p.bytes - freed.n, 0)
+FROM freed WHERE p.part = freed.part";
+
+/// Deletes the chunks every consumer of their partition is past (one replica at a time).
+async fn cleanup(client: &mut Client) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let row = tx
-        .query_one(
-            "UPDATE ballast_meta SET next_pos = next_pos + $1, bytes = bytes + $2
-             WHERE id = 1 RETURNING next_pos - $1, bytes",
-            &[&n, &bytes],
-        )
-        .await?;
-    let first: i64 = row.get(0);
-    let now_used: i64 = row.get(1);
-    let mut positions = Vec::with_capacity(n as usize);
-    let mut sources = Vec::with_capacity(n as usize);
-    let mut metas: Vec<&[u8]> = Vec::with_capacity(n as usize);
-    let mut payloads: Vec<&[u8]> = Vec::with_capacity(n as usize);
-    let mut pos = first;
-    for s in group {
-        for (event, meta) in s.batch.events() {
-            positions.push(pos);
-            sources.push(&*s.batch.source);
-            metas.push(meta);
-            payloads.push(event);
-            pos += 1;
-        }
+    let ours: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&CLEANUP_LOCK])
+        .await?
+        .get(0);
+    if ours {
+        tx.execute(CLEANUP, &[]).await?;
     }
-    tx.execute(
-        "INSERT INTO ballast_events (pos, source, meta, payload)
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[])",
-        &[&positions, &sources, &metas, &payloads],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((first as u64, now_used.max(0) as u64))
+    tx.commit().await
 }
 
-/// Follows what other replicas commit (and the bytes they add).
+/// Follows what other replicas commit (and the bytes they add), refreshes the cursors
+/// (for status) and deletes what every consumer is past. Its failures are the store's
+/// readiness while nothing is appended.
 async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut client: Option<Client> = None;
+    let mut last_cursors = Instant::now();
+    let mut last_cleanup = Instant::now();
+    let mut backoff = POLL_EVERY;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect(&shared.url).await.ok();
+            match connect(&shared.url).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    *lock(&shared.failure) = Some(e.to_string());
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
         }
-        let Some(c) = client.as_ref() else { continue };
+        let Some(c) = client.as_mut() else { continue };
         let polled = tokio::time::timeout(
             STATEMENT_TIMEOUT,
-            c.query_one("SELECT next_pos, bytes FROM ballast_meta WHERE id = 1", &[]),
+            c.query("SELECT part, next_seq, bytes FROM ballast_partition", &[]),
         )
         .await;
-        let Ok(polled) = polled else {
-            client = None; // hung: a new session next time
-            continue;
-        };
-        if let Ok(row) = polled {
-            let (next, bytes): (i64, i64) = (row.get(0), row.get(1));
-            // The database answers again: let the next append try (readiness follows).
-            *lock(&shared.failure) = None;
-            shared
-                .counters
-                .bytes_used
-                .store(bytes.max(0) as u64, Ordering::Relaxed);
-            // Space was freed (by any replica) since the last refusal.
-            if (bytes.max(0) as u64) < shared.bytes_at_refusal.load(Ordering::Relaxed) {
-                shared.quota_blocked.store(false, Ordering::Release);
+        let rows = match polled {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                *lock(&shared.failure) = Some(pg_err(e).to_string());
+                client = None;
+                continue;
             }
-            let next = next as u64;
-            shared.durable.send_if_modified(|end| {
-                let grew = next > *end;
-                if grew {
-                    *end = next;
+            Err(_) => {
+                *lock(&shared.failure) = Some("postgres: the database does not answer".into());
+                client = None; // hung: a new session next time
+                continue;
+            }
+        };
+        backoff = POLL_EVERY;
+        // The database answers again: let the next append try (readiness follows).
+        *lock(&shared.failure) = None;
+        let mut bytes = 0u64;
+        for r in rows {
+            let (part, next, b): (i32, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            bytes += b.max(0) as u64;
+            shared.advance(
+                part as u32,
+                partition_base(part as u32) + next.max(0) as u64,
+            );
+        }
+        shared.counters.bytes_used.store(bytes, Ordering::Relaxed);
+        // Space was freed (by any replica) since the last refusal.
+        if bytes < shared.bytes_at_refusal.load(Ordering::Relaxed) {
+            shared.quota_blocked.store(false, Ordering::Release);
+        }
+        if last_cursors.elapsed() >= CURSORS_EVERY {
+            last_cursors = Instant::now();
+            if let Ok(Ok(rows)) = tokio::time::timeout(
+                STATEMENT_TIMEOUT,
+                c.query("SELECT name, part, cursor FROM ballast_cursor", &[]),
+            )
+            .await
+            {
+                let mut cursors = lock(&shared.cursors);
+                for r in rows {
+                    let (name, part, cursor): (String, i32, i64) = (r.get(0), r.get(1), r.get(2));
+                    let pos = partition_base(part as u32) + cursor.max(0) as u64;
+                    let c = cursors.entry((name, part as u32)).or_insert(pos);
+                    *c = (*c).max(pos);
                 }
-                grew
-            });
+            }
+        }
+        if last_cleanup.elapsed() >= CLEANUP_EVERY {
+            last_cleanup = Instant::now();
+            match tokio::time::timeout(STATEMENT_TIMEOUT, cleanup(c)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %pg_err(e), "deleting delivered events failed")
+                }
+                Err(_) => client = None,
+            }
         }
     }
 }
 
 #[async_trait]
 impl Store for PgStore {
+    fn partitions(&self) -> u32 {
+        self.shared.partitions
+    }
+
     async fn append(&self, batch: EventBatch) -> Result<Appended, StoreError> {
         if batch.is_empty() {
-            let end = *self.shared.durable.borrow();
+            let end = *self.shared.ends[0].borrow();
             return Ok(Appended {
                 first: end,
                 end,
                 events: 0,
             });
         }
-        let tx = lock(&self.tx)
-            .clone()
-            .ok_or(StoreError::Other("the store is closed".into()))?;
-        let (done, wait) = oneshot::channel();
-        tx.send(Submission { batch, done })
+        // The batch's events by partition, framed as they are stored (in order).
+        let mut pieces: BTreeMap<u32, (Vec<u8>, u64)> = BTreeMap::new();
+        let mut first_partition = None;
+        for (event, meta) in batch.events() {
+            let p = partition_for_meta(meta, self.shared.partitions);
+            first_partition.get_or_insert(p);
+            let (buf, n) = pieces.entry(p).or_default();
+            frame_into(buf, &batch.source, meta, event);
+            *n += 1;
+        }
+        let mut waits = Vec::with_capacity(pieces.len());
+        for (partition, (data, events)) in pieces {
+            let tx = self
+                .writer_for(partition)
+                .ok_or(StoreError::Other("the store is closed".into()))?;
+            let (done, wait) = oneshot::channel();
+            tx.send(Piece {
+                partition,
+                data,
+                events,
+                done,
+            })
             .await
             .map_err(|_| StoreError::Other("the store is closed".into()))?;
-        wait.await
-            .unwrap_or_else(|_| Err(StoreError::Other("the store is closed".into())))
+            waits.push((partition, events, wait));
+        }
+        // Acknowledged only once every piece committed.
+        let mut appended = None;
+        let mut total = 0usize;
+        let mut error = None;
+        for (partition, events, wait) in waits {
+            match wait.await {
+                Ok(Ok(first_seq)) => {
+                    total += events as usize;
+                    if Some(partition) == first_partition {
+                        let first = partition_base(partition) + first_seq;
+                        appended = Some((first, first + events));
+                    }
+                }
+                Ok(Err(e)) => {
+                    // A quota refusal is what the client is told if any piece got one.
+                    if error.is_none() || matches!(e, StoreError::QuotaExceeded) {
+                        error = Some(e);
+                    }
+                }
+                Err(_) => {
+                    error.get_or_insert(StoreError::Other("the store is closed".into()));
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let (first, end) = appended.unwrap_or((0, 0));
+        Ok(Appended {
+            first,
+            end,
+            events: total,
+        })
     }
 
-    async fn register_consumer(&self, consumer: &str) -> Result<Position, StoreError> {
+    async fn register_consumer(
+        &self,
+        consumer: &str,
+        partition: u32,
+    ) -> Result<Progress, StoreError> {
+        if partition >= self.shared.partitions {
+            return Err(StoreError::Other(format!(
+                "partition {partition} of {}",
+                self.shared.partitions
+            )));
+        }
         let name = consumer.to_string();
-        let cursor: i64 = self
+        let part = partition as i32;
+        let (cursor, done): (i64, Vec<u8>) = self
             .with_reader(|c| {
-                let name = name.clone();
                 Box::pin(async move {
                     c.execute(
-                        "INSERT INTO ballast_consumers (name, cursor)
-                         VALUES ($1, coalesce((SELECT min(pos) FROM ballast_events),
-                                              (SELECT next_pos FROM ballast_meta WHERE id = 1)))
-                         ON CONFLICT (name) DO NOTHING",
-                        &[&name],
+                        "INSERT INTO ballast_cursor (name, part, cursor)
+                         VALUES ($1, $2, coalesce(
+                             (SELECT first_seq FROM ballast_chunk WHERE part = $2
+                              ORDER BY end_seq LIMIT 1),
+                             (SELECT next_seq FROM ballast_partition WHERE part = $2)))
+                         ON CONFLICT (name, part) DO NOTHING",
+                        &[&name, &part],
                     )
                     .await?;
-                    Ok(c.query_one(
-                        "SELECT cursor FROM ballast_consumers WHERE name = $1",
-                        &[&name],
-                    )
-                    .await?
-                    .get(0))
+                    let row = c
+                        .query_one(
+                            "SELECT cursor, done FROM ballast_cursor WHERE name = $1 AND part = $2",
+                            &[&name, &part],
+                        )
+                        .await?;
+                    Ok((row.get(0), row.get(1)))
                 })
             })
             .await?;
-        lock(&self.shared.cursors).insert(name, cursor as u64);
-        Ok(cursor as u64)
+        let cursor = partition_base(partition) + cursor.max(0) as u64;
+        lock(&self.shared.cursors).insert((consumer.to_string(), partition), cursor);
+        Ok(Progress::decode_done(cursor, &done))
     }
 
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
-        let from_i = i64::try_from(from).map_err(|_| StoreError::Other("position".into()))?;
-        let limit = max_events.clamp(1, 100_000) as i64;
+        let partition = partition_of(from);
+        let base = partition_base(partition);
+        let part = partition as i32;
+        let from_seq = seq_of(from);
         let rows = self
             .with_reader(|c| {
                 Box::pin(async move {
                     c.query(
-                        "SELECT pos, source, meta, payload FROM ballast_events
-                         WHERE pos >= $1 ORDER BY pos LIMIT $2",
-                        &[&from_i, &limit],
+                        "SELECT first_seq, data FROM ballast_chunk
+                         WHERE part = $1 AND end_seq > $2 ORDER BY end_seq LIMIT $3",
+                        &[&part, &from_seq, &READ_CHUNKS],
                     )
                     .await
                 })
             })
             .await?;
-        let mut events = Vec::with_capacity(rows.len());
+        let max_events = max_events.max(1);
+        let mut events = Vec::new();
         let mut next = from;
         let mut last_source: Option<Arc<str>> = None;
-        for r in rows {
-            let pos: i64 = r.get(0);
-            let source: &str = r.get(1);
-            let meta: &[u8] = r.get(2);
-            let payload: Vec<u8> = r.get(3);
-            let source = match &last_source {
-                Some(s) if **s == *source => s.clone(),
-                _ => last_source.insert(Arc::from(source)).clone(),
-            };
-            events.push(StoredEvent {
-                position: pos as u64,
-                source,
-                event: bytes::Bytes::from(payload),
-                ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
-            });
-            next = pos as u64 + 1;
+        'chunks: for r in rows {
+            let first_seq: i64 = r.get(0);
+            let data = bytes::Bytes::from(r.get::<_, Vec<u8>>(1));
+            for (i, record) in unframe(&data).enumerate() {
+                let seq = first_seq + i as i64;
+                if seq < from_seq {
+                    continue;
+                }
+                let record = record?;
+                let position = base + seq as u64;
+                let (source, meta, event) = envelope::decode(&record).map_err(|e| {
+                    StoreError::Other(format!("record at position {position}: {e}"))
+                })?;
+                let source = match &last_source {
+                    Some(s) if **s == *source => s.clone(),
+                    _ => last_source.insert(Arc::from(source)).clone(),
+                };
+                let start = event.as_ptr() as usize - record.as_ptr() as usize;
+                events.push(StoredEvent {
+                    position,
+                    source,
+                    event: record.slice(start..start + event.len()),
+                    ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
+                });
+                next = position + 1;
+                if events.len() >= max_events {
+                    break 'chunks;
+                }
+            }
         }
         Ok(ReadEvents { events, next })
     }
 
-    async fn ack(&self, consumer: &str, upto: Position) -> Result<(), StoreError> {
+    async fn ack(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
+        let partition = partition_of(progress.cursor);
         let name = consumer.to_string();
-        let upto_i = i64::try_from(upto).map_err(|_| StoreError::Other("position".into()))?;
-        let lease = lock(&self.shared.leases).get(consumer).copied();
+        let part = partition as i32;
+        let cursor = seq_of(progress.cursor);
+        let done = progress.encode_done();
+        let key = (name.clone(), partition);
+        let fence = match lock(&self.shared.leases.held).get(&key) {
+            Some(h) if *h.state.borrow() != LeaseState::Lost => Some(h.pid),
+            Some(_) => None,
+            None => None,
+        };
+        if fence.is_none() && lock(&self.shared.leases.ever).contains(&key) {
+            return Err(StoreError::Other(format!(
+                "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
+            )));
+        }
+        let class = lease_class(consumer) as u32;
         let updated = self
             .with_reader(|c| {
-                let name = name.clone();
                 Box::pin(async move {
-                    match lease {
+                    match fence {
                         None => {
                             c.execute(
-                                "UPDATE ballast_consumers SET cursor = greatest(cursor, $2)
-                                 WHERE name = $1",
-                                &[&name, &upto_i],
+                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
+                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
+                                 WHERE name = $1 AND part = $2",
+                                &[&name, &part, &cursor, &done],
                             )
                             .await
                         }
-                        Some((key, pid)) => {
-                            // pg_locks shows a bigint advisory key as two oids.
-                            let (hi, lo) = ((key as u64 >> 32) as u32, key as u64 as u32);
+                        Some(pid) => {
+                            // Fenced: counts only while the lease's session holds its lock.
                             c.execute(
-                                "UPDATE ballast_consumers SET cursor = greatest(cursor, $2)
-                                 WHERE name = $1 AND EXISTS (
+                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
+                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
+                                 WHERE name = $1 AND part = $2 AND EXISTS (
                                      SELECT 1 FROM pg_locks
-                                     WHERE locktype = 'advisory' AND classid = $3
-                                       AND objid = $4 AND objsubid = 1 AND pid = $5 AND granted)",
-                                &[&name, &upto_i, &hi, &lo, &pid],
+                                     WHERE locktype = 'advisory' AND classid = $5::oid
+                                       AND objid = $6::oid AND objsubid = 2 AND pid = $7
+                                       AND granted)",
+                                &[&name, &part, &cursor, &done, &class, &(partition), &pid],
                             )
                             .await
                         }
@@ -690,65 +1219,107 @@ impl Store for PgStore {
             })
             .await?;
         if updated == 0 {
-            return Err(match lease {
+            return Err(match fence {
                 Some(_) => StoreError::Other(format!(
-                    "consumer {consumer:?}: this process no longer holds its lease"
+                    "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
                 )),
                 None => StoreError::Other(format!("unknown consumer {consumer:?}")),
             });
         }
-        {
-            let mut cursors = lock(&self.shared.cursors);
-            let c = cursors.entry(name).or_insert(upto);
-            *c = (*c).max(upto);
-        }
-        self.cleanup().await
+        let mut cursors = lock(&self.shared.cursors);
+        let c = cursors
+            .entry((consumer.to_string(), partition))
+            .or_insert(progress.cursor);
+        *c = (*c).max(progress.cursor);
+        Ok(())
     }
 
-    async fn lease(&self, consumer: &str) -> Result<super::Lease, StoreError> {
-        let key = lease_key(consumer);
+    async fn lease(&self, consumer: &str, partition: u32) -> Result<super::Lease, StoreError> {
+        let leases = &self.shared.leases;
+        if !leases.wanted.swap(true, Ordering::AcqRel) {
+            leases.wake.notify_one();
+        }
+        let key = (consumer.to_string(), partition);
+        let class = lease_class(consumer);
         loop {
-            let client = connect_with(&self.shared.url, LEASE_SESSION_OPTIONS).await?;
-            loop {
-                let tried = tokio::time::timeout(
-                    STATEMENT_TIMEOUT,
-                    client.query_one("SELECT pg_try_advisory_lock($1), pg_backend_pid()", &[&key]),
-                )
-                .await;
-                let row = match tried {
-                    Ok(r) => r.map_err(pg_err)?,
-                    Err(_) => break, // a new session
-                };
-                let (got, pid): (bool, i32) = (row.get(0), row.get(1));
-                if got {
-                    tracing::info!(consumer, "lease taken");
-                    lock(&self.shared.leases).insert(consumer.to_string(), (key, pid));
-                    return Ok(hold_lease(
-                        client,
-                        consumer.to_string(),
-                        self.shared.clone(),
-                    ));
+            {
+                let _taking = leases.taking.lock().await;
+                let session = leases.session.read().await.clone();
+                if let Some(s) = session {
+                    let share =
+                        fair_share(self.shared.partitions, leases.live.load(Ordering::Relaxed));
+                    let (mine, already) = {
+                        let held = lock(&leases.held);
+                        (
+                            held.keys().filter(|(c, _)| c == consumer).count(),
+                            held.contains_key(&key),
+                        )
+                    };
+                    if mine < share && !already {
+                        let tried = tokio::time::timeout(
+                            STATEMENT_TIMEOUT,
+                            s.client.query_one(
+                                "SELECT pg_try_advisory_lock($1::int4, $2::int4)",
+                                &[&class, &(partition as i32)],
+                            ),
+                        )
+                        .await;
+                        if let Ok(Ok(row)) = tried {
+                            if row.get::<_, bool>(0) {
+                                let (state, rx) = watch::channel(LeaseState::Held);
+                                lock(&leases.held).insert(
+                                    key.clone(),
+                                    HeldLease {
+                                        generation: s.generation,
+                                        pid: s.pid,
+                                        state,
+                                    },
+                                );
+                                lock(&leases.ever).insert(key.clone());
+                                tracing::info!(consumer, partition, "lease taken");
+                                return Ok(super::Lease::new(
+                                    rx,
+                                    Box::new(Held {
+                                        shared: self.shared.clone(),
+                                        consumer: consumer.to_string(),
+                                        partition,
+                                        generation: s.generation,
+                                    }),
+                                ));
+                            }
+                        }
+                    }
                 }
-                if client.is_closed() {
-                    break;
-                }
-                tokio::time::sleep(LEASE_RETRY).await;
             }
+            // Spread the replicas' attempts a little.
+            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+            tokio::time::sleep(LEASE_TICK + jitter).await;
         }
     }
 
-    fn cursor(&self, consumer: &str) -> Option<Position> {
-        lock(&self.shared.cursors).get(consumer).copied()
+    fn cursor(&self, consumer: &str, partition: u32) -> Option<Position> {
+        lock(&self.shared.cursors)
+            .get(&(consumer.to_string(), partition))
+            .copied()
     }
 
-    fn subscribe(&self) -> watch::Receiver<Position> {
-        self.shared.durable.subscribe()
+    fn subscribe(&self, partition: u32) -> watch::Receiver<Position> {
+        let i = (partition as usize).min(self.shared.ends.len() - 1);
+        self.shared.ends[i].subscribe()
     }
 
     fn status(&self) -> StoreStatus {
         let c = &self.shared.counters;
         let failure = lock(&self.shared.failure).clone();
-        let closed = lock(&self.tx).is_none();
+        let closed = lock(&self.writers).is_none();
+        // Events stored (ever) in all partitions: the sum of their sequence numbers.
+        let end = self
+            .shared
+            .ends
+            .iter()
+            .enumerate()
+            .map(|(p, e)| e.borrow().saturating_sub(partition_base(p as u32)))
+            .sum();
         StoreStatus {
             writable: !closed && failure.is_none(),
             failure,
@@ -763,14 +1334,14 @@ impl Store for PgStore {
             quarantined_records: 0,
             torn_tail_bytes: 0,
             segments: 0,
-            start: c.start.load(Ordering::Relaxed),
-            end: *self.shared.durable.borrow(),
+            start: 0,
+            end,
         }
     }
 
     async fn close(&self) {
-        lock(&self.tx).take();
-        if let Some(w) = self.writer.lock().await.take() {
+        lock(&self.writers).take();
+        for w in std::mem::take(&mut *self.writer_tasks.lock().await) {
             let _ = w.await;
         }
         let _ = self.stop.send(true);
@@ -781,27 +1352,46 @@ impl Store for PgStore {
 mod tests {
     use super::*;
     use crate::store::pgtest::PgCluster;
+    use crate::store::Lease;
 
-    fn batch(tag: &str, n: usize) -> EventBatch {
+    /// `n` events, each of user `u{i % users}`, with their meta blocks (as the gateway
+    /// writes them).
+    fn batch(tag: &str, n: usize, users: usize) -> EventBatch {
         let mut b = EventBatch::new(Arc::from("web"), 0);
         for i in 0..n {
-            b.push(format!(r#"{{"w":"{tag}","i":{i}}}"#).as_bytes());
+            let user = format!("{}", i % users.max(1));
+            b.push_with::<()>(|json, meta| {
+                json.extend_from_slice(format!(r#"{{"w":"{tag}","i":{i}}}"#).as_bytes());
+                envelope::encode_meta(meta, "u:", &user, &format!("{tag}-{i}"));
+                Ok(())
+            })
+            .unwrap();
         }
         b
     }
 
-    /// Two stores (two replicas) append at once while a third follows the log from its
-    /// cursor, reading whatever is there each time: it must never step over a position
-    /// that becomes visible later (the ordering `ballast_meta`'s row lock gives), so what
-    /// it saw, in order, is every event exactly once.
+    async fn admin(url: &str) -> Client {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    }
+
+    /// Two stores (two replicas) append at once, each request spread over the partitions,
+    /// while a third follows every partition from its start, reading whatever is there
+    /// each time: it must never step over a position that becomes visible later, so what
+    /// it saw is every event exactly once, each partition's positions dense and in order,
+    /// and each user's events in one partition in the order they were appended.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_follower_never_skips_what_concurrent_writers_commit_later() {
         let cluster = PgCluster::start();
         cluster.create_db("writers").await;
         let url = cluster.url("writers");
-        let a = Arc::new(PgStore::open(&url, u64::MAX).await.unwrap());
-        let b = Arc::new(PgStore::open(&url, u64::MAX).await.unwrap());
-        let follower = PgStore::open(&url, u64::MAX).await.unwrap();
+        let a = Arc::new(PgStore::open(&url, u64::MAX, 4).await.unwrap());
+        let b = Arc::new(PgStore::open(&url, u64::MAX, 8).await.unwrap());
+        let follower = PgStore::open(&url, u64::MAX, 4).await.unwrap();
+        assert_eq!(b.partitions(), 4, "fixed at first use");
         let mut writers = Vec::new();
         for (name, store) in [("a", a.clone()), ("b", b.clone())] {
             for task in 0..4 {
@@ -812,7 +1402,7 @@ mod tests {
                     for k in 0..50 {
                         let n = 1 + (k + task) % 5;
                         store
-                            .append(batch(&format!("{name}{task}-{k}"), n))
+                            .append(batch(&format!("{name}{task}-{k}"), n, 7))
                             .await
                             .unwrap();
                         total += n;
@@ -821,16 +1411,25 @@ mod tests {
                 }));
             }
         }
-        let mut seen: Vec<u64> = Vec::new();
-        let mut from = 0;
+        let mut seen: Vec<Vec<u64>> = vec![Vec::new(); 4];
+        let mut from: Vec<u64> = (0..4).map(partition_base).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut expected = None;
         loop {
-            let r = follower.read(from, 37).await.unwrap();
-            for e in &r.events {
-                seen.push(e.position);
+            for p in 0..4 {
+                let r = follower.read(from[p], 37).await.unwrap();
+                for e in &r.events {
+                    assert_eq!(partition_of(e.position), p as u32);
+                    let (user, _) = e.ident.clone().unwrap();
+                    assert_eq!(
+                        crate::store::partition_for_key(user.as_bytes(), 4),
+                        p as u32,
+                        "a user's events are in its partition"
+                    );
+                    seen[p].push(e.position);
+                }
+                from[p] = r.next;
             }
-            from = r.next;
             if expected.is_none() && writers.iter().all(|w| w.is_finished()) {
                 let mut total = 0;
                 for w in writers.drain(..) {
@@ -838,81 +1437,186 @@ mod tests {
                 }
                 expected = Some(total as u64);
             }
+            let got: usize = seen.iter().map(Vec::len).sum();
             if let Some(total) = expected {
-                if seen.len() as u64 >= total {
-                    assert_eq!(seen.len() as u64, total);
+                if got as u64 >= total {
+                    assert_eq!(got as u64, total);
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "follower stuck at {from}");
+            assert!(Instant::now() < deadline, "follower stuck at {from:?}");
         }
-        let want: Vec<u64> = (0..seen.len() as u64).collect();
-        assert_eq!(seen, want, "every position once, in order, none skipped");
+        for (p, positions) in seen.iter().enumerate() {
+            let base = partition_base(p as u32);
+            let want: Vec<u64> = (base..base + positions.len() as u64).collect();
+            assert_eq!(
+                positions, &want,
+                "partition {p}: every position once, in order"
+            );
+        }
+        assert!(
+            seen.iter().all(|s| !s.is_empty()),
+            "users spread over partitions"
+        );
         for s in [&*a, &*b, &follower] {
             s.close().await;
         }
     }
 
-    /// One holder at a time; the next gets the lease once the holder gives it up or its
-    /// session dies, and a holder whose session dies is told so.
+    /// The finished ranges above a cursor survive in the database for the next holder.
+    #[tokio::test]
+    async fn progress_keeps_the_finished_ranges() {
+        let cluster = PgCluster::start();
+        cluster.create_db("progress").await;
+        let url = cluster.url("progress");
+        let s = PgStore::open(&url, u64::MAX, 2).await.unwrap();
+        s.append(batch("x", 40, 1)).await.unwrap();
+        let p = crate::store::partition_for_key(b"u:0", 2);
+        let base = partition_base(p);
+        let start = s.register_consumer("dest.x", p).await.unwrap();
+        assert_eq!(start, Progress::at(base));
+        let progress = Progress {
+            cursor: base + 3,
+            done: vec![(base + 5, base + 9), (base + 12, base + 13)],
+        };
+        s.ack("dest.x", &progress).await.unwrap();
+        s.close().await;
+        let again = PgStore::open(&url, u64::MAX, 2).await.unwrap();
+        assert_eq!(
+            again.register_consumer("dest.x", p).await.unwrap(),
+            progress
+        );
+        again.close().await;
+    }
+
+    /// One holder per (consumer, partition); a lease moves when its holder is gone; a
+    /// holder whose session dies is told so, and its acknowledgements no longer count.
     #[tokio::test]
     async fn a_lease_has_one_holder_and_moves_when_it_is_gone() {
         let cluster = PgCluster::start();
         cluster.create_db("leases").await;
         let url = cluster.url("leases");
-        let a = PgStore::open(&url, u64::MAX).await.unwrap();
-        let b = PgStore::open(&url, u64::MAX).await.unwrap();
-        let held = a.lease("dest.hook").await.unwrap();
+        let a = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        let b = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        let held = a.lease("dest.hook", 0).await.unwrap();
         // Another consumer's lease is independent.
-        let other = b.lease("dest.other").await.unwrap();
-        let waiting = tokio::time::timeout(Duration::from_millis(2500), b.lease("dest.hook")).await;
+        let other = b.lease("dest.other", 0).await.unwrap();
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(2500), b.lease("dest.hook", 0)).await;
         assert!(waiting.is_err(), "a second holder while the first holds it");
         drop(held);
-        let moved = tokio::time::timeout(Duration::from_secs(10), b.lease("dest.hook"))
+        let moved = tokio::time::timeout(Duration::from_secs(10), b.lease("dest.hook", 0))
             .await
             .expect("the lease moved within 10 s")
             .unwrap();
         // The holder's acknowledgements count.
-        b.register_consumer("dest.hook").await.unwrap();
-        b.append(batch("x", 3)).await.unwrap();
-        b.ack("dest.hook", 2).await.unwrap();
-        assert_eq!(b.cursor("dest.hook"), Some(2));
+        b.register_consumer("dest.hook", 0).await.unwrap();
+        b.append(batch("x", 3, 1)).await.unwrap();
+        b.ack("dest.hook", &Progress::at(2)).await.unwrap();
+        assert_eq!(b.cursor("dest.hook", 0), Some(2));
         // The holder's session is killed (as when its replica dies or is cut off).
-        let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        admin(&url)
+            .await
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend({})",
+                b.shared.leases.pid.load(Ordering::Relaxed)
+            ))
             .await
             .unwrap();
-        tokio::spawn(conn);
-        admin
-            .batch_execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks
-                 WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()",
-            )
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), moved.lost())
+        let ended = tokio::time::timeout(Duration::from_secs(10), moved.ended())
             .await
             .expect("the holder learns it lost the lease");
+        assert_eq!(ended, LeaseState::Lost);
         // Fenced: a process that lost the lease cannot move the cursor any more.
-        assert!(b.ack("dest.hook", 3).await.is_err());
-        let (check, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        assert!(b.ack("dest.hook", &Progress::at(3)).await.is_err());
+        let cursor: i64 = admin(&url)
             .await
-            .unwrap();
-        tokio::spawn(conn);
-        let cursor: i64 = check
             .query_one(
-                "SELECT cursor FROM ballast_consumers WHERE name = 'dest.hook'",
+                "SELECT cursor FROM ballast_cursor WHERE name = 'dest.hook'",
                 &[],
             )
             .await
             .unwrap()
             .get(0);
         assert_eq!(cursor, 2);
-        tokio::time::timeout(Duration::from_secs(10), other.lost())
+        tokio::time::timeout(Duration::from_secs(10), other.ended())
             .await
-            .expect("both sessions were killed");
-        let again = tokio::time::timeout(Duration::from_secs(10), a.lease("dest.hook"))
+            .expect("both leases were on the killed session");
+        let again = tokio::time::timeout(Duration::from_secs(10), a.lease("dest.hook", 0))
             .await
             .expect("free again once its session is gone");
         assert!(again.is_ok());
+        a.close().await;
+        b.close().await;
+    }
+
+    /// Holds whatever leases of `consumer` a store is given, giving back what it is asked
+    /// to, until `stop`; reports how many it holds.
+    fn hold_all(
+        store: Arc<PgStore>,
+        consumer: &'static str,
+        partitions: u32,
+        stop: watch::Receiver<bool>,
+    ) -> Arc<AtomicU64> {
+        let holding = Arc::new(AtomicU64::new(0));
+        for p in 0..partitions {
+            let store = store.clone();
+            let holding = holding.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    let lease: Lease = tokio::select! {
+                        l = store.lease(consumer, p) => l.unwrap(),
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    holding.fetch_add(1, Ordering::SeqCst);
+                    tokio::select! {
+                        _ = lease.ended() => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                    holding.fetch_sub(1, Ordering::SeqCst);
+                    drop(lease);
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+            });
+        }
+        holding
+    }
+
+    async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A replica alone takes every partition; a second one joining gets about half within
+    /// seconds; when one goes away the other takes everything again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_are_shared_out_among_live_replicas() {
+        let cluster = PgCluster::start();
+        cluster.create_db("balance").await;
+        let url = cluster.url("balance");
+        let a = Arc::new(PgStore::open(&url, u64::MAX, 8).await.unwrap());
+        let (stop_a, stop_a_rx) = watch::channel(false);
+        let held_a = hold_all(a.clone(), "dest.hook", 8, stop_a_rx);
+        wait_for("a alone holds all 8", || held_a.load(Ordering::SeqCst) == 8).await;
+        let b = Arc::new(PgStore::open(&url, u64::MAX, 8).await.unwrap());
+        let (stop_b, stop_b_rx) = watch::channel(false);
+        let held_b = hold_all(b.clone(), "dest.hook", 8, stop_b_rx);
+        wait_for("4 and 4", || {
+            held_a.load(Ordering::SeqCst) == 4 && held_b.load(Ordering::SeqCst) == 4
+        })
+        .await;
+        // a goes away (its leases end with its session).
+        let _ = stop_a.send(true);
+        a.close().await;
+        drop(a);
+        wait_for("b takes all 8", || held_b.load(Ordering::SeqCst) == 8).await;
+        let _ = stop_b.send(true);
+        b.close().await;
     }
 }

@@ -365,11 +365,13 @@ fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
             rate,
             d["aborted"].to_string(),
             d["dead_letters"].to_string(),
-            // With several replicas on PostgreSQL, one of them delivers each destination.
-            if d["active"] == true {
-                "delivering"
-            } else {
-                "standby"
+            // With several replicas on PostgreSQL, they share each destination's
+            // partitions.
+            match (d["partitions_held"].as_u64(), d["partitions"].as_u64()) {
+                (Some(0), _) => "standby".to_string(),
+                (Some(h), Some(p)) if p > 1 => format!("delivering {h}/{p} partitions"),
+                _ if d["active"] == true => "delivering".to_string(),
+                _ => "standby".to_string(),
             }
         );
     }

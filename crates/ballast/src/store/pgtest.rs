@@ -54,6 +54,45 @@ fn chown_to_postgres(path: &Path) -> Result<(), String> {
     })
 }
 
+fn free_port() -> Result<u16, String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port())
+}
+
+/// A PostgreSQL program from the same installation as the `initdb` on the PATH (Debian
+/// puts only wrappers of some of them on the PATH).
+fn beside_initdb(program: &str) -> String {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("initdb"))
+            .find(|p| p.is_file())
+    });
+    found
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .and_then(|p| p.parent().map(|d| d.join(program)))
+        .filter(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| program.to_string())
+}
+
+fn start_server(as_postgres: bool, dir: &Path, data: &Path, port: u16) -> Result<(), String> {
+    let mut start = command(as_postgres, "pg_ctl");
+    start
+        .arg("-D")
+        .arg(data)
+        .arg("-l")
+        .arg(dir.join("postgres.log"))
+        .args(["-w", "-t", "60", "-o"])
+        .arg(format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+            dir.display()
+        ))
+        .arg("start");
+    run(start)
+}
+
 impl PgCluster {
     /// Starts a cluster with user `ballast` trusted on loopback; panics (with
     /// PostgreSQL's own output) if it cannot.
@@ -82,29 +121,106 @@ impl PgCluster {
             "--no-sync",
         ]);
         run(initdb)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let mut start = command(as_postgres, "pg_ctl");
-        start
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("postgres.log"))
-            .args(["-w", "-t", "60", "-o"])
-            .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
-                dir.path().display()
-            ))
-            .arg("start");
-        run(start)?;
+        let port = free_port()?;
+        start_server(as_postgres, dir.path(), &data, port)?;
         Ok(PgCluster {
             dir,
             data,
             port,
             as_postgres,
         })
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`), started on its own free
+    /// loopback port. Make it synchronous with [`PgCluster::require_sync_standby`].
+    pub fn start_standby(primary: &PgCluster) -> PgCluster {
+        PgCluster::try_start_standby(primary)
+            .unwrap_or_else(|e| panic!("starting a test standby: {e}"))
+    }
+
+    fn try_start_standby(primary: &PgCluster) -> Result<PgCluster, String> {
+        let as_postgres = primary.as_postgres;
+        let dir = tempfile::Builder::new()
+            .prefix("ballast-pg-standby-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        if as_postgres {
+            chown_to_postgres(dir.path())?;
+        }
+        let data = dir.path().join("data");
+        let mut backup = command(as_postgres, &beside_initdb("pg_basebackup"));
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "ballast",
+                "-X",
+                "stream",
+                "-R",
+                "--checkpoint=fast",
+                "-p",
+            ])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&data);
+        run(backup)?;
+        let port = free_port()?;
+        start_server(as_postgres, dir.path(), &data, port)?;
+        Ok(PgCluster {
+            dir,
+            data,
+            port,
+            as_postgres,
+        })
+    }
+
+    /// Commits wait until a standby has the WAL (`synchronous_standby_names = '*'`).
+    pub async fn require_sync_standby(&self) {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL: {e}"));
+        let task = tokio::spawn(conn);
+        client
+            .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .await
+            .unwrap_or_else(|e| panic!("synchronous_standby_names: {e}"));
+        client
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap_or_else(|e| panic!("reload: {e}"));
+        // Until the standby reports itself synchronous.
+        for _ in 0..200 {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("pg_stat_replication: {e}"));
+            if row.get::<_, i64>(0) > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        drop(client);
+        let _ = task.await;
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl -m immediate`).
+    pub fn stop_immediate(&self) {
+        let mut stop = command(self.as_postgres, "pg_ctl");
+        stop.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        let _ = stop.output();
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting for it).
+    pub fn promote(&self) {
+        let mut promote = command(self.as_postgres, "pg_ctl");
+        promote.arg("-D").arg(&self.data).args(["-w", "promote"]);
+        run(promote).unwrap_or_else(|e| panic!("promoting the standby: {e}"));
     }
 
     /// A URL for database `db` (see [`PgCluster::create_db`]).

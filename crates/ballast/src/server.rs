@@ -258,6 +258,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         state: state.clone(),
         prometheus,
         token: config.server.admin_token.clone(),
+        metrics_require_token: config.server.metrics_require_token,
         router: router.clone(),
         recovery: recovery.clone(),
     });

@@ -86,25 +86,46 @@ impl PgCluster {
             .and_then(|l| l.local_addr())
             .map_err(|e| e.to_string())?
             .port();
-        let mut start = command(as_postgres, "pg_ctl");
-        start
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("postgres.log"))
-            .args(["-w", "-t", "60", "-o"])
-            .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
-                dir.path().display()
-            ))
-            .arg("start");
-        run(start)?;
-        Ok(PgCluster {
+        let cluster = PgCluster {
             dir,
             data,
             port,
             as_postgres,
-        })
+        };
+        cluster.pg_ctl_start()?;
+        Ok(cluster)
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let mut start = command(self.as_postgres, "pg_ctl");
+        start
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("start");
+        run(start)
+    }
+
+    /// Stops the server at once (an outage: connections drop, new ones are refused).
+    pub fn stop(&self) {
+        let mut stop = command(self.as_postgres, "pg_ctl");
+        stop.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        run(stop).unwrap_or_else(|e| panic!("stopping the test PostgreSQL: {e}"));
+    }
+
+    /// Starts it again after [`PgCluster::stop`], on the same port and data.
+    pub fn restart(&self) {
+        self.pg_ctl_start()
+            .unwrap_or_else(|e| panic!("restarting the test PostgreSQL: {e}"));
     }
 
     /// A URL for database `db` (see [`PgCluster::create_db`]).

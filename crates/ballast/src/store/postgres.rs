@@ -532,7 +532,15 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect(&shared.url).await.ok();
+            client = match connect(&shared.url).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // No primary reachable: not ready (readiness follows `failure`), even
+                    // while no append is there to find out.
+                    *lock(&shared.failure) = Some(format!("postgres unreachable: {e}"));
+                    continue;
+                }
+            };
         }
         let Some(c) = client.as_ref() else { continue };
         let polled = tokio::time::timeout(
@@ -542,8 +550,14 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         .await;
         let Ok(polled) = polled else {
             client = None; // hung: a new session next time
+            *lock(&shared.failure) = Some("postgres: the poll query timed out".into());
             continue;
         };
+        if let Err(e) = &polled {
+            if c.is_closed() {
+                *lock(&shared.failure) = Some(format!("postgres connection lost: {e}"));
+            }
+        }
         if let Ok(row) = polled {
             let (next, bytes): (i64, i64) = (row.get(0), row.get(1));
             // The database answers again: let the next append try (readiness follows).

@@ -449,6 +449,7 @@ def must_not_render(f: Failures) -> None:
         "admin_listen set in config": ({"config": {"server": {"admin_listen": "127.0.0.1:8081"}}}, ""),
         "an unknown top-level value": ({"replicas": 3}, ""),
         "a source id unfit for a Secret key": ({"config": {"sources": [{"id": "a b"}]}}, ""),
+        "a top-level setting in config": ({"config": {"log_format": "json"}}, "no top-level setting"),
     }
     for what, (values, says) in cases.items():
         try:
@@ -478,6 +479,7 @@ def main() -> int:
         values = yaml.safe_load(Path(values_file).read_text()) or {}
         print(f"== {label} ({Path(values_file).relative_to(ROOT)})")
         report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+        print(f"  helm lint: {len(report.get('messages', []))} message(s), {len(report.get('errors') or [])} error(s)")
         for m in report.get("messages", []):
             if m.get("severity", 0) >= 2:
                 f.check(False, f"{label}: helm lint: {m.get('path')}: {m.get('error')}")
@@ -500,6 +502,8 @@ def main() -> int:
         notes = next((t for p, t in rendered.items() if p.endswith("NOTES.txt")), "")
         f.check("/v1/track" in notes, f"{label}: NOTES.txt tells how to send an event")
         validate_schemas(objs, f, label)
+        n_crd = sum(o["kind"] in CRD_KINDS for o in objs)
+        print(f"  kubernetes-validate --strict {KUBE_VERSION}: {len(objs) - n_crd} object(s); {n_crd} Prometheus Operator object(s) checked structurally")
         rendered_by_set[label] = assert_properties(objs, values, f, label)
         check_config(args.ballast, out, label, rendered_by_set[label], f)
         run_checkov(bin_dir, set_dir, label, f)

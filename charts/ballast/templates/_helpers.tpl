@@ -120,6 +120,8 @@ ballast.toml.table (Helm's numbers are floats: whole ones are written as integer
 {{- end }}
 {{- end }}
 {{- end }}
+{{- else if not (kindIs "invalid" $value) }}
+{{- fail (printf "config.%s: ballast.toml has sections (server, storage, recovery, alerts) and lists (sources, destinations), no top-level setting %q" $key $key) }}
 {{- end }}
 {{- end }}
 {{ end -}}

@@ -257,6 +257,11 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for in-flight requests.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, keep serving this long with `/readyz` answering 503 before the
+    /// listeners close (for load balancers that go by readiness; default 0: Kubernetes
+    /// takes the pod out of its Services itself, the chart pauses in preStop).
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -270,6 +275,7 @@ impl Default for ServerConfig {
             max_request_bytes: 4_096_000,
             log_format: LogFormat::Text,
             shutdown_timeout: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }

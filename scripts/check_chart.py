@@ -258,8 +258,9 @@ def assert_properties(objs: list[dict], values: dict, f: Failures, label: str) -
     f.check(server.get("data_dir") == DATA_DIR and DATA_DIR in mounts, f"{label}: data_dir is the data volume")
     f.check("admin_token" not in server and "postgres_url" not in toml.get("storage", {}), f"{label}: no secret in the ConfigMap")
     shutdown = int(str(server.get("shutdown_timeout", "30s")).rstrip("s"))
+    delay = int(str(server.get("shutdown_delay", "0s")).rstrip("s"))
     grace = pod["terminationGracePeriodSeconds"]
-    f.check(grace > shutdown + sleep, f"{label}: terminationGracePeriodSeconds {grace} > preStop {sleep} + shutdown_timeout {shutdown}")
+    f.check(grace > shutdown + delay + sleep, f"{label}: terminationGracePeriodSeconds {grace} > preStop {sleep} + shutdown_delay {delay} + shutdown_timeout {shutdown}")
     checksum = w["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/config", "")
     f.check(checksum in {hashlib.sha256(t.encode()).hexdigest() for t in (text, text.rstrip("\n"))}, f"{label}: checksum/config is the ConfigMap's sha256")
     env = c.get("env", [])
@@ -446,6 +447,7 @@ def must_not_render(f: Failures) -> None:
         "postgres without a database Secret": ({"storage": {"backend": "postgres"}}, "existingSecret"),
         "autoscaling on the embedded store": ({"autoscaling": {"enabled": True}}, "postgres"),
         "grace period not above preStop + shutdown": ({"terminationGracePeriodSeconds": 40}, "terminationGracePeriodSeconds"),
+        "grace period not above preStop + delay + shutdown": ({"shutdownDelaySeconds": 20}, "terminationGracePeriodSeconds"),
         "admin_listen set in config": ({"config": {"server": {"admin_listen": "127.0.0.1:8081"}}}, ""),
         "an unknown top-level value": ({"replicas": 3}, ""),
         "a source id unfit for a Secret key": ({"config": {"sources": [{"id": "a b"}]}}, ""),

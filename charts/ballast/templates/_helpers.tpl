@@ -67,8 +67,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not $pg) .Values.autoscaling.enabled -}}
 {{- fail "autoscaling needs storage.backend=postgres: the embedded store runs exactly one pod" -}}
 {{- end -}}
-{{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) (int .Values.shutdownTimeoutSeconds)) -}}
-{{- fail "terminationGracePeriodSeconds must be above preStopSleepSeconds + shutdownTimeoutSeconds, or the kubelet kills ballast before it has drained" -}}
+{{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) (int .Values.shutdownDelaySeconds) (int .Values.shutdownTimeoutSeconds)) -}}
+{{- fail "terminationGracePeriodSeconds must be above preStopSleepSeconds + shutdownDelaySeconds + shutdownTimeoutSeconds, or the kubelet kills ballast before it has drained" -}}
 {{- end -}}
 {{- range (.Values.config.sources | default list) -}}
 {{- if not (regexMatch "^[-._a-zA-Z0-9]+$" (toString .id)) -}}
@@ -89,6 +89,7 @@ ballast.toml.table (Helm's numbers are floats: whole ones are written as integer
 {{- $_ := set $server "admin_listen" (printf "0.0.0.0:%d" 8081) -}}
 {{- $_ := set $server "data_dir" "/var/lib/ballast" -}}
 {{- $_ := set $server "shutdown_timeout" (printf "%ds" (int .Values.shutdownTimeoutSeconds)) -}}
+{{- $_ := set $server "shutdown_delay" (printf "%ds" (int .Values.shutdownDelaySeconds)) -}}
 {{- $_ := set $server "metrics_require_token" .Values.metrics.requireToken -}}
 {{- $_ := set $c "server" $server -}}
 {{- $storage := get $c "storage" | default dict -}}

@@ -442,10 +442,46 @@ def run_hadolint(bin_dir: Path, f: Failures) -> None:
 # --------------------------------------------------------------------------------------
 
 
+# The values contract (DESIGN: "Scale-out and deployment"): these names are a public
+# interface of the chart.
+VALUES_CONTRACT = [
+    "replicaCount", "image.repository", "image.tag", "image.pullPolicy",
+    "storage.backend", "storage.partitions", "storage.postgres.existingSecret",
+    "storage.postgres.secretKey", "storage.postgres.url", "persistence.size",
+    "persistence.storageClass", "config", "secrets.existingSecret", "autoscaling.enabled",
+    "autoscaling.minReplicas", "autoscaling.maxReplicas",
+    "autoscaling.targetCPUUtilizationPercentage", "podDisruptionBudget.enabled",
+    "podDisruptionBudget.maxUnavailable", "topologySpread.enabled", "resources.requests.cpu",
+    "resources.requests.memory", "resources.limits.memory", "metrics.serviceMonitor",
+    "metrics.prometheusRule", "metrics.grafanaDashboard",
+]
+
+
+def check_values_contract(f: Failures) -> None:
+    with helm.Chart.load(str(CHART)) as chart:
+        defaults = chart.values
+    for name in VALUES_CONTRACT:
+        node = defaults
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        f.check(node is not None, f"values.yaml lacks {name} (values contract)")
+    want = {"replicaCount": 1, "storage.backend": "embedded", "persistence.size": "20Gi",
+            "autoscaling.enabled": False, "podDisruptionBudget.maxUnavailable": 1}
+    for name, value in want.items():
+        node = defaults
+        for part in name.split("."):
+            node = node[part]
+        f.check(node == value, f"values.yaml: {name} is {node!r}, the contract says {value!r}")
+    print(f"  {len(VALUES_CONTRACT)} contract values present")
+
+
 def must_not_render(f: Failures) -> None:
     cases = {
         "postgres without a database Secret": ({"storage": {"backend": "postgres"}}, "existingSecret"),
         "autoscaling on the embedded store": ({"autoscaling": {"enabled": True}}, "postgres"),
+        "several replicas on the embedded store": ({"replicaCount": 2}, "postgres"),
         "grace period not above preStop + shutdown": ({"terminationGracePeriodSeconds": 40}, "terminationGracePeriodSeconds"),
         "grace period not above preStop + delay + shutdown": ({"shutdownDelaySeconds": 20}, "terminationGracePeriodSeconds"),
         "admin_listen set in config": ({"config": {"server": {"admin_listen": "127.0.0.1:8081"}}}, ""),
@@ -518,6 +554,8 @@ def main() -> int:
         ca = a[0]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         cb = b[0]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         f.check(ca != cb, "checksum/config did not change with the config")
+    print("== values contract")
+    check_values_contract(f)
     print("== value sets that must not render")
     must_not_render(f)
     print("== alert rules against the real server's /metrics")

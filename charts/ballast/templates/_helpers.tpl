@@ -64,6 +64,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $pg (not .Values.storage.postgres.existingSecret) (not .Values.storage.postgres.url) -}}
 {{- fail "storage.backend=postgres needs storage.postgres.existingSecret (a Secret with the database URL) or, only for trying it out, storage.postgres.url" -}}
 {{- end -}}
+{{- if and (not $pg) (gt (int .Values.replicaCount) 1) -}}
+{{- fail "replicaCount > 1 needs storage.backend=postgres: the embedded store runs exactly one pod (its log is on its own volume)" -}}
+{{- end -}}
 {{- if and (not $pg) .Values.autoscaling.enabled -}}
 {{- fail "autoscaling needs storage.backend=postgres: the embedded store runs exactly one pod" -}}
 {{- end -}}

@@ -242,7 +242,13 @@ impl<'de> Deserialize<'de> for DestinationConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Bearer token of the admin API. Required when `admin_listen` is not a loopback
+    /// address (see [`ServerConfig::check_admin_access`]).
     pub admin_token: Option<String>,
+    /// Whether `GET /metrics` on the admin port needs the token too (default true). Set
+    /// it to false to let Prometheus scrape without one; every other admin call, reading
+    /// or changing state, still needs the token.
+    pub metrics_require_token: bool,
     pub data_dir: PathBuf,
     #[serde(deserialize_with = "size_usize")]
     pub max_request_bytes: usize,
@@ -251,6 +257,11 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for in-flight requests.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, keep serving this long with `/readyz` answering 503 before the
+    /// listeners close (for load balancers that go by readiness; default 0: Kubernetes
+    /// takes the pod out of its Services itself, the chart pauses in preStop).
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -259,10 +270,32 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token: None,
+            metrics_require_token: true,
             data_dir: PathBuf::from("./ballast-data"),
             max_request_bytes: 4_096_000,
             log_format: LogFormat::Text,
             shutdown_timeout: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The admin API changes state (running mode, dead-letter replay) and shows event
+    /// payloads (dead letters): reachable from other hosts, it must have a token. A
+    /// token that is set must not be blank. Checked at load and again by `serve` after
+    /// its `--admin-listen` override.
+    pub fn check_admin_access(&self) -> Result<(), ConfigError> {
+        match self.admin_token.as_deref() {
+            Some(t) if t.trim().is_empty() => Err(ConfigError::Invalid(
+                "server.admin_token is set but empty (set a real token, or remove it)".into(),
+            )),
+            None if !self.admin_listen.ip().is_loopback() => Err(ConfigError::Invalid(format!(
+                "server.admin_listen = \"{}\" is not a loopback address, so other hosts can \
+                 reach the admin API: set server.admin_token (or BALLAST_SERVER__ADMIN_TOKEN)",
+                self.admin_listen
+            ))),
+            _ => Ok(()),
         }
     }
 }
@@ -555,6 +588,7 @@ impl Config {
                 "storage.backend = \"postgres\" needs storage.postgres_url".into(),
             ));
         }
+        self.server.check_admin_access()?;
         if self.storage.segment_bytes < 4096 {
             return Err(ConfigError::Invalid(
                 "storage.segment_bytes must be at least 4KiB".into(),
@@ -835,6 +869,46 @@ path = "/tmp/out.jsonl"
             .unwrap_err()
             .to_string();
         assert!(e.contains("ftp"), "{e}");
+    }
+
+    #[test]
+    fn admin_api_off_loopback_needs_a_token() {
+        let open = BASE.replace(
+            "data_dir = \"/tmp/x\"",
+            "data_dir = \"/tmp/x\"\nadmin_listen = \"0.0.0.0:8081\"",
+        );
+        let e = Config::from_toml(&open, "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin_token") && e.contains("0.0.0.0:8081"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            &open,
+            "t",
+            env(&[("BALLAST_SERVER__ADMIN_TOKEN", "s3cret")]),
+        )
+        .unwrap();
+        assert_eq!(c.server.admin_token.as_deref(), Some("s3cret"));
+        assert!(c.server.metrics_require_token);
+        let e = Config::from_toml(&open, "t", env(&[("BALLAST_SERVER__ADMIN_TOKEN", " ")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty"), "{e}");
+        let ipv6 = open.replace("0.0.0.0:8081", "[::]:8081");
+        assert!(Config::from_toml(&ipv6, "t", env(&[])).is_err());
+        // Loopback (v4 or v6) needs none.
+        let local = open.replace("0.0.0.0:8081", "[::1]:8081");
+        Config::from_toml(&local, "t", env(&[])).unwrap();
+        Config::from_toml(BASE, "t", env(&[])).unwrap();
+        let c = Config::from_toml(
+            BASE,
+            "t",
+            env(&[("BALLAST_SERVER__METRICS_REQUIRE_TOKEN", "false")]),
+        )
+        .unwrap();
+        assert!(!c.server.metrics_require_token);
     }
 
     #[test]

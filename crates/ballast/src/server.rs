@@ -42,6 +42,8 @@ impl Mode {
 
 /// State shared by the HTTP front ends.
 pub struct ServerState {
+    /// From SIGTERM on while `server.shutdown_delay` runs: not ready, still serving.
+    draining: AtomicBool,
     shutting_down: AtomicBool,
     mode: AtomicU8,
     routing: AtomicBool,
@@ -50,6 +52,7 @@ pub struct ServerState {
 impl Default for ServerState {
     fn default() -> Self {
         ServerState {
+            draining: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             mode: AtomicU8::new(Mode::Normal as u8),
             routing: AtomicBool::new(false),
@@ -60,6 +63,11 @@ impl Default for ServerState {
 impl ServerState {
     pub fn shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+    /// True once a stop was asked for (readiness is off), also while requests are still
+    /// served during `server.shutdown_delay`.
+    pub fn stopping(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.shutting_down()
     }
     pub fn mode(&self) -> Mode {
         match self.mode.load(Ordering::Acquire) {
@@ -258,6 +266,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         state: state.clone(),
         prometheus,
         token: config.server.admin_token.clone(),
+        metrics_require_token: config.server.metrics_require_token,
         router: router.clone(),
         recovery: recovery.clone(),
     });
@@ -265,31 +274,25 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         axum::serve(admin, admin_app).with_graceful_shutdown(stopped(stop_rx.clone())),
     ));
 
-    let exit_code = tokio::select! {
+    let mut exit_code = tokio::select! {
         sig = shutdown_signal() => {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
             0
         }
-        reason = fatal_failure(fatal.as_mut()) => {
-            tracing::error!(error = %reason, "storage failed; stopping so that the next start recovers from the log");
-            let alert = alerts.alert(
-                FSYNC_ALERT,
-                Action::Trigger,
-                Severity::Critical,
-                format!("ballast on {}: writing the event log failed; the server stops and recovers at its next start", alerts.source()),
-                serde_json::json!({ "error": reason }),
-            );
-            let key = format!("{FSYNC_ALERT}:{}", crate::router::deadletters::to_ms(std::time::SystemTime::now()));
-            if let Err(e) = alerts.raise(&key, alert) {
-                tracing::error!(error = %e, "could not record the alert");
-            }
-            // Send it now if the notifiers answer (bounded): the next start may fail too.
-            if !alerts.flush(FATAL_ALERT_FLUSH).await {
-                tracing::warn!("alerts not yet delivered stay in the outbox for the next start");
-            }
-            1
-        }
+        reason = fatal_failure(fatal.as_mut()) => storage_failed(&alerts, reason).await,
     };
+    let delay = config.server.shutdown_delay;
+    if exit_code == 0 && !delay.is_zero() {
+        // Not ready, but still serving: load balancers that go by /readyz stop sending
+        // before the listeners close. A second signal ends the wait.
+        state.draining.store(true, Ordering::Release);
+        tracing::info!(delay = ?delay, "not ready; still serving for server.shutdown_delay");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            sig = shutdown_signal() => tracing::info!(signal = sig, "second signal: not waiting longer"),
+            reason = fatal_failure(fatal.as_mut()) => exit_code = storage_failed(&alerts, reason).await,
+        }
+    }
     state.shutting_down.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
     let drain = async {
@@ -313,6 +316,30 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         tracing::info!("stopped cleanly");
     }
     Ok(exit_code)
+}
+
+/// A fatal storage failure: logged, alerted (sent now if the notifiers answer); exit 1.
+async fn storage_failed(alerts: &Arc<Alerts>, reason: String) -> i32 {
+    tracing::error!(error = %reason, "storage failed; stopping so that the next start recovers from the log");
+    let alert = alerts.alert(
+        FSYNC_ALERT,
+        Action::Trigger,
+        Severity::Critical,
+        format!("ballast on {}: writing the event log failed; the server stops and recovers at its next start", alerts.source()),
+        serde_json::json!({ "error": reason }),
+    );
+    let key = format!(
+        "{FSYNC_ALERT}:{}",
+        crate::router::deadletters::to_ms(std::time::SystemTime::now())
+    );
+    if let Err(e) = alerts.raise(&key, alert) {
+        tracing::error!(error = %e, "could not record the alert");
+    }
+    // Send it now if the notifiers answer (bounded): the next start may fail too.
+    if !alerts.flush(FATAL_ALERT_FLUSH).await {
+        tracing::warn!("alerts not yet delivered stay in the outbox for the next start");
+    }
+    1
 }
 
 /// Opens the configured store: the store, a channel that reports a fatal failure (the

@@ -1548,3 +1548,41 @@ fn check_config_refuses_what_serve_refuses() {
         );
     }
 }
+
+/// SIGTERM with `server.shutdown_delay`: first not ready (`/readyz` 503) while still
+/// alive (`/livez` 200) and still accepting events, then the drain and exit 0.
+#[test]
+fn after_sigterm_not_ready_but_alive_and_serving_during_the_shutdown_delay() {
+    let config = common::config("").replacen(
+        "shutdown_timeout = \"10s\"",
+        "shutdown_timeout = \"10s\"\nshutdown_delay = \"3s\"",
+        1,
+    );
+    let mut server = Server::start(&config);
+    let http = common::client();
+    expect(&call(http.get(server.url("/readyz"))), 200, "OK");
+    let pid = server.child.as_ref().expect("running").id();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    assert!(
+        common::wait_for(2, || call(http.get(server.url("/readyz"))).status == 503),
+        "/readyz not 503 after SIGTERM\n{}",
+        server.stderr()
+    );
+    expect(&call(http.get(server.url("/readyz"))), 503, "shutting down");
+    expect(&call(http.get(server.url("/livez"))), 200, "OK");
+    let r = post(
+        &http,
+        &server,
+        "/v1/track",
+        json!({"userId": "u", "messageId": "while-draining"}).to_string(),
+    );
+    expect(&r, 200, "OK");
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", server.stderr());
+    let stored = server.dump();
+    assert!(stored.iter().any(|e| e["messageId"] == "while-draining"));
+}

@@ -378,7 +378,7 @@ fn a_database_failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
         }
         assert!(wait_for(60, || sent.lock().unwrap().len()
             >= CLIENTS * PER_CLIENT / 3));
-        primary.stop_immediate();
+        primary.stop();
         *stopped_at.lock().unwrap() = Some(std::time::Instant::now());
         std::thread::sleep(Duration::from_millis(500));
         standby.promote();
@@ -422,5 +422,75 @@ fn a_database_failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
         "{duplicates} events sent twice of {} acknowledged",
         sent.len()
     );
+    assert!(server.terminate().success());
+}
+
+/// Kubernetes semantics: while the database is down, `/readyz` is 503 (the pod leaves
+/// the Service, clients retry elsewhere) but `/livez` stays 200 (a database outage must
+/// not make the kubelet restart every replica); both come back by themselves.
+#[test]
+fn database_outage_fails_readiness_but_not_liveness() {
+    let cluster = PgCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(cluster.create_db("ballast"));
+    let receiver = Receiver::start();
+    let server = Server::start(&replica_config(&cluster.url("ballast"), &receiver.url()));
+    let http = common::client();
+    let status = |path: &str| {
+        http.get(server.url(path))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(10, || status("/readyz") == 200),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(status("/livez"), 200);
+    send_any(
+        &[&server],
+        0,
+        &json!({ "userId": "u", "messageId": "before", "event": "E" }),
+    );
+
+    cluster.stop();
+    // Without any event sent: readiness notices by itself.
+    assert!(
+        wait_for(15, || status("/readyz") == 503),
+        "/readyz stayed {} with the database down\n{}",
+        status("/readyz"),
+        server.stderr()
+    );
+    assert_eq!(status("/livez"), 200, "{}", server.stderr());
+    let r = http
+        .post(server.url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({ "userId": "u", "messageId": "during", "event": "E" }))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "an event was acknowledged without a database"
+    );
+    assert_eq!(status("/livez"), 200);
+
+    cluster.restart();
+    assert!(
+        wait_for(20, || status("/readyz") == 200),
+        "not ready again after the database came back\n{}",
+        server.stderr()
+    );
+    assert_eq!(status("/livez"), 200);
+    send_any(
+        &[&server],
+        0,
+        &json!({ "userId": "u", "messageId": "after", "event": "E" }),
+    );
+    let mut server = server;
     assert!(server.terminate().success());
 }

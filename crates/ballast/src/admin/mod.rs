@@ -1,5 +1,8 @@
-//! Admin API (default 127.0.0.1:8081): Prometheus `/metrics` and `/v1/status`, behind a
-//! bearer token when one is configured.
+//! Admin API (default 127.0.0.1:8081): Prometheus `/metrics`, `/v1/status`, the running
+//! mode and the dead letters, behind a bearer token when one is configured. The config
+//! refuses an admin address other hosts can reach without a token, so every call that
+//! changes state (mode set, replay) or shows events (dead letters) needs it there;
+//! `/metrics` alone can be left open with `server.metrics_require_token = false`.
 
 use std::sync::Arc;
 
@@ -29,6 +32,8 @@ pub struct AdminState {
     pub state: Arc<ServerState>,
     pub prometheus: PrometheusHandle,
     pub token: Option<String>,
+    /// Whether `GET /metrics` needs the token (when there is one).
+    pub metrics_require_token: bool,
     pub router: Arc<EventRouter>,
     pub recovery: Arc<crate::recovery::Recovery>,
 }
@@ -53,7 +58,10 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.token {
+    let open_metrics = !s.metrics_require_token
+        && req.uri().path() == "/metrics"
+        && req.method() == axum::http::Method::GET;
+    if let (Some(token), false) = (&s.token, open_metrics) {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)

@@ -187,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if let Some(l) = admin_listen {
                 cfg.server.admin_listen = l;
             }
+            cfg.server.check_admin_access()?;
             init_tracing(cfg.server.log_format);
             let forced = mode.as_deref().map(|m| match m {
                 "degraded" => crate::server::Mode::Degraded,

@@ -32,9 +32,11 @@ pub async fn livez() -> Response {
     (StatusCode::OK, "OK").into_response()
 }
 
-/// Ready while it can accept and persist events (also in degraded mode).
+/// Ready while it can accept and persist events (also in degraded mode), and not once a
+/// stop was asked for. Liveness (`livez`) depends on nothing: a storage or database
+/// outage must not get the process restarted.
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.state.shutting_down() {
+    if gw.state.stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     let store = gw.store.status();

@@ -207,13 +207,20 @@ impl PgCluster {
         let _ = task.await;
     }
 
-    /// Stops the server at once, as a crash would (`pg_ctl -m immediate`).
-    pub fn stop_immediate(&self) {
+    /// Stops the server at once, as a crash would (`pg_ctl -m immediate`): connections
+    /// drop, new ones are refused.
+    pub fn stop(&self) {
         let mut stop = command(self.as_postgres, "pg_ctl");
         stop.arg("-D")
             .arg(&self.data)
             .args(["-m", "immediate", "-w", "stop"]);
-        let _ = stop.output();
+        run(stop).unwrap_or_else(|e| panic!("stopping the test PostgreSQL: {e}"));
+    }
+
+    /// Starts it again after [`PgCluster::stop`], on the same port and data.
+    pub fn restart(&self) {
+        start_server(self.as_postgres, self.dir.path(), &self.data, self.port)
+            .unwrap_or_else(|e| panic!("restarting the test PostgreSQL: {e}"));
     }
 
     /// Promotes a standby to primary (`pg_ctl promote`, waiting for it).

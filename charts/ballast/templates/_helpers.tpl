@@ -98,6 +98,9 @@ ballast.toml.table (Helm's numbers are floats: whole ones are written as integer
 {{- $storage := get $c "storage" | default dict -}}
 {{- $_ := set $storage "backend" .Values.storage.backend -}}
 {{- $_ := set $storage "max_bytes" .Values.storage.maxBytes -}}
+{{- if eq .Values.storage.backend "postgres" }}
+{{- $_ := set $storage "partitions" (int .Values.storage.partitions) -}}
+{{- end }}
 {{- $_ := set $c "storage" $storage -}}
 {{- include "ballast.toml.document" $c -}}
 {{- end -}}

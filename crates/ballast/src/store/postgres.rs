@@ -18,8 +18,8 @@
 //!   over a position that commits later (a rolled-back statement leaves no gap).
 //! - **Group commit.** `WRITERS` writer tasks per process (partition `p` is written by
 //!   writer `p % WRITERS`), each with its own connection: a writer takes everything
-//!   submitted while its last commit ran and writes one chunk per partition, the
-//!   statements pipelined on its connection. A request is acknowledged once every chunk
+//!   submitted while its last commit ran and writes one chunk per partition in one
+//!   transaction (one WAL flush), the statements pipelined in ascending partition order. A request is acknowledged once every chunk
 //!   holding one of its events committed. An error — even one where the outcome is
 //!   unknown — acknowledges nothing (the client retries; at worst an event is stored
 //!   twice, never lost).
@@ -88,8 +88,9 @@ const CLEANUP_LOCK: i64 = 0x6261_6c6c_6173_7402;
 /// First key of the member locks (second key: a random id per process).
 const MEMBER_CLASS: i32 = 0x6261_6c6d;
 
-/// Writer tasks (and connections) per process, at most one per partition.
-const WRITERS: u32 = 8;
+/// Writer tasks (and connections) per process, at most one per partition. Each commits
+/// one transaction at a time, so more writers mean more, smaller transactions.
+const WRITERS: u32 = 4;
 /// Connections for reads and acknowledgements (queries pipelined on each).
 const READERS: usize = 2;
 /// Bytes one group commit gathers at most.
@@ -793,7 +794,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 }
             };
         }
-        let Some(c) = conn.as_ref() else { continue };
+        let Some(c) = conn.as_mut() else { continue };
         let chunks: Vec<(u32, i64, i64, Vec<u8>)> = by_part
             .iter()
             .map(|(part, pieces)| {
@@ -806,66 +807,70 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
             })
             .collect();
         let started = Instant::now();
-        let writes = chunks.iter().map(|(part, n, b, data)| {
-            let part = *part as i32;
-            async move {
-                c.client
-                    .query_one(&c.write_chunk, &[&part, n, b, data])
-                    .await
-                    .map(|r| r.get::<_, i64>(0))
-            }
-        });
-        let results = tokio::time::timeout(STATEMENT_TIMEOUT, futures::future::join_all(writes))
-            .await
-            .unwrap_or_else(|_| {
-                // The outcome is unknown: nothing is acknowledged, and the connection is
-                // replaced (the server rolls back what did not commit).
-                Vec::new()
-            });
-        if results.len() != chunks.len() {
-            conn = None;
-            let err = StoreError::Other("postgres: the append timed out".into());
-            tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
-            fail_all(&shared, by_part.into_values().flatten(), &err);
-            continue;
-        }
-        let counters = &shared.counters;
-        let mut failed = false;
-        for ((part, pieces), (result, (_, n, b, _))) in
-            by_part.into_iter().zip(results.into_iter().zip(&chunks))
+        let firsts = match tokio::time::timeout(STATEMENT_TIMEOUT, commit_chunks(c, &chunks)).await
         {
-            match result {
-                Ok(first_seq) => {
-                    counters.commits.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes_used.fetch_add(*b as u64, Ordering::Relaxed);
-                    let mut seq = first_seq as u64;
-                    for p in pieces {
-                        counters.appends.fetch_add(1, Ordering::Relaxed);
-                        counters.events.fetch_add(p.events, Ordering::Relaxed);
-                        let _ = p.done.send(Ok(seq));
-                        seq += p.events;
+            Ok(Ok(firsts)) => firsts,
+            outcome => {
+                // The outcome may be unknown: nothing is acknowledged (the server rolls
+                // back what did not commit; a retried event is at worst stored twice).
+                let err = match outcome {
+                    Ok(Err(e)) => pg_err(e),
+                    _ => {
+                        conn = None; // hung: a new session next time
+                        StoreError::Other("postgres: the append timed out".into())
                     }
-                    shared.advance(part, partition_base(part) + first_seq as u64 + *n as u64);
+                };
+                if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+                    conn = None;
                 }
-                Err(e) => {
-                    failed = true;
-                    let err = pg_err(e);
-                    tracing::error!(error = %err, partition = part, "storing events in postgres failed; nothing of this chunk is acknowledged");
-                    fail_all(&shared, pieces.into_iter(), &err);
-                }
+                tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
+                fail_all(&shared, by_part.into_values().flatten(), &err);
+                continue;
             }
-        }
+        };
+        let counters = &shared.counters;
+        counters.commits.fetch_add(1, Ordering::Relaxed);
         counters
             .commit_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if failed {
-            if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
-                conn = None;
+        for ((part, pieces), (first_seq, (_, n, b, _))) in
+            by_part.into_iter().zip(firsts.into_iter().zip(&chunks))
+        {
+            counters.bytes_used.fetch_add(*b as u64, Ordering::Relaxed);
+            let mut seq = first_seq as u64;
+            for p in pieces {
+                counters.appends.fetch_add(1, Ordering::Relaxed);
+                counters.events.fetch_add(p.events, Ordering::Relaxed);
+                let _ = p.done.send(Ok(seq));
+                seq += p.events;
             }
-        } else {
-            *lock(&shared.failure) = None;
+            shared.advance(part, partition_base(part) + first_seq as u64 + *n as u64);
         }
+        *lock(&shared.failure) = None;
     }
+}
+
+/// One transaction writing one chunk per partition, the statements pipelined. They run
+/// in ascending partition order (`chunks` comes from a BTreeMap): every replica's
+/// transactions lock partition rows in one order, so they never deadlock.
+async fn commit_chunks(
+    c: &mut WriterConn,
+    chunks: &[(u32, i64, i64, Vec<u8>)],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let statement = c.write_chunk.clone();
+    let tx = c.client.transaction().await?;
+    let writes = chunks.iter().map(|(part, n, b, data)| {
+        let part = *part as i32;
+        let (tx, statement) = (&tx, &statement);
+        async move {
+            tx.query_one(statement, &[&part, n, b, data])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+        }
+    });
+    let firsts = futures::future::try_join_all(writes).await?;
+    tx.commit().await?;
+    Ok(firsts)
 }
 
 async fn connect_writer(url: &str) -> Result<WriterConn, StoreError> {

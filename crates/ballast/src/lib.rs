@@ -1,5 +1,5 @@
 //! ballast: an event data plane that speaks RudderStack's HTTP API, stores every
-//! accepted event durably and (in later stages) forwards it in order per user.
+//! accepted event durably and forwards it in order per user to its destinations.
 //!
 //! Data flow: [`gateway`] → [`store`] → [`router`] → [`destinations`]; see docs/ARCHITECTURE.md.
 
@@ -13,3 +13,4 @@ pub mod recovery;
 pub mod router;
 pub mod server;
 pub mod store;
+pub mod time;

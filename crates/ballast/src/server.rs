@@ -19,7 +19,7 @@ use crate::config::{Config, StorageBackend};
 use crate::gateway::Gateway;
 use crate::recovery::journal::Journal;
 use crate::recovery::Recovery;
-use crate::router::{Router, RouterDb};
+use crate::router::{Router, RouterDb, RouterState};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::postgres::PgStore;
 use crate::store::Store;
@@ -169,12 +169,23 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     .context("recording the start")?;
     state.set_mode(start.mode);
 
-    let db_path = data_dir.join("router.redb");
-    let db = Arc::new(
-        tokio::task::spawn_blocking(move || RouterDb::open(&db_path))
-            .await
-            .context("opening the router state")??,
-    );
+    // The router's state: beside the log in the data directory, or in the shared
+    // database with the PostgreSQL store (so that every replica sees it).
+    let db: Arc<dyn RouterState> = match (&config.storage.backend, &config.storage.postgres_url) {
+        (StorageBackend::Postgres, Some(url)) => Arc::new(
+            crate::router::state::postgres::PgRouterState::open(url)
+                .await
+                .context("opening the router state in PostgreSQL")?,
+        ),
+        _ => {
+            let db_path = data_dir.join("router.redb");
+            Arc::new(Arc::new(
+                tokio::task::spawn_blocking(move || RouterDb::open(&db_path))
+                    .await
+                    .context("opening the router state")??,
+            ))
+        }
+    };
     // Events that were being delivered when the previous run died get a strike.
     let (journal, leftover) =
         Journal::open(&data_dir.join("inflight.journal")).context("opening the crash journal")?;
@@ -330,7 +341,7 @@ async fn storage_failed(alerts: &Arc<Alerts>, reason: String) -> i32 {
     );
     let key = format!(
         "{FSYNC_ALERT}:{}",
-        crate::router::deadletters::to_ms(std::time::SystemTime::now())
+        crate::time::to_ms(std::time::SystemTime::now())
     );
     if let Err(e) = alerts.raise(&key, alert) {
         tracing::error!(error = %e, "could not record the alert");
@@ -436,7 +447,7 @@ async fn storage_alerts(
     alerts: Arc<Alerts>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let started = crate::router::deadletters::to_ms(std::time::SystemTime::now());
+    let started = crate::time::to_ms(std::time::SystemTime::now());
     // What an earlier run raised and nobody resolved yet (the quota may have been
     // raised, or the backlog drained, while the server was down).
     let mut raised = [STORAGE_ALERTS[0].0, STORAGE_ALERTS[1].0]

@@ -188,12 +188,9 @@ async fn dead_letters(
     State(s): State<AdminState>,
     axum::extract::Query(q): axum::extract::Query<DeadLetterQuery>,
 ) -> Response {
-    let db = s.router.db.clone();
     let limit = q.limit.unwrap_or(1000);
-    let dest = q.destination.clone();
-    match tokio::task::spawn_blocking(move || db.list(dest.as_deref(), limit)).await {
-        Ok(Ok(list)) => axum::Json(list).into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    match s.router.db.list(q.destination.as_deref(), limit).await {
+        Ok(list) => axum::Json(list).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

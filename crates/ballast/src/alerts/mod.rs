@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use crate::config::AlertsConfig;
-use crate::router::deadletters::to_ms;
+use crate::time::to_ms;
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");

@@ -54,7 +54,7 @@ impl Notifier for PagerDuty {
                         Severity::Warning => "warning",
                         Severity::Info => "info",
                     },
-                    "timestamp": humantime::format_rfc3339_millis(crate::router::deadletters::from_ms(alert.at_ms)).to_string(),
+                    "timestamp": humantime::format_rfc3339_millis(crate::time::from_ms(alert.at_ms)).to_string(),
                     "component": "ballast",
                     "group": "ballast",
                     "class": alert.class(),

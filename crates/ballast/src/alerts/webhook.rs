@@ -38,7 +38,7 @@ impl Notifier for WebhookNotifier {
                 "severity": alert.severity,
                 "summary": alert.summary,
                 "details": alert.details,
-                "timestamp": humantime::format_rfc3339_millis(crate::router::deadletters::from_ms(alert.at_ms)).to_string(),
+                "timestamp": humantime::format_rfc3339_millis(crate::time::from_ms(alert.at_ms)).to_string(),
             }),
         }
     }

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 use crate::alerts::{Action, Alerts, Severity};
 use crate::config::RecoveryConfig;
-use crate::router::deadletters::{from_ms, to_ms};
 use crate::server::{write_atomically, Mode};
+use crate::time::{from_ms, to_ms};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StateFile {

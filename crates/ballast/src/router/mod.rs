@@ -4,8 +4,8 @@
 //! the log that only moves over events that are finished. Destinations are independent:
 //! one that is slow or down never holds back another, nor ingestion.
 
-pub mod deadletters;
 pub mod retry;
+pub mod state;
 mod worker;
 pub(crate) use worker::strike_key_of;
 
@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::store::{Position, Store};
-pub use deadletters::{DeadLetter, RouterDb};
+pub use state::{DeadLetter, RouterDb, RouterState};
 
 /// Live counters of one destination.
 #[derive(Default)]
@@ -41,8 +41,6 @@ pub struct DestinationStats {
     /// Partitions of the store whose lease this process holds for the destination (and
     /// whose delivery loop it runs).
     pub partitions_held: AtomicU64,
-    /// One of this process's loops of the destination delivers its replayed dead letters.
-    pub replay_owner: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of one destination for `/v1/status` and `/metrics`.
@@ -80,7 +78,7 @@ pub struct DestinationHandle {
 
 pub struct Router {
     pub destinations: Vec<DestinationHandle>,
-    pub db: Arc<RouterDb>,
+    pub db: Arc<dyn RouterState>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     store: Arc<dyn Store>,
 }
@@ -91,7 +89,7 @@ struct WorkerParts {
     config: crate::config::DestinationConfig,
     sink: Arc<dyn crate::destinations::Destination>,
     store: Arc<dyn Store>,
-    db: Arc<RouterDb>,
+    db: Arc<dyn RouterState>,
     stats: Arc<DestinationStats>,
     replay: Arc<Notify>,
     journal: Arc<crate::recovery::journal::Journal>,
@@ -146,7 +144,7 @@ impl WorkerParts {
 /// shares them; an event that cannot be read is named by its position.
 pub(crate) async fn strike(
     store: &dyn Store,
-    db: &Arc<RouterDb>,
+    db: &Arc<dyn RouterState>,
     in_flight: &[(String, Position)],
 ) -> anyhow::Result<Vec<((String, String), u32)>> {
     let mut struck = Vec::with_capacity(in_flight.len());
@@ -161,13 +159,8 @@ pub(crate) async fn strike(
         };
         struck.push((dest.clone(), key.unwrap_or_else(|| format!("@{pos}"))));
     }
-    let db = db.clone();
-    let counts = tokio::task::spawn_blocking(move || {
-        let counts = db.add_strikes(&struck)?;
-        Ok::<_, deadletters::DbError>(struck.into_iter().zip(counts).collect())
-    })
-    .await??;
-    Ok(counts)
+    let counts = db.add_strikes(&struck).await?;
+    Ok(struck.into_iter().zip(counts).collect())
 }
 
 /// Runs a destination's delivery loop while this process holds the destination's lease
@@ -285,7 +278,7 @@ impl Router {
     pub async fn start(
         config: &Config,
         store: Arc<dyn Store>,
-        db: Arc<RouterDb>,
+        db: Arc<dyn RouterState>,
         journal: Arc<crate::recovery::journal::Journal>,
         alerts: Arc<crate::alerts::Alerts>,
         routing: watch::Receiver<bool>,
@@ -302,11 +295,7 @@ impl Router {
             }
             let sink = crate::destinations::build(d)?;
             let stats = Arc::new(DestinationStats::default());
-            let dead = {
-                let db = db.clone();
-                let id = d.id.clone();
-                tokio::task::spawn_blocking(move || db.count(&id)).await??
-            };
+            let dead = db.count(&d.id).await?;
             stats.dead_letters.store(dead, Ordering::Relaxed);
             let replay = Arc::new(Notify::new());
             let parts = WorkerParts {
@@ -385,9 +374,7 @@ impl Router {
         let Some(d) = self.destinations.iter().find(|d| d.id == destination) else {
             anyhow::bail!("no enabled destination {destination:?}");
         };
-        let db = self.db.clone();
-        let id = destination.to_string();
-        let n = tokio::task::spawn_blocking(move || db.replay(&id, since)).await??;
+        let n = self.db.replay(destination, since).await?;
         d.stats.dead_letters.fetch_sub(n as u64, Ordering::Relaxed);
         d.replay.notify_one();
         Ok(n)

@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
-use super::deadletters::{from_ms, to_ms, DeadLetter, RetryInfo, RouterDb};
+use super::state::{from_ms, to_ms, DeadLetter, RetryInfo, RouterState};
 use super::{consumer_name, retry, DestinationStats};
 use crate::alerts::{Action, Alerts, Severity};
 use crate::config::DestinationConfig;
@@ -47,6 +47,7 @@ const ACK_EVERY: Duration = Duration::from_millis(200);
 /// takeover re-sends; the cost of an acknowledgement stays bounded whatever the backlog).
 const MAX_DONE_RANGES: usize = 4096;
 const SAVE_RETRY_EVERY: Duration = Duration::from_secs(1);
+const REPLAY_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -97,14 +98,14 @@ pub(super) struct Worker {
     /// holder (counted as a re-delivery).
     takeover_mark: Position,
     last_progress: Progress,
-    /// This loop delivers the destination's replayed dead letters (one loop per process).
+    /// This loop delivers the destination's replayed dead letters (partition 0's).
     replays: bool,
     /// What this loop last added to the destination's shared gauges.
     published: (u64, u64, u64),
     redelivered: metrics::Counter,
     sink: Arc<dyn Destination>,
     store: Arc<dyn Store>,
-    db: Arc<RouterDb>,
+    db: Arc<dyn RouterState>,
     stats: Arc<DestinationStats>,
     replay: Arc<Notify>,
     sources: HashSet<String>,
@@ -222,7 +223,7 @@ impl Worker {
         config: DestinationConfig,
         sink: Arc<dyn Destination>,
         store: Arc<dyn Store>,
-        db: Arc<RouterDb>,
+        db: Arc<dyn RouterState>,
         stats: Arc<DestinationStats>,
         replay: Arc<Notify>,
         journal: Arc<Journal>,
@@ -236,14 +237,8 @@ impl Worker {
         let takeover_mark = progress.done.last().map_or(start, |r| r.1);
         let partitions = store.partitions().max(1) as usize;
         let concurrency = config.concurrency.div_ceil(partitions).max(1);
-        let (known_retry, strikes) = {
-            let db = db.clone();
-            let id = config.id.clone();
-            tokio::task::spawn_blocking(move || {
-                Ok::<_, super::deadletters::DbError>((db.load_retry(&id)?, db.load_strikes(&id)?))
-            })
-            .await??
-        };
+        let known_retry = db.load_retry(&config.id).await?;
+        let strikes = db.load_strikes(&config.id).await?;
         // An episode an earlier run left open: it must stay quiet for a whole period of
         // this run before it resolves.
         let abort_alert = alerts
@@ -304,12 +299,11 @@ impl Worker {
         let mut end = *durable.borrow_and_update();
         let mut last_ack = Instant::now();
         let mut last_retry_save = Instant::now();
-        self.replays = self
-            .stats
-            .replay_owner
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
+        // Replayed dead letters are delivered by the loop of partition 0: one loop in the
+        // whole cluster, as its lease has one holder.
+        self.replays = self.partition == 0;
         let mut load_replays = self.replays;
+        let mut last_replay_check = Instant::now();
         let replay = self.replay.clone();
         tracing::info!(destination = %self.config.id, partition = self.partition, cursor = self.read_pos, "delivery started");
         loop {
@@ -327,8 +321,14 @@ impl Worker {
                     continue;
                 }
             }
+            // Another replica may have asked for a replay (shared state): look again now
+            // and then.
+            if self.replays && last_replay_check.elapsed() >= REPLAY_CHECK_EVERY {
+                load_replays = true;
+            }
             if load_replays {
                 load_replays = false;
+                last_replay_check = Instant::now();
                 self.load_replays().await;
             }
             if routing_on {
@@ -405,9 +405,6 @@ impl Worker {
         self.inflight.clear();
         self.users.clear();
         self.publish_stats(true);
-        if self.replays {
-            self.stats.replay_owner.store(false, Ordering::Release);
-        }
         tracing::info!(destination = %self.config.id, partition = self.partition, cursor = self.acked, "delivery stopped");
     }
 
@@ -521,15 +518,12 @@ impl Worker {
     }
 
     async fn load_replays(&mut self) {
-        let db = self.db.clone();
-        let id = self.config.id.clone();
-        let letters = match tokio::task::spawn_blocking(move || db.replay_queue(&id)).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
+        let letters = match self.db.replay_queue(&self.config.id).await {
+            Ok(l) => l,
+            Err(e) => {
                 tracing::error!(destination = %self.config.id, error = %e, "reading the replay queue failed");
                 return;
             }
-            Err(_) => return,
         };
         for l in letters {
             if !self.replaying.insert(l.id) {
@@ -918,9 +912,7 @@ impl Worker {
         self.stats
             .replayed
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        let db = self.db.clone();
-        let dest = self.config.id.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.replay_done(&dest, &ids)).await {
+        if let Err(e) = self.db.replay_done(&self.config.id, &ids).await {
             tracing::error!(destination = %self.config.id, error = %e, "recording replayed events failed");
         }
     }
@@ -963,16 +955,13 @@ impl Worker {
         }
         let count = letters.len() as u64;
         loop {
-            let db = self.db.clone();
-            let batch = letters.clone();
-            match tokio::task::spawn_blocking(move || db.add_dead_letters(batch)).await {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => {
+            match self.db.add_dead_letters(letters.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
                     // Never finish an event that is not durably dead-lettered.
                     tracing::error!(destination = %self.config.id, error = %e, "storing dead letters failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         }
         tracing::warn!(destination = %self.config.id, events = count, ?status, reason, "events moved to the dead letters");
@@ -1098,10 +1087,12 @@ impl Worker {
             .iter()
             .map(|k| (self.config.id.clone(), k.to_string()))
             .collect();
-        let db = self.db.clone();
-        let counts = match tokio::task::spawn_blocking(move || db.add_strikes(&events)).await {
-            Ok(Ok(c)) => c,
-            _ => return,
+        let counts = match self.db.add_strikes(&events).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(destination = %self.config.id, error = %e, "recording strikes failed");
+                return;
+            }
         };
         for (key, n) in keys.into_iter().zip(counts) {
             self.strikes.insert(key.to_string(), n);
@@ -1160,11 +1151,7 @@ impl Worker {
     async fn save_retry_state(&mut self) {
         if !self.strike_clears.is_empty() {
             let clears = std::mem::take(&mut self.strike_clears);
-            let db = self.db.clone();
-            let dest = self.config.id.clone();
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || db.clear_strikes(&dest, &clears)).await
-            {
+            if let Err(e) = self.db.clear_strikes(&self.config.id, &clears).await {
                 tracing::warn!(destination = %self.config.id, error = %e, "clearing strikes failed");
             }
         }
@@ -1172,11 +1159,7 @@ impl Worker {
             return;
         }
         let changes = std::mem::take(&mut self.retry_changes);
-        let db = self.db.clone();
-        let dest = self.config.id.clone();
-        if let Ok(Err(e)) =
-            tokio::task::spawn_blocking(move || db.save_retry(&dest, &changes)).await
-        {
+        if let Err(e) = self.db.save_retry(&self.config.id, &changes).await {
             tracing::warn!(destination = %self.config.id, error = %e, "saving retry state failed");
         }
     }

@@ -82,7 +82,7 @@ CREATE TABLE IF NOT EXISTS ballast_cursor (
 "#;
 
 /// Serialises schema creation between replicas starting at once.
-const SCHEMA_LOCK: i64 = 0x6261_6c6c_6173_7401;
+pub(crate) const SCHEMA_LOCK: i64 = 0x6261_6c6c_6173_7401;
 /// Held (per transaction) by the replica deleting what every consumer is past.
 const CLEANUP_LOCK: i64 = 0x6261_6c6c_6173_7402;
 /// First key of the member locks (second key: a random id per process).
@@ -202,7 +202,7 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
 
 /// Bounds every statement and transaction: a database that stops answering (a
 /// partition without a reset) fails the request instead of hanging it.
-const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Server-side limits on every session: a replica that dies (or is cut off) while it holds
 /// the position row's lock in a transaction, or a lease, must not hold it for the
@@ -215,7 +215,7 @@ const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=10s -c loc
 /// only a dead or cut-off holder lets it expire (PostgreSQL 14 and later).
 const LEASE_SESSION_OPTIONS: &str = "-c idle_session_timeout=10s";
 
-async fn connect(url: &str) -> Result<Client, StoreError> {
+pub(crate) async fn connect(url: &str) -> Result<Client, StoreError> {
     connect_with(url, "").await
 }
 

@@ -1,15 +1,15 @@
-//! The router's durable state in `<data_dir>/router.redb`: dead letters, the replay queue
-//! and per-event retry state (so attempt counts and first-attempt times survive
-//! restarts).
+//! The router's state in `<data_dir>/router.redb` (embedded store): dead letters, the
+//! replay queue, per-event retry state and poison strikes.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
+use super::{e, to_ms, DbError, DeadLetter, RetryInfo, RouterState};
 use crate::store::Position;
 
 const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
@@ -19,50 +19,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Strikes by (destination, strike key): the messageId, so a resent copy of a poison
 /// event shares its strikes.
 const STRIKES: TableDefinition<(&str, &str), u32> = TableDefinition::new("strikes_by_id");
-
-#[derive(Debug, thiserror::Error)]
-#[error("router state: {0}")]
-pub struct DbError(String);
-
-fn e<E: std::fmt::Display>(x: E) -> DbError {
-    DbError(x.to_string())
-}
-
-/// An event the router gave up on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeadLetter {
-    pub id: u64,
-    pub destination: String,
-    /// Its position in the event log (absent for events that were already replays).
-    pub position: Option<Position>,
-    pub source: String,
-    pub event: Box<RawValue>,
-    pub attempts: u32,
-    /// Milliseconds since the Unix epoch.
-    pub first_attempt_ms: u64,
-    pub dead_at_ms: u64,
-    pub status: Option<u16>,
-    pub reason: String,
-    /// "aborted" (a permanent error or retries exhausted) or "poison".
-    pub kind: String,
-}
-
-/// What the router remembers of an event that failed and will be retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetryInfo {
-    pub attempts: u32,
-    pub first_attempt_ms: u64,
-}
-
-pub fn to_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-pub fn from_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
 
 pub struct RouterDb {
     db: Database,
@@ -293,9 +249,77 @@ impl RouterDb {
     }
 }
 
+/// Runs a redb call off the async runtime's threads.
+async fn blocking<T: Send + 'static>(
+    db: &Arc<RouterDb>,
+    f: impl FnOnce(&RouterDb) -> Result<T, DbError> + Send + 'static,
+) -> Result<T, DbError> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || f(&db))
+        .await
+        .map_err(|e| DbError(format!("router state task failed: {e}")))?
+}
+
+#[async_trait]
+impl RouterState for Arc<RouterDb> {
+    async fn add_dead_letters(&self, letters: Vec<DeadLetter>) -> Result<Vec<u64>, DbError> {
+        blocking(self, move |db| db.add_dead_letters(letters)).await
+    }
+    async fn list(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DbError> {
+        let d = destination.map(str::to_string);
+        blocking(self, move |db| db.list(d.as_deref(), limit)).await
+    }
+    async fn count(&self, destination: &str) -> Result<u64, DbError> {
+        let d = destination.to_string();
+        blocking(self, move |db| db.count(&d)).await
+    }
+    async fn replay(&self, destination: &str, since: Option<SystemTime>) -> Result<usize, DbError> {
+        let d = destination.to_string();
+        blocking(self, move |db| db.replay(&d, since)).await
+    }
+    async fn replay_queue(&self, destination: &str) -> Result<Vec<DeadLetter>, DbError> {
+        let d = destination.to_string();
+        blocking(self, move |db| db.replay_queue(&d)).await
+    }
+    async fn replay_done(&self, destination: &str, ids: &[u64]) -> Result<(), DbError> {
+        let (d, ids) = (destination.to_string(), ids.to_vec());
+        blocking(self, move |db| db.replay_done(&d, &ids)).await
+    }
+    async fn add_strikes(&self, events: &[(String, String)]) -> Result<Vec<u32>, DbError> {
+        let events = events.to_vec();
+        blocking(self, move |db| db.add_strikes(&events)).await
+    }
+    async fn load_strikes(&self, destination: &str) -> Result<HashMap<String, u32>, DbError> {
+        let d = destination.to_string();
+        blocking(self, move |db| db.load_strikes(&d)).await
+    }
+    async fn clear_strikes(&self, destination: &str, keys: &[String]) -> Result<(), DbError> {
+        let (d, keys) = (destination.to_string(), keys.to_vec());
+        blocking(self, move |db| db.clear_strikes(&d, &keys)).await
+    }
+    async fn load_retry(&self, destination: &str) -> Result<HashMap<Position, RetryInfo>, DbError> {
+        let d = destination.to_string();
+        blocking(self, move |db| db.load_retry(&d)).await
+    }
+    async fn save_retry(
+        &self,
+        destination: &str,
+        changes: &[(Position, Option<RetryInfo>)],
+    ) -> Result<(), DbError> {
+        let (d, changes) = (destination.to_string(), changes.to_vec());
+        blocking(self, move |db| db.save_retry(&d, &changes)).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::state::from_ms;
+    use serde_json::value::RawValue;
 
     fn letter(dest: &str, n: u64, dead_at_ms: u64) -> DeadLetter {
         DeadLetter {

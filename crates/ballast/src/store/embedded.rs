@@ -64,6 +64,8 @@ fn map_err(e: LogError) -> StoreError {
         LogError::DiskFull(_) => StoreError::DiskFull,
         LogError::RecordTooLarge(n) => StoreError::TooLarge(format!("{n} bytes")),
         LogError::WriterFailed(m) => StoreError::Fatal(m),
+        // Transient (a segment could not be created): 503, the writer retries.
+        LogError::Unavailable(m) => StoreError::Other(m),
         LogError::Closed => StoreError::Fatal("store is closed".into()),
         other => StoreError::Other(other.to_string()),
     }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -240,18 +239,28 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     .context("writing server.json")?;
     tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
 
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    // Connection caps that leave file descriptors to the log and the destinations.
+    let fd_limit = crate::listener::raise_fd_limit();
+    let (public_cap, admin_cap) =
+        crate::listener::connection_caps(&config.server, fd_limit, crate::listener::open_fds());
+    if public_cap < config.server.max_connections {
+        tracing::info!(
+            max_connections = public_cap,
+            configured = config.server.max_connections,
+            fd_limit,
+            fd_reserve = config.server.fd_reserve,
+            "connection cap lowered to fit the file descriptor limit"
+        );
+    }
+    let public_limits = crate::listener::Limits::from_config(&config.server, public_cap);
+    let admin_limits = crate::listener::Limits::from_config(&config.server, admin_cap);
     let public_app = gateway.router();
-    let public_server = tokio::spawn(std::future::IntoFuture::into_future(
-        axum::serve(
-            public.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            public_app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone())),
+    let public_server = tokio::spawn(crate::listener::serve(
+        public,
+        public_app,
+        public_limits,
+        "public",
+        stop_rx.clone(),
     ));
     let admin_app = crate::admin::router(crate::admin::AdminState {
         store: store.clone(),
@@ -261,8 +270,12 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         router: router.clone(),
         recovery: recovery.clone(),
     });
-    let admin_server = tokio::spawn(std::future::IntoFuture::into_future(
-        axum::serve(admin, admin_app).with_graceful_shutdown(stopped(stop_rx.clone())),
+    let admin_server = tokio::spawn(crate::listener::serve(
+        admin,
+        admin_app,
+        admin_limits,
+        "admin",
+        stop_rx.clone(),
     ));
 
     let exit_code = tokio::select! {

@@ -19,7 +19,6 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode}
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use bytes::Bytes;
 use serde::Deserialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -47,7 +46,7 @@ pub struct Gateway {
 }
 
 /// An error answer: status and the exact plain-text body SDKs key on.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: &'static str,
@@ -83,6 +82,9 @@ pub const TOO_LARGE: ApiError = ApiError::new(
     StatusCode::PAYLOAD_TOO_LARGE,
     "request size exceeds max limit",
 );
+/// The body did not arrive in time (`server.body_read_timeout`, `server.body_min_rate`).
+pub const BODY_TIMEOUT: ApiError =
+    ApiError::new(StatusCode::REQUEST_TIMEOUT, "request body read timeout");
 pub const INVALID_GZIP: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid gzip body");
 pub const RATE_LIMITED: ApiError = ApiError {
     status: StatusCode::TOO_MANY_REQUESTS,
@@ -100,7 +102,9 @@ pub const SHUTTING_DOWN: ApiError =
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, self.body).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE
+            || self.status == StatusCode::REQUEST_TIMEOUT
+        {
             // The body may not have been read to its end: the connection cannot be reused.
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -380,8 +384,8 @@ impl RequestCounters {
 }
 
 impl Gateway {
-    fn finish(&self, result: Result<Response, ApiError>, route: &'static str) -> Response {
-        let response = result.unwrap_or_else(IntoResponse::into_response);
+    fn finish(&self, result: Result<Response, Response>, route: &'static str) -> Response {
+        let response = result.unwrap_or_else(|e| e);
         self.requests.count(route, response.status());
         response
     }
@@ -396,16 +400,10 @@ fn peer_of(parts: &axum::http::request::Parts) -> SocketAddr {
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn read_request(
-    gw: &Gateway,
-    headers: &HeaderMap,
-    body: axum::body::Body,
-) -> Result<Bytes, ApiError> {
-    body::read(headers, body, gw.max_request_bytes).await
-}
-
 /// The shared path of the POST routes: write key (query first when given, else Basic
-/// auth), body within the limit, ingest, count.
+/// auth) and declared length judged from the head, body within the limit, ingest,
+/// count. A request refused before its body was read gets a lingering close (see
+/// [`body::linger`]).
 async fn post_events(
     gw: &Gateway,
     req: Request,
@@ -414,26 +412,60 @@ async fn post_events(
     route: &'static str,
 ) -> Response {
     let started = std::time::Instant::now();
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let (peer, headers) = (peer_of(&parts), &parts.headers);
-    let result = async {
+    let limit = gw.max_request_bytes;
+    // What the head alone decides: a malformed or unknown write key (a wrong key is a
+    // 401 whatever the body holds), a declared length over the limit.
+    let head = (|| {
         let key = match query_key.filter(|k| !k.is_empty()) {
             Some(k) => Some(k),
             None => auth::basic_user(headers)?,
         };
-        let bytes = read_request(gw, headers, body).await?;
-        gw.ingest(Ingest {
-            headers,
-            peer,
-            key: key.as_deref(),
-            route_type,
-            body: &bytes,
-        })
-        .await
-    }
-    .await;
+        if let Some(k) = key.as_deref() {
+            gw.source(Some(k))?;
+        }
+        body::check_declared_length(headers, limit)?;
+        Ok::<_, ApiError>(key)
+    })();
+    let result = match head {
+        Err(e) => Err(early(headers, &mut body, limit, e).await),
+        Ok(key) => match body::read(headers, &mut body, limit).await {
+            Err(body::Refused::TooLarge) => Err(early(headers, &mut body, limit, TOO_LARGE).await),
+            Err(refused) => Err(refused.answer().into_response()),
+            Ok(bytes) => gw
+                .ingest(Ingest {
+                    headers,
+                    peer,
+                    key: key.as_deref(),
+                    route_type,
+                    body: &bytes,
+                })
+                .await
+                .map_err(IntoResponse::into_response),
+        },
+    };
     let response = gw.finish(result, route);
     gw.latency.record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The answer to a request refused before its body was read: the rest of the body is
+/// read and discarded first (bounded), then the connection closes unless the body was
+/// read to its end.
+async fn early(
+    headers: &HeaderMap,
+    body: &mut axum::body::Body,
+    limit: usize,
+    error: ApiError,
+) -> Response {
+    let drained = body::linger(headers, body, limit).await;
+    let mut response = error.into_response();
+    if !drained {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

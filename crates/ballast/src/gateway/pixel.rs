@@ -136,7 +136,7 @@ pub async fn pixel(
             body: body.as_bytes(),
         })
         .await;
-    let stored = gw.finish(result, "pixel");
+    let stored = gw.finish(result.map_err(IntoResponse::into_response), "pixel");
     if stored.status() != StatusCode::OK {
         tracing::debug!(status = %stored.status(), "pixel request not stored");
     }

@@ -82,7 +82,7 @@ pub fn raise_fd_limit() -> Option<u64> {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    Some(lim.rlim_cur as u64)
+    Some(lim.rlim_cur)
 }
 
 /// Descriptors this process has open now (Linux: `/proc/self/fd`).
@@ -552,10 +552,12 @@ mod tests {
 
     #[test]
     fn connection_caps_leave_the_reserve() {
-        let mut c = ServerConfig::default();
-        c.fd_reserve = 100;
-        c.max_connections = 10_000;
-        c.admin_max_connections = 64;
+        let mut c = ServerConfig {
+            fd_reserve: 100,
+            max_connections: 10_000,
+            admin_max_connections: 64,
+            ..Default::default()
+        };
         assert_eq!(connection_caps(&c, None, None), (10_000, 64));
         // 1024 - 24 open - 100 reserve = 900: 64 for admin, 836 public.
         assert_eq!(connection_caps(&c, Some(1024), Some(24)), (836, 64));

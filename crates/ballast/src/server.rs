@@ -413,10 +413,14 @@ const FSYNC_ALERT: &str = "fsync";
 /// The storage alerts' condition keys and what they say: at 90 % and at 100 %.
 const STORAGE_ALERTS: [(&str, &str); 2] = [
     ("storage-90", "at 90 % of its quota"),
-    ("storage-full", "full: new events get 503"),
+    ("storage-full", "refusing new events (503)"),
 ];
 
-/// Raises (and resolves) the storage alerts: at 90 % and at 100 % of the quota.
+/// How often the storage alerts look at the store.
+const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Raises (and resolves) the storage alerts: at 90 % of the quota, and while the store
+/// refuses new events (quota reached, disk full, a segment that cannot be created).
 async fn storage_alerts(
     store: Arc<dyn Store>,
     alerts: Arc<Alerts>,
@@ -431,7 +435,11 @@ async fn storage_alerts(
     loop {
         let st = store.status();
         let ratio = st.bytes_used as f64 / st.quota_bytes.max(1) as f64;
-        let levels = [ratio >= 0.9, st.full()];
+        // A failed writer has its own alert (fsync) and stops the server.
+        let refusal = store
+            .refusal()
+            .filter(|r| !matches!(r, crate::store::Refusal::Failed(_)));
+        let levels = [ratio >= 0.9, refusal.is_some()];
         for (i, (&now_on, was_on)) in levels.iter().zip(raised.iter_mut()).enumerate() {
             if now_on == *was_on {
                 continue;
@@ -451,8 +459,23 @@ async fn storage_alerts(
                 } else {
                     Severity::Critical
                 },
-                format!("ballast storage on {} is {what}", alerts.source()),
-                serde_json::json!({ "bytes_used": st.bytes_used, "quota_bytes": st.quota_bytes }),
+                match (&refusal, i) {
+                    (Some(r), 1) => format!(
+                        "ballast storage on {} is {what}: {}",
+                        alerts.source(),
+                        r.describe()
+                    ),
+                    (None, 1) => format!(
+                        "ballast storage on {} accepts new events again",
+                        alerts.source()
+                    ),
+                    _ => format!("ballast storage on {} is {what}", alerts.source()),
+                },
+                serde_json::json!({
+                    "bytes_used": st.bytes_used,
+                    "quota_bytes": st.quota_bytes,
+                    "reason": refusal.as_ref().map(|r| r.reason()),
+                }),
             );
             let id = format!("{key}:{started}:{seq}");
             let a = alerts.clone();
@@ -462,7 +485,7 @@ async fn storage_alerts(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(STORAGE_CHECK_INTERVAL) => {}
             _ = stop.changed() => return,
         }
     }

@@ -41,6 +41,8 @@ pub struct Gateway {
     state: Arc<ServerState>,
     max_request_bytes: usize,
     requests: RequestCounters,
+    /// Requests refused because the store could not take them, by reason.
+    rejections: StorageRejections,
     /// Time from the request's head to the answer of every POST ingest request.
     latency: metrics::Histogram,
 }
@@ -146,6 +148,7 @@ impl Gateway {
             state,
             max_request_bytes: config.server.max_request_bytes,
             requests: RequestCounters::default(),
+            rejections: StorageRejections::new(),
             latency: metrics::histogram!("ballast_ingest_request_seconds"),
         }
     }
@@ -284,11 +287,25 @@ impl Gateway {
                 source.events.increment(n);
                 Ok(ok())
             }
-            Err(StoreError::QuotaExceeded) => Err(QUOTA),
-            Err(StoreError::DiskFull) => Err(DISK_FULL),
+            Err(StoreError::QuotaExceeded) => {
+                self.rejections.quota.increment(1);
+                Err(QUOTA)
+            }
+            Err(StoreError::DiskFull) => {
+                self.rejections.disk_full.increment(1);
+                Err(DISK_FULL)
+            }
             Err(StoreError::TooLarge(_)) => Err(TOO_LARGE),
-            Err(e) => {
+            Err(e @ StoreError::Fatal(_)) => {
+                self.rejections.failed.increment(1);
                 tracing::error!(error = %e, "could not store events");
+                Err(STORE_DOWN)
+            }
+            Err(e) => {
+                // Transient (the store logs when it starts and stops): debug only, so a
+                // burst of refused requests does not flood the log.
+                self.rejections.unavailable.increment(1);
+                tracing::debug!(error = %e, "could not store events");
                 Err(STORE_DOWN)
             }
         }
@@ -343,6 +360,31 @@ struct Ingest<'a> {
 struct KeyQuery {
     #[serde(rename = "writeKey")]
     write_key: Option<String>,
+}
+
+/// `ballast_storage_rejections_total{reason}`: requests the store refused (503), by
+/// reason; registered at start so that they read 0 until something is refused.
+struct StorageRejections {
+    quota: metrics::Counter,
+    disk_full: metrics::Counter,
+    unavailable: metrics::Counter,
+    failed: metrics::Counter,
+}
+
+impl StorageRejections {
+    fn new() -> StorageRejections {
+        let c = |reason: &'static str| {
+            let c = metrics::counter!("ballast_storage_rejections_total", "reason" => reason);
+            c.increment(0);
+            c
+        };
+        StorageRejections {
+            quota: c("quota"),
+            disk_full: c("disk_full"),
+            unavailable: c("unavailable"),
+            failed: c("storage_failed"),
+        }
+    }
 }
 
 /// Request counters by route and status, registered on first use and then cached (the

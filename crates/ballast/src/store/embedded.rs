@@ -8,7 +8,7 @@ use ballast_log::{Batch, Log, LogConfig, LogError, PushError, RecoveryReport};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    envelope, Appended, EventBatch, Position, ReadEvents, Store, StoreError, StoreStatus,
+    envelope, Appended, EventBatch, Position, ReadEvents, Refusal, Store, StoreError, StoreStatus,
     StoredEvent,
 };
 
@@ -208,6 +208,23 @@ impl Store for EmbeddedStore {
             segments: s.segments,
             start: s.start,
             end: s.durable_end,
+        }
+    }
+
+    fn refusal(&self) -> Option<Refusal> {
+        let s = self.log.stats();
+        if s.failed {
+            Some(Refusal::Failed(
+                self.fatal.borrow().clone().unwrap_or_default(),
+            ))
+        } else if s.disk_full {
+            Some(Refusal::DiskFull)
+        } else if let Some(m) = s.unavailable {
+            Some(Refusal::Unavailable(m))
+        } else if s.quota_blocked || s.bytes_on_disk >= self.quota {
+            Some(Refusal::Quota)
+        } else {
+            None
         }
     }
 

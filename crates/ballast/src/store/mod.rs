@@ -173,6 +173,41 @@ impl StoreStatus {
     }
 }
 
+/// Why a store refuses new events right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A fatal write failure: nothing will be acknowledged in this process any more.
+    Failed(String),
+    /// The disk (or the file system's quota) is full: ENOSPC.
+    DiskFull,
+    /// A transient failure (e.g. a new segment could not be created); retried.
+    Unavailable(String),
+    /// `storage.max_bytes` is reached.
+    Quota,
+}
+
+impl Refusal {
+    /// The metrics label and the short name in `/v1/status`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Failed(_) => "storage_failed",
+            Refusal::DiskFull => "disk_full",
+            Refusal::Unavailable(_) => "unavailable",
+            Refusal::Quota => "quota",
+        }
+    }
+
+    /// What `/readyz` answers.
+    pub fn describe(&self) -> String {
+        match self {
+            Refusal::Failed(_) => "storage failed".into(),
+            Refusal::DiskFull => "disk full".into(),
+            Refusal::Unavailable(m) => format!("storage unavailable: {m}"),
+            Refusal::Quota => "storage quota exceeded".into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage quota exceeded")]
@@ -210,6 +245,19 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<Position>;
 
     fn status(&self) -> StoreStatus;
+
+    /// Why the store refuses new events right now, if it does. Backends that know more
+    /// than [`StoreStatus`] tells (a full disk) say so.
+    fn refusal(&self) -> Option<Refusal> {
+        let st = self.status();
+        if !st.writable {
+            Some(Refusal::Failed(st.failure.unwrap_or_default()))
+        } else if st.full() {
+            Some(Refusal::Quota)
+        } else {
+            None
+        }
+    }
 
     /// Waits until this process may consume as `consumer` alone (the embedded log has
     /// one process per data directory: at once; PostgreSQL: an advisory lock, which

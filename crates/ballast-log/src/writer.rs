@@ -39,6 +39,11 @@ static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 /// checks whether it can write again (so that readiness comes back with no traffic).
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A full disk counts as having room again once this much (at least) can be written:
+/// the size of the last refused group, within these bounds.
+const MIN_PROBE_BYTES: u64 = 64 << 10;
+const MAX_PROBE_BYTES: u64 = 16 << 20;
+
 /// Injected ENOSPC for tests: `ballast_log::disk_full=return(PATH)` makes every write
 /// fail with "No space left on device" while the file PATH exists (always without PATH).
 fn injected_disk_full() -> std::io::Result<()> {
@@ -73,6 +78,8 @@ pub(crate) struct Writer {
     pending: Vec<(Submission, Appended)>,
     /// Latency of each fdatasync, for the application's metrics recorder (if any).
     fsync_seconds: metrics::Histogram,
+    /// How much a space probe writes (see [`MIN_PROBE_BYTES`]).
+    probe_bytes: u64,
 }
 
 fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -147,6 +154,7 @@ impl Writer {
             buf: Vec::new(),
             pending: Vec::new(),
             fsync_seconds: metrics::histogram!("ballast_log_fsync_seconds"),
+            probe_bytes: MIN_PROBE_BYTES,
         })
     }
 
@@ -283,13 +291,14 @@ impl Writer {
         let need = self.len + self.buf.len() as u64;
         if self.chunk > 0 && need > self.allocated {
             if let Err(e) = self.preallocate(need) {
-                if e.kind() == ErrorKind::StorageFull {
-                    // Give the space back; the group is refused, the writer goes on.
-                    let _ = self.file.set_len(self.allocated);
-                    self.refuse_pending_disk_full(&e);
-                    return Ok(());
+                if e.kind() != ErrorKind::StorageFull {
+                    return Err(self.fatal(format!("preallocating the segment failed: {e}")));
                 }
-                return Err(self.fatal(format!("preallocating the segment failed: {e}")));
+                // No room to preallocate ahead: give those zeros back and write just the
+                // records, so that the last free space is still used.
+                if let Err(te) = self.file.set_len(self.allocated.max(self.len)) {
+                    return Err(self.fatal(format!("disk full, then truncating failed: {te}")));
+                }
             }
         }
         if let Err(e) = write_at(&self.file, &self.buf, self.len) {
@@ -423,8 +432,19 @@ impl Writer {
         }
         if self.shared.disk_full.load(Ordering::Acquire) {
             // Zeros past the records are unused space to recovery: writing them is safe.
-            let n = ZEROS.len() as u64;
-            match write_at(&self.file, &ZEROS, self.allocated) {
+            let n = self.probe_bytes;
+            let mut at = self.allocated;
+            let written = loop {
+                if at >= self.allocated + n {
+                    break Ok(());
+                }
+                let len = ((self.allocated + n - at) as usize).min(ZEROS.len());
+                if let Err(e) = write_at(&self.file, &ZEROS[..len], at) {
+                    break Err(e);
+                }
+                at += len as u64;
+            };
+            match written {
                 Ok(()) => {
                     if self.chunk > 0 {
                         self.allocated += n; // keep it as preallocated space
@@ -433,10 +453,16 @@ impl Writer {
                     }
                     self.shared.set_disk_full(false, "");
                 }
-                Err(e) if e.kind() == ErrorKind::StorageFull => {
-                    let _ = self.file.set_len(self.allocated);
+                Err(e) => {
+                    if let Err(te) = self.file.set_len(self.allocated.max(self.len)) {
+                        return Err(Fatal(format!(
+                            "disk full, then truncating the space probe failed: {te}"
+                        )));
+                    }
+                    if e.kind() != ErrorKind::StorageFull {
+                        tracing::warn!(error = %e, "probing for free space failed");
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "probing for free space failed"),
             }
         }
         Ok(())
@@ -466,6 +492,9 @@ impl Writer {
     fn refuse_pending_disk_full(&mut self, e: &std::io::Error) {
         let msg = e.to_string();
         self.shared.set_disk_full(true, &msg);
+        // The probe checks for room for a group of this size, so that readiness does
+        // not come back for space that the next such group would not fit in.
+        self.probe_bytes = (self.buf.len() as u64).clamp(MIN_PROBE_BYTES, MAX_PROBE_BYTES);
         self.buf.clear();
         for (sub, _) in self.pending.drain(..) {
             self.shared

@@ -416,6 +416,9 @@ const STORAGE_ALERTS: [(&str, &str); 2] = [
     ("storage-full", "refusing new events (503)"),
 ];
 
+/// How long a storage alert sent without the outbox may take per notifier.
+const DIRECT_ALERT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the storage alerts look at the store.
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -479,10 +482,22 @@ async fn storage_alerts(
             );
             let id = format!("{key}:{started}:{seq}");
             let a = alerts.clone();
+            let direct = alert.clone();
             match tokio::task::spawn_blocking(move || a.raise(&id, alert)).await {
-                Ok(Ok(_)) => *was_on = now_on,
-                _ => tracing::warn!("recording a storage alert failed; will retry"),
+                Ok(Ok(_)) => {}
+                failed => {
+                    // The outbox lives in the data directory: on a full disk it cannot
+                    // be written. Send the alert directly, once, rather than not at all.
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(alert = key, %error, "could not write the storage alert to the outbox; sending it directly");
+                    alerts.send_direct(&direct, DIRECT_ALERT_TIMEOUT).await;
+                }
             }
+            *was_on = now_on;
         }
         tokio::select! {
             _ = tokio::time::sleep(STORAGE_CHECK_INTERVAL) => {}

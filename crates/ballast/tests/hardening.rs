@@ -626,11 +626,16 @@ fn cli_status(server: &Server) -> String {
 }
 
 fn post(server: &Server, id: &str) -> (u16, String) {
+    post_padded(server, id, 300)
+}
+
+fn post_padded(server: &Server, id: &str, pad: usize) -> (u16, String) {
+    let body = json!({"userId": "u", "messageId": id, "properties": {"pad": "p".repeat(pad)}});
     let r = common::client()
         .post(server.url("/v1/track"))
         .basic_auth(WRITE_KEY, Some(""))
         .header("content-type", "application/json")
-        .body(event(id))
+        .body(body.to_string())
         .send()
         .unwrap();
     (r.status().as_u16(), r.text().unwrap())
@@ -791,4 +796,133 @@ fn a_full_quota_is_visible_everywhere_and_clears_when_segments_are_freed() {
         "{:?}",
         alerts.got()
     );
+}
+
+/// A tmpfs mounted for one test (needs root; `None` where mounting is not allowed).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A real ENOSPC on a small tmpfs (skipped where a tmpfs cannot be mounted): the same
+/// signals as the injected one; the alert outbox on the same full disk cannot be
+/// written, so the alert is sent directly; the last free space is still used.
+#[test]
+fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let Some(_tmpfs) = Tmpfs::mount(&dir.path().join("data"), "4m") else {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    };
+    let alerts = AlertSink::start();
+    let extra = format!(
+        "[alerts]\nsource = \"t\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n",
+        alerts.url
+    );
+    let server = Server::start_in(dir.clone(), &common::config(&extra), &[]);
+    assert_eq!(post(&server, "first"), (200, "OK".into()));
+    // Fill the file system, then give back 300 KB.
+    let filler = server.data_dir().join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        for _ in 0..100 {
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(300 << 10)).unwrap();
+    }
+    let mut acked = vec!["first".to_string()];
+    let mut refused = 0;
+    // 8 KB events: 1.3 MB of room (the segment's preallocated 1 MiB and the 300 KB).
+    for i in 0..400 {
+        let id = format!("f-{i}");
+        match post_padded(&server, &id, 8000) {
+            (200, _) => acked.push(id),
+            (503, text) => {
+                assert_eq!(text, "disk full");
+                refused += 1;
+                if refused == 5 {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(refused == 5, "never full: {} acked", acked.len());
+    assert!(
+        acked.len() > 10,
+        "the last free space is used: {}",
+        acked.len()
+    );
+    assert_eq!(readyz(&server), (503, "disk full".into()));
+    assert_eq!(health(&server)["acceptingEvents"], "FALSE");
+    assert_eq!(admin_status(&server)["storage"]["writable"], false);
+    assert!(cli_status(&server).contains("writable false (disk full)"));
+    assert!(
+        metric(
+            &server,
+            "ballast_storage_rejections_total{reason=\"disk_full\"}"
+        )
+        .unwrap_or(0.0)
+            >= 5.0
+    );
+    let trigger = ("trigger".to_string(), "storage-full".to_string());
+    let resolve = ("resolve".to_string(), "storage-full".to_string());
+    assert!(
+        wait_for(10, || alerts.got().contains(&trigger)),
+        "{:?}\n{}",
+        alerts.got(),
+        server.stderr()
+    );
+    // Still refused a few seconds later (no flapping back to ready).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(readyz(&server).0, 503);
+
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_for(10, || readyz(&server).0 == 200),
+        "{:?}",
+        readyz(&server)
+    );
+    assert_eq!(post(&server, "after"), (200, "OK".into()));
+    acked.push("after".into());
+    assert!(
+        wait_for(10, || alerts.got().contains(&resolve)),
+        "{:?}",
+        alerts.got()
+    );
+    let log = server.stderr();
+    assert_eq!(
+        log.matches("disk full: new events are refused").count(),
+        1,
+        "{log}"
+    );
+    let ids: Vec<_> = server
+        .dump()
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ids, acked);
 }

@@ -111,12 +111,93 @@ pub fn connection_caps(
     (public, admin)
 }
 
+/// Keeps file descriptors for the event log while the process runs: the public
+/// listener stops accepting while its connections, plus every other descriptor the
+/// process has open (segments, databases, sockets to destinations, admin connections),
+/// plus the reserve would pass `RLIMIT_NOFILE`. The static cap ([`connection_caps`]) is
+/// set at start; this follows what opens later (e.g. segments of a growing backlog).
+pub struct FdBudget {
+    limit: Option<u64>,
+    reserve: u64,
+    /// Open connections of the listener this budget gates.
+    connections: AtomicU64,
+    /// Descriptors open besides those connections, as last sampled.
+    others: AtomicU64,
+    /// True while the budget is spent: idle connections are closed to give their
+    /// descriptors back.
+    pressure: watch::Sender<bool>,
+}
+
+/// Under descriptor pressure, connections idle at least this long are closed.
+const SHED_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// How often [`FdBudget::run_sampler`] counts the open descriptors.
+const FD_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+impl FdBudget {
+    pub fn new(limit: Option<u64>, reserve: u64) -> Arc<FdBudget> {
+        Arc::new(FdBudget {
+            limit,
+            reserve,
+            connections: AtomicU64::new(0),
+            others: AtomicU64::new(0),
+            pressure: watch::channel(false).0,
+        })
+    }
+
+    /// A budget that never holds anything back (tests, admin).
+    pub fn unlimited() -> Arc<FdBudget> {
+        FdBudget::new(None, 0)
+    }
+
+    fn has_room(&self) -> bool {
+        match self.limit {
+            None => true,
+            Some(limit) => {
+                let used = self.connections.load(Ordering::Acquire)
+                    + self.others.load(Ordering::Acquire)
+                    + self.reserve;
+                used < limit
+            }
+        }
+    }
+
+    fn sample(&self) {
+        if let Some(open) = open_fds() {
+            let conns = self.connections.load(Ordering::Acquire);
+            self.others
+                .store(open.saturating_sub(conns), Ordering::Release);
+        }
+        let spent = !self.has_room();
+        self.pressure.send_if_modified(|p| {
+            let changed = *p != spent;
+            *p = spent;
+            changed
+        });
+    }
+
+    /// Counts the open descriptors now and then until `stop`.
+    pub async fn run_sampler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        if self.limit.is_none() {
+            return;
+        }
+        loop {
+            self.sample();
+            tokio::select! {
+                _ = tokio::time::sleep(FD_SAMPLE_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `stop` turns true, then closes idle connections,
 /// lets in-flight requests finish and returns once every connection is closed.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
+    budget: Arc<FdBudget>,
     name: &'static str,
     stop: watch::Receiver<bool>,
 ) {
@@ -138,6 +219,31 @@ pub async fn serve(
             },
             _ = stopped.changed() => continue,
         };
+        // Descriptors for the log first: wait while the budget is spent.
+        let mut waited = false;
+        while !budget.has_room() && !*stopped.borrow() {
+            if !waited {
+                waited = true;
+                tracing::warn!(
+                    listener = name,
+                    connections = budget.connections.load(Ordering::Relaxed),
+                    fd_limit = budget.limit,
+                    fd_reserve = budget.reserve,
+                    "file descriptors near the limit: new connections wait until some close"
+                );
+                metrics::counter!("ballast_accept_paused_total", "listener" => name).increment(1);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => budget.sample(),
+                _ = stopped.changed() => {}
+            }
+        }
+        if waited {
+            tracing::info!(listener = name, "accepting connections again");
+        }
+        if *stopped.borrow() {
+            break;
+        }
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -157,12 +263,16 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         open.increment(1.0);
+        budget.connections.fetch_add(1, Ordering::AcqRel);
         let app = app.clone();
         let stop = stop.clone();
         let open = open.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
-            connection(tcp, peer, app, limits, name, stop).await;
+            let pressure = budget.pressure.subscribe();
+            connection(tcp, peer, app, limits, name, stop, pressure).await;
             open.decrement(1.0);
+            budget.connections.fetch_sub(1, Ordering::AcqRel);
             drop(permit);
         });
     }
@@ -309,7 +419,9 @@ async fn connection(
     limits: Limits,
     name: &'static str,
     mut stop: watch::Receiver<bool>,
+    pressure: watch::Receiver<bool>,
 ) {
+    let mut pressure = pressure;
     let activity = Arc::new(Activity {
         epoch: Instant::now(),
         busy: AtomicUsize::new(0),
@@ -344,12 +456,32 @@ async fn connection(
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut closing = *stop.borrow();
+    let mut budget_alive = true;
     if closing {
         conn.as_mut().graceful_shutdown();
     }
     loop {
-        let deadline = activity.deadline(&limits);
+        let mut deadline = activity.deadline(&limits);
+        // Out of descriptors: a connection idle for a while gives its own back to the log
+        // (not one between two requests of a busy keep-alive client).
+        if *pressure.borrow() && activity.busy.load(Ordering::Acquire) == 0 {
+            let shed_at =
+                activity.at(activity.idle_since.load(Ordering::Acquire)) + SHED_IDLE_AFTER;
+            if shed_at <= Instant::now() {
+                metrics::counter!("ballast_connections_timed_out_total", "listener" => name, "reason" => "fd_pressure").increment(1);
+                tracing::debug!(listener = name, %peer, "closing an idle connection: file descriptors near the limit");
+                return;
+            }
+            deadline = match deadline {
+                Some((at, why)) if at <= shed_at => Some((at, why)),
+                _ => Some((shed_at, "fd_pressure")),
+            };
+        }
         tokio::select! {
+            r = pressure.changed(), if budget_alive => {
+                // Err: the budget is gone (the server stops); stop watching it.
+                budget_alive = r.is_ok();
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");

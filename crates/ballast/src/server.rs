@@ -254,11 +254,15 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     }
     let public_limits = crate::listener::Limits::from_config(&config.server, public_cap);
     let admin_limits = crate::listener::Limits::from_config(&config.server, admin_cap);
+    // ... and that stop accepting while what opens later (segments, sockets) needs them.
+    let fd_budget = crate::listener::FdBudget::new(fd_limit, config.server.fd_reserve);
+    tokio::spawn(fd_budget.clone().run_sampler(stop_rx.clone()));
     let public_app = gateway.router();
     let public_server = tokio::spawn(crate::listener::serve(
         public,
         public_app,
         public_limits,
+        fd_budget,
         "public",
         stop_rx.clone(),
     ));
@@ -274,6 +278,9 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         admin,
         admin_app,
         admin_limits,
+        // The admin listener has its own small cap, counted in the public budget: an
+        // operator can still look in while the public listener waits for descriptors.
+        crate::listener::FdBudget::unlimited(),
         "admin",
         stop_rx.clone(),
     ));

@@ -201,7 +201,10 @@ pub async fn serve(
     name: &'static str,
     stop: watch::Receiver<bool>,
 ) {
-    let permits = limits.max_connections.min(Semaphore::MAX_PERMITS);
+    let permits = limits
+        .max_connections
+        .min(Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(permits));
     let open = metrics::gauge!("ballast_connections_open", "listener" => name);
     let accept_errors = metrics::counter!("ballast_accept_errors_total", "listener" => name);

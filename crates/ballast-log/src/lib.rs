@@ -43,12 +43,13 @@ const SEGMENT_SUFFIX: &str = ".seg";
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("{context} {path}: {source}")]
+    /// The I/O error is part of the message and deliberately not a `source()`: chains
+    /// printed with `{:#}` would show it twice.
+    #[error("{context} {path}: {error}")]
     Io {
         context: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("record of {0} bytes is larger than the limit of {MAX_RECORD_BYTES} bytes")]
     RecordTooLarge(usize),
@@ -93,10 +94,10 @@ pub(crate) fn io_err<'a>(
     context: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> LogError + 'a {
-    move |source| LogError::Io {
+    move |error| LogError::Io {
         context,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -375,3 +375,16 @@ proptest! {
         }
     }
 }
+
+/// The I/O error shows once in a printed chain (`{:#}` walks `source()`): it is in the
+/// message, and not a source as well.
+#[test]
+fn an_io_error_is_printed_once() {
+    let e = crate::io_err("opening segment", std::path::Path::new("/x/0.seg"))(
+        std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+    );
+    let text = e.to_string();
+    assert!(text.starts_with("opening segment /x/0.seg: "), "{text}");
+    assert_eq!(text.matches("ermission denied").count(), 1, "{text}");
+    assert!(std::error::Error::source(&e).is_none());
+}

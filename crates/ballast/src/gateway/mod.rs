@@ -87,6 +87,11 @@ pub const TOO_LARGE: ApiError = ApiError::new(
 /// The body did not arrive in time (`server.body_read_timeout`, `server.body_min_rate`).
 pub const BODY_TIMEOUT: ApiError =
     ApiError::new(StatusCode::REQUEST_TIMEOUT, "request body read timeout");
+/// Arrays and objects nested deeper than [`enrich::MAX_DEPTH`] levels.
+pub const TOO_DEEP: ApiError = ApiError::new(
+    StatusCode::BAD_REQUEST,
+    "json nested deeper than 100 levels",
+);
 pub const INVALID_GZIP: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid gzip body");
 pub const RATE_LIMITED: ApiError = ApiError {
     status: StatusCode::TOO_MANY_REQUESTS,
@@ -228,6 +233,9 @@ impl Gateway {
             None => None,
         };
 
+        if enrich::nested_deeper_than(req.body, enrich::MAX_DEPTH) {
+            return Err(TOO_DEEP);
+        }
         let (source, batch) = if req.route_type.is_some() {
             // One event: the body is the event.
             let parsed = serde_json::from_slice::<Shallow>(req.body);

@@ -196,6 +196,9 @@ pub struct LogStats {
     /// since): the log is full for practical purposes.
     pub quota_blocked: bool,
     pub bytes_on_disk: u64,
+    /// Data records in the retained segments (recovered at open, appended since, minus
+    /// deleted segments).
+    pub stored_records: u64,
     pub segments: usize,
     pub start: Position,
     pub durable_end: Position,
@@ -221,6 +224,8 @@ struct Segment {
     base: Position,
     /// Valid (durable) end of the segment.
     end: Position,
+    /// Data records in it (durable).
+    records: u64,
     file: Arc<File>,
     path: PathBuf,
 }
@@ -358,6 +363,7 @@ impl Log {
             segments.push(Segment {
                 base,
                 end: prev_end,
+                records: r.records,
                 file: Arc::new(file),
                 path,
             });
@@ -653,6 +659,7 @@ impl Log {
             unavailable: lock(&self.shared.unavailable).clone(),
             quota_blocked: self.shared.quota_blocked.load(Ordering::Acquire),
             bytes_on_disk: self.shared.bytes_on_disk.load(Ordering::Relaxed),
+            stored_records: segs.iter().map(|s| s.records).sum(),
             segments: segs.len(),
             start: segs.first().map(|s| s.base).unwrap_or(0),
             durable_end: self.durable_end(),

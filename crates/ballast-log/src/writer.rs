@@ -343,6 +343,7 @@ impl Writer {
         let end = self.base + self.len;
         if let Some(last) = write_lock(&self.shared.segments).last_mut() {
             last.end = end;
+            last.records += records;
         }
         *lock(&self.shared.durable) = end;
         self.shared.durable_cv.notify_all();
@@ -397,6 +398,7 @@ impl Writer {
         write_lock(&self.shared.segments).push(Segment {
             base,
             end: base,
+            records: 0,
             file: Arc::new(read),
             path,
         });

@@ -942,3 +942,21 @@ fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
         .collect();
     assert_eq!(ids, acked);
 }
+
+/// Issue 9: `ballast status` counted only this run's appends ("0 events stored" after a
+/// restart with 975 in the log); it counts what the log holds.
+#[test]
+fn status_counts_the_stored_events_after_a_restart() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = common::config("");
+    let mut server = Server::start_in(dir.clone(), &config, &[]);
+    for i in 0..5 {
+        assert_eq!(post(&server, &format!("s-{i}")), (200, "OK".into()));
+    }
+    assert!(server.terminate().success());
+    let server = Server::start_in(dir, &config, &[]);
+    assert_eq!(admin_status(&server)["storage"]["events_stored"], 5);
+    assert!(cli_status(&server).contains(" 5 events stored"));
+    assert_eq!(post(&server, "s-5"), (200, "OK".into()));
+    assert_eq!(admin_status(&server)["storage"]["events_stored"], 6);
+}

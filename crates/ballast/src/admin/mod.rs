@@ -145,6 +145,8 @@ async fn status(State(s): State<AdminState>) -> Response {
             "start": st.start,
             "end": st.end,
             "events_appended": st.events_appended,
+            // Held in the store now, counted from its files (null: the backend does not say).
+            "events_stored": s.store.events_stored(),
             "appends": st.appends,
             "fsyncs": st.fsyncs,
             "quarantined_records": st.quarantined_records,

@@ -329,7 +329,12 @@ fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
         "storage     {} of {} bytes used, {} events stored, writable {}{}",
         st["bytes_used"],
         st["quota_bytes"],
-        st["events_appended"],
+        // Held in the log (also after a restart); else what this run appended.
+        if st["events_stored"].is_u64() {
+            &st["events_stored"]
+        } else {
+            &st["events_appended"]
+        },
         st["writable"],
         st["reason"]
             .as_str()

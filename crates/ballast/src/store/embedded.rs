@@ -211,6 +211,10 @@ impl Store for EmbeddedStore {
         }
     }
 
+    fn events_stored(&self) -> Option<u64> {
+        Some(self.log.stats().stored_records)
+    }
+
     fn refusal(&self) -> Option<Refusal> {
         let s = self.log.stats();
         if s.failed {

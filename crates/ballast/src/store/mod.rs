@@ -246,6 +246,11 @@ pub trait Store: Send + Sync + 'static {
 
     fn status(&self) -> StoreStatus;
 
+    /// Events held in the store now (after a restart too), when the backend knows it.
+    fn events_stored(&self) -> Option<u64> {
+        None
+    }
+
     /// Why the store refuses new events right now, if it does. Backends that know more
     /// than [`StoreStatus`] tells (a full disk) say so.
     fn refusal(&self) -> Option<Refusal> {

@@ -544,7 +544,8 @@ pub struct TimedBody<B> {
     received: u64,
     grace: Duration,
     rate: u64,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Created the first time the body has to be waited for.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     timed_out: bool,
 }
 
@@ -557,7 +558,7 @@ impl<B> TimedBody<B> {
             received: 0,
             grace: limits.body_read_timeout,
             rate: limits.body_min_rate,
-            sleep: Box::pin(tokio::time::sleep_until(started + limits.body_read_timeout)),
+            sleep: None,
             timed_out: false,
         }
     }
@@ -591,17 +592,25 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.received += data.len() as u64;
-                    if self.rate > 0 {
-                        let at = self.deadline();
-                        self.sleep.as_mut().reset(at);
-                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                if std::future::Future::poll(self.sleep.as_mut(), cx).is_ready() {
+                // The timer is only touched when the body has to be waited for (a body
+                // that is already there costs no timer at all).
+                let at = self.deadline();
+                let sleep = match &mut self.sleep {
+                    Some(sleep) => {
+                        if sleep.deadline() != at {
+                            sleep.as_mut().reset(at);
+                        }
+                        sleep
+                    }
+                    None => self.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
+                };
+                if std::future::Future::poll(sleep.as_mut(), cx).is_ready() {
                     self.timed_out = true;
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
                 }

@@ -226,11 +226,13 @@ impl Gateway {
             header_anonymous_id: header_anon,
         };
         let mut key = req.key.map(Cow::Borrowed);
-        // A key from the header or the query is judged before the body is read: a wrong
-        // key is a 401 whatever the body holds.
-        let known = match key.as_deref().filter(|k| !k.is_empty()) {
-            Some(k) => Some(self.source(Some(k))?),
-            None => None,
+        // A key from the header or the query is judged before the body is read (by the
+        // caller, which passes the source it found): a wrong key is a 401 whatever the
+        // body holds.
+        let known = match (req.source, key.as_deref().filter(|k| !k.is_empty())) {
+            (Some(source), _) => Some(source),
+            (None, Some(k)) => Some(self.source(Some(k))?),
+            (None, None) => None,
         };
 
         if enrich::nested_deeper_than(req.body, enrich::MAX_DEPTH) {
@@ -360,6 +362,8 @@ struct Ingest<'a> {
     headers: &'a HeaderMap,
     peer: SocketAddr,
     key: Option<&'a str>,
+    /// The source `key` names, when the caller has looked it up already.
+    source: Option<&'a Arc<Source>>,
     route_type: Option<&'static str>,
     body: &'a [u8],
 }
@@ -472,15 +476,16 @@ async fn post_events(
             Some(k) => Some(k),
             None => auth::basic_user(headers)?,
         };
-        if let Some(k) = key.as_deref() {
-            gw.source(Some(k))?;
-        }
+        let source = match key.as_deref() {
+            Some(k) => Some(gw.source(Some(k))?),
+            None => None,
+        };
         body::check_declared_length(headers, limit)?;
-        Ok::<_, ApiError>(key)
+        Ok::<_, ApiError>((key, source))
     })();
     let result = match head {
         Err(e) => Err(early(headers, &mut body, limit, e).await),
-        Ok(key) => match body::read(headers, &mut body, limit).await {
+        Ok((key, source)) => match body::read(headers, &mut body, limit).await {
             Err(body::Refused::TooLarge) => Err(early(headers, &mut body, limit, TOO_LARGE).await),
             Err(refused) => Err(refused.answer().into_response()),
             Ok(bytes) => gw
@@ -488,6 +493,7 @@ async fn post_events(
                     headers,
                     peer,
                     key: key.as_deref(),
+                    source,
                     route_type,
                     body: &bytes,
                 })

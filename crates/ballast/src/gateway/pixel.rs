@@ -132,6 +132,7 @@ pub async fn pixel(
             headers: &headers,
             peer,
             key: Some(&key),
+            source: None,
             route_type: Some(route_type),
             body: body.as_bytes(),
         })

@@ -220,7 +220,8 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = stopped.changed() => continue,
+            // Err: the server is gone without saying so; stop as well.
+            r = stopped.changed() => if r.is_err() { break } else { continue },
         };
         // Descriptors for the log first: wait while the budget is spent.
         let mut waited = false;
@@ -238,7 +239,7 @@ pub async fn serve(
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => budget.sample(),
-                _ = stopped.changed() => {}
+                r = stopped.changed() => if r.is_err() { return },
             }
         }
         if waited {
@@ -262,7 +263,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped.changed() => continue,
+            r = stopped.changed() => if r.is_err() { break } else { continue },
         };
         let _ = tcp.set_nodelay(true);
         open.increment(1.0);

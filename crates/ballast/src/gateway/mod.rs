@@ -312,10 +312,12 @@ impl Gateway {
                 Err(STORE_DOWN)
             }
             Err(e) => {
-                // Transient (the store logs when it starts and stops): debug only, so a
-                // burst of refused requests does not flood the log.
+                // Transient: logged at most once a second, so that a burst of refused
+                // requests does not flood the log (the metric counts every one).
                 self.rejections.unavailable.increment(1);
-                tracing::debug!(error = %e, "could not store events");
+                if self.rejections.log_now() {
+                    tracing::error!(error = %e, "could not store events");
+                }
                 Err(STORE_DOWN)
             }
         }
@@ -381,6 +383,8 @@ struct StorageRejections {
     disk_full: metrics::Counter,
     unavailable: metrics::Counter,
     failed: metrics::Counter,
+    /// When a transient store error was last logged (ms since the Unix epoch).
+    last_logged_ms: std::sync::atomic::AtomicU64,
 }
 
 impl StorageRejections {
@@ -395,7 +399,20 @@ impl StorageRejections {
             disk_full: c("disk_full"),
             unavailable: c("unavailable"),
             failed: c("storage_failed"),
+            last_logged_ms: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// True at most once a second.
+    fn log_now(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::router::deadletters::to_ms(SystemTime::now());
+        let last = self.last_logged_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 

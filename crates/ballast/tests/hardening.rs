@@ -404,7 +404,7 @@ fd_reserve = 64
     // keep-alive client is answered: once the descriptors run short, the listener holds
     // back and idle connections are closed to give theirs to the log.
     let mut acked = vec!["k-0".to_string()];
-    for i in 1..=400 {
+    for i in 1..=600 {
         let id = format!("k-{i}");
         let r = roundtrip(&mut keep, "/v1/track", Some(&basic(WRITE_KEY)), &event(&id));
         assert_eq!(

@@ -11,6 +11,9 @@
 //!   position (persisted atomically); a segment is deleted once every consumer is past it.
 //! - A failed `fdatasync` is fatal for the writer: it completes that group and every later
 //!   batch with an error and never writes again. The next open recovers from the files.
+//!   A full disk (ENOSPC) and a segment that cannot be created (e.g. no file descriptor
+//!   left) are not fatal: the batches concerned are refused (`DiskFull`, `Unavailable`),
+//!   the writer goes on, and probes by itself until it can write again.
 //!
 //! No HTTP, no configuration formats, no async runtime: the server wraps it, and an SDK's
 //! on-device queue can reuse it.
@@ -40,12 +43,13 @@ const SEGMENT_SUFFIX: &str = ".seg";
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("{context} {path}: {source}")]
+    /// The I/O error is part of the message and deliberately not a `source()`: chains
+    /// printed with `{:#}` would show it twice.
+    #[error("{context} {path}: {error}")]
     Io {
         context: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("record of {0} bytes is larger than the limit of {MAX_RECORD_BYTES} bytes")]
     RecordTooLarge(usize),
@@ -55,6 +59,11 @@ pub enum LogError {
     DiskFull(String),
     #[error("log writer stopped after a failed write or fsync: {0}")]
     WriterFailed(String),
+    /// The log cannot take this batch right now (a new segment could not be created,
+    /// e.g. for want of file descriptors); nothing of it was written, the writer goes on
+    /// and retries.
+    #[error("log temporarily unavailable: {0}")]
+    Unavailable(String),
     #[error("log is closed")]
     Closed,
     #[error("log directory {0} is in use by another process")]
@@ -85,10 +94,10 @@ pub(crate) fn io_err<'a>(
     context: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> LogError + 'a {
-    move |source| LogError::Io {
+    move |error| LogError::Io {
         context,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -175,10 +184,21 @@ pub struct LogStats {
     /// Number of groups whose fsync covered more than one batch.
     pub shared_fsyncs: u64,
     pub rejected_quota: u64,
+    /// Batches refused because the disk was full (ENOSPC).
+    pub rejected_disk_full: u64,
+    /// Batches refused because a new segment could not be created (transient).
+    pub rejected_unavailable: u64,
+    /// The last write ran out of disk space and no write or probe has succeeded since.
+    pub disk_full: bool,
+    /// Why the writer cannot start a new segment right now (it retries), if it cannot.
+    pub unavailable: Option<String>,
     /// The last append that needed space was refused for the quota (nothing was freed
     /// since): the log is full for practical purposes.
     pub quota_blocked: bool,
     pub bytes_on_disk: u64,
+    /// Data records in the retained segments (recovered at open, appended since, minus
+    /// deleted segments).
+    pub stored_records: u64,
     pub segments: usize,
     pub start: Position,
     pub durable_end: Position,
@@ -196,12 +216,16 @@ struct Counters {
     fsync_nanos: AtomicU64,
     shared_fsyncs: AtomicU64,
     rejected_quota: AtomicU64,
+    rejected_disk_full: AtomicU64,
+    rejected_unavailable: AtomicU64,
 }
 
 struct Segment {
     base: Position,
     /// Valid (durable) end of the segment.
     end: Position,
+    /// Data records in it (durable).
+    records: u64,
     file: Arc<File>,
     path: PathBuf,
 }
@@ -216,6 +240,11 @@ pub(crate) struct Shared {
     /// Set when an append was refused for the quota; cleared by a successful append or
     /// when space is freed.
     quota_blocked: AtomicBool,
+    /// Set when a write failed with ENOSPC; cleared by the next write that succeeds
+    /// (the writer probes for space while it is set).
+    disk_full: AtomicBool,
+    /// Set while a new segment cannot be created (the reason); the writer retries.
+    unavailable: Mutex<Option<String>>,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
     counters: Counters,
@@ -334,6 +363,7 @@ impl Log {
             segments.push(Segment {
                 base,
                 end: prev_end,
+                records: r.records,
                 file: Arc::new(file),
                 path,
             });
@@ -347,6 +377,8 @@ impl Log {
             durable_cv: Condvar::new(),
             bytes_on_disk: AtomicU64::new(bytes_on_disk),
             quota_blocked: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
+            unavailable: Mutex::new(None),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             counters: Counters::default(),
@@ -603,7 +635,7 @@ impl Log {
             self.shared
                 .bytes_on_disk
                 .fetch_sub(seg.end - seg.base, Ordering::AcqRel);
-            self.shared.quota_blocked.store(false, Ordering::Release);
+            self.shared.set_quota_blocked(false);
             tracing::debug!(segment = %seg.path.display(), "deleted consumed segment");
         }
         Ok(())
@@ -621,8 +653,13 @@ impl Log {
             fsync_nanos: c.fsync_nanos.load(Ordering::Relaxed),
             shared_fsyncs: c.shared_fsyncs.load(Ordering::Relaxed),
             rejected_quota: c.rejected_quota.load(Ordering::Relaxed),
+            rejected_disk_full: c.rejected_disk_full.load(Ordering::Relaxed),
+            rejected_unavailable: c.rejected_unavailable.load(Ordering::Relaxed),
+            disk_full: self.shared.disk_full.load(Ordering::Acquire),
+            unavailable: lock(&self.shared.unavailable).clone(),
             quota_blocked: self.shared.quota_blocked.load(Ordering::Acquire),
             bytes_on_disk: self.shared.bytes_on_disk.load(Ordering::Relaxed),
+            stored_records: segs.iter().map(|s| s.records).sum(),
             segments: segs.len(),
             start: segs.first().map(|s| s.base).unwrap_or(0),
             durable_end: self.durable_end(),
@@ -660,6 +697,45 @@ impl Drop for Log {
 }
 
 impl Shared {
+    /// Records whether the quota refuses appends; logs each change once.
+    pub(crate) fn set_quota_blocked(&self, on: bool) {
+        if self.quota_blocked.swap(on, Ordering::AcqRel) != on {
+            if on {
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    "storage quota reached: new events are refused (503) until delivered segments are deleted"
+                );
+            } else {
+                tracing::info!(dir = %self.dir.display(), "storage below its quota again: accepting events");
+            }
+        }
+    }
+
+    /// Records whether the disk is full; logs each change once.
+    pub(crate) fn set_disk_full(&self, on: bool, detail: &str) {
+        if self.disk_full.swap(on, Ordering::AcqRel) != on {
+            if on {
+                tracing::warn!(dir = %self.dir.display(), error = detail, "disk full: new events are refused (503) until space returns");
+            } else {
+                tracing::info!(dir = %self.dir.display(), "disk space is available again: accepting events");
+            }
+        }
+    }
+
+    /// Records why a new segment cannot be created (None: it can again); logs each
+    /// change once.
+    pub(crate) fn set_unavailable(&self, reason: Option<String>) {
+        let mut cur = lock(&self.unavailable);
+        match (&*cur, &reason) {
+            (None, Some(r)) => {
+                tracing::warn!(error = %r, "cannot start a new log segment: new events are refused (503); retrying")
+            }
+            (Some(_), None) => tracing::info!("log segment created: accepting events again"),
+            _ => {}
+        }
+        *cur = reason;
+    }
+
     fn failure_error(&self) -> LogError {
         LogError::WriterFailed(
             lock(&self.failure)

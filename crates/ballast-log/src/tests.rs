@@ -48,6 +48,7 @@ fn append_read_roll_reopen() {
             positions.push(a.first);
         }
         assert!(log.stats().segments > 3, "segments roll");
+        assert_eq!(log.stats().stored_records, 50);
         let all = read_all(&log, 0);
         assert_eq!(all.len(), 50);
         for (i, r) in all.iter().enumerate() {
@@ -56,6 +57,8 @@ fn append_read_roll_reopen() {
     }
     let (log, report) = Log::open(cfg(dir.path(), 300)).unwrap();
     assert_eq!(report.records, 50);
+    // Counted from the files after a restart, not from this run's appends.
+    assert_eq!(log.stats().stored_records, 50);
     assert_eq!(report.torn_tail_bytes, 0);
     let all = read_all(&log, 0);
     assert_eq!(all.len(), 50);
@@ -64,6 +67,7 @@ fn append_read_roll_reopen() {
     assert_eq!(from.len(), 50 - 15);
     assert_eq!(from[0].payload, payload(15));
     let more = log.append_wait(batch(&[b"after".to_vec()])).unwrap();
+    assert_eq!(log.stats().stored_records, 51);
     assert!(more.first >= all.last().unwrap().position);
     assert_eq!(read_all(&log, more.first)[0].payload, &b"after"[..]);
 }
@@ -92,6 +96,9 @@ fn cursors_delete_segments_only_when_every_consumer_is_past() {
     // Everything from b's cursor on is still readable.
     let rest = read_all(&log, log.cursor("b").unwrap());
     assert_eq!(rest.len(), 20);
+    // Deleted segments take their records out of the count.
+    assert_eq!(mid.stored_records, read_all(&log, log.start()).len() as u64);
+    assert!(mid.stored_records < 40);
     assert_eq!(rest[0].payload, payload(20));
     log.ack("b", end).unwrap();
     assert_eq!(log.stats().segments, 1, "the active segment stays");
@@ -374,4 +381,17 @@ proptest! {
             prop_assert_eq!(&got[..], &model[slowest..]);
         }
     }
+}
+
+/// The I/O error shows once in a printed chain (`{:#}` walks `source()`): it is in the
+/// message, and not a source as well.
+#[test]
+fn an_io_error_is_printed_once() {
+    let e = crate::io_err("opening segment", std::path::Path::new("/x/0.seg"))(
+        std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+    );
+    let text = e.to_string();
+    assert!(text.starts_with("opening segment /x/0.seg: "), "{text}");
+    assert_eq!(text.matches("ermission denied").count(), 1, "{text}");
+    assert!(std::error::Error::source(&e).is_none());
 }

@@ -16,11 +16,11 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{
-    io_err, lock, segment_path, sync_dir, write_lock, Appended, LogConfig, LogError, Position,
-    Segment, Shared, Submission,
+    io_err, lock, segment_path, write_lock, Appended, LogConfig, LogError, Position, Segment,
+    Shared, Submission,
 };
 
 macro_rules! failpoint {
@@ -34,6 +34,30 @@ macro_rules! failpoint {
 }
 
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
+/// While the disk is full or a new segment cannot be created, how often an idle writer
+/// checks whether it can write again (so that readiness comes back with no traffic).
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A full disk counts as having room again once this much (at least) can be written:
+/// the size of the last refused group, within these bounds.
+const MIN_PROBE_BYTES: u64 = 64 << 10;
+const MAX_PROBE_BYTES: u64 = 16 << 20;
+
+/// Injected ENOSPC for tests: `ballast_log::disk_full=return(PATH)` makes every write
+/// fail with "No space left on device" while the file PATH exists (always without PATH).
+fn injected_disk_full() -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    if let Some(full) = fail::eval("ballast_log::disk_full", |arg| match arg {
+        Some(p) => std::path::Path::new(&p).exists(),
+        None => true,
+    }) {
+        if full {
+            return Err(std::io::Error::from(ErrorKind::StorageFull));
+        }
+    }
+    Ok(())
+}
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
@@ -54,10 +78,13 @@ pub(crate) struct Writer {
     pending: Vec<(Submission, Appended)>,
     /// Latency of each fdatasync, for the application's metrics recorder (if any).
     fsync_seconds: metrics::Histogram,
+    /// How much a space probe writes (see [`MIN_PROBE_BYTES`]).
+    probe_bytes: u64,
 }
 
 fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     failpoint!("ballast_log::write");
+    injected_disk_full()?;
     file.write_all_at(buf, offset)
 }
 
@@ -68,6 +95,27 @@ fn sync(file: &File) -> std::io::Result<()> {
 
 /// A failure that ends the writer: nothing may be acknowledged after it.
 struct Fatal(String);
+
+/// Why a segment roll did not happen.
+enum RollError {
+    /// Sealing the old segment failed (its fsync): fatal.
+    Fatal(Fatal),
+    /// The new segment could not be created (no file descriptor, no space for the
+    /// directory entry, ...): nothing was written, the roll is retried later.
+    Transient(std::io::Error, String),
+}
+
+fn create_segment(path: &std::path::Path) -> std::io::Result<File> {
+    failpoint!("ballast_log::create_segment");
+    // Not `create_new`: an earlier attempt may have left the (empty) file behind; the
+    // file's name is the end of the log, so nothing of value can be in it.
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+}
 
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, config: &LogConfig) -> Result<Writer, LogError> {
@@ -106,12 +154,33 @@ impl Writer {
             buf: Vec::new(),
             pending: Vec::new(),
             fsync_seconds: metrics::histogram!("ballast_log_fsync_seconds"),
+            probe_bytes: MIN_PROBE_BYTES,
         })
     }
 
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Submission>) {
         let mut group: Vec<Submission> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.blocked() {
+                // Check now and then whether the log can be written again, so that
+                // readiness comes back without waiting for traffic.
+                match rx.recv_timeout(PROBE_INTERVAL) {
+                    Ok(sub) => sub,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(Fatal(msg)) = self.probe() {
+                            self.fail(msg, &mut group, &rx);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(sub) => sub,
+                    Err(_) => break,
+                }
+            };
             let mut bytes = first.batch.buf.len();
             group.push(first);
             while bytes < self.max_group_bytes {
@@ -164,7 +233,7 @@ impl Writer {
                         .counters
                         .rejected_quota
                         .fetch_add(1, Ordering::Relaxed);
-                    self.shared.quota_blocked.store(true, Ordering::Release);
+                    self.shared.set_quota_blocked(true);
                     (sub.done)(Err(LogError::QuotaExceeded {
                         used,
                         limit,
@@ -175,11 +244,27 @@ impl Writer {
             }
             let at = self.len + self.buf.len() as u64;
             if at >= self.segment_bytes && at > 0 {
-                let rolled = self.flush().and_then(|()| self.roll());
-                if let Err(e) = rolled {
+                if let Err(e) = self.flush() {
                     group.push(sub);
                     group.extend(subs);
                     return Err(e);
+                }
+                match self.roll() {
+                    Ok(()) => {}
+                    Err(RollError::Fatal(e)) => {
+                        group.push(sub);
+                        group.extend(subs);
+                        return Err(e);
+                    }
+                    Err(RollError::Transient(e, msg)) => {
+                        // Refuse this batch and the rest of the group; the next group
+                        // tries again. Nothing is lost: none of them was acknowledged.
+                        let refused = std::iter::once(sub).chain(subs);
+                        for s in refused {
+                            self.refuse(s, &e, &msg);
+                        }
+                        return Ok(());
+                    }
                 }
             }
             let first = self.base + self.len + self.buf.len() as u64;
@@ -206,16 +291,14 @@ impl Writer {
         let need = self.len + self.buf.len() as u64;
         if self.chunk > 0 && need > self.allocated {
             if let Err(e) = self.preallocate(need) {
-                if e.kind() == ErrorKind::StorageFull {
-                    // Give the space back; the group is refused, the writer goes on.
-                    let _ = self.file.set_len(self.allocated);
-                    self.buf.clear();
-                    for (sub, _) in self.pending.drain(..) {
-                        (sub.done)(Err(LogError::DiskFull(e.to_string())));
-                    }
-                    return Ok(());
+                if e.kind() != ErrorKind::StorageFull {
+                    return Err(self.fatal(format!("preallocating the segment failed: {e}")));
                 }
-                return Err(self.fatal(format!("preallocating the segment failed: {e}")));
+                // No room to preallocate ahead: give those zeros back and write just the
+                // records, so that the last free space is still used.
+                if let Err(te) = self.file.set_len(self.allocated.max(self.len)) {
+                    return Err(self.fatal(format!("disk full, then truncating failed: {te}")));
+                }
             }
         }
         if let Err(e) = write_at(&self.file, &self.buf, self.len) {
@@ -225,10 +308,7 @@ impl Writer {
                 if let Err(te) = self.file.set_len(self.allocated.max(self.len)) {
                     return Err(self.fatal(format!("disk full, then truncating failed: {te}")));
                 }
-                self.buf.clear();
-                for (sub, _) in self.pending.drain(..) {
-                    (sub.done)(Err(LogError::DiskFull(e.to_string())));
-                }
+                self.refuse_pending_disk_full(&e);
                 return Ok(());
             }
             return Err(self.fatal(format!("write failed: {e}")));
@@ -258,10 +338,12 @@ impl Writer {
         self.shared
             .bytes_on_disk
             .fetch_add(new_bytes, Ordering::AcqRel);
-        self.shared.quota_blocked.store(false, Ordering::Release);
+        self.shared.set_quota_blocked(false);
+        self.shared.set_disk_full(false, "");
         let end = self.base + self.len;
         if let Some(last) = write_lock(&self.shared.segments).last_mut() {
             last.end = end;
+            last.records += records;
         }
         *lock(&self.shared.durable) = end;
         self.shared.durable_cv.notify_all();
@@ -285,25 +367,38 @@ impl Writer {
     }
 
     /// Seals the active segment (trimmed to its records, synced) and starts a new one.
-    fn roll(&mut self) -> Result<(), Fatal> {
+    /// Creating the new segment can fail for reasons that pass (no file descriptor left,
+    /// no space for the directory entry): that failure is transient and the active
+    /// segment stays as it is (sealed, and still appendable).
+    fn roll(&mut self) -> Result<(), RollError> {
         if let Err(e) = self.file.set_len(self.len).and_then(|_| sync(&self.file)) {
-            return Err(Fatal(format!("sealing the segment failed: {e}")));
+            return Err(RollError::Fatal(Fatal(format!(
+                "sealing the segment failed: {e}"
+            ))));
         }
+        self.allocated = self.len;
         self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         let base = self.base + self.len;
         let path = segment_path(&self.shared.dir, base);
-        let file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Fatal(format!("creating {}: {e}", path.display())))?;
-        sync_dir(&self.shared.dir).map_err(|e| Fatal(e.to_string()))?;
+        let transient = |e: std::io::Error, what: &str| RollError::Transient(e, what.to_string());
+        let file = create_segment(&path)
+            .map_err(|e| transient(e, &format!("creating {}", path.display())))?;
         let read =
-            File::open(&path).map_err(|e| Fatal(format!("opening {}: {e}", path.display())))?;
+            File::open(&path).map_err(|e| transient(e, &format!("opening {}", path.display())))?;
+        // Opening the directory can fail for want of a descriptor (transient); its fsync
+        // failing is as fatal as any other.
+        let dir = File::open(&self.shared.dir)
+            .map_err(|e| transient(e, &format!("opening {}", self.shared.dir.display())))?;
+        if let Err(e) = sync(&dir) {
+            return Err(RollError::Fatal(Fatal(format!(
+                "syncing {} failed: {e}",
+                self.shared.dir.display()
+            ))));
+        }
         write_lock(&self.shared.segments).push(Segment {
             base,
             end: base,
+            records: 0,
             file: Arc::new(read),
             path,
         });
@@ -311,7 +406,105 @@ impl Writer {
         self.base = base;
         self.len = 0;
         self.allocated = 0;
+        self.shared.set_unavailable(None);
         Ok(())
+    }
+
+    /// True while the writer cannot write (disk full, or a segment roll failing): it
+    /// then probes now and then even without submissions.
+    fn blocked(&self) -> bool {
+        self.shared.disk_full.load(Ordering::Acquire) || lock(&self.shared.unavailable).is_some()
+    }
+
+    /// Checks whether the log can be written again: retries a pending segment roll, and
+    /// writes zeros past the records to see whether there is space.
+    fn probe(&mut self) -> Result<(), Fatal> {
+        if lock(&self.shared.unavailable).is_some() {
+            if self.len >= self.segment_bytes {
+                match self.roll() {
+                    Ok(()) => {}
+                    Err(RollError::Fatal(f)) => return Err(f),
+                    Err(RollError::Transient(e, msg)) => {
+                        self.shared.set_unavailable(Some(format!("{msg}: {e}")));
+                    }
+                }
+            } else {
+                self.shared.set_unavailable(None);
+            }
+        }
+        if self.shared.disk_full.load(Ordering::Acquire) {
+            // Zeros past the records are unused space to recovery: writing them is safe.
+            let n = self.probe_bytes;
+            let mut at = self.allocated;
+            let written = loop {
+                if at >= self.allocated + n {
+                    break Ok(());
+                }
+                let len = ((self.allocated + n - at) as usize).min(ZEROS.len());
+                if let Err(e) = write_at(&self.file, &ZEROS[..len], at) {
+                    break Err(e);
+                }
+                at += len as u64;
+            };
+            match written {
+                Ok(()) => {
+                    if self.chunk > 0 {
+                        self.allocated += n; // keep it as preallocated space
+                    } else if let Err(e) = self.file.set_len(self.allocated) {
+                        tracing::warn!(error = %e, "could not trim the space probe");
+                    }
+                    self.shared.set_disk_full(false, "");
+                }
+                Err(e) => {
+                    if let Err(te) = self.file.set_len(self.allocated.max(self.len)) {
+                        return Err(Fatal(format!(
+                            "disk full, then truncating the space probe failed: {te}"
+                        )));
+                    }
+                    if e.kind() != ErrorKind::StorageFull {
+                        tracing::warn!(error = %e, "probing for free space failed");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses one submission because a segment could not be created.
+    fn refuse(&self, sub: Submission, e: &std::io::Error, what: &str) {
+        let msg = format!("{what}: {e}");
+        if e.kind() == ErrorKind::StorageFull {
+            self.shared.set_disk_full(true, &msg);
+            self.shared
+                .counters
+                .rejected_disk_full
+                .fetch_add(1, Ordering::Relaxed);
+            (sub.done)(Err(LogError::DiskFull(msg)));
+        } else {
+            self.shared
+                .counters
+                .rejected_unavailable
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared.set_unavailable(Some(msg.clone()));
+            (sub.done)(Err(LogError::Unavailable(msg)));
+        }
+    }
+
+    /// Refuses the pending group: the disk is full.
+    fn refuse_pending_disk_full(&mut self, e: &std::io::Error) {
+        let msg = e.to_string();
+        self.shared.set_disk_full(true, &msg);
+        // The probe checks for room for a group of this size, so that readiness does
+        // not come back for space that the next such group would not fit in.
+        self.probe_bytes = (self.buf.len() as u64).clamp(MIN_PROBE_BYTES, MAX_PROBE_BYTES);
+        self.buf.clear();
+        for (sub, _) in self.pending.drain(..) {
+            self.shared
+                .counters
+                .rejected_disk_full
+                .fetch_add(1, Ordering::Relaxed);
+            (sub.done)(Err(LogError::DiskFull(msg.clone())));
+        }
     }
 
     /// Fails every pending submission and returns the fatal error.

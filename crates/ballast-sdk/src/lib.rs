@@ -86,12 +86,19 @@ pub enum Error {
     Invalid(String),
     #[error("the client is shut down")]
     Closed,
+    /// The log's error is in the message, not a `source()` (it would print twice).
     #[error("event queue: {0}")]
-    Queue(#[from] ballast_log::LogError),
+    Queue(ballast_log::LogError),
     #[error("invalid data plane url {0:?}: {1}")]
     Url(String, String),
     #[error("starting the sender thread: {0}")]
     Thread(std::io::Error),
+}
+
+impl From<ballast_log::LogError> for Error {
+    fn from(e: ballast_log::LogError) -> Error {
+        Error::Queue(e)
+    }
 }
 
 /// Who an event is about: a user id, an anonymous id, or both.

@@ -13,10 +13,11 @@ use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    /// The I/O error is in the message, not a `source()` (it would print twice).
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
@@ -262,6 +263,27 @@ pub struct ServerConfig {
     /// takes the pod out of its Services itself, the chart pauses in preStop).
     #[serde(deserialize_with = "duration")]
     pub shutdown_delay: Duration,
+    /// From the first byte of a request to the end of its headers (slowloris).
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// A request body must arrive within this, extended by one second per
+    /// `body_min_rate` bytes received (a minimum rate); else 408 and the connection closes.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Bytes per second that extend `body_read_timeout` (0: a fixed whole-body deadline).
+    #[serde(deserialize_with = "size")]
+    pub body_min_rate: u64,
+    /// Open connections on the public listener at most; past it new clients wait in the
+    /// kernel's accept queue. Lowered at start to fit `RLIMIT_NOFILE` minus `fd_reserve`.
+    pub max_connections: usize,
+    /// The same for the admin listener.
+    pub admin_max_connections: usize,
+    /// File descriptors kept for the event log, the alert outbox and the destinations:
+    /// the connection caps leave this many free beyond those open at start.
+    pub fd_reserve: u64,
 }
 
 impl Default for ServerConfig {
@@ -276,6 +298,13 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             shutdown_timeout: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            body_read_timeout: Duration::from_secs(10),
+            body_min_rate: 1024,
+            max_connections: 10_000,
+            admin_max_connections: 64,
+            fd_reserve: 256,
         }
     }
 }
@@ -422,9 +451,9 @@ fn size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 impl Config {
     /// Reads a file, applies the environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Config::from_toml(&text, &path.display().to_string(), std::env::vars())
     }
@@ -582,6 +611,23 @@ impl Config {
                 "storage.partitions must be 1..={}",
                 crate::store::MAX_PARTITIONS
             )));
+        }
+        let s = &self.server;
+        for (name, d) in [
+            ("header_read_timeout", s.header_read_timeout),
+            ("idle_timeout", s.idle_timeout),
+            ("body_read_timeout", s.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "server.{name} must be positive"
+                )));
+            }
+        }
+        if s.max_connections == 0 || s.admin_max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_connections and server.admin_max_connections must be at least 1".into(),
+            ));
         }
         if self.storage.backend == StorageBackend::Postgres && self.storage.postgres_url.is_none() {
             return Err(ConfigError::Invalid(
@@ -786,6 +832,46 @@ write_key = "k1"
         )
         .unwrap();
         assert_eq!(c.server.max_request_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_come_from_file_or_environment() {
+        let c = Config::from_toml(BASE, "t", env(&[])).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(75));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_min_rate, 1024);
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.server.fd_reserve, 256);
+        let text = BASE.replace(
+            "data_dir = \"/tmp/x\"",
+            "data_dir = \"/tmp/x\"\nheader_read_timeout = \"2s\"\nbody_min_rate = \"4KiB\"",
+        );
+        let c = Config::from_toml(
+            &text,
+            "t",
+            env(&[
+                ("BALLAST_SERVER__IDLE_TIMEOUT", "30s"),
+                ("BALLAST_SERVER__MAX_CONNECTIONS", "500"),
+                ("BALLAST_SERVER__BODY_READ_TIMEOUT", "3"),
+                ("BALLAST_SERVER__FD_RESERVE", "64"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.body_min_rate, 4096);
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.max_connections, 500);
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.server.fd_reserve, 64);
+        let e = Config::from_toml(BASE, "t", env(&[("BALLAST_SERVER__MAX_CONNECTIONS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_connections"), "{e}");
+        let e = Config::from_toml(BASE, "t", env(&[("BALLAST_SERVER__IDLE_TIMEOUT", "0s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("idle_timeout"), "{e}");
     }
 
     /// Secrets come from the environment whatever they look like, also when the file

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod destinations;
 pub mod gateway;
+pub mod listener;
 pub mod recovery;
 pub mod router;
 pub mod server;

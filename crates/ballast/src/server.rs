@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -259,18 +258,32 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     .context("writing server.json")?;
     tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
 
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    // Connection caps that leave file descriptors to the log and the destinations.
+    let fd_limit = crate::listener::raise_fd_limit();
+    let (public_cap, admin_cap) =
+        crate::listener::connection_caps(&config.server, fd_limit, crate::listener::open_fds());
+    if public_cap < config.server.max_connections {
+        tracing::info!(
+            max_connections = public_cap,
+            configured = config.server.max_connections,
+            fd_limit,
+            fd_reserve = config.server.fd_reserve,
+            "connection cap lowered to fit the file descriptor limit"
+        );
+    }
+    let public_limits = crate::listener::Limits::from_config(&config.server, public_cap);
+    let admin_limits = crate::listener::Limits::from_config(&config.server, admin_cap);
+    // ... and that stop accepting while what opens later (segments, sockets) needs them.
+    let fd_budget = crate::listener::FdBudget::new(fd_limit, config.server.fd_reserve);
+    tokio::spawn(fd_budget.clone().run_sampler(stop_rx.clone()));
     let public_app = gateway.router();
-    let public_server = tokio::spawn(std::future::IntoFuture::into_future(
-        axum::serve(
-            public.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            public_app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone())),
+    let public_server = tokio::spawn(crate::listener::serve(
+        public,
+        public_app,
+        public_limits,
+        fd_budget,
+        "public",
+        stop_rx.clone(),
     ));
     let admin_app = crate::admin::router(crate::admin::AdminState {
         store: store.clone(),
@@ -281,8 +294,15 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         router: router.clone(),
         recovery: recovery.clone(),
     });
-    let admin_server = tokio::spawn(std::future::IntoFuture::into_future(
-        axum::serve(admin, admin_app).with_graceful_shutdown(stopped(stop_rx.clone())),
+    let admin_server = tokio::spawn(crate::listener::serve(
+        admin,
+        admin_app,
+        admin_limits,
+        // The admin listener has its own small cap, counted in the public budget: an
+        // operator can still look in while the public listener waits for descriptors.
+        crate::listener::FdBudget::unlimited(),
+        "admin",
+        stop_rx.clone(),
     ));
 
     let mut exit_code = tokio::select! {
@@ -438,10 +458,17 @@ const FSYNC_ALERT: &str = "fsync";
 /// The storage alerts' condition keys and what they say: at 90 % and at 100 %.
 const STORAGE_ALERTS: [(&str, &str); 2] = [
     ("storage-90", "at 90 % of its quota"),
-    ("storage-full", "full: new events get 503"),
+    ("storage-full", "refusing new events (503)"),
 ];
 
-/// Raises (and resolves) the storage alerts: at 90 % and at 100 % of the quota.
+/// How long a storage alert sent without the outbox may take per notifier.
+const DIRECT_ALERT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the storage alerts look at the store.
+const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Raises (and resolves) the storage alerts: at 90 % of the quota, and while the store
+/// refuses new events (quota reached, disk full, a segment that cannot be created).
 async fn storage_alerts(
     store: Arc<dyn Store>,
     alerts: Arc<Alerts>,
@@ -456,7 +483,11 @@ async fn storage_alerts(
     loop {
         let st = store.status();
         let ratio = st.bytes_used as f64 / st.quota_bytes.max(1) as f64;
-        let levels = [ratio >= 0.9, st.full()];
+        // A failed writer has its own alert (fsync) and stops the server.
+        let refusal = store
+            .refusal()
+            .filter(|r| !matches!(r, crate::store::Refusal::Failed(_)));
+        let levels = [ratio >= 0.9, refusal.is_some()];
         for (i, (&now_on, was_on)) in levels.iter().zip(raised.iter_mut()).enumerate() {
             if now_on == *was_on {
                 continue;
@@ -476,18 +507,45 @@ async fn storage_alerts(
                 } else {
                     Severity::Critical
                 },
-                format!("ballast storage on {} is {what}", alerts.source()),
-                serde_json::json!({ "bytes_used": st.bytes_used, "quota_bytes": st.quota_bytes }),
+                match (&refusal, i) {
+                    (Some(r), 1) => format!(
+                        "ballast storage on {} is {what}: {}",
+                        alerts.source(),
+                        r.describe()
+                    ),
+                    (None, 1) => format!(
+                        "ballast storage on {} accepts new events again",
+                        alerts.source()
+                    ),
+                    _ => format!("ballast storage on {} is {what}", alerts.source()),
+                },
+                serde_json::json!({
+                    "bytes_used": st.bytes_used,
+                    "quota_bytes": st.quota_bytes,
+                    "reason": refusal.as_ref().map(|r| r.reason()),
+                }),
             );
             let id = format!("{key}:{started}:{seq}");
             let a = alerts.clone();
+            let direct = alert.clone();
             match tokio::task::spawn_blocking(move || a.raise(&id, alert)).await {
-                Ok(Ok(_)) => *was_on = now_on,
-                _ => tracing::warn!("recording a storage alert failed; will retry"),
+                Ok(Ok(_)) => {}
+                failed => {
+                    // The outbox lives in the data directory: on a full disk it cannot
+                    // be written. Send the alert directly, once, rather than not at all.
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(alert = key, %error, "could not write the storage alert to the outbox; sending it directly");
+                    alerts.send_direct(&direct, DIRECT_ALERT_TIMEOUT).await;
+                }
             }
+            *was_on = now_on;
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(STORAGE_CHECK_INTERVAL) => {}
             _ = stop.changed() => return,
         }
     }

@@ -1586,3 +1586,51 @@ fn after_sigterm_not_ready_but_alive_and_serving_during_the_shutdown_delay() {
     let stored = server.dump();
     assert!(stored.iter().any(|e| e["messageId"] == "while-draining"));
 }
+
+/// Issue 9: arrays and objects nested deeper than 100 levels are refused with 400 and a
+/// clear text, single events and batches alike, and nothing is stored; 100 levels pass.
+#[test]
+fn json_nested_deeper_than_100_levels_is_refused() {
+    let server = Server::start(&common::config(""));
+    let http = common::client();
+    let too_deep = "json nested deeper than 100 levels";
+    // The event object is level 1; `deep` adds 200,000 levels.
+    let deep = format!("{}1{}", "[".repeat(200_000), "]".repeat(200_000));
+    let r = post(
+        &http,
+        &server,
+        "/v1/track",
+        format!(r#"{{"userId":"u","messageId":"deep","properties":{{"x":{deep}}}}}"#),
+    );
+    expect(&r, 400, too_deep);
+    let r = post(
+        &http,
+        &server,
+        "/v1/batch",
+        format!(r#"{{"batch":[{{"userId":"u","messageId":"deep-b","p":{deep}}}]}}"#),
+    );
+    expect(&r, 400, too_deep);
+    // Brackets inside strings do not count.
+    let brackets = "[".repeat(1000);
+    let r = post(
+        &http,
+        &server,
+        "/v1/track",
+        format!(r#"{{"userId":"u","messageId":"text","properties":{{"x":"{brackets}"}}}}"#),
+    );
+    expect(&r, 200, "OK");
+    // Exactly 100 levels: the event (1), properties (2), 98 arrays.
+    let at_limit = format!("{}1{}", "[".repeat(98), "]".repeat(98));
+    let r = post(
+        &http,
+        &server,
+        "/v1/track",
+        format!(r#"{{"userId":"u","messageId":"limit","properties":{{"x":{at_limit}}}}}"#),
+    );
+    expect(&r, 200, "OK");
+    let ids: BTreeSet<String> = by_message_id(&server.dump()).into_keys().collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from(["text".to_string(), "limit".to_string()])
+    );
+}

@@ -92,7 +92,17 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     metrics::gauge!("ballast_storage_bytes_used").set(st.bytes_used as f64);
     metrics::gauge!("ballast_storage_quota_bytes").set(st.quota_bytes as f64);
     metrics::gauge!("ballast_log_segments").set(st.segments as f64);
-    metrics::gauge!("ballast_storage_writable").set(if st.writable { 1.0 } else { 0.0 });
+    // Writable: the store takes new events now (not failed, not full, not refusing).
+    let refusal = s.store.refusal();
+    metrics::gauge!("ballast_storage_writable").set(if refusal.is_none() { 1.0 } else { 0.0 });
+    for reason in ["storage_failed", "disk_full", "unavailable", "quota"] {
+        let on = refusal.as_ref().is_some_and(|r| r.reason() == reason);
+        metrics::gauge!("ballast_storage_refusing", "reason" => reason).set(if on {
+            1.0
+        } else {
+            0.0
+        });
+    }
     for d in s.router.status() {
         let id = d.id.clone();
         metrics::counter!("ballast_destination_delivered_total", "destination" => id.clone())
@@ -127,11 +137,15 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 
 async fn status(State(s): State<AdminState>) -> Response {
     let st = s.store.status();
+    let refusal = s.store.refusal();
     axum::Json(serde_json::json!({
         "mode": s.state.mode().as_health_str(),
         "routing": s.state.routing(),
         "storage": {
-            "writable": st.writable,
+            // False while new events are refused: failed, disk full, quota, unavailable.
+            "writable": refusal.is_none(),
+            "refusing": refusal.as_ref().map(|r| r.reason()),
+            "reason": refusal.as_ref().map(|r| r.describe()),
             "failure": st.failure,
             "bytes_used": st.bytes_used,
             "quota_bytes": st.quota_bytes,
@@ -139,6 +153,8 @@ async fn status(State(s): State<AdminState>) -> Response {
             "start": st.start,
             "end": st.end,
             "events_appended": st.events_appended,
+            // Held in the store now, counted from its files (null: the backend does not say).
+            "events_stored": s.store.events_stored(),
             "appends": st.appends,
             "fsyncs": st.fsyncs,
             "quarantined_records": st.quarantined_records,

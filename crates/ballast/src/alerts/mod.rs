@@ -356,6 +356,35 @@ impl Alerts {
         }
     }
 
+    /// Sends an alert to every notifier once, without the outbox: for when the outbox
+    /// cannot be written (its disk is full). Best effort: true when every notifier
+    /// accepted it within `within`.
+    pub async fn send_direct(&self, alert: &Alert, within: Duration) -> bool {
+        let mut all = true;
+        for n in &self.notifiers {
+            let req = n.request(alert);
+            let sent =
+                tokio::time::timeout(within, self.client.post(&req.url).json(&req.body).send())
+                    .await;
+            match sent {
+                Ok(Ok(resp)) if resp.status().is_success() => {}
+                Ok(Ok(resp)) => {
+                    tracing::warn!(notifier = %n.name(), status = resp.status().as_u16(), alert = %alert.key, "alert sent without the outbox was not accepted");
+                    all = false;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(notifier = %n.name(), error = %err, alert = %alert.key, "sending an alert without the outbox failed");
+                    all = false;
+                }
+                Err(_) => {
+                    tracing::warn!(notifier = %n.name(), alert = %alert.key, "sending an alert without the outbox timed out");
+                    all = false;
+                }
+            }
+        }
+        all
+    }
+
     /// Sends one entry: false when it stays in the outbox for a retry.
     async fn deliver(self: &Arc<Self>, id: u64, mut entry: Entry) -> bool {
         let Some(n) = self.notifiers.iter().find(|n| n.name() == entry.notifier) else {

@@ -327,8 +327,20 @@ fn status(admin: &AdminArgs, json: bool) -> anyhow::Result<i32> {
     println!("mode        {}", second["mode"].as_str().unwrap_or("?"));
     println!("routing     {}", second["routing"]);
     println!(
-        "storage     {} of {} bytes used, {} events stored, writable {}",
-        st["bytes_used"], st["quota_bytes"], st["events_appended"], st["writable"]
+        "storage     {} of {} bytes used, {} events stored, writable {}{}",
+        st["bytes_used"],
+        st["quota_bytes"],
+        // Held in the log (also after a restart); else what this run appended.
+        if st["events_stored"].is_u64() {
+            &st["events_stored"]
+        } else {
+            &st["events_appended"]
+        },
+        st["writable"],
+        st["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
     );
     println!();
     println!(

@@ -254,6 +254,44 @@ pub fn enrich(
     Ok(())
 }
 
+/// How deep arrays and objects may nest in a request body (the body's own object or
+/// array is level 1). Deeper bodies get 400: consumers with recursive parsers crash on
+/// them. Below serde_json's default limit of 128, with room for the envelopes events are
+/// forwarded in (a webhook batch array, `log dump`'s line).
+pub const MAX_DEPTH: usize = 100;
+
+/// True when arrays and objects in `body` nest deeper than `max` (counted outside
+/// strings; the JSON need not be valid).
+pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +436,20 @@ mod tests {
             expect.insert("request_ip".into(), json!(E.request_ip));
             prop_assert_eq!(out, Value::Object(expect));
         }
+    }
+
+    #[test]
+    fn nesting_depth() {
+        assert!(super::super::TOO_DEEP
+            .body
+            .contains(&format!(" {MAX_DEPTH} ")));
+        assert!(!nested_deeper_than(br#"{"a":[1,{"b":2}]}"#, 3));
+        assert!(nested_deeper_than(br#"{"a":[1,{"b":[]}]}"#, 3));
+        // Brackets inside strings, escaped quotes included, do not count.
+        assert!(!nested_deeper_than(br#"{"a":"[[[[\"{{{{"}"#, 1));
+        let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+        assert!(nested_deeper_than(deep.as_bytes(), MAX_DEPTH));
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(!nested_deeper_than(ok.as_bytes(), MAX_DEPTH));
     }
 }

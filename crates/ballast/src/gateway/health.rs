@@ -9,13 +9,14 @@ use axum::response::{IntoResponse, Response};
 use super::Gateway;
 
 pub async fn health(State(gw): State<Arc<Gateway>>) -> Response {
-    let store = gw.store.status();
-    let accepting = store.writable && !store.full() && !gw.state.shutting_down();
+    let refusal = gw.store.refusal();
+    let accepting = refusal.is_none() && !gw.state.shutting_down();
+    let failed = matches!(refusal, Some(crate::store::Refusal::Failed(_)));
     let flag = |b: bool| if b { "TRUE" } else { "FALSE" };
     let body = serde_json::json!({
         "appType": "EMBEDDED",
         "server": "UP",
-        "db": if store.writable { "UP" } else { "DOWN" },
+        "db": if failed { "DOWN" } else { "UP" },
         "acceptingEvents": flag(accepting),
         // False in degraded mode and when no destination is configured.
         "routingEvents": flag(gw.state.routing()),
@@ -32,21 +33,18 @@ pub async fn livez() -> Response {
     (StatusCode::OK, "OK").into_response()
 }
 
-/// Ready while it can accept and persist events (also in degraded mode), and not once a
-/// stop was asked for. Liveness (`livez`) depends on nothing: a storage or database
-/// outage must not get the process restarted.
+/// Ready while it can accept and persist events (also in degraded mode); else 503 with
+/// the reason (`disk full`, `storage quota exceeded`, `storage failed`, `shutting down`,
+/// ...). Liveness (`livez`) depends on nothing: a storage or database outage must not get
+/// the process restarted.
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     if gw.state.stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let store = gw.store.status();
-    if !store.writable {
-        return (StatusCode::SERVICE_UNAVAILABLE, "storage failed").into_response();
+    match gw.store.refusal() {
+        Some(refusal) => (StatusCode::SERVICE_UNAVAILABLE, refusal.describe()).into_response(),
+        None => (StatusCode::OK, "OK").into_response(),
     }
-    if store.full() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "storage quota exceeded").into_response();
-    }
-    (StatusCode::OK, "OK").into_response()
 }
 
 pub async fn version() -> Response {

@@ -19,7 +19,6 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode}
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use bytes::Bytes;
 use serde::Deserialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -42,12 +41,14 @@ pub struct Gateway {
     state: Arc<ServerState>,
     max_request_bytes: usize,
     requests: RequestCounters,
+    /// Requests refused because the store could not take them, by reason.
+    rejections: StorageRejections,
     /// Time from the request's head to the answer of every POST ingest request.
     latency: metrics::Histogram,
 }
 
 /// An error answer: status and the exact plain-text body SDKs key on.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: &'static str,
@@ -83,6 +84,14 @@ pub const TOO_LARGE: ApiError = ApiError::new(
     StatusCode::PAYLOAD_TOO_LARGE,
     "request size exceeds max limit",
 );
+/// The body did not arrive in time (`server.body_read_timeout`, `server.body_min_rate`).
+pub const BODY_TIMEOUT: ApiError =
+    ApiError::new(StatusCode::REQUEST_TIMEOUT, "request body read timeout");
+/// Arrays and objects nested deeper than [`enrich::MAX_DEPTH`] levels.
+pub const TOO_DEEP: ApiError = ApiError::new(
+    StatusCode::BAD_REQUEST,
+    "json nested deeper than 100 levels",
+);
 pub const INVALID_GZIP: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid gzip body");
 pub const RATE_LIMITED: ApiError = ApiError {
     status: StatusCode::TOO_MANY_REQUESTS,
@@ -100,7 +109,9 @@ pub const SHUTTING_DOWN: ApiError =
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, self.body).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE
+            || self.status == StatusCode::REQUEST_TIMEOUT
+        {
             // The body may not have been read to its end: the connection cannot be reused.
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -142,6 +153,7 @@ impl Gateway {
             state,
             max_request_bytes: config.server.max_request_bytes,
             requests: RequestCounters::default(),
+            rejections: StorageRejections::new(),
             latency: metrics::histogram!("ballast_ingest_request_seconds"),
         }
     }
@@ -214,13 +226,18 @@ impl Gateway {
             header_anonymous_id: header_anon,
         };
         let mut key = req.key.map(Cow::Borrowed);
-        // A key from the header or the query is judged before the body is read: a wrong
-        // key is a 401 whatever the body holds.
-        let known = match key.as_deref().filter(|k| !k.is_empty()) {
-            Some(k) => Some(self.source(Some(k))?),
-            None => None,
+        // A key from the header or the query is judged before the body is read (by the
+        // caller, which passes the source it found): a wrong key is a 401 whatever the
+        // body holds.
+        let known = match (req.source, key.as_deref().filter(|k| !k.is_empty())) {
+            (Some(source), _) => Some(source),
+            (None, Some(k)) => Some(self.source(Some(k))?),
+            (None, None) => None,
         };
 
+        if enrich::nested_deeper_than(req.body, enrich::MAX_DEPTH) {
+            return Err(TOO_DEEP);
+        }
         let (source, batch) = if req.route_type.is_some() {
             // One event: the body is the event.
             let parsed = serde_json::from_slice::<Shallow>(req.body);
@@ -280,11 +297,27 @@ impl Gateway {
                 source.events.increment(n);
                 Ok(ok())
             }
-            Err(StoreError::QuotaExceeded) => Err(QUOTA),
-            Err(StoreError::DiskFull) => Err(DISK_FULL),
+            Err(StoreError::QuotaExceeded) => {
+                self.rejections.quota.increment(1);
+                Err(QUOTA)
+            }
+            Err(StoreError::DiskFull) => {
+                self.rejections.disk_full.increment(1);
+                Err(DISK_FULL)
+            }
             Err(StoreError::TooLarge(_)) => Err(TOO_LARGE),
-            Err(e) => {
+            Err(e @ StoreError::Fatal(_)) => {
+                self.rejections.failed.increment(1);
                 tracing::error!(error = %e, "could not store events");
+                Err(STORE_DOWN)
+            }
+            Err(e) => {
+                // Transient: logged at most once a second, so that a burst of refused
+                // requests does not flood the log (the metric counts every one).
+                self.rejections.unavailable.increment(1);
+                if self.rejections.log_now() {
+                    tracing::error!(error = %e, "could not store events");
+                }
                 Err(STORE_DOWN)
             }
         }
@@ -331,6 +364,8 @@ struct Ingest<'a> {
     headers: &'a HeaderMap,
     peer: SocketAddr,
     key: Option<&'a str>,
+    /// The source `key` names, when the caller has looked it up already.
+    source: Option<&'a Arc<Source>>,
     route_type: Option<&'static str>,
     body: &'a [u8],
 }
@@ -339,6 +374,46 @@ struct Ingest<'a> {
 struct KeyQuery {
     #[serde(rename = "writeKey")]
     write_key: Option<String>,
+}
+
+/// `ballast_storage_rejections_total{reason}`: requests the store refused (503), by
+/// reason; registered at start so that they read 0 until something is refused.
+struct StorageRejections {
+    quota: metrics::Counter,
+    disk_full: metrics::Counter,
+    unavailable: metrics::Counter,
+    failed: metrics::Counter,
+    /// When a transient store error was last logged (ms since the Unix epoch).
+    last_logged_ms: std::sync::atomic::AtomicU64,
+}
+
+impl StorageRejections {
+    fn new() -> StorageRejections {
+        let c = |reason: &'static str| {
+            let c = metrics::counter!("ballast_storage_rejections_total", "reason" => reason);
+            c.increment(0);
+            c
+        };
+        StorageRejections {
+            quota: c("quota"),
+            disk_full: c("disk_full"),
+            unavailable: c("unavailable"),
+            failed: c("storage_failed"),
+            last_logged_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// True at most once a second.
+    fn log_now(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::time::to_ms(SystemTime::now());
+        let last = self.last_logged_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// Request counters by route and status, registered on first use and then cached (the
@@ -380,8 +455,8 @@ impl RequestCounters {
 }
 
 impl Gateway {
-    fn finish(&self, result: Result<Response, ApiError>, route: &'static str) -> Response {
-        let response = result.unwrap_or_else(IntoResponse::into_response);
+    fn finish(&self, result: Result<Response, Response>, route: &'static str) -> Response {
+        let response = result.unwrap_or_else(|e| e);
         self.requests.count(route, response.status());
         response
     }
@@ -396,16 +471,10 @@ fn peer_of(parts: &axum::http::request::Parts) -> SocketAddr {
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn read_request(
-    gw: &Gateway,
-    headers: &HeaderMap,
-    body: axum::body::Body,
-) -> Result<Bytes, ApiError> {
-    body::read(headers, body, gw.max_request_bytes).await
-}
-
 /// The shared path of the POST routes: write key (query first when given, else Basic
-/// auth), body within the limit, ingest, count.
+/// auth) and declared length judged from the head, body within the limit, ingest,
+/// count. A request refused before its body was read gets a lingering close (see
+/// [`body::linger`]).
 async fn post_events(
     gw: &Gateway,
     req: Request,
@@ -414,26 +483,62 @@ async fn post_events(
     route: &'static str,
 ) -> Response {
     let started = std::time::Instant::now();
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let (peer, headers) = (peer_of(&parts), &parts.headers);
-    let result = async {
+    let limit = gw.max_request_bytes;
+    // What the head alone decides: a malformed or unknown write key (a wrong key is a
+    // 401 whatever the body holds), a declared length over the limit.
+    let head = (|| {
         let key = match query_key.filter(|k| !k.is_empty()) {
             Some(k) => Some(k),
             None => auth::basic_user(headers)?,
         };
-        let bytes = read_request(gw, headers, body).await?;
-        gw.ingest(Ingest {
-            headers,
-            peer,
-            key: key.as_deref(),
-            route_type,
-            body: &bytes,
-        })
-        .await
-    }
-    .await;
+        let source = match key.as_deref() {
+            Some(k) => Some(gw.source(Some(k))?),
+            None => None,
+        };
+        body::check_declared_length(headers, limit)?;
+        Ok::<_, ApiError>((key, source))
+    })();
+    let result = match head {
+        Err(e) => Err(early(headers, &mut body, limit, e).await),
+        Ok((key, source)) => match body::read(headers, &mut body, limit).await {
+            Err(body::Refused::TooLarge) => Err(early(headers, &mut body, limit, TOO_LARGE).await),
+            Err(refused) => Err(refused.answer().into_response()),
+            Ok(bytes) => gw
+                .ingest(Ingest {
+                    headers,
+                    peer,
+                    key: key.as_deref(),
+                    source,
+                    route_type,
+                    body: &bytes,
+                })
+                .await
+                .map_err(IntoResponse::into_response),
+        },
+    };
     let response = gw.finish(result, route);
     gw.latency.record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The answer to a request refused before its body was read: the rest of the body is
+/// read and discarded first (bounded), then the connection closes unless the body was
+/// read to its end.
+async fn early(
+    headers: &HeaderMap,
+    body: &mut axum::body::Body,
+    limit: usize,
+    error: ApiError,
+) -> Response {
+    let drained = body::linger(headers, body, limit).await;
+    let mut response = error.into_response();
+    if !drained {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

@@ -132,11 +132,12 @@ pub async fn pixel(
             headers: &headers,
             peer,
             key: Some(&key),
+            source: None,
             route_type: Some(route_type),
             body: body.as_bytes(),
         })
         .await;
-    let stored = gw.finish(result, "pixel");
+    let stored = gw.finish(result.map_err(IntoResponse::into_response), "pixel");
     if stored.status() != StatusCode::OK {
         tracing::debug!(status = %stored.status(), "pixel request not stored");
     }

@@ -8,8 +8,8 @@ use ballast_log::{Batch, Log, LogConfig, LogError, PushError, RecoveryReport};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    envelope, Appended, EventBatch, LeaseState, Position, Progress, ReadEvents, Store, StoreError,
-    StoreStatus, StoredEvent,
+    envelope, Appended, EventBatch, LeaseState, Position, Progress, ReadEvents, Refusal, Store,
+    StoreError, StoreStatus, StoredEvent,
 };
 
 pub struct EmbeddedStore {
@@ -64,6 +64,8 @@ fn map_err(e: LogError) -> StoreError {
         LogError::DiskFull(_) => StoreError::DiskFull,
         LogError::RecordTooLarge(n) => StoreError::TooLarge(format!("{n} bytes")),
         LogError::WriterFailed(m) => StoreError::Fatal(m),
+        // Transient (a segment could not be created): 503, the writer retries.
+        LogError::Unavailable(m) => StoreError::Other(m),
         LogError::Closed => StoreError::Fatal("store is closed".into()),
         other => StoreError::Other(other.to_string()),
     }
@@ -220,6 +222,27 @@ impl Store for EmbeddedStore {
             segments: s.segments,
             start: s.start,
             end: s.durable_end,
+        }
+    }
+
+    fn events_stored(&self) -> Option<u64> {
+        Some(self.log.stats().stored_records)
+    }
+
+    fn refusal(&self) -> Option<Refusal> {
+        let s = self.log.stats();
+        if s.failed {
+            Some(Refusal::Failed(
+                self.fatal.borrow().clone().unwrap_or_default(),
+            ))
+        } else if s.disk_full {
+            Some(Refusal::DiskFull)
+        } else if let Some(m) = s.unavailable {
+            Some(Refusal::Unavailable(m))
+        } else if s.quota_blocked || s.bytes_on_disk >= self.quota {
+            Some(Refusal::Quota)
+        } else {
+            None
         }
     }
 

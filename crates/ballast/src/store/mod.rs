@@ -317,6 +317,41 @@ impl StoreStatus {
     }
 }
 
+/// Why a store refuses new events right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A fatal write failure: nothing will be acknowledged in this process any more.
+    Failed(String),
+    /// The disk (or the file system's quota) is full: ENOSPC.
+    DiskFull,
+    /// A transient failure (e.g. a new segment could not be created); retried.
+    Unavailable(String),
+    /// `storage.max_bytes` is reached.
+    Quota,
+}
+
+impl Refusal {
+    /// The metrics label and the short name in `/v1/status`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Failed(_) => "storage_failed",
+            Refusal::DiskFull => "disk_full",
+            Refusal::Unavailable(_) => "unavailable",
+            Refusal::Quota => "quota",
+        }
+    }
+
+    /// What `/readyz` answers.
+    pub fn describe(&self) -> String {
+        match self {
+            Refusal::Failed(_) => "storage failed".into(),
+            Refusal::DiskFull => "disk full".into(),
+            Refusal::Unavailable(m) => format!("storage unavailable: {m}"),
+            Refusal::Quota => "storage quota exceeded".into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage quota exceeded")]
@@ -364,6 +399,24 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self, partition: u32) -> watch::Receiver<Position>;
 
     fn status(&self) -> StoreStatus;
+
+    /// Events held in the store now (after a restart too), when the backend knows it.
+    fn events_stored(&self) -> Option<u64> {
+        None
+    }
+
+    /// Why the store refuses new events right now, if it does. Backends that know more
+    /// than [`StoreStatus`] tells (a full disk) say so.
+    fn refusal(&self) -> Option<Refusal> {
+        let st = self.status();
+        if !st.writable {
+            Some(Refusal::Failed(st.failure.unwrap_or_default()))
+        } else if st.full() {
+            Some(Refusal::Quota)
+        } else {
+            None
+        }
+    }
 
     /// What a consumer has not passed yet, summed over the partitions: bytes of the log
     /// (embedded) or events (PostgreSQL).

@@ -64,6 +64,19 @@ impl Server {
         server
     }
 
+    /// Starts a server through another executable (e.g. a script that lowers a limit,
+    /// then `exec`s the binary with its arguments) and waits until it listens.
+    pub fn start_with(
+        bin: &Path,
+        dir: Arc<tempfile::TempDir>,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
+        let mut server = Server::spawn(bin, dir, config, env, &[]);
+        server.wait_listening();
+        server
+    }
+
     /// Spawns `BIN serve --config … --data-dir … ARGS` on the directory without waiting
     /// for it to listen (`base`/`admin` stay empty until `wait_listening`). Its stderr is
     /// collected.

@@ -21,10 +21,12 @@ use common::{wait_for, Server, WRITE_KEY};
 use pgtest::PgCluster;
 use serde_json::{json, Value};
 
-/// A webhook receiver on 127.0.0.1 that answers 200 and records every event it gets.
+/// A webhook receiver on 127.0.0.1 that answers 200 and records every event it gets,
+/// except requests holding a messageId of `refuse`: those get 400 (and are not recorded).
 struct Receiver {
     port: u16,
     events: Arc<Mutex<Vec<Value>>>,
+    refuse: Arc<Mutex<HashSet<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -35,22 +37,24 @@ impl Receiver {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let events = Arc::new(Mutex::new(Vec::new()));
+        let refuse = Arc::new(Mutex::new(HashSet::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (ev, flag) = (events.clone(), stop.clone());
+        let (ev, flag, no) = (events.clone(), stop.clone(), refuse.clone());
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::SeqCst) {
                 let Ok((stream, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
-                let ev = ev.clone();
+                let (ev, no) = (ev.clone(), no.clone());
                 // One thread per connection (keep-alive: many requests each).
-                std::thread::spawn(move || serve(stream, ev));
+                std::thread::spawn(move || serve(stream, ev, no));
             }
         });
         Receiver {
             port,
             events,
+            refuse,
             stop,
             thread: Some(thread),
         }
@@ -65,7 +69,11 @@ impl Receiver {
     }
 }
 
-fn serve(stream: std::net::TcpStream, events: Arc<Mutex<Vec<Value>>>) {
+fn serve(
+    stream: std::net::TcpStream,
+    events: Arc<Mutex<Vec<Value>>>,
+    refuse: Arc<Mutex<HashSet<String>>>,
+) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut writer = match stream.try_clone() {
@@ -97,17 +105,24 @@ fn serve(stream: std::net::TcpStream, events: Arc<Mutex<Vec<Value>>>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-            let mut e = events.lock().unwrap();
-            match v {
-                Value::Array(items) => e.extend(items),
-                other => e.push(other),
-            }
-        }
-        if writer
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            .is_err()
-        {
+        let items = match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Array(items)) => items,
+            Ok(other) => vec![other],
+            Err(_) => Vec::new(),
+        };
+        let refused = {
+            let refuse = refuse.lock().unwrap();
+            items
+                .iter()
+                .any(|e| e["messageId"].as_str().is_some_and(|m| refuse.contains(m)))
+        };
+        let answer: &[u8] = if refused {
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            events.lock().unwrap().extend(items);
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        };
+        if writer.write_all(answer).is_err() {
             return;
         }
     }
@@ -493,4 +508,69 @@ fn database_outage_fails_readiness_but_not_liveness() {
     );
     let mut server = server;
     assert!(server.terminate().success());
+}
+
+/// Dead letters live in the database: an event one replica gave up on (a 400) is listed
+/// by the other, replayed from it, and delivered (by whichever replica holds partition 0).
+#[test]
+fn dead_letters_are_shared_by_the_replicas() {
+    let cluster = PgCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(cluster.create_db("ballast"));
+    let receiver = Receiver::start();
+    receiver.refuse.lock().unwrap().insert("bad-1".into());
+    let config = replica_config(&cluster.url("ballast"), &receiver.url());
+    let mut a = Server::start(&config);
+    let mut b = Server::start(&config);
+    for (i, id) in ["ok-1", "bad-1", "ok-2"].iter().enumerate() {
+        let e = json!({ "userId": format!("u{i}"), "messageId": id, "event": "E" });
+        send_any(&[&a], 0, &e);
+    }
+    let http = common::client();
+    let listed = |s: &Server| -> Vec<String> {
+        http.get(format!("{}/v1/dead-letters?destination=hook", s.admin))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<Vec<Value>>().ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| l["event"]["messageId"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        wait_for(20, || listed(&b) == vec!["bad-1".to_string()]),
+        "dead letters seen from b: {:?}\n{}",
+        listed(&b),
+        b.stderr()
+    );
+    assert_eq!(listed(&a), vec!["bad-1".to_string()]);
+    receiver.refuse.lock().unwrap().clear();
+    let r = http
+        .post(format!(
+            "{}/v1/dead-letters/replay?destination=hook",
+            b.admin
+        ))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap_or_default());
+    let got = || -> HashSet<String> {
+        receiver
+            .events()
+            .iter()
+            .filter_map(|e| e["messageId"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        wait_for(20, || got().contains("bad-1")),
+        "the replayed event was not delivered\n{}\n{}",
+        a.stderr(),
+        b.stderr()
+    );
+    assert!(listed(&a).is_empty());
+    assert!(got().contains("ok-1") && got().contains("ok-2"));
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
 }

@@ -19,7 +19,8 @@
 //! - **Group commit.** `WRITERS` writer tasks per process (partition `p` is written by
 //!   writer `p % WRITERS`), each with its own connection: a writer takes everything
 //!   submitted while its last commit ran and writes one chunk per partition in one
-//!   transaction (one WAL flush), the statements pipelined in ascending partition order. A request is acknowledged once every chunk
+//!   transaction (one WAL flush, one round trip: `BEGIN`, the statements in ascending
+//!   partition order and `COMMIT` pipelined). A request is acknowledged once every chunk
 //!   holding one of its events committed. An error — even one where the outcome is
 //!   unknown — acknowledges nothing (the client retries; at worst an event is stored
 //!   twice, never lost).
@@ -794,7 +795,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 }
             };
         }
-        let Some(c) = conn.as_mut() else { continue };
+        let Some(c) = conn.as_ref() else { continue };
         let chunks: Vec<(u32, i64, i64, Vec<u8>)> = by_part
             .iter()
             .map(|(part, pieces)| {
@@ -850,26 +851,36 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
     }
 }
 
-/// One transaction writing one chunk per partition, the statements pipelined. They run
+/// One transaction writing one chunk per partition, everything pipelined (`BEGIN`, the
+/// statements, `COMMIT` go out without waiting for each other: one round trip). They run
 /// in ascending partition order (`chunks` comes from a BTreeMap): every replica's
-/// transactions lock partition rows in one order, so they never deadlock.
+/// transactions lock partition rows in one order, so they never deadlock. A statement
+/// that fails aborts the transaction (its `COMMIT` rolls back) and fails the whole group.
+/// One chunk needs no transaction block: its statement commits alone.
 async fn commit_chunks(
-    c: &mut WriterConn,
+    c: &WriterConn,
     chunks: &[(u32, i64, i64, Vec<u8>)],
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let statement = c.write_chunk.clone();
-    let tx = c.client.transaction().await?;
     let writes = chunks.iter().map(|(part, n, b, data)| {
         let part = *part as i32;
-        let (tx, statement) = (&tx, &statement);
         async move {
-            tx.query_one(statement, &[&part, n, b, data])
+            c.client
+                .query_one(&c.write_chunk, &[&part, n, b, data])
                 .await
                 .map(|r| r.get::<_, i64>(0))
         }
     });
-    let firsts = futures::future::try_join_all(writes).await?;
-    tx.commit().await?;
+    if chunks.len() == 1 {
+        return futures::future::try_join_all(writes).await;
+    }
+    let (begin, firsts, commit) = futures::join!(
+        c.client.batch_execute("BEGIN"),
+        futures::future::join_all(writes),
+        c.client.batch_execute("COMMIT"),
+    );
+    begin?;
+    let firsts = firsts.into_iter().collect::<Result<Vec<i64>, _>>()?;
+    commit?;
     Ok(firsts)
 }
 

@@ -214,6 +214,39 @@ fn check_user_order(sent: &[Value], got: &[Value]) {
     assert_eq!(firsts, want);
 }
 
+/// Waits until every acknowledged event was delivered; checks each user's order of first
+/// arrivals and that what was sent twice is at most max(200, 5 %) of what was
+/// acknowledged. Returns how many were sent twice.
+fn all_delivered_in_order(receiver: &Receiver, sent: &[Value], server: &Server) -> usize {
+    let delivered = || ids(&receiver.events());
+    let want = ids(sent);
+    assert!(
+        wait_for(60, || want.is_subset(&delivered())),
+        "{} acknowledged events not delivered\n{}",
+        want.difference(&delivered()).count(),
+        server.stderr()
+    );
+    check_user_order(sent, &receiver.events());
+    let resent = receiver.events().len() - delivered().len();
+    assert!(
+        resent <= 200.max(sent.len() * 5 / 100),
+        "{resent} events sent twice of {} acknowledged",
+        sent.len()
+    );
+    resent
+}
+
+/// A throwaway cluster with an empty database `ballast`.
+fn database() -> PgCluster {
+    let cluster = PgCluster::start();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(cluster.create_db("ballast"));
+    cluster
+}
+
 fn ids(events: &[Value]) -> HashSet<String> {
     events
         .iter()
@@ -223,12 +256,7 @@ fn ids(events: &[Value]) -> HashSet<String> {
 
 #[test]
 fn replicas_share_delivery_and_the_survivors_take_over_a_killed_one_under_load() {
-    let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("ballast"));
+    let cluster = database();
     let receiver = Receiver::start();
     let config = replica_config(&cluster.url("ballast"), &receiver.url());
     let mut a = Server::start(&config);
@@ -304,34 +332,8 @@ fn replicas_share_delivery_and_the_survivors_take_over_a_killed_one_under_load()
         held(&b),
         held(&c)
     );
-    let delivered = || -> HashSet<String> {
-        receiver
-            .events()
-            .iter()
-            .filter_map(|e| e["messageId"].as_str().map(str::to_string))
-            .collect()
-    };
-    let want = ids(&sent);
-    assert!(
-        wait_for(60, || want.is_subset(&delivered())),
-        "{} acknowledged events not delivered\n{}",
-        want.difference(&delivered()).count(),
-        b.stderr()
-    );
-    check_user_order(&sent, &receiver.events());
-    let got = receiver.events();
-    let duplicates = got.len() - delivered().len();
-    eprintln!(
-        "{} events acknowledged, {} deliveries, {} sent again",
-        sent.len(),
-        got.len(),
-        duplicates
-    );
-    assert!(
-        duplicates <= 200.max(sent.len() * 5 / 100),
-        "{duplicates} events sent twice of {} acknowledged",
-        sent.len()
-    );
+    let resent = all_delivered_in_order(&receiver, &sent, &b);
+    eprintln!("{} events acknowledged, {resent} sent again", sent.len());
     for s in [b, c] {
         let mut s = s;
         assert!(s.terminate().success());
@@ -409,32 +411,9 @@ fn a_database_failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
         "ingestion came back after {outage:?}"
     );
     let sent = sent.lock().unwrap().clone();
-    let delivered = || -> HashSet<String> {
-        receiver
-            .events()
-            .iter()
-            .filter_map(|e| e["messageId"].as_str().map(str::to_string))
-            .collect()
-    };
-    let want = ids(&sent);
-    assert!(
-        wait_for(60, || want.is_subset(&delivered())),
-        "{} acknowledged events not delivered\n{}",
-        want.difference(&delivered()).count(),
-        server.stderr()
-    );
-    check_user_order(&sent, &receiver.events());
-    let got = receiver.events();
-    let duplicates = got.len() - delivered().len();
+    let resent = all_delivered_in_order(&receiver, &sent, &server);
     eprintln!(
-        "failover: ingestion back after {outage:?}; {} acknowledged, {} deliveries, {} sent again",
-        sent.len(),
-        got.len(),
-        duplicates
-    );
-    assert!(
-        duplicates <= 200.max(sent.len() * 5 / 100),
-        "{duplicates} events sent twice of {} acknowledged",
+        "failover: ingestion back after {outage:?}; {} acknowledged, {resent} sent again",
         sent.len()
     );
     assert!(server.terminate().success());
@@ -445,12 +424,7 @@ fn a_database_failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
 /// not make the kubelet restart every replica); both come back by themselves.
 #[test]
 fn database_outage_fails_readiness_but_not_liveness() {
-    let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("ballast"));
+    let cluster = database();
     let receiver = Receiver::start();
     let server = Server::start(&replica_config(&cluster.url("ballast"), &receiver.url()));
     let http = common::client();
@@ -514,12 +488,7 @@ fn database_outage_fails_readiness_but_not_liveness() {
 /// by the other, replayed from it, and delivered (by whichever replica holds partition 0).
 #[test]
 fn dead_letters_are_shared_by_the_replicas() {
-    let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("ballast"));
+    let cluster = database();
     let receiver = Receiver::start();
     receiver.refuse.lock().unwrap().insert("bad-1".into());
     let config = replica_config(&cluster.url("ballast"), &receiver.url());

@@ -5,6 +5,8 @@
 //! database (PostgreSQL store: any replica lists and replays dead letters, and a
 //! replica that takes a partition over knows its retry state and strikes).
 
+#[cfg(test)]
+mod conformance;
 pub mod postgres;
 pub mod redb;
 

@@ -363,25 +363,7 @@ impl RouterState for PgRouterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::state::from_ms;
     use crate::store::pgtest::PgCluster;
-    use serde_json::value::RawValue;
-
-    fn letter(dest: &str, n: u64, dead_at_ms: u64) -> DeadLetter {
-        DeadLetter {
-            id: 0,
-            destination: dest.into(),
-            position: Some(n * 100),
-            source: "web".into(),
-            event: RawValue::from_string(format!(r#"{{"n":{n}}}"#)).unwrap(),
-            attempts: 1,
-            first_attempt_ms: 1,
-            dead_at_ms,
-            status: Some(400),
-            reason: "bad".into(),
-            kind: "aborted".into(),
-        }
-    }
 
     /// What one replica writes, another sees: dead letters, replay, retry state, strikes.
     #[tokio::test]
@@ -391,47 +373,6 @@ mod tests {
         let url = cluster.url("state");
         let a = PgRouterState::open(&url).await.unwrap();
         let b = PgRouterState::open(&url).await.unwrap();
-        a.save_retry(
-            "a",
-            &[(
-                100,
-                Some(RetryInfo {
-                    attempts: 2,
-                    first_attempt_ms: 5,
-                }),
-            )],
-        )
-        .await
-        .unwrap();
-        assert_eq!(b.load_retry("a").await.unwrap()[&100].attempts, 2);
-        let ids = a
-            .add_dead_letters(vec![
-                letter("a", 1, 10),
-                letter("a", 2, 20),
-                letter("b", 3, 30),
-            ])
-            .await
-            .unwrap();
-        assert_eq!(ids.len(), 3);
-        assert!(
-            b.load_retry("a").await.unwrap().is_empty(),
-            "dead letters clear retry state"
-        );
-        assert_eq!(b.count("a").await.unwrap(), 2);
-        assert_eq!(b.list(None, 10).await.unwrap().len(), 3);
-        assert_eq!(b.list(Some("a"), 10).await.unwrap()[0].id, ids[0]);
-        assert_eq!(b.replay("a", Some(from_ms(15))).await.unwrap(), 1);
-        assert_eq!(a.count("a").await.unwrap(), 1);
-        let q = a.replay_queue("a").await.unwrap();
-        assert_eq!(q.len(), 1);
-        assert_eq!(q[0].event.get(), r#"{"n":2}"#);
-        a.replay_done("a", &[q[0].id]).await.unwrap();
-        assert!(b.replay_queue("a").await.unwrap().is_empty());
-        let events = vec![("a".to_string(), "m1".to_string())];
-        assert_eq!(a.add_strikes(&events).await.unwrap(), vec![1]);
-        assert_eq!(b.add_strikes(&events).await.unwrap(), vec![2]);
-        assert_eq!(a.load_strikes("a").await.unwrap()["m1"], 2);
-        b.clear_strikes("a", &["m1".to_string()]).await.unwrap();
-        assert!(a.load_strikes("a").await.unwrap().is_empty());
+        super::super::conformance::dead_letters_retry_state_and_strikes(&a, &b).await;
     }
 }

@@ -318,65 +318,18 @@ impl RouterState for Arc<RouterDb> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::state::from_ms;
-    use serde_json::value::RawValue;
 
-    fn letter(dest: &str, n: u64, dead_at_ms: u64) -> DeadLetter {
-        DeadLetter {
-            id: 0,
-            destination: dest.into(),
-            position: Some(n * 100),
-            source: "web".into(),
-            event: RawValue::from_string(format!(r#"{{"n":{n}}}"#)).unwrap(),
-            attempts: 1,
-            first_attempt_ms: 1,
-            dead_at_ms,
-            status: Some(400),
-            reason: "bad".into(),
-            kind: "aborted".into(),
-        }
-    }
-
-    #[test]
-    fn dead_letters_replay_and_retry_state_persist() {
+    /// The shared behaviour, then: it survives reopening the file.
+    #[tokio::test]
+    async fn dead_letters_replay_and_retry_state_persist() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("router.redb");
         {
-            let db = RouterDb::open(&path).unwrap();
-            db.save_retry(
-                "a",
-                &[(
-                    100,
-                    Some(RetryInfo {
-                        attempts: 2,
-                        first_attempt_ms: 5,
-                    }),
-                )],
-            )
-            .unwrap();
-            let ids = db
-                .add_dead_letters(vec![
-                    letter("a", 1, 10),
-                    letter("a", 2, 20),
-                    letter("b", 3, 30),
-                ])
-                .unwrap();
-            assert_eq!(ids, vec![1, 2, 3]);
-            assert!(
-                db.load_retry("a").unwrap().is_empty(),
-                "dead letters clear retry state"
-            );
+            let db = Arc::new(RouterDb::open(&path).unwrap());
+            super::super::conformance::dead_letters_retry_state_and_strikes(&db, &db).await;
         }
         let db = RouterDb::open(&path).unwrap();
-        assert_eq!(db.count("a").unwrap(), 2);
-        assert_eq!(db.list(None, 10).unwrap().len(), 3);
-        assert_eq!(db.replay("a", Some(from_ms(15))).unwrap(), 1);
         assert_eq!(db.count("a").unwrap(), 1);
-        let q = db.replay_queue("a").unwrap();
-        assert_eq!(q.len(), 1);
-        assert_eq!(q[0].event.get(), r#"{"n":2}"#);
-        db.replay_done("a", &[q[0].id]).unwrap();
-        assert!(db.replay_queue("a").unwrap().is_empty());
         assert_eq!(db.count("b").unwrap(), 1);
     }
 }

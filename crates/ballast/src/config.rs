@@ -262,6 +262,9 @@ pub struct ServerConfig {
     /// takes the pod out of its Services itself, the chart pauses in preStop).
     #[serde(deserialize_with = "duration")]
     pub shutdown_delay: Duration,
+    /// How often the status page's history (the last hour, in memory) is sampled.
+    #[serde(deserialize_with = "duration")]
+    pub history_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -276,6 +279,7 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             shutdown_timeout: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
+            history_interval: Duration::from_secs(10),
         }
     }
 }
@@ -469,6 +473,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.history_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(format!(
+                "server.history_interval {:?} is below 100ms",
+                self.server.history_interval
+            )));
+        }
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for s in &self.sources {

@@ -3,6 +3,14 @@
 //! refuses an admin address other hosts can reach without a token, so every call that
 //! changes state (mode set, replay) or shows events (dead letters) needs it there;
 //! `/metrics` alone can be left open with `server.metrics_require_token = false`.
+//!
+//! `GET /` is the status page (`ui.rs`): static files compiled into the binary, served
+//! without the token because they hold no data; the page reads and acts through the same
+//! API as the CLI (`/v1/status`, `/v1/mode`, `/v1/history`, `/v1/alerts`,
+//! `/v1/dead-letters`), sending the token the operator typed in.
+
+pub mod history;
+mod ui;
 
 use std::sync::Arc;
 
@@ -36,6 +44,9 @@ pub struct AdminState {
     pub metrics_require_token: bool,
     pub router: Arc<EventRouter>,
     pub recovery: Arc<crate::recovery::Recovery>,
+    pub alerts: Arc<crate::alerts::Alerts>,
+    /// The last hour, sampled in memory (`/v1/history`).
+    pub history: Arc<history::History>,
 }
 
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -48,7 +59,12 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/app.css", get(ui::app_css))
         .route("/metrics", get(metrics))
+        .route("/v1/history", get(history))
+        .route("/v1/alerts", get(open_alerts))
         .route("/v1/status", get(status))
         .route("/v1/mode", get(get_mode).post(set_mode))
         .route("/v1/dead-letters", get(dead_letters))
@@ -58,10 +74,11 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
-    let open_metrics = !s.metrics_require_token
-        && req.uri().path() == "/metrics"
-        && req.method() == axum::http::Method::GET;
-    if let (Some(token), false) = (&s.token, open_metrics) {
+    let get = req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
+    let open_metrics = !s.metrics_require_token && req.uri().path() == "/metrics" && get;
+    // The page and its assets hold no data: every call they make needs the token.
+    let open_page = get && ui::is_static(req.uri().path());
+    if let (Some(token), false) = (&s.token, open_metrics || open_page) {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -129,6 +146,8 @@ async fn status(State(s): State<AdminState>) -> Response {
     let st = s.store.status();
     axum::Json(serde_json::json!({
         "mode": s.state.mode().as_health_str(),
+        // As `/readyz` on the public port: accepting and persisting events.
+        "ready": !s.state.stopping() && st.writable && !st.full(),
         "routing": s.state.routing(),
         "storage": {
             "writable": st.writable,
@@ -146,6 +165,41 @@ async fn status(State(s): State<AdminState>) -> Response {
         "destinations": s.router.status(),
     }))
     .into_response()
+}
+
+async fn history(State(s): State<AdminState>) -> Response {
+    axum::Json(s.history.view()).into_response()
+}
+
+/// `GET /v1/alerts`: the conditions raised and not resolved yet, and how many alert
+/// notifications wait in the outbox.
+async fn open_alerts(State(s): State<AdminState>) -> Response {
+    let alerts = s.alerts.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::alerts::AlertError>((alerts.open_alerts()?, alerts.pending()?))
+    })
+    .await;
+    match read {
+        Ok(Ok((open, pending))) => {
+            let open: Vec<_> = open
+                .into_iter()
+                .map(|(key, ms)| {
+                    serde_json::json!({
+                        "key": key,
+                        "class": key.split(':').next().unwrap_or(&key),
+                        "since": humantime::format_rfc3339_millis(
+                            crate::router::deadletters::from_ms(ms)
+                        ).to_string(),
+                        "since_ms": ms,
+                    })
+                })
+                .collect();
+            axum::Json(serde_json::json!({ "open": open, "outbox_pending": pending }))
+                .into_response()
+        }
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn get_mode(State(s): State<AdminState>) -> Response {

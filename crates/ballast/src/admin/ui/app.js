@@ -227,7 +227,11 @@
 
   function chart(title, list, fmt) {
     const W = 420, H = 170, L = 52, R = 10, T = 24, B = 22;
-    const now = Date.now(), from = now - 3600 * 1000;
+    // The last hour, or less while the server has not been up that long (at least 2 min).
+    const now = Date.now();
+    const first = state.history.samples.length ? state.history.samples[0].t : now;
+    const span = Math.min(3600e3, Math.max(120e3, now - first));
+    const from = now - span;
     let max = 0;
     for (const sr of list) for (const [, v] of sr.points) max = Math.max(max, v);
     max = max > 0 ? max * 1.1 : 1;
@@ -240,9 +244,10 @@
       svg.append(s("line", { x1: L, x2: W - R, y1: yy, y2: yy, class: "grid" }));
       svg.append(s("text", { x: L - 4, y: yy + 4, class: "axis", "text-anchor": "end" }, fmt(max * f)));
     }
-    for (const m of [60, 45, 30, 15, 0]) {
-      const xx = x(now - m * 60000);
-      svg.append(s("text", { x: xx, y: H - 6, class: "axis", "text-anchor": "middle" }, m ? "-" + m + "m" : "now"));
+    for (const f of [1, 0.75, 0.5, 0.25, 0]) {
+      const back = span * f;
+      const label = !f ? "now" : back >= 120e3 ? "-" + Math.round(back / 60e3) + "m" : "-" + Math.round(back / 1e3) + "s";
+      svg.append(s("text", { x: x(now - back), y: H - 6, class: "axis", "text-anchor": "middle" }, label));
     }
     for (const sr of list) {
       const pts = sr.points.filter(([t]) => t >= from);
@@ -265,7 +270,8 @@
       name: "storage used", color: COLORS[0],
       points: hist.samples.map((p) => [p.t, p.bytes_used]),
     }];
-    if (hist.quota_bytes) storage.push({ name: "quota", color: "#c92a2a", points: hist.samples.map((p) => [p.t, hist.quota_bytes]) });
+    const peak = Math.max(0, ...hist.samples.map((p) => p.bytes_used));
+    if (hist.quota_bytes && peak > hist.quota_bytes / 2) storage.push({ name: "quota", color: "#c92a2a", points: hist.samples.map((p) => [p.t, hist.quota_bytes]) });
     const ingest = [{
       name: "ingested /s", color: COLORS[0],
       points: hist.samples.map((p, k, a) => [p.t, k ? Math.max(0, p.events_appended - a[k - 1].events_appended) / Math.max(0.001, (p.t - a[k - 1].t) / 1000) : null]).filter((x) => x[1] !== null),
@@ -310,7 +316,7 @@
         h("td", {}, new Date(d.dead_at_ms).toLocaleString()),
         h("td", {}, d.kind),
         h("td", { class: "num" }, d.attempts),
-        h("td", { class: "num" }, d.status === null || d.status === undefined ? "–" : d.status),
+        h("td", { class: "num status" }, d.status === null || d.status === undefined ? "–" : d.status),
         h("td", { class: "reason" }, d.reason),
         h("td", { title: JSON.stringify(ev) }, what || "(event)")));
     }

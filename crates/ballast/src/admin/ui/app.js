@@ -239,6 +239,14 @@
     const y = (v) => T + (1 - v / max) * (H - T - B);
     const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
     svg.append(s("text", { x: 4, y: 15, class: "chart-title" }, title));
+    // Legend, right-aligned on the title line.
+    let lx = W - R;
+    for (const sr of list.slice().reverse()) {
+      const label = sr.name.length > 14 ? sr.name.slice(0, 13) + "…" : sr.name;
+      lx -= label.length * 5.6 + 16;
+      svg.append(s("rect", { x: lx, y: 7, width: 8, height: 8, fill: sr.color, rx: 1 }));
+      svg.append(s("text", { x: lx + 11, y: 15, class: "legend" }, label));
+    }
     for (const f of [0, 0.5, 1]) {
       const yy = y(max * f);
       svg.append(s("line", { x1: L, x2: W - R, y1: yy, y2: yy, class: "grid" }));

@@ -497,6 +497,14 @@ path = "{file}"
         browser.text("tr[data-destination='slow-crm']")
     );
     assert_eq!(browser.text("tr[data-destination='archive'] td.dead"), "0");
+    // ... and the age of its oldest event waiting.
+    assert!(
+        wait_for(10, || browser
+            .text("tr[data-destination='slow-crm'] td.oldest")
+            .ends_with(" s")),
+        "{}",
+        browser.text("tr[data-destination='slow-crm'] td.oldest")
+    );
     // The charts: six SVGs with a line per destination.
     assert!(
         wait_for(10, || browser.js(

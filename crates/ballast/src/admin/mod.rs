@@ -162,9 +162,79 @@ async fn status(State(s): State<AdminState>) -> Response {
             "fsyncs": st.fsyncs,
             "quarantined_records": st.quarantined_records,
         },
-        "destinations": s.router.status(),
+        "destinations": destinations_with_age(&s).await,
     }))
     .into_response()
+}
+
+/// How long the reads for the age of the oldest event may take, all destinations
+/// together (a slow database must not hold the status up).
+const OLDEST_AGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The router's destination status, each with `oldest_age_s`: how long ago the oldest
+/// event the destination has not passed was received (its `receivedAt`), over the
+/// partitions; null when there is none or it cannot be told in time. One read of one
+/// event per partition with a backlog: the cost does not depend on the backlog's size.
+async fn destinations_with_age(s: &AdminState) -> Vec<serde_json::Value> {
+    let status = s.router.status();
+    let deadline = tokio::time::Instant::now() + OLDEST_AGE_BUDGET;
+    let mut out = Vec::with_capacity(status.len());
+    for d in status {
+        let age = if d.backlog_bytes > 0 {
+            tokio::time::timeout_at(deadline, oldest_received(&*s.store, &d.id))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .map(|a| a.as_secs_f64())
+        } else {
+            None
+        };
+        let mut v = serde_json::to_value(&d).unwrap_or(serde_json::Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("oldest_age_s".into(), serde_json::json!(age));
+        }
+        out.push(v);
+    }
+    out
+}
+
+/// When the oldest event at a cursor of the destination was received.
+async fn oldest_received(store: &dyn Store, destination: &str) -> Option<std::time::SystemTime> {
+    #[derive(serde::Deserialize)]
+    struct Received<'a> {
+        #[serde(rename = "receivedAt", borrow)]
+        received_at: Option<std::borrow::Cow<'a, str>>,
+    }
+    let consumer = crate::router::consumer_name(destination);
+    let mut oldest: Option<std::time::SystemTime> = None;
+    for p in 0..store.partitions() {
+        let end = *store.subscribe(p).borrow();
+        let Some(cursor) = store.cursor(&consumer, p) else {
+            continue;
+        };
+        if cursor >= end {
+            continue;
+        }
+        let read = match store.read(cursor, 1).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(destination, partition = p, error = %e, "reading the oldest event for the status failed");
+                continue;
+            }
+        };
+        let Some(ev) = read.events.first() else {
+            continue;
+        };
+        let t = serde_json::from_slice::<Received>(&ev.event)
+            .ok()
+            .and_then(|r| r.received_at)
+            .and_then(|t| humantime::parse_rfc3339_weak(&t).ok());
+        if let Some(t) = t {
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+    }
+    oldest
 }
 
 async fn history(State(s): State<AdminState>) -> Response {

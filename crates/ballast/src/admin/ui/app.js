@@ -56,6 +56,12 @@
     if (d < 172800) return (d / 3600).toFixed(1) + " h ago";
     return Math.round(d / 86400) + " days ago";
   }
+  function age(secs) {
+    if (secs === null || secs === undefined) return "–";
+    if (secs < 90) return Math.round(secs) + " s";
+    if (secs < 5400) return Math.round(secs / 60) + " min";
+    return (secs / 3600).toFixed(1) + " h";
+  }
   function when(iso) {
     const t = Date.parse(iso);
     return Number.isNaN(t) ? String(iso) : new Date(t).toLocaleString() + " (" + ago(t) + ")";
@@ -185,7 +191,7 @@
     tb.replaceChildren();
     const ids = (state.history && state.history.destinations) || [];
     const dests = state.status.destinations;
-    if (!dests.length) tb.append(h("tr", {}, h("td", { colspan: "12", class: "muted" }, "no destination configured")));
+    if (!dests.length) tb.append(h("tr", {}, h("td", { colspan: "13", class: "muted" }, "no destination configured")));
     for (const d of dests) {
       const i = ids.indexOf(d.id);
       const r = i >= 0 ? rate(i, "delivered") : null;
@@ -195,6 +201,7 @@
         h("td", {}, d.kind),
         h("td", { class: d.active ? "good" : "muted", title: "partitions whose lease this replica holds" }, (d.active ? "yes " : "no ") + "(" + held + ")"),
         h("td", { class: "num backlog" }, num(d.backlog_bytes)),
+        h("td", { class: "num oldest" }, age(d.oldest_age_s)),
         h("td", { class: "num" }, num(d.buffered_events)),
         h("td", { class: "num" }, num(d.in_flight)),
         h("td", { class: "num" }, num(d.delivered)),

@@ -540,6 +540,24 @@ path = "{file}"
     assert!(!browser.visible("#confirm"));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(dead_count(&server, "hook"), BAD, "cancelled, yet replayed");
+    // Replay since a time: none died after tomorrow, so nothing moves.
+    browser.js(
+        "const t = new Date(Date.now() + 86400e3); t.setSeconds(0, 0); \
+         const p = (n) => String(n).padStart(2, '0'); \
+         document.getElementById('replay-since').value = \
+           `${t.getFullYear()}-${p(t.getMonth() + 1)}-${p(t.getDate())}T${p(t.getHours())}:${p(t.getMinutes())}:00`;",
+    );
+    browser.click("#replay-since-button");
+    assert!(browser.text("#confirm-text").contains("since"));
+    browser.click("#confirm-yes");
+    assert!(
+        wait_for(10, || browser
+            .text("#replay-result")
+            .contains("0 dead letter(s) of hook re-enqueued")),
+        "{}",
+        browser.text("#replay-result")
+    );
+    assert_eq!(dead_count(&server, "hook"), BAD);
     // Confirmed: every dead letter is delivered to the hook, which now takes them.
     browser.click("#replay-all");
     assert!(browser.visible("#confirm"));

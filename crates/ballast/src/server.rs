@@ -269,6 +269,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         store.clone(),
         router.clone(),
         state.clone(),
+        Some(prometheus.clone()),
         stop_rx.clone(),
     ));
     let admin_app = crate::admin::router(crate::admin::AdminState {

@@ -505,10 +505,18 @@ path = "{file}"
         "{}",
         browser.text("tr[data-destination='slow-crm'] td.oldest")
     );
-    // The charts: six SVGs with a line per destination.
+    // The delivery request latency of the destination that takes events.
+    assert!(
+        wait_for(10, || browser
+            .text("tr[data-destination='hook'] td.latency")
+            .contains(" / ")),
+        "{}",
+        browser.text("tr[data-destination='hook']")
+    );
+    // The charts: seven SVGs with a line per destination.
     assert!(
         wait_for(10, || browser.js(
-            "return document.querySelectorAll('#charts svg.chart').length === 6 \
+            "return document.querySelectorAll('#charts svg.chart').length === 7 \
              && document.querySelectorAll('#charts svg.chart path.series').length >= 12"
         ) == true),
         "{}",

@@ -648,6 +648,53 @@ path = "{file}"
 }
 
 #[test]
+fn without_a_token_another_site_cannot_act_through_the_browser() {
+    let server = Server::start(&common::config(""));
+    let http = common::client();
+    let admin = server.admin.clone();
+    // Another site's page posting to the loopback admin API (a form needs no preflight).
+    let r = http
+        .post(format!("{admin}/v1/dead-letters/replay?destination=x"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http
+        .post(format!("{admin}/v1/mode"))
+        .header("Origin", "https://evil.example")
+        .json(&json!({ "mode": "degraded" }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(admin_get(&server, "/v1/mode")["mode"], "NORMAL");
+    // Its name rebound to 127.0.0.1 (DNS rebinding): refused, reads too.
+    let r = http
+        .get(format!("{admin}/v1/dead-letters"))
+        .header("Host", "evil.example")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The page's own origin, and the CLI (no Origin), are served.
+    let r = http
+        .post(format!("{admin}/v1/mode"))
+        .header("Origin", admin.as_str())
+        .json(&json!({ "mode": "normal" }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out = std::process::Command::new(common::bin())
+        .args(["mode", "--admin", &admin])
+        .env_remove("BALLAST_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn with_an_admin_token_the_page_asks_for_it_and_every_data_call_needs_it() {
     const TOKEN: &str = "page-s3cret";
     let server = Server::start_in(

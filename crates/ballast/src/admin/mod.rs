@@ -74,6 +74,10 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    if let Err(why) = browser_guard(s.token.is_some(), &req) {
+        tracing::warn!(path = %req.uri().path(), why, "admin request refused");
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
     let get = req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
     let open_metrics = !s.metrics_require_token && req.uri().path() == "/metrics" && get;
     // The page and its assets hold no data: every call they make needs the token.
@@ -91,6 +95,52 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
+}
+
+/// Without a token (a loopback admin address), what a web browser could be made to send
+/// by another site is refused: a state-changing call from another origin (a browser
+/// sends `Origin` with every cross-origin POST; the CLI sends none, the status page its
+/// own), and any call whose `Host` is not a loopback name (another site's name resolved
+/// to 127.0.0.1: DNS rebinding). With a token there is nothing to forge: a browser never
+/// adds the bearer header by itself.
+fn browser_guard(has_token: bool, req: &Request) -> Result<(), &'static str> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !has_token && !host.is_empty() && !is_loopback_host(host) {
+        return Err("without an admin token only loopback host names are served");
+    }
+    let safe = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !has_token && !safe {
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let same = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.split_once("://"))
+                .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host));
+            if !same {
+                return Err("cross-origin admin call refused");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `127.0.0.1:8081`, `localhost`, `[::1]:8081`, ...
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -346,5 +396,80 @@ async fn replay(
             axum::Json(serde_json::json!({ "destination": dest, "replayed": n })).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, host: &str, origin: Option<&str>) -> Request {
+        let mut b = axum::http::Request::builder()
+            .method(method)
+            .uri("/v1/mode")
+            .header(header::HOST, host);
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        b.body(axum::body::Body::empty())
+            .unwrap_or_else(|_| Request::new(axum::body::Body::empty()))
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "127.0.0.1:8081",
+            "localhost:8081",
+            "LOCALHOST",
+            "[::1]:8081",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example:8081",
+            "10.0.0.1:8081",
+            "[2001:db8::1]:80",
+            "0.0.0.0:8081",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn cross_origin_writes_and_rebound_names_are_refused() {
+        // The CLI: no Origin.
+        assert!(browser_guard(false, &req("POST", "127.0.0.1:8081", None)).is_ok());
+        // The status page: its own origin.
+        assert!(browser_guard(
+            false,
+            &req("POST", "127.0.0.1:8081", Some("http://127.0.0.1:8081"))
+        )
+        .is_ok());
+        // Another site's page.
+        assert!(browser_guard(
+            false,
+            &req("POST", "127.0.0.1:8081", Some("https://evil.example"))
+        )
+        .is_err());
+        // With a token (behind a proxy that rewrites Host, say): the token decides.
+        assert!(browser_guard(
+            true,
+            &req(
+                "POST",
+                "ballast-admin:8081",
+                Some("https://ballast.example")
+            )
+        )
+        .is_ok());
+        // Reads from another origin are the browser's business (no CORS headers).
+        assert!(browser_guard(
+            false,
+            &req("GET", "127.0.0.1:8081", Some("https://evil.example"))
+        )
+        .is_ok());
+        // DNS rebinding without a token; with a token any name (e.g. a Service) is fine.
+        assert!(browser_guard(false, &req("GET", "evil.example:8081", None)).is_err());
+        assert!(browser_guard(true, &req("GET", "ballast-admin.ns.svc:8081", None)).is_ok());
     }
 }

@@ -7,8 +7,10 @@ object for Kubernetes 1.31 (kubernetes-validate), structural checks of the Prome
 Operator objects, the chart's promises asserted on the rendered objects, `ballast
 check-config` on the rendered ballast.toml with the environment the pod would get, and
 checkov on the rendered manifests (a finding fails unless the chart skips it with a
-reason). Then: value sets that must not render, the alert rules' metric names against a
-real server's /metrics, and hadolint on the Dockerfile.
+reason). Then: value sets that must not render, the metric names of the alert rules and
+of the Grafana dashboard (docs/grafana/ballast.json, the same file as the chart's
+dashboards/ballast.json) against a real server's /metrics, and hadolint on the
+Dockerfile.
 
 Usage: check_chart.py --ballast PATH_TO_BINARY --out DIR
 """
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -41,6 +44,8 @@ RELEASE, NAMESPACE = "ballast", "ballast"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 DATA_DIR = "/var/lib/ballast"
 CONFIG_PATH = "/etc/ballast/ballast.toml"
+DASHBOARD = ROOT / "docs" / "grafana" / "ballast.json"
+CHART_DASHBOARD = CHART / "dashboards" / "ballast.json"
 
 
 class Failures:
@@ -305,9 +310,56 @@ def assert_properties(objs: list[dict], values: dict, f: Failures, label: str) -
         f.check(bool(auth) == bool(server.get("metrics_require_token")), f"{label}: ServiceMonitor sends the token iff /metrics needs it")
     for r in rules:
         alerts = {x["alert"] for g in r["spec"]["groups"] for x in g["rules"]}
-        want = {"BallastDegradedMode", "BallastBacklogGrowing", "BallastDeadLetters", "BallastStorageNearQuota"}
+        want = {"BallastDegradedMode", "BallastBacklogGrowing", "BallastDeadLetters", "BallastStorageNearQuota",
+                "BallastIngestionRefusing", "BallastFsyncSlow", "BallastStorageFailed"}
         f.check(want <= alerts, f"{label}: alerts {want - alerts} missing")
+    # The Grafana dashboard: a ConfigMap for the sidecar iff metrics.grafanaDashboard,
+    # holding the dashboard of docs/grafana/.
+    dash_cms = [o for o in by_kind(objs, "ConfigMap") if o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    f.check(len(dash_cms) == (1 if merged["metrics"]["grafanaDashboard"] else 0), f"{label}: a dashboard ConfigMap iff metrics.grafanaDashboard, got {len(dash_cms)}")
+    for cm in dash_cms:
+        try:
+            shipped = json.loads(cm.get("data", {}).get("ballast.json", ""))
+        except ValueError as e:
+            f.check(False, f"{label}: the dashboard ConfigMap's ballast.json is not JSON: {e}")
+            continue
+        f.check(shipped == json.loads(DASHBOARD.read_text()), f"{label}: the dashboard ConfigMap differs from docs/grafana/ballast.json")
+        f.check(cm["metadata"]["namespace"] == NAMESPACE, f"{label}: the dashboard ConfigMap's namespace")
     return {"toml": text, "env": env}
+
+
+def check_dashboard(f: Failures) -> dict:
+    """docs/grafana/ballast.json: the same as the chart's copy, and a well-formed
+    dashboard (unique panel ids, on the 24-column grid, every panel on the datasource
+    variable with at least one query)."""
+    f.check(DASHBOARD.read_bytes() == CHART_DASHBOARD.read_bytes(), f"{CHART_DASHBOARD.relative_to(ROOT)} differs from {DASHBOARD.relative_to(ROOT)}")
+    dash = json.loads(DASHBOARD.read_text())
+    f.check(dash.get("uid") and dash.get("title"), "dashboard: uid and title")
+    names = [v.get("name") for v in dash.get("templating", {}).get("list", [])]
+    f.check("datasource" in names, "dashboard: a datasource variable")
+    ids = [p.get("id") for p in dash.get("panels", [])]
+    f.check(len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids), "dashboard: unique integer panel ids")
+    n_queries = 0
+    for p in dash.get("panels", []):
+        g = p.get("gridPos", {})
+        f.check(g.get("x", 0) + g.get("w", 0) <= 24 and g.get("h", 0) > 0, f"dashboard: {p.get('title')}: gridPos {g}")
+        if p.get("type") == "row":
+            continue
+        f.check(p.get("datasource", {}).get("uid") == "${datasource}", f"dashboard: {p.get('title')}: datasource")
+        targets = p.get("targets", [])
+        f.check(targets and all(t.get("expr") for t in targets), f"dashboard: {p.get('title')}: queries")
+        for t in targets:
+            expr = t.get("expr", "")
+            n_queries += 1
+            f.check(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"dashboard: {p.get('title')}: unbalanced {expr}")
+    print(f"  {DASHBOARD.relative_to(ROOT)}: {len(ids)} panels, {n_queries} queries; the chart ships the same file")
+    return dash
+
+
+def metric_names(text: str) -> set[str]:
+    """The ballast_* metric names in PromQL or in a dashboard: histogram series
+    (_bucket, _sum, _count) as the histogram's name."""
+    return {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"\bballast_[a-z_]+\b", text)}
 
 
 def helm_merge(values: dict) -> dict:
@@ -377,6 +429,12 @@ def scrape_metrics(ballast: str, toml_text: str, env: list[dict]) -> str:
                         raise RuntimeError(f"ballast did not start: {proc.stderr.read() if proc.stderr else ''}")
                     time.sleep(0.05)
             admin = addrs["admin_listen"]
+            # One ingest request (refused: no write key), so that the request counter has
+            # a series (it is created on first use).
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"http://{addrs['listen']}/v1/track", data=b"{}", method="POST"), timeout=10)
+            except urllib.error.HTTPError:
+                pass
             with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as r:  # open: metrics_require_token = false
                 return r.read().decode()
         finally:
@@ -387,17 +445,28 @@ def scrape_metrics(ballast: str, toml_text: str, env: list[dict]) -> str:
                 proc.kill()
 
 
-def check_rule_metrics(ballast: str, default_rendered: dict, rules_objs: list[dict], f: Failures) -> None:
+def check_rule_metrics(ballast: str, default_rendered: dict, rules_objs: list[dict], dashboard: dict, f: Failures) -> None:
     exported = scrape_metrics(ballast, default_rendered["toml"], default_rendered["env"])
-    names = set(re.findall(r"^(ballast_[a-z_]+?)(?:_bucket|_sum|_count)?[{ ]", exported, re.M))
+    names = metric_names("\n".join(re.findall(r"^(ballast_[a-z_]+)[{ ]", exported, re.M)))
     used = set()
     for r in rules_objs:
         for g in r["spec"]["groups"]:
             for x in g["rules"]:
-                used |= set(re.findall(r"\bballast_[a-z_]+\b", x["expr"]))
-    print(f"  /metrics of the real server: {len(names)} ballast_* metrics; the alert rules use {sorted(used)}")
+                used |= metric_names(x["expr"])
+    print(f"  /metrics of the real server: {len(names)} ballast_* metrics: {sorted(names)}")
+    print(f"  the alert rules use {len(used)}: {sorted(used)}")
     f.check(used, "no metric found in the alert rules")
     f.check(used <= names, f"alert rules use metrics the server does not export: {sorted(used - names)}")
+    in_dash = set()
+    for p in dashboard.get("panels", []):
+        for t in p.get("targets", []):
+            in_dash |= metric_names(t.get("expr", ""))
+    for v in dashboard.get("templating", {}).get("list", []):
+        q = v.get("query")
+        in_dash |= metric_names(q.get("query", "") if isinstance(q, dict) else str(q or ""))
+    print(f"  the Grafana dashboard uses {len(in_dash)}: {sorted(in_dash)}")
+    f.check(in_dash, "no metric found in the Grafana dashboard")
+    f.check(in_dash <= names, f"the Grafana dashboard uses metrics the server does not export: {sorted(in_dash - names)}")
     f.check('ballast_mode{mode="DEGRADED"}' in exported, "ballast_mode{mode=\"DEGRADED\"} not exported")
 
 
@@ -558,12 +627,14 @@ def main() -> int:
     check_values_contract(f)
     print("== value sets that must not render")
     must_not_render(f)
-    print("== alert rules against the real server's /metrics")
+    print("== the Grafana dashboard")
+    dashboard = check_dashboard(f)
+    print("== alert rules and dashboard against the real server's /metrics")
     rules = [o for objs in all_objs.values() for o in by_kind(objs, "PrometheusRule")]
     f.check(rules, "no value set renders a PrometheusRule")
     if "default" in rendered_by_set:
         try:
-            check_rule_metrics(args.ballast, rendered_by_set["default"], rules, f)
+            check_rule_metrics(args.ballast, rendered_by_set["default"], rules, dashboard, f)
         except (RuntimeError, OSError) as e:
             f.check(False, f"scraping /metrics: {e}")
     print("== Dockerfile")

@@ -284,6 +284,9 @@ pub struct ServerConfig {
     /// File descriptors kept for the event log, the alert outbox and the destinations:
     /// the connection caps leave this many free beyond those open at start.
     pub fd_reserve: u64,
+    /// How often the status page's history (the last hour, in memory) is sampled.
+    #[serde(deserialize_with = "duration")]
+    pub history_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -305,6 +308,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             admin_max_connections: 64,
             fd_reserve: 256,
+            history_interval: Duration::from_secs(10),
         }
     }
 }
@@ -498,6 +502,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.history_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(format!(
+                "server.history_interval {:?} is below 100ms",
+                self.server.history_interval
+            )));
+        }
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for s in &self.sources {

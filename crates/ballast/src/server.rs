@@ -285,6 +285,17 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         "public",
         stop_rx.clone(),
     ));
+    let history = Arc::new(crate::admin::history::History::new(
+        config.server.history_interval,
+        router.status().into_iter().map(|d| d.id).collect(),
+    ));
+    tokio::spawn(history.clone().run(
+        store.clone(),
+        router.clone(),
+        state.clone(),
+        Some(prometheus.clone()),
+        stop_rx.clone(),
+    ));
     let admin_app = crate::admin::router(crate::admin::AdminState {
         store: store.clone(),
         state: state.clone(),
@@ -293,6 +304,8 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         metrics_require_token: config.server.metrics_require_token,
         router: router.clone(),
         recovery: recovery.clone(),
+        alerts: alerts.clone(),
+        history,
     });
     let admin_server = tokio::spawn(crate::listener::serve(
         admin,

@@ -3,6 +3,14 @@
 //! refuses an admin address other hosts can reach without a token, so every call that
 //! changes state (mode set, replay) or shows events (dead letters) needs it there;
 //! `/metrics` alone can be left open with `server.metrics_require_token = false`.
+//!
+//! `GET /` is the status page (`ui.rs`): static files compiled into the binary, served
+//! without the token because they hold no data; the page reads and acts through the same
+//! API as the CLI (`/v1/status`, `/v1/mode`, `/v1/history`, `/v1/alerts`,
+//! `/v1/dead-letters`), sending the token the operator typed in.
+
+pub mod history;
+mod ui;
 
 use std::sync::Arc;
 
@@ -36,6 +44,9 @@ pub struct AdminState {
     pub metrics_require_token: bool,
     pub router: Arc<EventRouter>,
     pub recovery: Arc<crate::recovery::Recovery>,
+    pub alerts: Arc<crate::alerts::Alerts>,
+    /// The last hour, sampled in memory (`/v1/history`).
+    pub history: Arc<history::History>,
 }
 
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -48,7 +59,12 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/app.css", get(ui::app_css))
         .route("/metrics", get(metrics))
+        .route("/v1/history", get(history))
+        .route("/v1/alerts", get(open_alerts))
         .route("/v1/status", get(status))
         .route("/v1/mode", get(get_mode).post(set_mode))
         .route("/v1/dead-letters", get(dead_letters))
@@ -58,10 +74,15 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
-    let open_metrics = !s.metrics_require_token
-        && req.uri().path() == "/metrics"
-        && req.method() == axum::http::Method::GET;
-    if let (Some(token), false) = (&s.token, open_metrics) {
+    if let Err(why) = browser_guard(s.token.is_some(), &req) {
+        tracing::warn!(path = %req.uri().path(), why, "admin request refused");
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
+    let get = req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
+    let open_metrics = !s.metrics_require_token && req.uri().path() == "/metrics" && get;
+    // The page and its assets hold no data: every call they make needs the token.
+    let open_page = get && ui::is_static(req.uri().path());
+    if let (Some(token), false) = (&s.token, open_metrics || open_page) {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -74,6 +95,52 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
+}
+
+/// Without a token (a loopback admin address), what a web browser could be made to send
+/// by another site is refused: a state-changing call from another origin (a browser
+/// sends `Origin` with every cross-origin POST; the CLI sends none, the status page its
+/// own), and any call whose `Host` is not a loopback name (another site's name resolved
+/// to 127.0.0.1: DNS rebinding). With a token there is nothing to forge: a browser never
+/// adds the bearer header by itself.
+fn browser_guard(has_token: bool, req: &Request) -> Result<(), &'static str> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !has_token && !host.is_empty() && !is_loopback_host(host) {
+        return Err("without an admin token only loopback host names are served");
+    }
+    let safe = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !has_token && !safe {
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let same = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.split_once("://"))
+                .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host));
+            if !same {
+                return Err("cross-origin admin call refused");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `127.0.0.1:8081`, `localhost`, `[::1]:8081`, ...
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -140,6 +207,8 @@ async fn status(State(s): State<AdminState>) -> Response {
     let refusal = s.store.refusal();
     axum::Json(serde_json::json!({
         "mode": s.state.mode().as_health_str(),
+        // As `/readyz` on the public port: accepting and persisting events.
+        "ready": !s.state.stopping() && st.writable && !st.full(),
         "routing": s.state.routing(),
         "storage": {
             // False while new events are refused: failed, disk full, quota, unavailable.
@@ -159,9 +228,114 @@ async fn status(State(s): State<AdminState>) -> Response {
             "fsyncs": st.fsyncs,
             "quarantined_records": st.quarantined_records,
         },
-        "destinations": s.router.status(),
+        "destinations": destinations_with_age(&s).await,
     }))
     .into_response()
+}
+
+/// How long the reads for the age of the oldest event may take, all destinations
+/// together (a slow database must not hold the status up).
+const OLDEST_AGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The router's destination status, each with `oldest_age_s`: how long ago the oldest
+/// event the destination has not passed was received (its `receivedAt`), over the
+/// partitions; null when there is none or it cannot be told in time. One read of one
+/// event per partition with a backlog: the cost does not depend on the backlog's size.
+async fn destinations_with_age(s: &AdminState) -> Vec<serde_json::Value> {
+    let status = s.router.status();
+    let deadline = tokio::time::Instant::now() + OLDEST_AGE_BUDGET;
+    let mut out = Vec::with_capacity(status.len());
+    for d in status {
+        let age = if d.backlog_bytes > 0 {
+            tokio::time::timeout_at(deadline, oldest_received(&*s.store, &d.id))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .map(|a| a.as_secs_f64())
+        } else {
+            None
+        };
+        let mut v = serde_json::to_value(&d).unwrap_or(serde_json::Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("oldest_age_s".into(), serde_json::json!(age));
+        }
+        out.push(v);
+    }
+    out
+}
+
+/// When the oldest event at a cursor of the destination was received.
+async fn oldest_received(store: &dyn Store, destination: &str) -> Option<std::time::SystemTime> {
+    #[derive(serde::Deserialize)]
+    struct Received<'a> {
+        #[serde(rename = "receivedAt", borrow)]
+        received_at: Option<std::borrow::Cow<'a, str>>,
+    }
+    let consumer = crate::router::consumer_name(destination);
+    let mut oldest: Option<std::time::SystemTime> = None;
+    for p in 0..store.partitions() {
+        let end = *store.subscribe(p).borrow();
+        let Some(cursor) = store.cursor(&consumer, p) else {
+            continue;
+        };
+        if cursor >= end {
+            continue;
+        }
+        let read = match store.read(cursor, 1).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(destination, partition = p, error = %e, "reading the oldest event for the status failed");
+                continue;
+            }
+        };
+        let Some(ev) = read.events.first() else {
+            continue;
+        };
+        let t = serde_json::from_slice::<Received>(&ev.event)
+            .ok()
+            .and_then(|r| r.received_at)
+            .and_then(|t| humantime::parse_rfc3339_weak(&t).ok());
+        if let Some(t) = t {
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+    }
+    oldest
+}
+
+async fn history(State(s): State<AdminState>) -> Response {
+    axum::Json(s.history.view()).into_response()
+}
+
+/// `GET /v1/alerts`: the conditions raised and not resolved yet, and how many alert
+/// notifications wait in the outbox.
+async fn open_alerts(State(s): State<AdminState>) -> Response {
+    let alerts = s.alerts.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::alerts::AlertError>((alerts.open_alerts()?, alerts.pending()?))
+    })
+    .await;
+    match read {
+        Ok(Ok((open, pending))) => {
+            let open: Vec<_> = open
+                .into_iter()
+                .map(|(key, ms)| {
+                    serde_json::json!({
+                        "key": key,
+                        "class": key.split(':').next().unwrap_or(&key),
+                        "since": humantime::format_rfc3339_millis(
+                            crate::time::from_ms(ms)
+                        ).to_string(),
+                        "since_ms": ms,
+                    })
+                })
+                .collect();
+            axum::Json(serde_json::json!({ "open": open, "outbox_pending": pending }))
+                .into_response()
+        }
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn get_mode(State(s): State<AdminState>) -> Response {
@@ -235,5 +409,80 @@ async fn replay(
             axum::Json(serde_json::json!({ "destination": dest, "replayed": n })).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, host: &str, origin: Option<&str>) -> Request {
+        let mut b = axum::http::Request::builder()
+            .method(method)
+            .uri("/v1/mode")
+            .header(header::HOST, host);
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        b.body(axum::body::Body::empty())
+            .unwrap_or_else(|_| Request::new(axum::body::Body::empty()))
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "127.0.0.1:8081",
+            "localhost:8081",
+            "LOCALHOST",
+            "[::1]:8081",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example:8081",
+            "10.0.0.1:8081",
+            "[2001:db8::1]:80",
+            "0.0.0.0:8081",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn cross_origin_writes_and_rebound_names_are_refused() {
+        // The CLI: no Origin.
+        assert!(browser_guard(false, &req("POST", "127.0.0.1:8081", None)).is_ok());
+        // The status page: its own origin.
+        assert!(browser_guard(
+            false,
+            &req("POST", "127.0.0.1:8081", Some("http://127.0.0.1:8081"))
+        )
+        .is_ok());
+        // Another site's page.
+        assert!(browser_guard(
+            false,
+            &req("POST", "127.0.0.1:8081", Some("https://evil.example"))
+        )
+        .is_err());
+        // With a token (behind a proxy that rewrites Host, say): the token decides.
+        assert!(browser_guard(
+            true,
+            &req(
+                "POST",
+                "ballast-admin:8081",
+                Some("https://ballast.example")
+            )
+        )
+        .is_ok());
+        // Reads from another origin are the browser's business (no CORS headers).
+        assert!(browser_guard(
+            false,
+            &req("GET", "127.0.0.1:8081", Some("https://evil.example"))
+        )
+        .is_ok());
+        // DNS rebinding without a token; with a token any name (e.g. a Service) is fine.
+        assert!(browser_guard(false, &req("GET", "evil.example:8081", None)).is_err());
+        assert!(browser_guard(true, &req("GET", "ballast-admin.ns.svc:8081", None)).is_ok());
     }
 }

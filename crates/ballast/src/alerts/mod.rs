@@ -240,6 +240,20 @@ impl Alerts {
         Ok(t.get(key).map_err(e)?.map(|v| v.value()))
     }
 
+    /// The conditions triggered and not resolved yet (key, when triggered in ms), oldest
+    /// first: the status page's "open alerts".
+    pub fn open_alerts(&self) -> Result<Vec<(String, u64)>, AlertError> {
+        let txn = self.db.begin_read().map_err(e)?;
+        let t = txn.open_table(OPEN).map_err(e)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(e)? {
+            let (k, v) = item.map_err(e)?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        out.sort_by_key(|(_, at)| *at);
+        Ok(out)
+    }
+
     /// Entries not yet delivered.
     pub fn pending(&self) -> Result<usize, AlertError> {
         let txn = self.db.begin_read().map_err(e)?;

@@ -242,6 +242,7 @@ impl Recovery {
             "reason": s.mode_reason,
             "since": humantime::format_rfc3339_millis(from_ms(s.mode_since_ms)).to_string(),
             "crashes_in_window": s.crashes.len(),
+            "crashes": s.crashes.iter().map(|&ms| humantime::format_rfc3339_millis(from_ms(ms)).to_string()).collect::<Vec<_>>(),
             "crash_threshold": self.config.crash_threshold,
             "crash_window_s": self.config.crash_window.as_secs(),
         })

@@ -513,10 +513,18 @@ path = "{file}"
         "{}",
         browser.text("tr[data-destination='hook']")
     );
-    // The charts: seven SVGs with a line per destination.
+    // ... and its delivery lag (accepted → delivered).
+    assert!(
+        wait_for(10, || browser
+            .text("tr[data-destination='hook'] td.lag")
+            .contains(" / ")),
+        "{}",
+        browser.text("tr[data-destination='hook']")
+    );
+    // The charts: eight SVGs with a line per destination.
     assert!(
         wait_for(10, || browser.js(
-            "return document.querySelectorAll('#charts svg.chart').length === 7 \
+            "return document.querySelectorAll('#charts svg.chart').length === 8 \
              && document.querySelectorAll('#charts svg.chart path.series').length >= 12"
         ) == true),
         "{}",

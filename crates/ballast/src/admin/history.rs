@@ -34,6 +34,10 @@ pub struct DestinationSample {
     /// previous sample: median and 99th percentile in seconds, when requests were made.
     pub p50: Option<f64>,
     pub p99: Option<f64>,
+    /// Delivery lag (`ballast_destination_lag_seconds`: accepted → delivered) since the
+    /// previous sample, median and 99th percentile in seconds.
+    pub lag_p50: Option<f64>,
+    pub lag_p99: Option<f64>,
 }
 
 /// The state at one time.
@@ -67,6 +71,8 @@ pub struct History {
     quota_bytes: std::sync::atomic::AtomicU64,
     /// Each destination's cumulative request latency buckets at the previous sample.
     last_buckets: Mutex<Vec<Vec<(f64, f64)>>>,
+    /// The same for the delivery lag.
+    last_lag_buckets: Mutex<Vec<Vec<(f64, f64)>>>,
 }
 
 /// Slots for an hour at `interval` (at least one, at most [`MAX_SLOTS`]).
@@ -85,6 +91,7 @@ impl History {
             samples: Mutex::new(VecDeque::with_capacity(capacity)),
             quota_bytes: std::sync::atomic::AtomicU64::new(0),
             last_buckets: Mutex::new(Vec::new()),
+            last_lag_buckets: Mutex::new(Vec::new()),
         }
     }
 
@@ -139,7 +146,24 @@ impl History {
         self.quota_bytes
             .store(st.quota_bytes, std::sync::atomic::Ordering::Relaxed);
         let status = router.status();
-        let latency = metrics.map(|m| self.latencies(m)).unwrap_or_default();
+        let latency = metrics
+            .map(|m| {
+                self.quantiles(
+                    m,
+                    "ballast_destination_request_seconds_bucket",
+                    &self.last_buckets,
+                )
+            })
+            .unwrap_or_default();
+        let lag = metrics
+            .map(|m| {
+                self.quantiles(
+                    m,
+                    "ballast_destination_lag_seconds_bucket",
+                    &self.last_lag_buckets,
+                )
+            })
+            .unwrap_or_default();
         let d = self
             .destinations
             .iter()
@@ -156,6 +180,8 @@ impl History {
                         dead_letters: s.dead_letters,
                         p50: None,
                         p99: None,
+                        lag_p50: None,
+                        lag_p99: None,
                     })
                     .unwrap_or_default()
             })
@@ -163,6 +189,12 @@ impl History {
             .map(|(mut d, (p50, p99))| {
                 d.p50 = p50;
                 d.p99 = p99;
+                d
+            })
+            .zip(lag.into_iter().chain(std::iter::repeat((None, None))))
+            .map(|(mut d, (p50, p99))| {
+                d.lag_p50 = p50;
+                d.lag_p99 = p99;
                 d
             })
             .collect();
@@ -176,15 +208,20 @@ impl History {
         });
     }
 
-    /// Per destination, p50 and p99 of the request latency since the previous call,
-    /// from the cumulative buckets in the rendered registry.
-    fn latencies(&self, metrics: &str) -> Vec<(Option<f64>, Option<f64>)> {
+    /// Per destination, p50 and p99 of a histogram (`metric`: its `_bucket` series) since
+    /// the previous call, from the cumulative buckets in the rendered registry.
+    fn quantiles(
+        &self,
+        metrics: &str,
+        metric: &str,
+        last: &Mutex<Vec<Vec<(f64, f64)>>>,
+    ) -> Vec<(Option<f64>, Option<f64>)> {
         let now: Vec<Vec<(f64, f64)>> = self
             .destinations
             .iter()
-            .map(|id| buckets(metrics, "ballast_destination_request_seconds_bucket", id))
+            .map(|id| buckets(metrics, metric, id))
             .collect();
-        let mut last = self.last_buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         let out = now
             .iter()
             .enumerate()
@@ -319,10 +356,21 @@ ballast_destination_request_seconds_sum{destination=\"a\"} 3
         assert_eq!(quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
         // Since the previous sample: the first call sees everything, the next nothing new.
         let h = History::new(Duration::from_secs(10), vec!["a".into(), "none".into()]);
-        let first = h.latencies(text);
+        let first = h.quantiles(
+            text,
+            "ballast_destination_request_seconds_bucket",
+            &h.last_buckets,
+        );
         assert_eq!(first[0].0, Some(0.01));
         assert_eq!(first[1], (None, None));
-        assert_eq!(h.latencies(text)[0], (None, None));
+        assert_eq!(
+            h.quantiles(
+                text,
+                "ballast_destination_request_seconds_bucket",
+                &h.last_buckets
+            )[0],
+            (None, None)
+        );
     }
 
     #[test]

@@ -49,8 +49,19 @@ pub struct AdminState {
     pub history: Arc<history::History>,
 }
 
+/// Buckets of the delivery lag (accepted → delivered): 10 ms to 6 h, as a backlog can be.
+const LAG_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
+    3600.0, 10800.0, 21600.0,
+];
+
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("ballast_destination_lag_seconds".into()),
+            LAG_BUCKETS,
+        )
+        .context("setting histogram buckets")?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .context("setting histogram buckets")?
         .install_recorder()

@@ -135,6 +135,9 @@ pub(super) struct Worker {
     abort_alert: Option<AbortAlert>,
     /// How long each delivery request takes, whatever its outcome.
     request_seconds: metrics::Histogram,
+    /// From acceptance (`receivedAt`) to delivery, of the first event of each delivered
+    /// request (one parse-free look per request, not per event).
+    lag_seconds: metrics::Histogram,
 }
 
 /// An open "destination is aborting events" alert: it resolves once the destination has
@@ -184,6 +187,16 @@ pub(super) fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
         (None, None) => String::new(),
     };
     (Arc::from(key), Arc::from(message_id))
+}
+
+/// When the gateway accepted an event: its `receivedAt`, which enrichment writes as the
+/// event's last key (so the last occurrence is ours, whatever the client sent).
+fn received_at(json: &[u8]) -> Option<SystemTime> {
+    const KEY: &[u8] = br#""receivedAt":""#;
+    let at = json.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let len = json[at..].iter().position(|b| *b == b'"')?;
+    let text = std::str::from_utf8(&json[at..at + len]).ok()?;
+    humantime::parse_rfc3339_weak(text).ok()
 }
 
 /// What names an event's strikes: its messageId, else its position.
@@ -249,6 +262,7 @@ impl Worker {
                 delivered_since: false,
             });
         let request_seconds = metrics::histogram!("ballast_destination_request_seconds", "destination" => config.id.clone());
+        let lag_seconds = metrics::histogram!("ballast_destination_lag_seconds", "destination" => config.id.clone());
         let redelivered = metrics::counter!("ballast_destination_redelivered_total", "destination" => config.id.clone());
         Ok(Worker {
             sources: config.sources.iter().cloned().collect(),
@@ -281,6 +295,7 @@ impl Worker {
             replaying: FastSet::default(),
             abort_alert,
             request_seconds,
+            lag_seconds,
             journal,
             alerts,
             strikes,
@@ -774,6 +789,15 @@ impl Worker {
                 if let Some(a) = &mut self.abort_alert {
                     a.delivered_since = true;
                 }
+                let first = units
+                    .first()
+                    .and_then(|(user, _)| self.users.get(user))
+                    .and_then(|u| u.q.front())
+                    .and_then(|p| p.event.as_ref())
+                    .and_then(|e| received_at(&e.json));
+                if let Some(lag) = first.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+                    self.lag_seconds.record(lag.as_secs_f64());
+                }
                 for (user, n) in units {
                     if let Some(uq) = self.users.get_mut(&user) {
                         uq.solo = false;
@@ -1231,6 +1255,19 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::identify;
+
+    #[test]
+    fn received_at_is_the_last_one_written() {
+        let t = super::received_at(
+            br#"{"receivedAt":"2001-01-01T00:00:00Z","x":1,"receivedAt":"2026-11-29T08:16:40.123Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            humantime::format_rfc3339_millis(t).to_string(),
+            "2026-11-29T08:16:40.123Z"
+        );
+        assert!(super::received_at(br#"{"x":1}"#).is_none());
+    }
 
     #[test]
     fn ordering_key_is_user_then_anonymous_id() {

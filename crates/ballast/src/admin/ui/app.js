@@ -186,12 +186,14 @@
     return Math.max(0, last.d[i][field] - first.d[i][field]) / dt;
   }
 
-  // Request latency p50/p99 of the newest sample of the last minute that had requests.
-  function latency(i) {
+  // p50/p99 (request latency, or delivery lag with prefix "lag_") of the newest sample of
+  // the last minute that had deliveries.
+  function latency(i, prefix) {
     const smp = (state.history && state.history.samples) || [];
     for (let k = smp.length - 1; k >= 0 && smp[k].t > Date.now() - 60000; k--) {
       const d = smp[k].d[i];
-      if (d && d.p50 !== null && d.p50 !== undefined) return ms(d.p50) + " / " + ms(d.p99);
+      const p50 = d && d[prefix + "p50"];
+      if (p50 !== null && p50 !== undefined) return ms(p50) + " / " + ms(d[prefix + "p99"]);
     }
     return "–";
   }
@@ -205,7 +207,7 @@
     tb.replaceChildren();
     const ids = (state.history && state.history.destinations) || [];
     const dests = state.status.destinations;
-    if (!dests.length) tb.append(h("tr", {}, h("td", { colspan: "14", class: "muted" }, "no destination configured")));
+    if (!dests.length) tb.append(h("tr", {}, h("td", { colspan: "15", class: "muted" }, "no destination configured")));
     for (const d of dests) {
       const i = ids.indexOf(d.id);
       const r = i >= 0 ? rate(i, "delivered") : null;
@@ -220,7 +222,8 @@
         h("td", { class: "num" }, num(d.in_flight)),
         h("td", { class: "num" }, num(d.delivered)),
         h("td", { class: "num" }, r === null ? "–" : num(r)),
-        h("td", { class: "num latency" }, i >= 0 ? latency(i) : "–"),
+        h("td", { class: "num lag" }, i >= 0 ? latency(i, "lag_") : "–"),
+        h("td", { class: "num latency" }, i >= 0 ? latency(i, "") : "–"),
         h("td", { class: "num" }, num(d.retries)),
         h("td", { class: "num" }, num(d.retrying_users)),
         h("td", { class: "num dead " + (d.dead_letters ? "bad" : "") }, num(d.dead_letters)),
@@ -310,6 +313,7 @@
       chart("Backlog per destination", series((p, i) => (p.d[i] ? p.d[i].backlog : null)), num),
       chart("Delivered per second", series(perSecond("delivered")), num),
       chart("Retries per second", series(perSecond("retries")), num),
+      chart("Delivery lag p99 (accepted → delivered)", series((p, i) => (p.d[i] && p.d[i].lag_p99 !== null ? p.d[i].lag_p99 : null)), ms),
       chart("Delivery request latency p99", series((p, i) => (p.d[i] && p.d[i].p99 !== null ? p.d[i].p99 : null)), ms),
       chart("Dead letters", series((p, i) => (p.d[i] ? p.d[i].dead_letters : null)), num),
       chart("Events ingested per second", ingest, num),

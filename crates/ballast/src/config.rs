@@ -115,24 +115,29 @@ pub struct DestinationConfig {
     pub enabled: bool,
     /// Deliveries in flight at once (default 16).
     pub concurrency: usize,
-    /// Events per delivery (default 1; webhook sends a JSON array when > 1).
+    /// Events per delivery (default: the type's, 1 for webhook and file; webhook sends a
+    /// JSON array when > 1).
     pub batch_size: usize,
     pub retry: RetryConfig,
     pub kind: DestinationKind,
 }
 
+/// A destination's type and its own settings (see `destinations::registry`).
 #[derive(Debug, Clone)]
-pub enum DestinationKind {
-    Webhook(crate::destinations::webhook::WebhookConfig),
-    File(crate::destinations::file::FileConfig),
+pub struct DestinationKind {
+    name: &'static str,
+    settings: std::sync::Arc<dyn crate::destinations::registry::TypeConfig>,
 }
 
 impl DestinationKind {
+    /// The `type` it was configured with.
     pub fn name(&self) -> &'static str {
-        match self {
-            DestinationKind::Webhook(_) => "webhook",
-            DestinationKind::File(_) => "file",
-        }
+        self.name
+    }
+
+    /// The type's own settings.
+    pub fn settings(&self) -> &dyn crate::destinations::registry::TypeConfig {
+        &*self.settings
     }
 }
 
@@ -211,26 +216,24 @@ impl<'de> Deserialize<'de> for DestinationConfig {
                 e.to_string().trim()
             ))
         };
-        let kind = match c.kind.as_str() {
-            "webhook" => DestinationKind::Webhook(
-                crate::destinations::webhook::WebhookConfig::deserialize(own).map_err(context)?,
-            ),
-            "file" => DestinationKind::File(
-                crate::destinations::file::FileConfig::deserialize(own).map_err(context)?,
-            ),
-            other => {
-                return Err(D::Error::custom(format!(
-                    "destination {:?}: unknown type {other:?} (known: webhook, file)",
-                    c.id
-                )))
-            }
+        let Some(spec) = crate::destinations::registry::lookup(&c.kind) else {
+            return Err(D::Error::custom(format!(
+                "destination {:?}: unknown type {:?} (known: {})",
+                c.id,
+                c.kind,
+                crate::destinations::registry::names()
+            )));
+        };
+        let kind = DestinationKind {
+            name: spec.name,
+            settings: (spec.parse)(own).map_err(context)?,
         };
         Ok(DestinationConfig {
             id: c.id,
             sources: c.sources,
             enabled: c.enabled,
             concurrency: c.concurrency.unwrap_or(16),
-            batch_size: c.batch_size.unwrap_or(1),
+            batch_size: c.batch_size.unwrap_or(spec.default_batch_size),
             retry: c.retry,
             kind,
         })
@@ -559,11 +562,7 @@ impl Config {
                     d.id
                 )));
             }
-            let kind = match &d.kind {
-                DestinationKind::Webhook(c) => c.check().map(|_| ()).map_err(|e| e.to_string()),
-                DestinationKind::File(c) => c.check(),
-            };
-            if let Err(e) = kind {
+            if let Err(e) = d.kind.settings().check() {
                 return Err(ConfigError::Invalid(format!("destination {:?}: {e}", d.id)));
             }
         }
@@ -678,6 +677,7 @@ const TEXT_KEYS: &[&str] = &[
     "path",
     "data_dir",
     "postgres_url",
+    "schema",
     "listen",
     "admin_listen",
     "name",

@@ -1,0 +1,1 @@
+//! postgres: see ../postgres/ (added with the type).

@@ -5,6 +5,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod file;
+pub mod postgres;
 pub mod registry;
 pub mod webhook;
 

@@ -45,6 +45,11 @@ pub static REGISTRY: &[TypeSpec] = &[
         default_batch_size: 1,
         parse: parse::<super::file::FileConfig>,
     },
+    TypeSpec {
+        name: "postgres",
+        default_batch_size: 10_000,
+        parse: parse::<super::postgres::PostgresConfig>,
+    },
 ];
 
 /// The registered type called `name`.

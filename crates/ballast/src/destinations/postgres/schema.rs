@@ -410,6 +410,60 @@ pub fn looks_like_timestamp(s: &str) -> bool {
     }
 }
 
+/// A timestamp accepted by [`looks_like_timestamp`] as nanoseconds since 1970 (UTC; no
+/// zone means UTC), to order them.
+pub fn timestamp_key(s: &str) -> Option<i128> {
+    if !looks_like_timestamp(s) {
+        return None;
+    }
+    let b = s.as_bytes();
+    let n = |r: std::ops::Range<usize>| -> i128 {
+        std::str::from_utf8(&b[r])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0)
+    };
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (proleptic Gregorian).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut secs = days * 86_400;
+    let mut nanos = 0i128;
+    let mut i = 10;
+    if b.len() > 10 {
+        secs += n(11..13) * 3600 + n(14..16) * 60;
+        i = 16;
+        if b.get(i) == Some(&b':') {
+            secs += n(i + 1..i + 3);
+            i += 3;
+            if b.get(i) == Some(&b'.') {
+                let start = i + 1;
+                i = start;
+                while b.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                let digits = i - start;
+                nanos = n(start..i) * 10i128.pow(9 - digits as u32);
+            }
+        }
+    }
+    if let Some(&sign) = b.get(i).filter(|c| **c == b'+' || **c == b'-') {
+        let rest = &b[i + 1..];
+        let (hh, mm) = match rest.len() {
+            2 => (n(i + 1..i + 3), 0),
+            4 => (n(i + 1..i + 3), n(i + 3..i + 5)),
+            _ => (n(i + 1..i + 3), n(i + 4..i + 6)),
+        };
+        let offset = hh * 3600 + mm * 60;
+        secs -= if sign == b'+' { offset } else { -offset };
+    }
+    Some(secs * 1_000_000_000 + nanos)
+}
+
 fn typed(v: &Value) -> Option<Val> {
     match v {
         Value::Null => None,
@@ -767,6 +821,20 @@ mod tests {
         ] {
             assert!(!looks_like_timestamp(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn timestamp_order() {
+        let k = |s: &str| timestamp_key(s).unwrap();
+        assert_eq!(k("1970-01-01T00:00:00Z"), 0);
+        assert_eq!(k("1970-01-02"), 86_400_000_000_000);
+        assert_eq!(k("2026-11-29T10:00:00+02:00"), k("2026-11-29T08:00:00Z"));
+        assert_eq!(
+            k("2026-11-29T08:00:00.5Z") - k("2026-11-29T08:00:00Z"),
+            500_000_000
+        );
+        assert!(k("2024-03-01T00:00:00Z") - k("2024-02-28T00:00:00Z") == 2 * 86_400_000_000_000);
+        assert!(timestamp_key("soon").is_none());
     }
 
     #[test]

@@ -304,11 +304,13 @@ impl PostgresSink {
             known = self.read_columns(client, table).await?;
         }
         let room = MAX_COLUMNS.saturating_sub(known.len());
-        let new: Vec<_> = wanted
+        // The row's own columns first: they are never the ones left out.
+        let mut new: Vec<_> = wanted
             .iter()
             .filter(|(c, _)| !known.contains_key(*c))
-            .take(room)
             .collect();
+        new.sort_by_key(|(c, _)| (fixed_type(c).is_none() && !c.starts_with("context_"), *c));
+        new.truncate(room);
         if new.is_empty() {
             return Ok(known);
         }
@@ -340,9 +342,23 @@ impl PostgresSink {
             let list = tables.entry(table.as_str()).or_default();
             if table == "users" {
                 if let Some(prev) = list.iter_mut().find(|r| r.id == row.id) {
-                    prev.cols
-                        .extend(row.cols.iter().map(|(k, v)| (k.clone(), v.clone())));
-                    prev.received_at = row.received_at.clone().or(prev.received_at.take());
+                    // The later identify (by receivedAt; by order when unknown) wins
+                    // column by column.
+                    let newer = match (
+                        prev.received_at.as_deref().and_then(schema::timestamp_key),
+                        row.received_at.as_deref().and_then(schema::timestamp_key),
+                    ) {
+                        (Some(p), Some(r)) => r >= p,
+                        _ => true,
+                    };
+                    for (k, v) in &row.cols {
+                        if newer || !prev.cols.contains_key(k) {
+                            prev.cols.insert(k.clone(), v.clone());
+                        }
+                    }
+                    if newer {
+                        prev.received_at = row.received_at.clone();
+                    }
                     continue;
                 }
             } else if !seen.insert((table.as_str(), row.id.as_str())) {
@@ -366,7 +382,7 @@ impl PostgresSink {
             }
             let known = self.ensure_columns(client, table, &wanted).await?;
             let mut typed_rows = Vec::with_capacity(rows.len());
-            let mut columns: BTreeMap<String, ColType> = BTreeMap::new();
+            let mut columns: BTreeMap<String, ()> = BTreeMap::new();
             for r in rows {
                 let mut cols = BTreeMap::new();
                 for (c, v) in r.cols {
@@ -374,7 +390,7 @@ impl PostgresSink {
                         None => format!("table has {MAX_COLUMNS} columns, the most it can"),
                         Some(&t) => match v.clone().coerce(t) {
                             Ok(v) => {
-                                columns.insert(c.clone(), t);
+                                columns.insert(c.clone(), ());
                                 cols.insert(c, v);
                                 continue;
                             }
@@ -391,7 +407,7 @@ impl PostgresSink {
                     });
                 }
                 cols.insert("id".to_string(), Val::Text(r.id.clone()));
-                columns.insert("id".to_string(), ColType::Text);
+                columns.insert("id".to_string(), ());
                 typed_rows.push(cols);
             }
             loads.push((table, columns, typed_rows));
@@ -403,18 +419,15 @@ impl PostgresSink {
         for (i, (table, columns, rows)) in loads.iter().enumerate() {
             let stage = format!("ballast_stage_{i}");
             let names: Vec<&String> = columns.keys().collect();
-            let defs = columns
-                .iter()
-                .map(|(c, t)| format!("{} {}", quote(c), t.sql()))
-                .collect::<Vec<_>>()
-                .join(", ");
             let list = names
                 .iter()
                 .map(|c| quote(c))
                 .collect::<Vec<_>>()
                 .join(", ");
+            // The staging table has the table's own column types (an operator's too).
             tx.batch_execute(&format!(
-                "CREATE TEMP TABLE {stage} ({defs}) ON COMMIT DROP"
+                "CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {list} FROM {} WITH NO DATA",
+                self.table(table)
             ))
             .await
             .map_err(load_err)?;

@@ -423,7 +423,10 @@ async fn redelivery_and_users_keep_one_row_each() {
         json!({"event": "tracks", "properties": {"n": "not a number"}}),
     ));
     for _ in 0..3 {
-        assert_eq!(s.deliver(&[bad.clone()]).await, Outcome::Delivered);
+        assert_eq!(
+            s.deliver(std::slice::from_ref(&bad)).await,
+            Outcome::Delivered
+        );
     }
     assert_eq!(
         count(

@@ -9,7 +9,7 @@ pub mod config;
 pub mod schema;
 pub mod sink;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use config::PostgresConfig;
 pub use sink::PostgresSink;

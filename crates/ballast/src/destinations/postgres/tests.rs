@@ -589,3 +589,125 @@ async fn concurrent_schema_changes() {
         }
     }
 }
+
+/// A realistic mix (tracks of 12 event names with 8-15 properties, identifies, pages,
+/// screens, groups, aliases) of `n` events.
+pub(crate) fn mix(n: usize, seed: &str) -> Vec<Event> {
+    let names = [
+        "Product Viewed",
+        "Product Added",
+        "Cart Viewed",
+        "Checkout Started",
+        "Order Completed",
+        "Signed In",
+        "Signed Out",
+        "Search Performed",
+        "Video Played",
+        "Video Paused",
+        "Coupon Applied",
+        "Review Submitted",
+    ];
+    (0..n)
+        .map(|i| {
+            let id = format!("{seed}-{i}");
+            let at = "2026-11-29T08:00:00.000Z";
+            let mut b = base("track", &id, at);
+            b["userId"] = json!(format!("user-{}", i % 5000));
+            let v = match i % 20 {
+                0..=12 => {
+                    let mut props = serde_json::Map::new();
+                    for k in 0..(8 + i % 8) {
+                        props.insert(format!("prop{k}"), json!(k * i));
+                    }
+                    props.insert("sku".into(), json!(format!("sku-{}", i % 977)));
+                    props.insert("price".into(), json!(9.99));
+                    props.insert("inStock".into(), json!(true));
+                    props.insert("tags".into(), json!(["a", "b"]));
+                    with(
+                        b,
+                        json!({"event": names[i % names.len()], "properties": props}),
+                    )
+                }
+                13..=15 => {
+                    b["type"] = json!("identify");
+                    with(
+                        b,
+                        json!({"traits": {"email": format!("u{i}@example.com"),
+                               "plan": "pro", "logins": i, "address": {"city": "Oslo"}}}),
+                    )
+                }
+                16..=17 => {
+                    b["type"] = json!("page");
+                    with(
+                        b,
+                        json!({"name": "Home", "properties": {"url": "https://x/", "path": "/"}}),
+                    )
+                }
+                18 => {
+                    b["type"] = json!("screen");
+                    with(b, json!({"name": "Main"}))
+                }
+                _ => {
+                    b["type"] = json!("group");
+                    with(b, json!({"groupId": "g1", "traits": {"employees": 10}}))
+                }
+            };
+            ev(v)
+        })
+        .collect()
+}
+
+/// Load rate: `BALLAST_BENCH_WAREHOUSE_URL` (a database; see scripts/bench-warehouse,
+/// which starts one with fsync on) or a throwaway cluster (fsync off). Prints events/s
+/// loaded (through `deliver`, batches of 10,000, 4 at once) and the rate of turning
+/// events into rows alone (no database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_load_rate() {
+    let (_pg, url) = match std::env::var("BALLAST_BENCH_WAREHOUSE_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let pg = PgCluster::start();
+            pg.create_db("wh").await;
+            let url = pg.url("wh");
+            (Some(pg), url)
+        }
+    };
+    let total: usize = std::env::var("BALLAST_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let events = Arc::new(mix(total, "bench"));
+    let started = std::time::Instant::now();
+    let mut rows = 0;
+    for e in events.iter() {
+        rows += schema::rows_of(&e.json, &e.message_id).rows.len();
+    }
+    let transform = started.elapsed();
+    // Warm up: the tables and columns exist before timing.
+    let s = Arc::new(sink(&url, "bench"));
+    assert_eq!(s.deliver(&mix(2000, "warm")).await, Outcome::Delivered);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (s, events) = (s.clone(), events.clone());
+        tasks.push(tokio::spawn(async move {
+            for (k, chunk) in events.chunks(10_000).enumerate() {
+                if k % 4 == w {
+                    assert_eq!(s.deliver(chunk).await, Outcome::Delivered);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let load = started.elapsed();
+    println!(
+        "events {total}, rows {rows}: transform only {:.0} events/s; loaded {:.0} events/s \
+         ({:.0} rows/s) in {load:?}",
+        total as f64 / transform.as_secs_f64(),
+        total as f64 / load.as_secs_f64(),
+        rows as f64 / load.as_secs_f64(),
+    );
+}

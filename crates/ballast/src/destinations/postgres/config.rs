@@ -37,10 +37,10 @@ pub enum PostgresConfigError {
 
 impl PostgresConfig {
     pub fn check(&self) -> Result<tokio_postgres::Config, PostgresConfigError> {
-        let config: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| PostgresConfigError::Url(e.to_string()))?;
+        let config: tokio_postgres::Config =
+            self.url.parse().map_err(|e: tokio_postgres::Error| {
+                PostgresConfigError::Url(format!("{e} (expected postgres://user@host:port/db)"))
+            })?;
         if config.get_hosts().is_empty() {
             return Err(PostgresConfigError::Url("it names no host".into()));
         }

@@ -34,13 +34,14 @@ pub enum LoadError {
     /// The connection, a timeout, a conflict, the server shutting down: try again.
     #[error("postgres: {0}")]
     Temporary(String),
-    /// The database refused this data (a value, a row too big, ...).
-    #[error("postgres refused the load: {0}")]
+    /// The database refused this data (SQLSTATE classes 22 data exception, 23 integrity,
+    /// 54 limits: a value its column cannot take, a row too big).
+    #[error("postgres refused the data: {0}")]
     Refused(String),
-    /// The schema or the discards table cannot be made (privileges, ...): nothing can
-    /// be loaded until an operator acts.
-    #[error("postgres refused to set up schema {schema:?}: {message}")]
-    Setup { schema: String, message: String },
+    /// Anything else the database refuses (privileges, a schema it cannot make or
+    /// change): nothing can be loaded until an operator acts.
+    #[error("postgres refused: {0}")]
+    Denied(String),
 }
 
 /// Whether an error is worth retrying as it is (connection, timeout, conflict, server
@@ -63,9 +64,25 @@ fn describe(e: &tokio_postgres::Error) -> String {
 
 fn load_err(e: tokio_postgres::Error) -> LoadError {
     if temporary(&e) {
+        return LoadError::Temporary(describe(&e));
+    }
+    let data = e
+        .as_db_error()
+        .is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23" | "54"));
+    if data {
+        LoadError::Refused(describe(&e))
+    } else {
+        LoadError::Denied(describe(&e))
+    }
+}
+
+/// DDL refused for a reason other than a passing one: never the data's fault (names and
+/// types are ours), so an operator's.
+fn ddl_err(e: tokio_postgres::Error) -> LoadError {
+    if temporary(&e) {
         LoadError::Temporary(describe(&e))
     } else {
-        LoadError::Refused(describe(&e))
+        LoadError::Denied(describe(&e))
     }
 }
 
@@ -235,15 +252,11 @@ impl PostgresSink {
             schema = quote(&self.schema),
             d = self.table(DISCARDS),
         );
-        self.ddl(client, &sql).await.map_err(|e| {
-            if temporary(&e) {
-                LoadError::Temporary(describe(&e))
-            } else {
-                LoadError::Setup {
-                    schema: self.schema.clone(),
-                    message: describe(&e),
-                }
+        self.ddl(client, &sql).await.map_err(|e| match ddl_err(e) {
+            LoadError::Denied(m) => {
+                LoadError::Denied(format!("setting up schema {:?}: {m}", self.schema))
             }
+            other => other,
         })?;
         self.ready.store(true, Ordering::Release);
         Ok(())
@@ -300,7 +313,7 @@ impl PostgresSink {
                  received_at timestamp with time zone, uuid_ts timestamp with time zone)",
                 self.table(table)
             );
-            self.ddl(client, &sql).await.map_err(load_err)?;
+            self.ddl(client, &sql).await.map_err(ddl_err)?;
             known = self.read_columns(client, table).await?;
         }
         let room = MAX_COLUMNS.saturating_sub(known.len());
@@ -325,7 +338,7 @@ impl PostgresSink {
             // used, the rest goes to the discards.
             let too_many = e.as_db_error().is_some_and(|d| d.code().code() == "54011");
             if !too_many {
-                return Err(load_err(e));
+                return Err(ddl_err(e));
             }
         }
         metrics::counter!("ballast_postgres_columns_added_total").increment(new.len() as u64);
@@ -469,9 +482,10 @@ impl PostgresSink {
             } else {
                 "DO NOTHING".to_string()
             };
+            // In id order: concurrent loads lock rows in the same order.
             tx.batch_execute(&format!(
                 "INSERT INTO {target} AS t ({list}, uuid_ts) SELECT {list}, now() FROM {stage} \
-                 ON CONFLICT (id) {conflict}"
+                 ORDER BY id ON CONFLICT (id) {conflict}"
             ))
             .await
             .map_err(load_err)?;

@@ -872,6 +872,50 @@ path = "/tmp/out.jsonl"
     }
 
     #[test]
+    fn a_postgres_destination_has_its_own_defaults_and_env_overrides() {
+        let text = format!(
+            r#"{BASE}
+[[destinations]]
+id = "warehouse"
+type = "postgres"
+sources = ["web"]
+url = "postgres://loader@db:5432/analytics"
+schema = "web_prod"
+"#
+        );
+        let c = Config::from_toml(&text, "t", env(&[])).unwrap();
+        assert_eq!(c.destinations[0].kind.name(), "postgres");
+        assert_eq!(c.destinations[0].batch_size, 10_000);
+        let c = Config::from_toml(
+            &text,
+            "t",
+            env(&[
+                ("BALLAST_DESTINATIONS__0__URL", "postgres://other@db2/x"),
+                ("BALLAST_DESTINATIONS__0__SCHEMA", "s2024"),
+                ("BALLAST_DESTINATIONS__0__BATCH_SIZE", "500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.destinations[0].batch_size, 500);
+        let e = Config::from_toml(
+            &text,
+            "t",
+            env(&[("BALLAST_DESTINATIONS__0__URL", "not a url")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("warehouse") && e.contains("url"), "{e}");
+        let e = Config::from_toml(&text.replace("schema =", "schemas ="), "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schemas") && e.contains("warehouse"), "{e}");
+        let e = Config::from_toml(&text.replace("web_prod", "Web Prod"), "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schema"), "{e}");
+    }
+
+    #[test]
     fn admin_api_off_loopback_needs_a_token() {
         let open = BASE.replace(
             "data_dir = \"/tmp/x\"",

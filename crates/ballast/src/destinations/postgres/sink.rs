@@ -642,6 +642,8 @@ impl Destination for PostgresSink {
         let started = Instant::now();
         let r = match self.load(&rows_of_all(events)).await {
             Err(LoadError::Refused(reason)) => {
+                // A column's type may have been changed under us: ask the database again.
+                self.forget_tables();
                 // One event's data (most likely) made the database refuse the load: load
                 // them one by one; one refused alone is kept whole in the discards.
                 tracing::warn!(%reason, events = events.len(), "postgres refused a load; loading its events one by one");
@@ -650,6 +652,8 @@ impl Destination for PostgresSink {
                     match self.load(&rows_of_all(std::slice::from_ref(e))).await {
                         Ok(()) => {}
                         Err(LoadError::Refused(reason)) => {
+                            // A column's type may have been changed under us: ask the database again.
+                            self.forget_tables();
                             tracing::warn!(message_id = %e.message_id, %reason, "postgres refused an event; it goes to rudder_discards whole");
                             if let Err(err) = self.discard_event(e, &reason).await {
                                 r = Err(err);

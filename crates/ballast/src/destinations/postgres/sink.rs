@@ -51,8 +51,10 @@ fn temporary(e: &tokio_postgres::Error) -> bool {
         return true;
     };
     let code = db.code().code();
-    matches!(&code[..2], "08" | "40" | "53" | "55" | "57" | "58" | "XX")
-        || matches!(code, "42703" | "42P01" | "3F000")
+    matches!(
+        code.get(..2).unwrap_or(""),
+        "08" | "40" | "53" | "55" | "57" | "58" | "XX"
+    ) || matches!(code, "42703" | "42P01" | "3F000")
 }
 
 fn describe(e: &tokio_postgres::Error) -> String {
@@ -68,7 +70,7 @@ fn load_err(e: tokio_postgres::Error) -> LoadError {
     }
     let data = e
         .as_db_error()
-        .is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23" | "54"));
+        .is_some_and(|db| matches!(db.code().code().get(..2).unwrap_or(""), "22" | "23" | "54"));
     if data {
         LoadError::Refused(describe(&e))
     } else {

@@ -116,24 +116,29 @@ pub struct DestinationConfig {
     pub enabled: bool,
     /// Deliveries in flight at once (default 16).
     pub concurrency: usize,
-    /// Events per delivery (default 1; webhook sends a JSON array when > 1).
+    /// Events per delivery (default: the type's, 1 for webhook and file; webhook sends a
+    /// JSON array when > 1).
     pub batch_size: usize,
     pub retry: RetryConfig,
     pub kind: DestinationKind,
 }
 
+/// A destination's type and its own settings (see `destinations::registry`).
 #[derive(Debug, Clone)]
-pub enum DestinationKind {
-    Webhook(crate::destinations::webhook::WebhookConfig),
-    File(crate::destinations::file::FileConfig),
+pub struct DestinationKind {
+    name: &'static str,
+    settings: std::sync::Arc<dyn crate::destinations::registry::TypeConfig>,
 }
 
 impl DestinationKind {
+    /// The `type` it was configured with.
     pub fn name(&self) -> &'static str {
-        match self {
-            DestinationKind::Webhook(_) => "webhook",
-            DestinationKind::File(_) => "file",
-        }
+        self.name
+    }
+
+    /// The type's own settings.
+    pub fn settings(&self) -> &dyn crate::destinations::registry::TypeConfig {
+        &*self.settings
     }
 }
 
@@ -212,26 +217,24 @@ impl<'de> Deserialize<'de> for DestinationConfig {
                 e.to_string().trim()
             ))
         };
-        let kind = match c.kind.as_str() {
-            "webhook" => DestinationKind::Webhook(
-                crate::destinations::webhook::WebhookConfig::deserialize(own).map_err(context)?,
-            ),
-            "file" => DestinationKind::File(
-                crate::destinations::file::FileConfig::deserialize(own).map_err(context)?,
-            ),
-            other => {
-                return Err(D::Error::custom(format!(
-                    "destination {:?}: unknown type {other:?} (known: webhook, file)",
-                    c.id
-                )))
-            }
+        let Some(spec) = crate::destinations::registry::lookup(&c.kind) else {
+            return Err(D::Error::custom(format!(
+                "destination {:?}: unknown type {:?} (known: {})",
+                c.id,
+                c.kind,
+                crate::destinations::registry::names()
+            )));
+        };
+        let kind = DestinationKind {
+            name: spec.name,
+            settings: (spec.parse)(own).map_err(context)?,
         };
         Ok(DestinationConfig {
             id: c.id,
             sources: c.sources,
             enabled: c.enabled,
             concurrency: c.concurrency.unwrap_or(16),
-            batch_size: c.batch_size.unwrap_or(1),
+            batch_size: c.batch_size.unwrap_or(spec.default_batch_size),
             retry: c.retry,
             kind,
         })
@@ -598,11 +601,7 @@ impl Config {
                     d.id
                 )));
             }
-            let kind = match &d.kind {
-                DestinationKind::Webhook(c) => c.check().map(|_| ()).map_err(|e| e.to_string()),
-                DestinationKind::File(c) => c.check(),
-            };
-            if let Err(e) = kind {
+            if let Err(e) = d.kind.settings().check() {
                 return Err(ConfigError::Invalid(format!("destination {:?}: {e}", d.id)));
             }
         }
@@ -734,6 +733,7 @@ const TEXT_KEYS: &[&str] = &[
     "path",
     "data_dir",
     "postgres_url",
+    "schema",
     "listen",
     "admin_listen",
     "name",
@@ -965,6 +965,50 @@ path = "/tmp/out.jsonl"
             .unwrap_err()
             .to_string();
         assert!(e.contains("ftp"), "{e}");
+    }
+
+    #[test]
+    fn a_postgres_destination_has_its_own_defaults_and_env_overrides() {
+        let text = format!(
+            r#"{BASE}
+[[destinations]]
+id = "warehouse"
+type = "postgres"
+sources = ["web"]
+url = "postgres://loader@db:5432/analytics"
+schema = "web_prod"
+"#
+        );
+        let c = Config::from_toml(&text, "t", env(&[])).unwrap();
+        assert_eq!(c.destinations[0].kind.name(), "postgres");
+        assert_eq!(c.destinations[0].batch_size, 10_000);
+        let c = Config::from_toml(
+            &text,
+            "t",
+            env(&[
+                ("BALLAST_DESTINATIONS__0__URL", "postgres://other@db2/x"),
+                ("BALLAST_DESTINATIONS__0__SCHEMA", "s2024"),
+                ("BALLAST_DESTINATIONS__0__BATCH_SIZE", "500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.destinations[0].batch_size, 500);
+        let e = Config::from_toml(
+            &text,
+            "t",
+            env(&[("BALLAST_DESTINATIONS__0__URL", "not a url")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("warehouse") && e.contains("url"), "{e}");
+        let e = Config::from_toml(&text.replace("schema =", "schemas ="), "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schemas") && e.contains("warehouse"), "{e}");
+        let e = Config::from_toml(&text.replace("web_prod", "Web Prod"), "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schema"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Destinations: where the router delivers events. One folder per type, each with
 //! `config.rs` (its TOML settings), `sink.rs` (the `Destination` implementation) and
-//! `tests.rs`. Adding a type = one folder + one arm in [`build`].
+//! `tests.rs`, registered by one line in [`registry::REGISTRY`] (see docs/DESTINATIONS.md).
 
+#[cfg(test)]
+mod conformance;
 pub mod file;
+pub mod postgres;
+pub mod registry;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -75,14 +79,9 @@ pub fn build(config: &DestinationConfig) -> Result<Arc<dyn Destination>, BuildEr
         id: config.id.clone(),
         message,
     };
-    Ok(match &config.kind {
-        crate::config::DestinationKind::Webhook(c) => {
-            Arc::new(webhook::WebhookSink::new(c).map_err(|e| invalid(e.to_string()))?)
-        }
-        crate::config::DestinationKind::File(c) => {
-            Arc::new(file::FileSink::new(c).map_err(|e| invalid(e.to_string()))?)
-        }
-    })
+    let settings = config.kind.settings();
+    settings.check().map_err(invalid)?;
+    settings.build().map_err(invalid)
 }
 
 #[cfg(test)]

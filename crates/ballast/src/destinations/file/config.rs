@@ -30,3 +30,15 @@ impl FileConfig {
         Ok(())
     }
 }
+
+impl crate::destinations::registry::TypeConfig for FileConfig {
+    fn check(&self) -> Result<(), String> {
+        FileConfig::check(self)
+    }
+
+    fn build(&self) -> Result<std::sync::Arc<dyn crate::destinations::Destination>, String> {
+        Ok(std::sync::Arc::new(
+            super::FileSink::new(self).map_err(|e| e.to_string())?,
+        ))
+    }
+}

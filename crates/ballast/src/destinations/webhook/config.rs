@@ -81,3 +81,17 @@ impl WebhookConfig {
         })
     }
 }
+
+impl crate::destinations::registry::TypeConfig for WebhookConfig {
+    fn check(&self) -> Result<(), String> {
+        WebhookConfig::check(self)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn build(&self) -> Result<std::sync::Arc<dyn crate::destinations::Destination>, String> {
+        Ok(std::sync::Arc::new(
+            super::WebhookSink::new(self).map_err(|e| e.to_string())?,
+        ))
+    }
+}

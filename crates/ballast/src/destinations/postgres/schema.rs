@@ -1,0 +1,917 @@
+//! From events to warehouse rows, with RudderStack's warehouse schema: which tables an
+//! event goes to, its columns (flattened, named safely), and each value's type. Pure: the
+//! sink decides what the database already has.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+/// Tables every source has; a track event whose name makes one of these gets a `_`.
+pub const STANDARD_TABLES: &[&str] = &[
+    "tracks",
+    "identifies",
+    "users",
+    "pages",
+    "screens",
+    "groups",
+    "aliases",
+    "accounts",
+    "rudder_discards",
+];
+
+pub const DISCARDS: &str = "rudder_discards";
+
+/// PostgreSQL's reserved key words: names equal to one get a leading `_`.
+const RESERVED_WORDS: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+/// PostgreSQL's identifier limit (bytes).
+pub const MAX_NAME: usize = 63;
+/// Nested objects deeper than this are kept whole, as JSON text, in one column.
+pub const MAX_DEPTH: usize = 10;
+/// A text value longer than this (bytes) goes to the discards instead of its column.
+pub const MAX_TEXT: usize = 256 * 1024;
+/// What of a discarded value `rudder_discards` keeps (bytes).
+pub const MAX_DISCARD_VALUE: usize = 1024;
+
+/// A column's type in the warehouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColType {
+    BigInt,
+    Numeric,
+    Boolean,
+    Timestamp,
+    Text,
+}
+
+impl ColType {
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColType::BigInt => "bigint",
+            ColType::Numeric => "numeric",
+            ColType::Boolean => "boolean",
+            ColType::Timestamp => "timestamp with time zone",
+            ColType::Text => "text",
+        }
+    }
+
+    /// The name RudderStack's discard reasons use.
+    pub fn word(self) -> &'static str {
+        match self {
+            ColType::BigInt => "int",
+            ColType::Numeric => "float",
+            ColType::Boolean => "boolean",
+            ColType::Timestamp => "datetime",
+            ColType::Text => "string",
+        }
+    }
+
+    /// A column's `information_schema.columns.data_type`. Types an operator chose that
+    /// are none of ours are treated as text (the value is sent as text and the database
+    /// has the last word).
+    pub fn from_information_schema(t: &str) -> ColType {
+        match t {
+            "bigint" | "integer" | "smallint" => ColType::BigInt,
+            "numeric" | "double precision" | "real" => ColType::Numeric,
+            "boolean" => ColType::Boolean,
+            "timestamp with time zone" | "timestamp without time zone" | "date" => {
+                ColType::Timestamp
+            }
+            _ => ColType::Text,
+        }
+    }
+}
+
+/// One value, typed by what it looks like.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Int(i64),
+    /// A number that is not an i64, as its decimal text.
+    Num(String),
+    Bool(bool),
+    /// A timestamp-looking string, as sent.
+    Ts(String),
+    Text(String),
+}
+
+impl Val {
+    pub fn natural(&self) -> ColType {
+        match self {
+            Val::Int(_) => ColType::BigInt,
+            Val::Num(_) => ColType::Numeric,
+            Val::Bool(_) => ColType::Boolean,
+            Val::Ts(_) => ColType::Timestamp,
+            Val::Text(_) => ColType::Text,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        match self {
+            Val::Int(i) => i.to_string(),
+            Val::Num(s) | Val::Ts(s) | Val::Text(s) => s.clone(),
+            Val::Bool(b) => b.to_string(),
+        }
+    }
+
+    /// This value in a column of type `col`, or why it does not fit.
+    pub fn coerce(self, col: ColType) -> Result<Val, String> {
+        let from = self.natural();
+        if from == col {
+            return Ok(self);
+        }
+        match (self, col) {
+            (Val::Int(i), ColType::Numeric) => Ok(Val::Num(i.to_string())),
+            (Val::Num(s), ColType::BigInt) => match s.parse::<f64>() {
+                Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Val::Int(f as i64)),
+                _ => Err(format!(
+                    "incompatible schema conversion from {} to {}",
+                    from.word(),
+                    col.word()
+                )),
+            },
+            (v, ColType::Text) => Ok(Val::Text(v.text())),
+            _ => Err(format!(
+                "incompatible schema conversion from {} to {}",
+                from.word(),
+                col.word()
+            )),
+        }
+    }
+}
+
+/// A value that did not make it into its column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discard {
+    pub table: String,
+    pub row_id: String,
+    pub column: String,
+    pub value: String,
+    pub received_at: Option<String>,
+    pub reason: String,
+}
+
+/// One row for one table: column name → value. `id` is always there.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Row {
+    pub id: String,
+    pub received_at: Option<String>,
+    pub cols: BTreeMap<String, Val>,
+}
+
+/// What one event becomes.
+#[derive(Debug, Default)]
+pub struct Rows {
+    /// (table, row), in the event's order.
+    pub rows: Vec<(String, Row)>,
+    pub discards: Vec<Discard>,
+}
+
+/// `Order Completed` → `order_completed`, `productID` → `product_id`, `userAgent` →
+/// `user_agent`: ASCII letters and digits, words joined by one `_`, lowercase.
+pub fn snake_case(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_ascii_alphanumeric() {
+            if c.is_ascii_uppercase() && i > 0 {
+                let prev = chars[i - 1];
+                let next_lower = chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase());
+                if prev.is_ascii_lowercase()
+                    || prev.is_ascii_digit()
+                    || (prev.is_ascii_uppercase() && next_lower)
+                {
+                    out.push('_');
+                }
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push('_');
+        }
+    }
+    let mut collapsed = String::with_capacity(out.len());
+    for c in out.chars() {
+        if c == '_' && collapsed.ends_with('_') {
+            continue;
+        }
+        collapsed.push(c);
+    }
+    collapsed.trim_matches('_').to_string()
+}
+
+/// A snake-cased name made safe: a leading `_` before a digit or a reserved word, cut to
+/// 63 bytes. None when nothing is left.
+pub fn safe_name(snake: &str) -> Option<String> {
+    if snake.is_empty() {
+        return None;
+    }
+    let mut name = if snake.starts_with(|c: char| c.is_ascii_digit())
+        || RESERVED_WORDS.binary_search(&snake).is_ok()
+    {
+        format!("_{snake}")
+    } else {
+        snake.to_string()
+    };
+    name.truncate(MAX_NAME); // ASCII only: every index is a boundary
+    Some(name)
+}
+
+/// The table of a track event called `event`: its safe name, with a `_` when it would be
+/// one of the standard tables.
+pub fn event_table(event: &str) -> Option<String> {
+    let name = safe_name(&snake_case(event))?;
+    if STANDARD_TABLES.contains(&name.as_str()) {
+        let mut n = format!("_{name}");
+        n.truncate(MAX_NAME);
+        Some(n)
+    } else {
+        Some(name)
+    }
+}
+
+/// Whether a string is a timestamp PostgreSQL reads the same way: an ISO 8601 date
+/// (`2026-11-29`), optionally with a time (`T` or a space, `HH:MM[:SS[.fraction]]`) and a
+/// zone (`Z` or `±HH[:MM]`); every field in range.
+pub fn looks_like_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() < 10 || b.len() > 40 {
+        return false;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(r)?;
+        if part.iter().all(u8::is_ascii_digit) {
+            std::str::from_utf8(part).ok()?.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (Some(y), Some(m), Some(d)) = (num(0..4), num(5..7), num(8..10)) else {
+        return false;
+    };
+    if b[4] != b'-' || b[7] != b'-' || y == 0 || !(1..=12).contains(&m) {
+        return false;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if d == 0 || d > days {
+        return false;
+    }
+    if b.len() == 10 {
+        return true;
+    }
+    if b[10] != b'T' && b[10] != b' ' {
+        return false;
+    }
+    let (Some(h), Some(min)) = (num(11..13), num(14..16)) else {
+        return false;
+    };
+    if b.get(13) != Some(&b':') || h > 23 || min > 59 {
+        return false;
+    }
+    let mut i = 16;
+    if b.get(i) == Some(&b':') {
+        let Some(sec) = num(i + 1..i + 3) else {
+            return false;
+        };
+        if sec > 59 {
+            return false;
+        }
+        i += 3;
+        if b.get(i) == Some(&b'.') {
+            let start = i + 1;
+            i = start;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == start || i - start > 9 {
+                return false;
+            }
+        }
+    }
+    match b.get(i) {
+        None => true,
+        Some(b'Z') | Some(b'z') => i + 1 == b.len(),
+        Some(b'+') | Some(b'-') => {
+            let rest = &b[i + 1..];
+            let (hh, mm) = match rest.len() {
+                2 => (num(i + 1..i + 3), Some(0)),
+                4 => (num(i + 1..i + 3), num(i + 3..i + 5)),
+                5 if rest[2] == b':' => (num(i + 1..i + 3), num(i + 4..i + 6)),
+                _ => return false,
+            };
+            matches!((hh, mm), (Some(hh), Some(mm)) if hh <= 15 && mm <= 59)
+        }
+        _ => false,
+    }
+}
+
+/// A timestamp accepted by [`looks_like_timestamp`] as nanoseconds since 1970 (UTC; no
+/// zone means UTC), to order them.
+pub fn timestamp_key(s: &str) -> Option<i128> {
+    if !looks_like_timestamp(s) {
+        return None;
+    }
+    let b = s.as_bytes();
+    let n = |r: std::ops::Range<usize>| -> i128 {
+        std::str::from_utf8(&b[r])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0)
+    };
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (proleptic Gregorian).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut secs = days * 86_400;
+    let mut nanos = 0i128;
+    let mut i = 10;
+    if b.len() > 10 {
+        secs += n(11..13) * 3600 + n(14..16) * 60;
+        i = 16;
+        if b.get(i) == Some(&b':') {
+            secs += n(i + 1..i + 3);
+            i += 3;
+            if b.get(i) == Some(&b'.') {
+                let start = i + 1;
+                i = start;
+                while b.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                let digits = i - start;
+                nanos = n(start..i) * 10i128.pow(9 - digits as u32);
+            }
+        }
+    }
+    if let Some(&sign) = b.get(i).filter(|c| **c == b'+' || **c == b'-') {
+        let rest = &b[i + 1..];
+        let (hh, mm) = match rest.len() {
+            2 => (n(i + 1..i + 3), 0),
+            4 => (n(i + 1..i + 3), n(i + 3..i + 5)),
+            _ => (n(i + 1..i + 3), n(i + 4..i + 6)),
+        };
+        let offset = hh * 3600 + mm * 60;
+        secs -= if sign == b'+' { offset } else { -offset };
+    }
+    Some(secs * 1_000_000_000 + nanos)
+}
+
+fn typed(v: &Value) -> Option<Val> {
+    match v {
+        Value::Null => None,
+        Value::Bool(b) => Some(Val::Bool(*b)),
+        Value::Number(n) => Some(match n.as_i64() {
+            Some(i) => Val::Int(i),
+            None => Val::Num(n.to_string()),
+        }),
+        Value::String(s) if looks_like_timestamp(s) => Some(Val::Ts(s.clone())),
+        Value::String(s) => Some(Val::Text(s.clone())),
+        Value::Array(_) | Value::Object(_) => Some(Val::Text(v.to_string())),
+    }
+}
+
+/// PostgreSQL text cannot hold NUL.
+fn no_nul(s: &str) -> String {
+    s.replace('\0', "")
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut n = max;
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    s[..n].to_string()
+}
+
+/// Builds one row, refusing what does not fit (reported as discards).
+struct RowBuilder<'a> {
+    table: &'a str,
+    row: Row,
+    /// Columns the row's own fields (not properties or traits) use.
+    reserved: Vec<&'static str>,
+    discards: &'a mut Vec<Discard>,
+}
+
+impl<'a> RowBuilder<'a> {
+    fn new(table: &'a str, id: &str, received_at: Option<&str>, d: &'a mut Vec<Discard>) -> Self {
+        RowBuilder {
+            table,
+            row: Row {
+                id: id.to_string(),
+                received_at: received_at.map(str::to_string),
+                cols: BTreeMap::new(),
+            },
+            reserved: Vec::new(),
+            discards: d,
+        }
+    }
+
+    fn discard(&mut self, column: &str, value: &str, reason: String) {
+        self.discards.push(Discard {
+            table: self.table.to_string(),
+            row_id: self.row.id.clone(),
+            column: column.to_string(),
+            value: cut(&no_nul(value), MAX_DISCARD_VALUE),
+            received_at: self.row.received_at.clone(),
+            reason,
+        });
+    }
+
+    /// A value of one of the row's own columns (overrides anything there).
+    fn reserved(&mut self, column: &'static str, v: Option<Val>) {
+        self.reserved.push(column);
+        if let Some(v) = v {
+            self.put(column.to_string(), v);
+        }
+    }
+
+    fn put(&mut self, column: String, v: Val) {
+        let v = match v {
+            Val::Text(s) | Val::Ts(s) if s.len() > MAX_TEXT => {
+                let reason = format!("value too long ({} bytes, at most {MAX_TEXT})", s.len());
+                self.discard(&column, &s, reason);
+                return;
+            }
+            Val::Text(s) if s.contains('\0') => Val::Text(no_nul(&s)),
+            v => v,
+        };
+        self.row.cols.insert(column, v);
+    }
+
+    /// Flattens `obj` into columns named `prefix` + key path joined by `_`. With
+    /// `user_keys`, a name that is one of the row's own columns gets a leading `_`.
+    fn flatten(&mut self, prefix: &str, obj: &Map<String, Value>, user_keys: bool, depth: usize) {
+        for (k, v) in obj {
+            let snake = snake_case(k);
+            if snake.is_empty() {
+                continue;
+            }
+            let path = if prefix.is_empty() {
+                snake
+            } else {
+                format!("{prefix}_{snake}")
+            };
+            match v {
+                Value::Object(inner) if depth < MAX_DEPTH => {
+                    self.flatten(&path, inner, user_keys, depth + 1)
+                }
+                _ => {
+                    let Some(value) = typed(v) else { continue };
+                    let Some(mut name) = safe_name(&path) else {
+                        continue;
+                    };
+                    if user_keys && self.reserved.contains(&name.as_str()) {
+                        name = format!("_{name}");
+                        name.truncate(MAX_NAME);
+                    }
+                    if self.row.cols.contains_key(&name) || name == "id" || name == "uuid_ts" {
+                        let reason = format!("column name clash on {name:?} (key {k:?})");
+                        self.discard(&name, &value.text(), reason);
+                        continue;
+                    }
+                    self.put(name, value);
+                }
+            }
+        }
+    }
+}
+
+fn text_of(e: &Map<String, Value>, key: &str) -> Option<String> {
+    match e.get(key)? {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// `receivedAt`-like fields: a timestamp when they look like one, else text (which a
+/// timestamp column refuses: a discard).
+fn time_of(e: &Map<String, Value>, key: &str) -> Option<Val> {
+    text_of(e, key).map(|s| {
+        if looks_like_timestamp(&s) {
+            Val::Ts(s)
+        } else {
+            Val::Text(s)
+        }
+    })
+}
+
+/// The columns every table has, in the order RudderStack lists them.
+fn common(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
+    b.reserved("id", Some(Val::Text(b.row.id.clone())));
+    b.reserved("anonymous_id", text_of(e, "anonymousId").map(Val::Text));
+    b.reserved("user_id", text_of(e, "userId").map(Val::Text));
+    b.reserved("received_at", time_of(e, "receivedAt"));
+    b.reserved("sent_at", time_of(e, "sentAt"));
+    b.reserved("timestamp", time_of(e, "timestamp"));
+    b.reserved("original_timestamp", time_of(e, "originalTimestamp"));
+    b.reserved(
+        "context_request_ip",
+        text_of(e, "request_ip").map(Val::Text),
+    );
+    b.reserved("channel", text_of(e, "channel").map(Val::Text));
+    b.reserved.push("uuid_ts");
+}
+
+fn context(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
+    if let Some(Value::Object(ctx)) = e.get("context") {
+        // Its keys never clash with the row's own columns but for `request_ip`, which
+        // the gateway's own value wins.
+        let mut ctx = ctx.clone();
+        ctx.remove("request_ip");
+        b.flatten("context", &ctx, false, 1);
+    }
+}
+
+fn object<'a>(e: &'a Map<String, Value>, key: &str) -> Option<&'a Map<String, Value>> {
+    match e.get(key) {
+        Some(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// The rows one event makes (empty, with a discard, when it cannot make any).
+pub fn rows_of(json: &[u8], message_id: &str) -> Rows {
+    let mut out = Rows::default();
+    let v: Value = match serde_json::from_slice(json) {
+        Ok(v) => v,
+        Err(e) => {
+            out.discards.push(Discard {
+                table: String::new(),
+                row_id: message_id.to_string(),
+                column: String::new(),
+                value: cut(&String::from_utf8_lossy(json), MAX_DISCARD_VALUE),
+                received_at: None,
+                reason: format!("not JSON: {e}"),
+            });
+            return out;
+        }
+    };
+    let Value::Object(e) = v else {
+        out.discards.push(Discard {
+            table: String::new(),
+            row_id: message_id.to_string(),
+            column: String::new(),
+            value: cut(&v.to_string(), MAX_DISCARD_VALUE),
+            received_at: None,
+            reason: "not a JSON object".into(),
+        });
+        return out;
+    };
+    let id = text_of(&e, "messageId").unwrap_or_else(|| message_id.to_string());
+    let received = text_of(&e, "receivedAt").filter(|s| looks_like_timestamp(s));
+    let kind = text_of(&e, "type").unwrap_or_default().to_ascii_lowercase();
+    let mut d = Vec::new();
+    let mut rows = Vec::new();
+    let mut standard = |table: &str, extra: &dyn Fn(&mut RowBuilder<'_>), user: Option<&str>| {
+        let mut b = RowBuilder::new(table, &id, received.as_deref(), &mut d);
+        common(&mut b, &e);
+        extra(&mut b);
+        context(&mut b, &e);
+        if let Some(key) = user {
+            if key == "traits" {
+                // Traits sent in the context count too; top-level ones win.
+                let mut traits = object(&e, "context")
+                    .and_then(|c| object(c, "traits"))
+                    .cloned()
+                    .unwrap_or_default();
+                if let Some(t) = object(&e, "traits") {
+                    traits.extend(t.clone());
+                }
+                b.flatten("", &traits, true, 1);
+            } else if let Some(o) = object(&e, key) {
+                b.flatten("", o, true, 1);
+            }
+        }
+        rows.push((table.to_string(), b.row));
+    };
+    match kind.as_str() {
+        "track" => {
+            let name = text_of(&e, "event").unwrap_or_default();
+            let table = event_table(&name);
+            let event_cols = |b: &mut RowBuilder<'_>| {
+                b.reserved("event", table.clone().map(Val::Text));
+                b.reserved("event_text", Some(Val::Text(name.clone())));
+            };
+            standard("tracks", &event_cols, None);
+            if let Some(t) = &table {
+                standard(t, &event_cols, Some("properties"));
+            }
+        }
+        "identify" => {
+            standard("identifies", &|_| {}, Some("traits"));
+            if let Some(user) = text_of(&e, "userId").filter(|u| !u.is_empty()) {
+                // users: the identify's columns, keyed by the userId.
+                if let Some((_, identify)) = rows.last() {
+                    let mut cols = identify.cols.clone();
+                    for c in ["user_id", "sent_at", "timestamp", "original_timestamp"] {
+                        cols.remove(c);
+                    }
+                    cols.insert("id".into(), Val::Text(user.clone()));
+                    let row = Row {
+                        id: user,
+                        received_at: identify.received_at.clone(),
+                        cols,
+                    };
+                    rows.push(("users".to_string(), row));
+                }
+            }
+        }
+        "page" | "screen" => {
+            let table = if kind == "page" { "pages" } else { "screens" };
+            let name = |b: &mut RowBuilder<'_>| {
+                b.reserved("name", text_of(&e, "name").map(Val::Text));
+            };
+            standard(table, &name, Some("properties"));
+        }
+        "group" => {
+            let group = |b: &mut RowBuilder<'_>| {
+                b.reserved("group_id", text_of(&e, "groupId").map(Val::Text));
+            };
+            standard("groups", &group, Some("traits"));
+        }
+        "alias" => {
+            let previous = |b: &mut RowBuilder<'_>| {
+                b.reserved("previous_id", text_of(&e, "previousId").map(Val::Text));
+            };
+            standard("aliases", &previous, None);
+        }
+        other => d.push(Discard {
+            table: String::new(),
+            row_id: id.clone(),
+            column: "type".into(),
+            value: cut(other, MAX_DISCARD_VALUE),
+            received_at: received.clone(),
+            reason: format!("unknown event type {other:?}"),
+        }),
+    }
+    out.rows = rows;
+    out.discards = d;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_words_are_sorted() {
+        let mut sorted = RESERVED_WORDS.to_vec();
+        sorted.sort();
+        assert_eq!(sorted, RESERVED_WORDS);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(snake_case("Order Completed"), "order_completed");
+        assert_eq!(snake_case("productID"), "product_id");
+        assert_eq!(snake_case("userAgent"), "user_agent");
+        assert_eq!(snake_case("HTTPServer"), "http_server");
+        assert_eq!(snake_case("  a--b  "), "a_b");
+        assert_eq!(snake_case("address1"), "address1");
+        assert_eq!(safe_name("1st").as_deref(), Some("_1st"));
+        assert_eq!(safe_name("order").as_deref(), Some("_order"));
+        assert_eq!(safe_name("").as_deref(), None);
+        assert_eq!(safe_name(&"x".repeat(100)).unwrap().len(), 63);
+        assert_eq!(
+            event_table("Order Completed").as_deref(),
+            Some("order_completed")
+        );
+        assert_eq!(event_table("tracks").as_deref(), Some("_tracks"));
+        assert_eq!(event_table("Users").as_deref(), Some("_users"));
+        assert_eq!(event_table("group").as_deref(), Some("_group"));
+        assert_eq!(event_table("!!!"), None);
+    }
+
+    #[test]
+    fn timestamps() {
+        for ok in [
+            "2026-11-29",
+            "2026-11-29T08:00:00Z",
+            "2026-11-29T08:00:00.123Z",
+            "2026-11-29 08:00",
+            "2024-02-29T23:59:59.123456789+05:30",
+            "2026-11-29T08:00:00-0800",
+            "2026-11-29T08:00:00+01",
+        ] {
+            assert!(looks_like_timestamp(ok), "{ok}");
+        }
+        for bad in [
+            "2026-13-01",
+            "2025-02-29",
+            "0000-01-01",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29X",
+            "20261129",
+            "2026-11-29T08:00:00ZZ",
+            "2026-11-29T08:00:00.Z",
+            "hello world, 2026",
+        ] {
+            assert!(!looks_like_timestamp(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamp_order() {
+        let k = |s: &str| timestamp_key(s).unwrap();
+        assert_eq!(k("1970-01-01T00:00:00Z"), 0);
+        assert_eq!(k("1970-01-02"), 86_400_000_000_000);
+        assert_eq!(k("2026-11-29T10:00:00+02:00"), k("2026-11-29T08:00:00Z"));
+        assert_eq!(
+            k("2026-11-29T08:00:00.5Z") - k("2026-11-29T08:00:00Z"),
+            500_000_000
+        );
+        assert!(k("2024-03-01T00:00:00Z") - k("2024-02-28T00:00:00Z") == 2 * 86_400_000_000_000);
+        assert!(timestamp_key("soon").is_none());
+    }
+
+    #[test]
+    fn coercion() {
+        assert_eq!(
+            Val::Int(3).coerce(ColType::Numeric),
+            Ok(Val::Num("3".into()))
+        );
+        assert_eq!(
+            Val::Num("3".into()).coerce(ColType::BigInt),
+            Ok(Val::Int(3))
+        );
+        assert!(Val::Num("3.5".into()).coerce(ColType::BigInt).is_err());
+        assert_eq!(
+            Val::Bool(true).coerce(ColType::Text),
+            Ok(Val::Text("true".into()))
+        );
+        assert!(Val::Text("x".into()).coerce(ColType::Boolean).is_err());
+        assert!(Val::Text("x".into()).coerce(ColType::Timestamp).is_err());
+    }
+
+    #[test]
+    fn a_track_makes_two_rows() {
+        let e = serde_json::json!({
+            "type": "track", "event": "Order Completed", "messageId": "m1", "userId": "u1",
+            "receivedAt": "2026-11-29T08:00:00Z", "request_ip": "1.2.3.4",
+            "context": {"library": {"name": "js"}, "request_ip": "9.9.9.9"},
+            "properties": {"total": 9.5, "items": [1, 2], "id": "p", "event": "x",
+                           "nested": {"deep": {"er": true}}},
+        });
+        let r = rows_of(e.to_string().as_bytes(), "m1");
+        assert!(r.discards.is_empty(), "{:?}", r.discards);
+        assert_eq!(r.rows.len(), 2);
+        let (t, tracks) = &r.rows[0];
+        assert_eq!(t, "tracks");
+        assert!(!tracks.cols.contains_key("total"));
+        let (t, row) = &r.rows[1];
+        assert_eq!(t, "order_completed");
+        let c = &row.cols;
+        assert_eq!(c["id"], Val::Text("m1".into()));
+        assert_eq!(c["event"], Val::Text("order_completed".into()));
+        assert_eq!(c["event_text"], Val::Text("Order Completed".into()));
+        assert_eq!(c["context_library_name"], Val::Text("js".into()));
+        assert_eq!(c["context_request_ip"], Val::Text("1.2.3.4".into()));
+        assert_eq!(c["total"], Val::Num("9.5".into()));
+        assert_eq!(c["items"], Val::Text("[1,2]".into()));
+        assert_eq!(c["_id"], Val::Text("p".into()));
+        assert_eq!(c["_event"], Val::Text("x".into()));
+        assert_eq!(c["nested_deep_er"], Val::Bool(true));
+        assert_eq!(c["received_at"], Val::Ts("2026-11-29T08:00:00Z".into()));
+    }
+
+    #[test]
+    fn hostile_input_is_bounded() {
+        let mut deep = serde_json::json!("bottom");
+        for _ in 0..50 {
+            deep = serde_json::json!({ "a": deep });
+        }
+        let e = serde_json::json!({
+            "type": "identify", "messageId": "m", "userId": "u",
+            "traits": {"deep": deep, "big": "x".repeat(MAX_TEXT + 1), "user_id": "t"},
+        });
+        let r = rows_of(e.to_string().as_bytes(), "m");
+        let (_, identify) = &r.rows[0];
+        assert!(identify.cols.keys().all(|k| k.len() <= MAX_NAME));
+        assert_eq!(identify.cols["_user_id"], Val::Text("t".into()));
+        assert_eq!(identify.cols["user_id"], Val::Text("u".into()));
+        assert!(identify
+            .cols
+            .values()
+            .any(|v| matches!(v, Val::Text(s) if s.contains("bottom"))));
+        assert_eq!(r.discards.len(), 1, "{:?}", r.discards);
+        assert!(r.discards[0].reason.contains("too long"));
+        assert!(r.discards[0].value.len() <= MAX_DISCARD_VALUE);
+        let (t, users) = &r.rows[1];
+        assert_eq!(t, "users");
+        assert_eq!(users.id, "u");
+        assert!(!users.cols.contains_key("user_id"));
+    }
+}

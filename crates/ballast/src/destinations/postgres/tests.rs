@@ -1,0 +1,713 @@
+//! Against a real throwaway PostgreSQL (`store::pgtest`): the schema the sample events
+//! make, column by column; re-delivery; `users`; discards; a refused event; the column
+//! limit; concurrent schema changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_postgres::{Client, NoTls};
+
+use super::*;
+use crate::destinations::{Destination, Event, Outcome};
+use crate::store::pgtest::PgCluster;
+
+pub(crate) async fn admin(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+pub(crate) fn sink(url: &str, schema: &str) -> PostgresSink {
+    PostgresSink::new(&PostgresConfig {
+        url: url.to_string(),
+        schema: schema.to_string(),
+        flush_interval: Duration::from_secs(30),
+    })
+    .unwrap()
+}
+
+fn ev(v: Value) -> Event {
+    let id = v["messageId"].as_str().unwrap().to_string();
+    Event {
+        json: bytes::Bytes::from(v.to_string()),
+        message_id: Arc::from(id.as_str()),
+        source: Arc::from("web"),
+    }
+}
+
+fn base(kind: &str, id: &str, at: &str) -> Value {
+    json!({
+        "type": kind,
+        "messageId": id,
+        "userId": "u1",
+        "anonymousId": "a1",
+        "channel": "web",
+        "context": {
+            "library": {"name": "analytics.js", "version": "3.0.0"},
+            "userAgent": "Mozilla/5.0",
+            "page": {"path": "/cart"},
+        },
+        "timestamp": at,
+        "sentAt": at,
+        "originalTimestamp": at,
+        "receivedAt": at,
+        "request_ip": "10.0.0.1",
+    })
+}
+
+fn with(mut v: Value, extra: Value) -> Value {
+    if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+        o.extend(e);
+    }
+    v
+}
+
+/// The sample: every type, nested properties, arrays, booleans, timestamps, a trait
+/// named `user_id`, an event named `tracks`.
+fn sample() -> Vec<Event> {
+    let t = "2026-11-29T08:00:00.000Z";
+    vec![
+        ev(with(
+            base("track", "t1", t),
+            json!({"event": "Order Completed", "properties": {
+                "orderId": "o-1", "revenue": 10, "total": 12.5, "coupon": null,
+                "products": [{"sku": "a"}, {"sku": "b"}], "shipped": false,
+                "shippedAt": "2026-11-30T10:00:00Z",
+                "address": {"city": "Oslo", "geo": {"lat": 59.9}},
+                "1st": "first", "order": "reserved word"}}),
+        )),
+        ev(with(
+            base("track", "t2", t),
+            json!({"event": "tracks", "properties": {"n": 1}}),
+        )),
+        ev(with(
+            base("identify", "i1", t),
+            json!({"traits": {"email": "a@example.com", "user_id": "legacy-7",
+                   "plan": "free", "logins": 3, "company": {"name": "Acme"}}}),
+        )),
+        ev(with(
+            base("page", "p1", t),
+            json!({"name": "Cart", "properties": {"url": "https://x/cart", "title": "Cart"}}),
+        )),
+        ev(with(
+            base("screen", "s1", t),
+            json!({"name": "Home", "properties": {"launched": true}}),
+        )),
+        ev(with(
+            base("group", "g1", t),
+            json!({"groupId": "g-1", "traits": {"employees": 42, "industry": "retail"}}),
+        )),
+        ev(with(base("alias", "al1", t), json!({"previousId": "a1"}))),
+    ]
+}
+
+async fn columns(c: &Client, schema: &str, table: &str) -> BTreeMap<String, String> {
+    c.query(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name = $2",
+        &[&schema, &table],
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+const TS: &str = "timestamp with time zone";
+
+fn expect(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// The columns every table has from `base`.
+fn common() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("id", "text"),
+        ("anonymous_id", "text"),
+        ("user_id", "text"),
+        ("received_at", TS),
+        ("sent_at", TS),
+        ("timestamp", TS),
+        ("original_timestamp", TS),
+        ("uuid_ts", TS),
+        ("context_request_ip", "text"),
+        ("channel", "text"),
+        ("context_library_name", "text"),
+        ("context_library_version", "text"),
+        ("context_user_agent", "text"),
+        ("context_page_path", "text"),
+    ]
+}
+
+fn table(extra: &[(&'static str, &'static str)]) -> BTreeMap<String, String> {
+    let mut all = common();
+    all.extend_from_slice(extra);
+    expect(&all)
+}
+
+#[tokio::test]
+async fn the_sample_makes_rudderstacks_schema() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "web_prod");
+    assert_eq!(s.deliver(&sample()).await, Outcome::Delivered);
+    let c = admin(&url).await;
+    let tracks_cols = [("event", "text"), ("event_text", "text")];
+    assert_eq!(columns(&c, "web_prod", "tracks").await, table(&tracks_cols));
+    let mut order = tracks_cols.to_vec();
+    order.extend_from_slice(&[
+        ("order_id", "text"),
+        ("revenue", "bigint"),
+        ("total", "numeric"),
+        ("products", "text"),
+        ("shipped", "boolean"),
+        ("shipped_at", TS),
+        ("address_city", "text"),
+        ("address_geo_lat", "numeric"),
+        ("_1st", "text"),
+        ("_order", "text"),
+    ]);
+    assert_eq!(
+        columns(&c, "web_prod", "order_completed").await,
+        table(&order)
+    );
+    let mut named_tracks = tracks_cols.to_vec();
+    named_tracks.push(("n", "bigint"));
+    assert_eq!(
+        columns(&c, "web_prod", "_tracks").await,
+        table(&named_tracks)
+    );
+    let traits = [
+        ("email", "text"),
+        ("_user_id", "text"),
+        ("plan", "text"),
+        ("logins", "bigint"),
+        ("company_name", "text"),
+    ];
+    assert_eq!(columns(&c, "web_prod", "identifies").await, table(&traits));
+    let mut users = table(&traits);
+    for gone in ["user_id", "sent_at", "timestamp", "original_timestamp"] {
+        users.remove(gone);
+    }
+    assert_eq!(columns(&c, "web_prod", "users").await, users);
+    assert_eq!(
+        columns(&c, "web_prod", "pages").await,
+        table(&[("name", "text"), ("url", "text"), ("title", "text")])
+    );
+    assert_eq!(
+        columns(&c, "web_prod", "screens").await,
+        table(&[("name", "text"), ("launched", "boolean")])
+    );
+    assert_eq!(
+        columns(&c, "web_prod", "groups").await,
+        table(&[
+            ("group_id", "text"),
+            ("employees", "bigint"),
+            ("industry", "text")
+        ])
+    );
+    assert_eq!(
+        columns(&c, "web_prod", "aliases").await,
+        table(&[("previous_id", "text")])
+    );
+    assert_eq!(
+        columns(&c, "web_prod", "rudder_discards").await,
+        expect(&[
+            ("table_name", "text"),
+            ("row_id", "text"),
+            ("column_name", "text"),
+            ("column_value", "text"),
+            ("received_at", TS),
+            ("uuid_ts", TS),
+            ("reason", "text"),
+        ])
+    );
+    // Values.
+    let r = c
+        .query_one(
+            "SELECT event, event_text, products, address_geo_lat::text, shipped, \
+             shipped_at = '2026-11-30T10:00:00Z'::timestamptz, uuid_ts IS NOT NULL \
+             FROM web_prod.order_completed",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "order_completed");
+    assert_eq!(r.get::<_, String>(1), "Order Completed");
+    assert_eq!(r.get::<_, String>(2), r#"[{"sku":"a"},{"sku":"b"}]"#);
+    assert_eq!(r.get::<_, String>(3), "59.9");
+    assert!(!r.get::<_, bool>(4));
+    assert!(r.get::<_, bool>(5) && r.get::<_, bool>(6));
+    let r = c
+        .query_one("SELECT user_id, _user_id FROM web_prod.identifies", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, String>(1)),
+        ("u1".into(), "legacy-7".into())
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM web_prod.tracks").await, 2);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM web_prod.rudder_discards").await,
+        0
+    );
+
+    // A value whose type changes: the column keeps its type, what does not fit is
+    // discarded with the reason; an int in a numeric column and a bool in text fit.
+    let t = "2026-11-29T09:00:00Z";
+    let changed = vec![ev(with(
+        base("track", "t3", t),
+        json!({"event": "Order Completed", "properties": {
+            "revenue": "lots", "total": 13, "order_id": true, "shipped": "no",
+            "shippedAt": "soon", "newKey": 1}}),
+    ))];
+    assert_eq!(s.deliver(&changed).await, Outcome::Delivered);
+    let discards: Vec<(String, String, String, String)> = c
+        .query(
+            "SELECT table_name, column_name, column_value, reason FROM web_prod.rudder_discards \
+             WHERE row_id = 't3' ORDER BY column_name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let d = |col: &str, val: &str, reason: &str| {
+        (
+            "order_completed".to_string(),
+            col.to_string(),
+            val.to_string(),
+            reason.to_string(),
+        )
+    };
+    assert_eq!(
+        discards,
+        vec![
+            d(
+                "revenue",
+                "lots",
+                "incompatible schema conversion from string to int"
+            ),
+            d(
+                "shipped",
+                "no",
+                "incompatible schema conversion from string to boolean"
+            ),
+            d(
+                "shipped_at",
+                "soon",
+                "incompatible schema conversion from string to datetime"
+            ),
+        ]
+    );
+    let r = c
+        .query_one(
+            "SELECT total::text, order_id, new_key, revenue IS NULL FROM web_prod.order_completed \
+             WHERE id = 't3'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "13");
+    assert_eq!(r.get::<_, String>(1), "true");
+    assert_eq!(r.get::<_, i64>(2), 1);
+    assert!(r.get::<_, bool>(3));
+
+    // Print the tables as `\d` would list them (for the notes).
+    for t in [
+        "tracks",
+        "order_completed",
+        "_tracks",
+        "identifies",
+        "users",
+        "pages",
+        "screens",
+        "groups",
+        "aliases",
+        "rudder_discards",
+    ] {
+        let cols = c
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                 WHERE table_schema = 'web_prod' AND table_name = $1 ORDER BY ordinal_position",
+                &[&t],
+            )
+            .await
+            .unwrap();
+        println!("Table \"web_prod.{t}\"");
+        for r in cols {
+            println!("  {:<26} {}", r.get::<_, String>(0), r.get::<_, String>(1));
+        }
+    }
+}
+
+#[tokio::test]
+async fn redelivery_and_users_keep_one_row_each() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let events = sample();
+    assert_eq!(s.deliver(&events).await, Outcome::Delivered);
+    // Again, whole and in parts, and with a copy of an event inside one batch.
+    assert_eq!(s.deliver(&events).await, Outcome::Delivered);
+    let mut doubled = events[..3].to_vec();
+    doubled.extend_from_slice(&events[..3]);
+    assert_eq!(s.deliver(&doubled).await, Outcome::Delivered);
+    // A second sink (another replica) too.
+    assert_eq!(sink(&url, "w").deliver(&events).await, Outcome::Delivered);
+    let c = admin(&url).await;
+    for (t, n) in [
+        ("tracks", 2),
+        ("order_completed", 1),
+        ("_tracks", 1),
+        ("identifies", 1),
+        ("users", 1),
+        ("pages", 1),
+        ("screens", 1),
+        ("groups", 1),
+        ("aliases", 1),
+    ] {
+        assert_eq!(
+            count(&c, &format!("SELECT count(*) FROM w.{t}")).await,
+            n,
+            "{t}"
+        );
+    }
+
+    // users: the latest value of each trait; an older identify sent again changes
+    // nothing, its traits the newer ones lack are kept.
+    let older = ev(with(
+        base("identify", "i0", "2026-11-28T08:00:00Z"),
+        json!({"traits": {"plan": "trial", "referrer": "ad"}}),
+    ));
+    let newer = ev(with(
+        base("identify", "i2", "2026-11-30T08:00:00Z"),
+        json!({"traits": {"plan": "pro"}}),
+    ));
+    assert_eq!(
+        s.deliver(&[newer.clone(), older.clone()]).await,
+        Outcome::Delivered
+    );
+    assert_eq!(s.deliver(&[older]).await, Outcome::Delivered);
+    let r = c
+        .query_one(
+            "SELECT plan, email, referrer, logins, received_at = '2026-11-30T08:00:00Z' \
+             FROM w.users WHERE id = 'u1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "pro");
+    assert_eq!(r.get::<_, String>(1), "a@example.com");
+    assert_eq!(r.get::<_, String>(2), "ad");
+    assert_eq!(r.get::<_, i64>(3), 3);
+    assert!(r.get::<_, bool>(4));
+    assert_eq!(count(&c, "SELECT count(*) FROM w.identifies").await, 3);
+
+    // Discards are not duplicated by re-delivery either.
+    let bad = ev(with(
+        base("track", "t9", "2026-11-29T08:00:00Z"),
+        json!({"event": "tracks", "properties": {"n": "not a number"}}),
+    ));
+    for _ in 0..3 {
+        assert_eq!(
+            s.deliver(std::slice::from_ref(&bad)).await,
+            Outcome::Delivered
+        );
+    }
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.rudder_discards WHERE row_id = 't9'"
+        )
+        .await,
+        1
+    );
+}
+
+/// The warehouse schema is the source of truth: an operator's column type the event's
+/// value cannot be read as makes the database refuse the load. Only that event goes to
+/// the discards (whole); the others of its batch load.
+#[tokio::test]
+async fn an_event_the_database_refuses_blocks_nobody() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    assert_eq!(s.deliver(&sample()[..1]).await, Outcome::Delivered);
+    let c = admin(&url).await;
+    c.batch_execute("ALTER TABLE w.order_completed ADD COLUMN ref uuid")
+        .await
+        .unwrap();
+    let s = sink(&url, "w"); // a fresh sink: no cached columns
+    let t = "2026-11-29T10:00:00Z";
+    let mk = |id: &str, r: &str| {
+        ev(with(
+            base("track", id, t),
+            json!({"event": "Order Completed", "properties": {"ref": r}}),
+        ))
+    };
+    let batch = [
+        mk("ok1", "6f1c2f9e-8f3a-4a43-9a40-1d7a1f1a2b3c"),
+        mk("bad", "not-a-uuid"),
+        mk("ok2", "0b6b1b4e-1c1d-4a43-9a40-1d7a1f1a2b3c"),
+    ];
+    assert_eq!(s.deliver(&batch).await, Outcome::Delivered);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.order_completed WHERE id IN ('ok1', 'ok2')"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM w.tracks WHERE id = 'bad'").await,
+        0
+    );
+    let r = c
+        .query_one(
+            "SELECT column_name, reason, column_value FROM w.rudder_discards WHERE row_id = 'bad'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "*");
+    assert!(
+        r.get::<_, String>(1).contains("uuid"),
+        "{}",
+        r.get::<_, String>(1)
+    );
+    assert!(r.get::<_, String>(2).contains("not-a-uuid"));
+    // Alone too.
+    assert_eq!(s.deliver(&batch[1..2]).await, Outcome::Delivered);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.rudder_discards WHERE row_id = 'bad'"
+        )
+        .await,
+        1
+    );
+}
+
+/// Hostile input: past 1,600 columns new keys go to the discards; the table stays usable.
+#[tokio::test]
+async fn the_column_limit_holds() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let mut props = serde_json::Map::new();
+    for i in 0..1700 {
+        props.insert(format!("k{i:04}"), json!("x"));
+    }
+    let e = ev(with(
+        base("track", "wide", "2026-11-29T08:00:00Z"),
+        json!({"event": "Wide", "properties": props}),
+    ));
+    assert_eq!(s.deliver(&[e]).await, Outcome::Delivered);
+    let c = admin(&url).await;
+    assert_eq!(columns(&c, "w", "wide").await.len(), sink::MAX_COLUMNS);
+    let discarded = count(
+        &c,
+        "SELECT count(*) FROM w.rudder_discards WHERE row_id = 'wide' AND reason LIKE '%1600%'",
+    )
+    .await;
+    // 16 columns are the row's own (common ones, event, event_text).
+    let own = 16;
+    assert_eq!(discarded, (1700 + own - 1600) as i64);
+    assert_eq!(count(&c, "SELECT count(*) FROM w.wide").await, 1);
+}
+
+/// Loads that add different columns to the same table at once (several sinks, as
+/// several replicas or partitions would): all commit, every column is there once.
+#[tokio::test]
+async fn concurrent_schema_changes() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = sink(&url, "w");
+            for round in 0..5 {
+                let batch: Vec<Event> = (0..20)
+                    .map(|i| {
+                        ev(with(
+                            base(
+                                "track",
+                                &format!("w{w}-r{round}-{i}"),
+                                "2026-11-29T08:00:00Z",
+                            ),
+                            json!({"event": "Busy", "properties": {
+                                format!("from_{w}_{round}"): i, "shared": i}}),
+                        ))
+                    })
+                    .collect();
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match s.deliver(&batch).await {
+                        Outcome::Delivered => break,
+                        other if tries < 5 => {
+                            eprintln!("retrying: {other:?}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = admin(&url).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM w.busy").await, 6 * 5 * 20);
+    let cols = columns(&c, "w", "busy").await;
+    for w in 0..6 {
+        for round in 0..5 {
+            assert_eq!(
+                cols.get(&format!("from_{w}_{round}")).map(String::as_str),
+                Some("bigint")
+            );
+        }
+    }
+}
+
+/// A realistic mix (tracks of 12 event names with 8-15 properties, identifies, pages,
+/// screens, groups, aliases) of `n` events.
+pub(crate) fn mix(n: usize, seed: &str) -> Vec<Event> {
+    let names = [
+        "Product Viewed",
+        "Product Added",
+        "Cart Viewed",
+        "Checkout Started",
+        "Order Completed",
+        "Signed In",
+        "Signed Out",
+        "Search Performed",
+        "Video Played",
+        "Video Paused",
+        "Coupon Applied",
+        "Review Submitted",
+    ];
+    (0..n)
+        .map(|i| {
+            let id = format!("{seed}-{i}");
+            let at = "2026-11-29T08:00:00.000Z";
+            let mut b = base("track", &id, at);
+            b["userId"] = json!(format!("user-{}", i % 5000));
+            let v = match i % 20 {
+                0..=12 => {
+                    let mut props = serde_json::Map::new();
+                    for k in 0..(8 + i % 8) {
+                        props.insert(format!("prop{k}"), json!(k * i));
+                    }
+                    props.insert("sku".into(), json!(format!("sku-{}", i % 977)));
+                    props.insert("price".into(), json!(9.99));
+                    props.insert("inStock".into(), json!(true));
+                    props.insert("tags".into(), json!(["a", "b"]));
+                    with(
+                        b,
+                        json!({"event": names[i % names.len()], "properties": props}),
+                    )
+                }
+                13..=15 => {
+                    b["type"] = json!("identify");
+                    with(
+                        b,
+                        json!({"traits": {"email": format!("u{i}@example.com"),
+                               "plan": "pro", "logins": i, "address": {"city": "Oslo"}}}),
+                    )
+                }
+                16..=17 => {
+                    b["type"] = json!("page");
+                    with(
+                        b,
+                        json!({"name": "Home", "properties": {"url": "https://x/", "path": "/"}}),
+                    )
+                }
+                18 => {
+                    b["type"] = json!("screen");
+                    with(b, json!({"name": "Main"}))
+                }
+                _ => {
+                    b["type"] = json!("group");
+                    with(b, json!({"groupId": "g1", "traits": {"employees": 10}}))
+                }
+            };
+            ev(v)
+        })
+        .collect()
+}
+
+/// Load rate: `BALLAST_BENCH_WAREHOUSE_URL` (a database; see scripts/bench-warehouse,
+/// which starts one with fsync on) or a throwaway cluster (fsync off). Prints events/s
+/// loaded (through `deliver`, batches of 10,000, 4 at once) and the rate of turning
+/// events into rows alone (no database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_load_rate() {
+    let (_pg, url) = match std::env::var("BALLAST_BENCH_WAREHOUSE_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let pg = PgCluster::start();
+            pg.create_db("wh").await;
+            let url = pg.url("wh");
+            (Some(pg), url)
+        }
+    };
+    let total: usize = std::env::var("BALLAST_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let events = Arc::new(mix(total, "bench"));
+    let started = std::time::Instant::now();
+    let mut rows = 0;
+    for e in events.iter() {
+        rows += schema::rows_of(&e.json, &e.message_id).rows.len();
+    }
+    let transform = started.elapsed();
+    // Warm up: the tables and columns exist before timing.
+    let s = Arc::new(sink(&url, "bench"));
+    assert_eq!(s.deliver(&mix(2000, "warm")).await, Outcome::Delivered);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (s, events) = (s.clone(), events.clone());
+        tasks.push(tokio::spawn(async move {
+            for (k, chunk) in events.chunks(10_000).enumerate() {
+                if k % 4 == w {
+                    assert_eq!(s.deliver(chunk).await, Outcome::Delivered);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let load = started.elapsed();
+    println!(
+        "events {total}, rows {rows}: transform only {:.0} events/s; loaded {:.0} events/s \
+         ({:.0} rows/s) in {load:?}",
+        total as f64 / transform.as_secs_f64(),
+        total as f64 / load.as_secs_f64(),
+        rows as f64 / load.as_secs_f64(),
+    );
+}

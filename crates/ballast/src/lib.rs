@@ -10,6 +10,7 @@ pub mod config;
 pub mod destinations;
 pub mod gateway;
 pub mod listener;
+pub mod pg;
 pub mod recovery;
 pub mod router;
 pub mod server;

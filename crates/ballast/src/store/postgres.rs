@@ -179,28 +179,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// TLS for connections whose URL asks for it (`sslmode=require`, or `prefer`, the
-/// default, when the server offers it), verified against the Mozilla roots.
-fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    static TLS: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
-        std::sync::OnceLock::new();
-    let config = TLS.get_or_init(|| {
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .map_err(|e| e.to_string())
-    });
-    match config {
-        Ok(c) => Ok(tokio_postgres_rustls::MakeRustlsConnect::new(c.clone())),
-        Err(e) => Err(StoreError::Other(format!("postgres TLS: {e}"))),
-    }
-}
-
 /// Bounds every statement and transaction: a database that stops answering (a
 /// partition without a reset) fails the request instead of hanging it.
 pub(crate) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -241,10 +219,13 @@ async fn connect_with(url: &str, extra_options: &str) -> Result<Client, StoreErr
     // Notice a dead peer on an idle connection (the lease's session above all).
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(10));
-    let (client, connection) = tokio::time::timeout(STATEMENT_TIMEOUT, config.connect(tls()?))
-        .await
-        .map_err(|_| StoreError::Other("postgres: connecting timed out".into()))?
-        .map_err(pg_err)?;
+    let (client, connection) = tokio::time::timeout(
+        STATEMENT_TIMEOUT,
+        config.connect(crate::pg::tls().map_err(StoreError::Other)?),
+    )
+    .await
+    .map_err(|_| StoreError::Other("postgres: connecting timed out".into()))?
+    .map_err(pg_err)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection closed");

@@ -102,27 +102,6 @@ pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// TLS for URLs that ask for it, verified against the Mozilla roots (as the store does).
-fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
-    static TLS: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
-        std::sync::OnceLock::new();
-    let config = TLS.get_or_init(|| {
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .map_err(|e| e.to_string())
-    });
-    match config {
-        Ok(c) => Ok(tokio_postgres_rustls::MakeRustlsConnect::new(c.clone())),
-        Err(e) => Err(format!("postgres TLS: {e}")),
-    }
-}
-
 pub struct PostgresSink {
     config: tokio_postgres::Config,
     schema: String,
@@ -163,7 +142,7 @@ impl PostgresSink {
     }
 
     async fn connect(&self) -> Result<Client, LoadError> {
-        let tls = tls().map_err(LoadError::Temporary)?;
+        let tls = crate::pg::tls().map_err(LoadError::Temporary)?;
         let (client, connection) = self
             .config
             .connect(tls)

@@ -8,17 +8,19 @@
 //! into the target directory on first use).
 
 mod common;
+#[path = "common/webdriver.rs"]
+mod webdriver;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Server, WRITE_KEY};
-use serde_json::{json, Value};
+use webdriver::{free_port, Browser};
 
 const SDK_PACKAGE: &str = "@rudderstack/analytics-js@3.34.1";
 const SDK_FILE: &str =
@@ -123,128 +125,6 @@ impl Drop for StaticServer {
 }
 
 /// chromedriver driving a headless Chromium, through the W3C WebDriver protocol.
-struct Browser {
-    driver: Child,
-    base: String,
-    session: String,
-    http: reqwest::blocking::Client,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn find(names: &[&str]) -> Option<String> {
-    names.iter().find_map(|n| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join(n))
-                .find(|p| p.is_file())
-                .map(|p| p.display().to_string())
-        })
-    })
-}
-
-impl Browser {
-    fn start() -> Browser {
-        let driver_bin = find(&["chromedriver"]).expect(
-            "chromedriver not found: install Debian's chromium and chromium-driver (scripts/test does)",
-        );
-        let chromium = find(&["chromium", "chromium-browser", "google-chrome"])
-            .expect("chromium not found: install Debian's chromium (scripts/test does)");
-        let port = free_port();
-        let driver = Command::new(driver_bin)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .no_proxy()
-            .build()
-            .unwrap();
-        let mut browser = Browser {
-            driver,
-            base,
-            session: String::new(),
-            http,
-        };
-        assert!(
-            wait_for(20, || browser
-                .http
-                .get(format!("{}/status", browser.base))
-                .send()
-                .ok()
-                .and_then(|r| r.json::<Value>().ok())
-                .is_some_and(|v| v["value"]["ready"] == true)),
-            "chromedriver did not become ready"
-        );
-        let caps = json!({ "capabilities": { "alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": chromium,
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--no-first-run",
-                         "--disable-background-networking"]
-            }
-        }}});
-        let r: Value = browser
-            .http
-            .post(format!("{}/session", browser.base))
-            .json(&caps)
-            .send()
-            .and_then(|r| r.json())
-            .expect("create a WebDriver session");
-        browser.session = r["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {r}"))
-            .to_string();
-        browser
-    }
-
-    fn cmd(&self, path: &str, body: Value) -> Value {
-        let r: Value = self
-            .http
-            .post(format!("{}/session/{}/{path}", self.base, self.session))
-            .json(&body)
-            .send()
-            .and_then(|r| r.json())
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        if r["value"]["error"].is_string() {
-            panic!("{path}: {r}");
-        }
-        r["value"].clone()
-    }
-
-    fn goto(&self, url: &str) {
-        self.cmd("url", json!({ "url": url }));
-    }
-
-    fn js(&self, script: &str) -> Value {
-        self.cmd("execute/sync", json!({ "script": script, "args": [] }))
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if !self.session.is_empty() {
-            let _ = self
-                .http
-                .delete(format!("{}/session/{}", self.base, self.session))
-                .send();
-        }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
 /// The page: loads the SDK against ballast, with fast retries, and exposes `send(n)`.
 fn page(ballast: &str) -> String {
     format!(

@@ -231,7 +231,12 @@ impl<'de> Deserialize<'de> for DestinationConfig {
             sources: c.sources,
             enabled: c.enabled,
             concurrency: c.concurrency.unwrap_or(16),
-            batch_size: c.batch_size.unwrap_or(1),
+            // A file takes many lines per write and fsync at no cost to anyone; a
+            // webhook receiver may expect one event per request.
+            batch_size: c.batch_size.unwrap_or(match kind {
+                DestinationKind::File(_) => 100,
+                DestinationKind::Webhook(_) => 1,
+            }),
             retry: c.retry,
             kind,
         })

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-/// Number of distinct user ids events are drawn from.
+/// Number of distinct user ids events are drawn from, unless `--users` says otherwise.
 pub const USER_POOL: u32 = 10_000;
 
 const MESSAGE_ID_KEY: &[u8] = b"\"messageId\":\"";
@@ -69,9 +69,10 @@ fn uuid_with(rng: &mut StdRng) -> String {
         .to_string()
 }
 
-/// One realistic RudderStack `track` event (about 700 bytes as compact JSON).
-pub fn track_event(rng: &mut StdRng, now: SystemTime) -> Value {
-    let user = rng.gen_range(0..USER_POOL);
+/// One realistic RudderStack `track` event (about 700 bytes as compact JSON), from one
+/// of `users` distinct user ids (`user-00000` … ; at least one).
+pub fn track_event(rng: &mut StdRng, now: SystemTime, users: u32) -> Value {
+    let user = rng.gen_range(0..users.max(1));
     let sku = rng.gen_range(10_000..100_000u32);
     let product = *pick(rng, PRODUCT_NAMES);
     let (os_name, os_version) = *pick(rng, OSES);
@@ -155,17 +156,23 @@ impl BodyTemplate {
 }
 
 /// Pre-generates `count` bodies: single events, or `{"batch":[...]}` of
-/// `batch_size` events when `batch_size` is `Some`.
-pub fn generate_pool(count: usize, batch_size: Option<usize>, seed: u64) -> Vec<BodyTemplate> {
+/// `batch_size` events when `batch_size` is `Some`; events come from `users` user ids.
+pub fn generate_pool(
+    count: usize,
+    batch_size: Option<usize>,
+    seed: u64,
+    users: u32,
+) -> Vec<BodyTemplate> {
     let mut rng = StdRng::seed_from_u64(seed);
     let now = SystemTime::now();
     (0..count.max(1))
         .map(|_| {
             let body = match batch_size {
-                None => track_event(&mut rng, now),
+                None => track_event(&mut rng, now, users),
                 Some(n) => {
-                    let batch: Vec<Value> =
-                        (0..n.max(1)).map(|_| track_event(&mut rng, now)).collect();
+                    let batch: Vec<Value> = (0..n.max(1))
+                        .map(|_| track_event(&mut rng, now, users))
+                        .collect();
                     json!({ "batch": batch })
                 }
             };
@@ -181,7 +188,7 @@ mod tests {
 
     #[test]
     fn single_events_are_about_700_bytes_with_required_fields() {
-        let pool = generate_pool(500, None, 7);
+        let pool = generate_pool(500, None, 7, USER_POOL);
         let total: usize = pool.iter().map(|t| t.raw().len()).sum();
         let avg = total / pool.len();
         assert!((620..=730).contains(&avg), "average event size {avg}");
@@ -216,8 +223,28 @@ mod tests {
     }
 
     #[test]
+    fn users_bounds_the_distinct_user_ids() {
+        for (users, want) in [(1, 1), (3, 3)] {
+            let pool = generate_pool(20, Some(50), 3, users);
+            let ids: std::collections::HashSet<String> = pool
+                .iter()
+                .flat_map(|t| {
+                    let v: Value = serde_json::from_slice(&t.render()).unwrap();
+                    v["batch"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e["userId"].as_str().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(ids.len(), want, "{ids:?}");
+        }
+    }
+
+    #[test]
     fn render_gives_fresh_unique_message_ids() {
-        let pool = generate_pool(2, Some(100), 1);
+        let pool = generate_pool(2, Some(100), 1, USER_POOL);
         let mut seen = std::collections::HashSet::new();
         for t in &pool {
             assert_eq!(t.events(), 100);

@@ -71,6 +71,9 @@ pub struct LoadConfig {
     /// Number of distinct pre-generated bodies (default 2000 single, 200 batch).
     #[arg(long)]
     pub pool: Option<usize>,
+    /// Distinct userIds the events are drawn from (1: every event from one hot user).
+    #[arg(long, default_value_t = crate::events::USER_POOL)]
+    pub users: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -319,6 +322,9 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     if cfg.duration.is_zero() {
         bail!("--duration must be positive");
     }
+    if cfg.users == 0 {
+        bail!("--users must be at least 1");
+    }
     let (addr, host, base) = resolve_loopback(&cfg.url).await?;
     let (route, batch) = match cfg.mode {
         Mode::Single => ("/v1/track", None),
@@ -328,7 +334,7 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
         Mode::Single => 2000,
         Mode::Batch => 200,
     });
-    let pool = generate_pool(pool_size, batch, 42);
+    let pool = generate_pool(pool_size, batch, 42, cfg.users);
     let avg_body_bytes = pool.iter().map(|t| t.render().len()).sum::<usize>() / pool.len();
     let events_per_request = pool.first().map_or(1, BodyTemplate::events);
 

@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// Events per request in batch mode.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
+    /// Distinct userIds the events of every load are drawn from (1: one hot user, whose
+    /// events the router must deliver one request at a time, in order).
+    #[arg(long, default_value_t = crate::events::USER_POOL)]
+    pub users: u32,
     /// Repeat the whole sequence this many times and report medians (the
     /// servers are interleaved, so slow drifts of the machine hit all alike).
     #[arg(long, default_value_t = 1)]
@@ -451,6 +455,7 @@ impl Bench<'_> {
             batch_size: self.args.batch_size,
             warmup: self.args.warmup,
             pool: None,
+            users: self.args.users,
         }
     }
 
@@ -708,12 +713,14 @@ fn markdown(args: &RunArgs, outcomes: &[Outcome], e2e_outcomes: &[E2eOutcome]) -
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(
         s,
-        "ballast-bench run — {} — {cpus} CPUs — {} connections, {} measured after {} warm-up, batch size {}\n",
+        "ballast-bench run — {} — {cpus} CPUs — {} connections, {} measured after {} warm-up, batch size {}, {} user{}\n",
         humantime::format_rfc3339_seconds(SystemTime::now()),
         args.connections,
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup),
-        args.batch_size
+        args.batch_size,
+        args.users,
+        if args.users == 1 { "" } else { "s" }
     );
     if !outcomes.is_empty() {
         comparison_markdown(&mut s, args, outcomes);
@@ -858,6 +865,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    if args.users == 0 {
+        bail!("--users must be at least 1");
+    }
     let load_modes = args.load_modes();
     let with_e2e = args.wants_e2e();
     if with_e2e && args.skip_ballast {
@@ -942,6 +952,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "duration_s": args.duration.as_secs_f64(),
                 "warmup_s": args.warmup.as_secs_f64(),
                 "batch_size": args.batch_size,
+                "users": args.users,
                 "rounds": args.rounds,
                 "results": outcomes,
                 "e2e": e2e_outcomes,

@@ -809,4 +809,6 @@ pub fn scan_dir(
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

@@ -42,7 +42,8 @@ pub static REGISTRY: &[TypeSpec] = &[
     },
     TypeSpec {
         name: "file",
-        default_batch_size: 1,
+        // A file takes many lines per write and fsync at no cost to anyone.
+        default_batch_size: 100,
         parse: parse::<super::file::FileConfig>,
     },
     TypeSpec {

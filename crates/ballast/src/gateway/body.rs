@@ -141,7 +141,7 @@ pub async fn linger(headers: &HeaderMap, body: &mut axum::body::Body, limit: usi
     }
 }
 
-fn gunzip(raw: &[u8], limit: usize) -> Result<Bytes, ApiError> {
+pub(super) fn gunzip(raw: &[u8], limit: usize) -> Result<Bytes, ApiError> {
     let mut out = Vec::with_capacity((raw.len() * 4).min(limit));
     // A gzip body may be a series of members (RFC 1952); read them all.
     let mut decoder = flate2::read::MultiGzDecoder::new(raw).take(limit as u64 + 1);

@@ -152,15 +152,43 @@ fn write_str_json(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// Which fields a later field of the same (decoded) name overrides; None when no name is
+/// repeated (the usual case, without allocating a map for small events).
+fn shadowed(fields: &[(Key<'_>, &RawValue)]) -> Option<Vec<bool>> {
+    let n = fields.len();
+    let mut out: Option<Vec<bool>> = None;
+    if n <= 32 {
+        for i in 0..n {
+            if fields[i + 1..].iter().any(|(k, _)| k.0 == fields[i].0 .0) {
+                out.get_or_insert_with(|| vec![false; n])[i] = true;
+            }
+        }
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        for i in (0..n).rev() {
+            if !seen.insert(&*fields[i].0 .0) {
+                out.get_or_insert_with(|| vec![false; n])[i] = true;
+            }
+        }
+    }
+    out
+}
+
 /// Checks one event, writes its enriched JSON to `out` and its meta block (ordering key
 /// and messageId, see `store::envelope::encode_meta`) to `meta`.
+///
+/// Duplicate top-level keys: the last value wins, as in RudderStack's gateway (which reads
+/// each event into a Go map and writes the map out again). It is the one judged (userId,
+/// anonymousId, messageId) and the only one stored and forwarded; earlier occurrences
+/// are dropped. Values are copied byte for byte (nested objects are not rewritten).
 pub fn enrich(
     fields: &[(Key<'_>, &RawValue)],
     e: &Enrichment<'_>,
     out: &mut Vec<u8>,
     meta: &mut Vec<u8>,
 ) -> Result<(), EventError> {
-    // With duplicate keys, JSON readers take the last value: judge that one.
+    // With duplicate keys the last value counts: judge that one (and store only it).
+    let shadow = shadowed(fields);
     let mut user = None;
     let mut anon = None;
     let mut message_id = None;
@@ -194,7 +222,10 @@ pub fn enrich(
         }
         first = false;
     };
-    for (k, v) in fields {
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if shadow.as_ref().is_some_and(|s| s[i]) {
+            continue;
+        }
         let replaced = match &*k.0 {
             "receivedAt" | "request_ip" => true,
             "messageId" => !has_message_id,
@@ -371,6 +402,57 @@ mod tests {
         assert_eq!(v["anonymousId"], "body", "the header is only a fallback");
         let v = run(r#"{"anonymousId":"","userId":"u"}"#, &h).unwrap();
         assert_eq!(v["anonymousId"], "from-header");
+    }
+
+    #[test]
+    fn duplicate_keys_keep_only_the_last_value() {
+        let fields_of = |input: &str| -> Vec<(String, String)> {
+            let Shallow::Object(fields) = serde_json::from_str::<Shallow>(input).unwrap() else {
+                panic!("not an object")
+            };
+            let mut out = Vec::new();
+            let mut meta = Vec::new();
+            enrich(&fields, &E, &mut out, &mut meta).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            let Shallow::Object(stored) = serde_json::from_str::<Shallow>(&text).unwrap() else {
+                panic!("not an object")
+            };
+            stored
+                .iter()
+                .map(|(k, v)| (k.0.to_string(), v.get().to_string()))
+                .collect()
+        };
+        let stored = fields_of(
+            r#"{"userId":"a","event":"x","userId":"b","p":{"k":1,"k":2},"event":  "y" }"#,
+        );
+        let names: Vec<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "userId",
+                "p",
+                "event",
+                "messageId",
+                "receivedAt",
+                "request_ip"
+            ]
+        );
+        assert_eq!(stored[0].1, r#""b""#);
+        // Nested objects are copied byte for byte, duplicates included.
+        assert_eq!(stored[1].1, r#"{"k":1,"k":2}"#);
+        assert_eq!(stored[2].1, r#""y""#);
+        // Escaped spellings of one name are one key.
+        let stored = fields_of(r#"{"user\u0049d":"a","userId":"b","x":1}"#);
+        assert_eq!(stored[0], ("userId".into(), r#""b""#.into()));
+        assert_eq!(stored.iter().filter(|(k, _)| k == "userId").count(), 1);
+        // Many keys (the map path).
+        let mut many: Vec<String> = (0..100).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        many.push(r#""k7":"last""#.into());
+        many.push(r#""userId":"u""#.into());
+        let stored = fields_of(&format!("{{{}}}", many.join(",")));
+        let k7: Vec<_> = stored.iter().filter(|(k, _)| k == "k7").collect();
+        assert_eq!(k7, [&("k7".to_string(), r#""last""#.to_string())]);
+        assert_eq!(stored.len(), 100 + 1 + 3);
     }
 
     #[test]

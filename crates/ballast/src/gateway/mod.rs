@@ -5,6 +5,8 @@
 mod auth;
 mod body;
 pub mod enrich;
+#[cfg(test)]
+mod fuzz_tests;
 mod health;
 mod pixel;
 mod ratelimit;
@@ -235,57 +237,15 @@ impl Gateway {
             (None, None) => None,
         };
 
-        if enrich::nested_deeper_than(req.body, enrich::MAX_DEPTH) {
-            return Err(TOO_DEEP);
+        let parsed = parse_body(req.body, req.route_type.is_some(), key.is_some())?;
+        if key.is_none() {
+            key = parsed.body_key.clone();
         }
-        let (source, batch) = if req.route_type.is_some() {
-            // One event: the body is the event.
-            let parsed = serde_json::from_slice::<Shallow>(req.body);
-            let fields = match parsed {
-                Ok(Shallow::Object(fields)) => fields,
-                Ok(Shallow::NotObject) | Err(_) if key.is_none() => return Err(NO_WRITE_KEY),
-                Ok(Shallow::NotObject) | Err(_) => return Err(INVALID_JSON),
-            };
-            if key.is_none() {
-                key = body_write_key(&fields).map(Cow::Owned);
-            }
-            let source = match known {
-                Some(source) => source,
-                None => self.source(key.as_deref())?,
-            };
-            let mut batch = EventBatch::new(source.id.clone(), req.body.len() + 160);
-            batch
-                .push_with(|out, meta| enrich::enrich(&fields, &enrichment, out, meta))
-                .map_err(event_error)?;
-            (source, batch)
-        } else {
-            let body = match parse_batch(req.body) {
-                Ok(b) => b,
-                Err(_) if key.is_none() => return Err(NO_WRITE_KEY),
-                Err(_) => return Err(INVALID_JSON),
-            };
-            if key.is_none() {
-                key = body.write_key.clone();
-            }
-            let source = match known {
-                Some(source) => source,
-                None => self.source(key.as_deref())?,
-            };
-            let events = body.batch.unwrap_or_default();
-            if events.is_empty() {
-                return Err(EMPTY_BATCH);
-            }
-            let mut batch = EventBatch::new(source.id.clone(), req.body.len() + events.len() * 160);
-            for event in &events {
-                let Shallow::Object(fields) = event else {
-                    return Err(NOT_AN_EVENT);
-                };
-                batch
-                    .push_with(|out, meta| enrich::enrich(fields, &enrichment, out, meta))
-                    .map_err(event_error)?;
-            }
-            (source, batch)
+        let source = match known {
+            Some(source) => source,
+            None => self.source(key.as_deref())?,
         };
+        let batch = build_batch(&parsed, source.id.clone(), &enrichment, req.body.len())?;
         if let Some(limiter) = &source.limiter {
             if !limiter.try_take() {
                 return Err(RATE_LIMITED);
@@ -327,8 +287,10 @@ impl Gateway {
 use std::borrow::Cow;
 
 fn body_write_key(fields: &[(enrich::Key<'_>, &serde_json::value::RawValue)]) -> Option<String> {
+    // The last one, as for every duplicate top-level key.
     fields
         .iter()
+        .rev()
         .find(|(k, _)| k.0 == "writeKey")
         .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
 }
@@ -339,6 +301,72 @@ fn parse_batch(body: &[u8]) -> Result<BatchBody<'_>, ()> {
         Some(b'{') => serde_json::from_slice(body).map_err(|_| ()),
         _ => Err(()),
     }
+}
+
+/// A request body decoded: its events' top-level fields, and the write key it names.
+pub(crate) struct Parsed<'a> {
+    /// One event (single-event routes) or a batch's elements.
+    events: Vec<Shallow<'a>>,
+    /// `writeKey` in the body (used when the request named no key).
+    pub(crate) body_key: Option<Cow<'a, str>>,
+}
+
+/// Decodes a body (before the source is known): the nesting limit, then the JSON.
+/// `single`: the body is one event (the routes with a type); `have_key`: the request
+/// named a write key (without one, an unreadable body is a 401, as RudderStack answers).
+pub(crate) fn parse_body(
+    body: &[u8],
+    single: bool,
+    have_key: bool,
+) -> Result<Parsed<'_>, ApiError> {
+    if enrich::nested_deeper_than(body, enrich::MAX_DEPTH) {
+        return Err(TOO_DEEP);
+    }
+    if single {
+        let fields = match serde_json::from_slice::<Shallow>(body) {
+            Ok(Shallow::Object(fields)) => fields,
+            Ok(Shallow::NotObject) | Err(_) if !have_key => return Err(NO_WRITE_KEY),
+            Ok(Shallow::NotObject) | Err(_) => return Err(INVALID_JSON),
+        };
+        let body_key = body_write_key(&fields).map(Cow::Owned);
+        Ok(Parsed {
+            events: vec![Shallow::Object(fields)],
+            body_key,
+        })
+    } else {
+        let body = match parse_batch(body) {
+            Ok(b) => b,
+            Err(_) if !have_key => return Err(NO_WRITE_KEY),
+            Err(_) => return Err(INVALID_JSON),
+        };
+        Ok(Parsed {
+            events: body.batch.unwrap_or_default(),
+            body_key: body.write_key,
+        })
+    }
+}
+
+/// Validates and enriches the decoded events into what is stored: all of them, or an
+/// error and nothing.
+pub(crate) fn build_batch(
+    parsed: &Parsed<'_>,
+    source: Arc<str>,
+    enrichment: &Enrichment<'_>,
+    body_len: usize,
+) -> Result<EventBatch, ApiError> {
+    if parsed.events.is_empty() {
+        return Err(EMPTY_BATCH);
+    }
+    let mut batch = EventBatch::new(source, body_len + parsed.events.len() * 160);
+    for event in &parsed.events {
+        let Shallow::Object(fields) = event else {
+            return Err(NOT_AN_EVENT);
+        };
+        batch
+            .push_with(|out, meta| enrich::enrich(fields, enrichment, out, meta))
+            .map_err(event_error)?;
+    }
+    Ok(batch)
 }
 
 fn event_error(e: EventError) -> ApiError {

@@ -11,6 +11,13 @@
 //! and a user waiting for a retry keeps only its head's; other queue entries keep only
 //! their position and are re-read from the log (in bulk) when they come near the head.
 //! Reading stops while the body budget is used up: deliveries free it.
+//!
+//! Cost: what a turn of the loop does is bounded by the batch size, the concurrency and
+//! `READ_BATCH`, never by the length of a queue: a user's log entries with a body are the
+//! front of its queue (an entry read while its user has entries without one gets none), so
+//! reloading reads the log once from the first entry without a body and fills the entries
+//! after it; the retrying-users gauge is a counter, not a walk; poison is judged at the
+//! head, not marked over every queue.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -116,6 +123,8 @@ pub(super) struct Worker {
     ready: VecDeque<Arc<str>>,
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     loaded: usize,
+    /// Users waiting for a retry (`UserQueue::waiting`), for the gauge.
+    waiting_users: u64,
     /// Deliveries in flight: the users whose heads they carry, how many events each, and
     /// their log positions (as written to the crash journal).
     inflight: FastMap<tokio::task::Id, InFlight>,
@@ -288,6 +297,7 @@ impl Worker {
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
             loaded: 0,
+            waiting_users: 0,
             inflight: FastMap::default(),
             tasks: JoinSet::new(),
             known_retry,
@@ -360,9 +370,9 @@ impl Worker {
                 self.resolve_abort_alert().await;
                 last_ack = Instant::now();
             }
-            // Every turn (the cheap counters), so that status never reports as idle work
-            // already read; what needs a walk over every user, every 200 ms.
-            self.publish_stats(periodic);
+            // Every turn (counters only), so that status never reports as idle work
+            // already read.
+            self.publish_stats();
             if last_retry_save.elapsed() >= SAVE_RETRY_EVERY {
                 self.save_retry_state().await;
                 last_retry_save = Instant::now();
@@ -419,7 +429,8 @@ impl Worker {
         self.replaying.clear();
         self.inflight.clear();
         self.users.clear();
-        self.publish_stats(true);
+        self.waiting_users = 0;
+        self.publish_stats();
         tracing::info!(destination = %self.config.id, partition = self.partition, cursor = self.acked, "delivery stopped");
     }
 
@@ -467,6 +478,9 @@ impl Worker {
             if batch.events.is_empty() && batch.next <= self.read_pos {
                 break;
             }
+            let read = batch.events.len();
+            // The queue entries given a body from this read: (user, index in its queue).
+            let mut kept: Vec<(Arc<str>, usize)> = Vec::new();
             for e in batch.events {
                 if !self.sources.contains(&*e.source) {
                     continue;
@@ -483,11 +497,16 @@ impl Worker {
                     self.redelivered.increment(1);
                 }
                 let (user, event) = to_event(e);
+                // Only while every entry of the user's queue has its body: bodies stay the
+                // front of the queue (see `load_head`).
                 let keep = self.loaded < MAX_LOADED
-                    && self
-                        .users
-                        .get(&user)
-                        .is_none_or(|u| u.loaded < PER_USER_LOADED && !u.waiting);
+                    && self.users.get(&user).is_none_or(|u| {
+                        u.loaded == u.q.len() && u.loaded < PER_USER_LOADED && !u.waiting
+                    });
+                if keep {
+                    let at = self.users.get(&user).map_or(0, |u| u.q.len());
+                    kept.push((user.clone(), at));
+                }
                 let known = if self.known_retry.is_empty() {
                     None
                 } else {
@@ -515,6 +534,20 @@ impl Worker {
                 );
             }
             self.read_pos = batch.next;
+            // Bodies are slices of the chunk read: a few kept out of many would pin the
+            // whole chunk, so those are copied out.
+            if kept.len() * 4 < read {
+                for (user, at) in kept {
+                    if let Some(Some(e)) = self
+                        .users
+                        .get_mut(&user)
+                        .and_then(|u| u.q.get_mut(at))
+                        .map(|p| p.event.as_mut())
+                    {
+                        e.json = bytes::Bytes::copy_from_slice(&e.json);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -566,54 +599,73 @@ impl Worker {
         }
     }
 
-    /// Makes sure the body of the user's queue entry `idx` is in memory: reads the log
-    /// from there and fills every entry of this user found in what was read.
-    async fn load(&mut self, user: &Arc<str>, idx: usize) -> bool {
+    /// Makes sure the bodies of the user's first `want` queue entries are in memory, with
+    /// one read of the log at most: from the first entry without a body, filling every
+    /// entry of this user found in what was read (up to `PER_USER_LOADED`, or `want`).
+    /// Returns how many entries at the front of the queue have their body (≤ `want`).
+    async fn load_head(&mut self, user: &Arc<str>, want: usize) -> usize {
         let Some(uq) = self.users.get(user) else {
-            return false;
+            return 0;
         };
-        let Some(p) = uq.q.get(idx) else { return false };
-        if p.event.is_some() {
-            return true;
-        }
-        let Origin::Log(pos) = p.origin else {
-            return false;
+        let want = want.min(uq.q.len());
+        let Some(first) = uq.q.iter().take(want).position(|p| p.event.is_none()) else {
+            return want;
+        };
+        let Some(Origin::Log(pos)) = uq.q.get(first).map(|p| p.origin) else {
+            return first;
         };
         let read = match self.store.read(pos, READ_BATCH).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(destination = %self.config.id, error = %e, "re-reading events failed");
-                return false;
+                return first;
             }
         };
-        let by_pos: FastMap<Position, &StoredEvent> =
-            read.events.iter().map(|e| (e.position, e)).collect();
         let Some(uq) = self.users.get_mut(user) else {
-            return false;
+            return 0;
         };
-        let mut added = 0;
-        for p in uq.q.iter_mut().skip(idx) {
-            if uq.loaded >= PER_USER_LOADED && added > 0 {
+        let cap = PER_USER_LOADED.max(want);
+        // Queue entries and the read are both in log order: walk them side by side.
+        let mut found = read.events.iter().peekable();
+        let mut attached: Vec<usize> = Vec::new();
+        for (i, p) in uq.q.iter_mut().enumerate().skip(first) {
+            if p.event.is_some() {
+                continue; // a replayed dead letter: always in memory
+            }
+            if uq.loaded >= cap && !attached.is_empty() {
                 break;
             }
             let Origin::Log(pos) = p.origin else { continue };
-            if p.event.is_some() {
-                continue;
-            }
-            match by_pos.get(&pos) {
+            while found.next_if(|e| e.position < pos).is_some() {}
+            match found.next_if(|e| e.position == pos) {
                 Some(e) => {
-                    p.event = Some(to_event((*e).clone()).1);
+                    p.event = Some(to_event(e.clone()).1);
                     uq.loaded += 1;
-                    added += 1;
+                    attached.push(i);
                 }
                 None => break,
             }
         }
-        self.loaded += added;
-        self.users
-            .get(user)
-            .and_then(|u| u.q.get(idx))
-            .is_some_and(|p| p.event.is_some())
+        // A few events of a large read: copy them out rather than pin the whole chunk.
+        if attached.len() * 4 < read.events.len() {
+            for &i in &attached {
+                if let Some(e) = uq.q.get_mut(i).and_then(|p| p.event.as_mut()) {
+                    e.json = bytes::Bytes::copy_from_slice(&e.json);
+                }
+            }
+        }
+        self.loaded += attached.len();
+        uq.q.iter()
+            .take(want)
+            .take_while(|p| p.event.is_some())
+            .count()
+    }
+
+    /// True when the entry was struck out as poison (at the threshold of strikes).
+    fn is_poison(&self, p: &Pending) -> bool {
+        p.poison
+            || (!self.strikes.is_empty()
+                && self.strikes.get(&*p.key).copied().unwrap_or(0) >= self.poison_threshold)
     }
 
     /// True when the user's head has strikes (it was in flight at a crash or a panic).
@@ -651,7 +703,7 @@ impl Worker {
                     .users
                     .get(&user)
                     .and_then(|u| u.q.front())
-                    .is_some_and(|p| p.poison)
+                    .is_some_and(|p| self.is_poison(p))
                 {
                     self.quarantine(&user).await;
                     continue;
@@ -668,30 +720,19 @@ impl Worker {
                     break 'requests;
                 }
                 let take = if suspect { 1 } else { take };
+                // One read of the log at most, whatever the length of the queue.
+                let loaded = self.load_head(&user, take).await;
                 let mut n = 0;
-                for i in 0..take {
-                    if i > 0 {
-                        let stop =
-                            self.users
-                                .get(&user)
-                                .and_then(|u| u.q.get(i))
-                                .is_some_and(|p| {
-                                    p.poison || self.strikes.get(&*p.key).copied().unwrap_or(0) > 0
-                                });
-                        if stop {
+                if let Some(uq) = self.users.get(&user) {
+                    for (i, p) in uq.q.iter().take(loaded).enumerate() {
+                        let struck = p.poison
+                            || (!self.strikes.is_empty()
+                                && self.strikes.get(&*p.key).copied().unwrap_or(0) > 0);
+                        if i > 0 && struck {
                             break;
                         }
-                    }
-                    if !self.load(&user, i).await {
-                        break;
-                    }
-                    if let Some(Some(e)) = self
-                        .users
-                        .get(&user)
-                        .and_then(|u| u.q.get(i))
-                        .map(|p| p.event.clone())
-                    {
-                        events.push(e);
+                        let Some(e) = &p.event else { break };
+                        events.push(e.clone());
                         n += 1;
                     }
                 }
@@ -865,11 +906,19 @@ impl Worker {
                     tracing::debug!(destination = %self.config.id, ?status, %reason, ?delay, "delivery failed; will retry");
                     if let Some(uq) = self.users.get_mut(&user) {
                         uq.busy = false;
+                        if !uq.waiting {
+                            self.waiting_users += 1;
+                        }
                         uq.waiting = true;
-                        // While it waits, only its head keeps its body in memory.
+                        // While it waits, only its head keeps its body in memory. Log
+                        // entries with a body are the front of the queue: stop at the
+                        // first without.
                         let mut freed = 0;
                         for p in uq.q.iter_mut().skip(1) {
-                            if matches!(p.origin, Origin::Log(_)) && p.event.take().is_some() {
+                            if matches!(p.origin, Origin::Log(_)) {
+                                if p.event.take().is_none() {
+                                    break;
+                                }
                                 freed += 1;
                             }
                         }
@@ -1032,6 +1081,9 @@ impl Worker {
                 break;
             };
             if let Some(uq) = self.users.get_mut(&user) {
+                if uq.waiting {
+                    self.waiting_users = self.waiting_users.saturating_sub(1);
+                }
                 uq.waiting = false;
             }
             self.make_ready(&user);
@@ -1101,7 +1153,7 @@ impl Worker {
     }
 
     /// A worker panicked while holding these events: one strike each; at the threshold
-    /// they are marked poison (quarantined when they reach the head again).
+    /// they are poison (quarantined when they reach the head again).
     async fn strike(&mut self, id: tokio::task::Id) {
         let Some((_, _, keys)) = self.inflight.get(&id) else {
             return;
@@ -1118,25 +1170,23 @@ impl Worker {
                 return;
             }
         };
+        // At the threshold an event is poison: judged when it reaches the head
+        // (`is_poison`), not marked over every queue here.
         for (key, n) in keys.into_iter().zip(counts) {
             self.strikes.insert(key.to_string(), n);
-            if n >= self.poison_threshold {
-                for uq in self.users.values_mut() {
-                    for p in uq.q.iter_mut() {
-                        if p.key == key {
-                            p.poison = true;
-                        }
-                    }
-                }
-            }
         }
     }
 
     /// Moves the user's head (a poison event) to the dead letters and raises the alert.
     async fn quarantine(&mut self, user: &Arc<str>) {
-        if !self.load(user, 0).await {
+        if self.load_head(user, 1).await == 0 {
             self.ready.push_back(user.clone());
             return;
+        }
+        // Marked, so that finishing it keeps its strikes (a copy sent again is
+        // quarantined without new crashes).
+        if let Some(p) = self.users.get_mut(user).and_then(|u| u.q.front_mut()) {
+            p.poison = true;
         }
         let (pos, message_id, strikes) = match self.users.get(user).and_then(|u| u.q.front()) {
             Some(p) => {
@@ -1223,14 +1273,10 @@ impl Worker {
 
     /// Adds this loop's change since it last published to the destination's gauges
     /// (several loops, one per partition held, share them).
-    fn publish_stats(&mut self, full: bool) {
+    fn publish_stats(&mut self) {
         let s = &self.stats;
         let (buffered, in_flight, retrying) = self.published;
-        let retrying_now = if full {
-            self.users.values().filter(|u| u.waiting).count() as u64
-        } else {
-            retrying
-        };
+        let retrying_now = self.waiting_users;
         let buffered_now = self.unfinished.len() as u64 + self.replaying.len() as u64;
         let in_flight_now = self
             .inflight

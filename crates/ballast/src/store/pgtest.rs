@@ -54,6 +54,18 @@ fn chown_to_postgres(path: &Path) -> Result<(), String> {
     })
 }
 
+/// A temp dir for a cluster, owned by the user the server runs as.
+fn cluster_dir(prefix: &str, as_postgres: bool) -> Result<tempfile::TempDir, String> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    if as_postgres {
+        chown_to_postgres(dir.path())?;
+    }
+    Ok(dir)
+}
+
 fn free_port() -> Result<u16, String> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -102,13 +114,7 @@ impl PgCluster {
 
     fn try_start() -> Result<PgCluster, String> {
         let as_postgres = is_root();
-        let dir = tempfile::Builder::new()
-            .prefix("ballast-pg-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        if as_postgres {
-            chown_to_postgres(dir.path())?;
-        }
+        let dir = cluster_dir("ballast-pg-", as_postgres)?;
         let data = dir.path().join("data");
         let mut initdb = command(as_postgres, "initdb");
         initdb.arg("-D").arg(&data).args([
@@ -140,13 +146,7 @@ impl PgCluster {
 
     fn try_start_standby(primary: &PgCluster) -> Result<PgCluster, String> {
         let as_postgres = primary.as_postgres;
-        let dir = tempfile::Builder::new()
-            .prefix("ballast-pg-standby-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        if as_postgres {
-            chown_to_postgres(dir.path())?;
-        }
+        let dir = cluster_dir("ballast-pg-standby-", as_postgres)?;
         let data = dir.path().join("data");
         let mut backup = command(as_postgres, &beside_initdb("pg_basebackup"));
         backup

@@ -141,12 +141,11 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     let state = Arc::new(ServerState::default());
 
     // Alerts first: every state change below writes its alert to the outbox before it
-    // takes effect.
-    let alerts = Alerts::open(&data_dir.join("alerts.redb"), &config.alerts)
-        .context("opening the alert outbox")?;
+    // takes effect. With the PostgreSQL store the outbox is shared by every replica.
+    let alerts = open_alerts(&config, &data_dir).await?;
     // A failed fsync stopped the previous run; the log has been recovered and the
     // writer is running again, so that condition has cleared.
-    if let Some(since) = alerts.open_since(FSYNC_ALERT)? {
+    if let Some(since) = alerts.open_since_local(FSYNC_ALERT)? {
         let alert = alerts.alert(
             FSYNC_ALERT,
             Action::Resolve,
@@ -157,7 +156,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
             ),
             serde_json::json!({ "recovered": report.as_ref().map(|r| r.records), "torn_tail_bytes": report.as_ref().map(|r| r.torn_tail_bytes), "corrupt_records": report.as_ref().map(|r| r.corrupt_records) }),
         );
-        alerts.raise(&format!("{FSYNC_ALERT}:resolved:{since}"), alert)?;
+        alerts.raise_local(&format!("{FSYNC_ALERT}:resolved:{since}"), alert)?;
     }
     let (recovery, start) = Recovery::start(
         &data_dir,
@@ -376,7 +375,7 @@ async fn storage_failed(alerts: &Arc<Alerts>, reason: String) -> i32 {
         "{FSYNC_ALERT}:{}",
         crate::time::to_ms(std::time::SystemTime::now())
     );
-    if let Err(e) = alerts.raise(&key, alert) {
+    if let Err(e) = alerts.raise_local(&key, alert) {
         tracing::error!(error = %e, "could not record the alert");
     }
     // Send it now if the notifiers answer (bounded): the next start may fail too.
@@ -384,6 +383,25 @@ async fn storage_failed(alerts: &Arc<Alerts>, reason: String) -> i32 {
         tracing::warn!("alerts not yet delivered stay in the outbox for the next start");
     }
     1
+}
+
+/// Opens the alert outbox: beside the log, or in the shared database with the
+/// PostgreSQL store.
+async fn open_alerts(config: &Config, data_dir: &Path) -> anyhow::Result<Arc<Alerts>> {
+    let alerts = config.alerts.clone();
+    let opened = match (&config.storage.backend, &config.storage.postgres_url) {
+        (StorageBackend::Postgres, Some(url)) => {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || Alerts::open_postgres(&url, &alerts)).await
+        }
+        _ => {
+            let path = data_dir.join("alerts.redb");
+            tokio::task::spawn_blocking(move || Alerts::open(&path, &alerts)).await
+        }
+    };
+    opened
+        .context("opening the alert outbox")?
+        .context("opening the alert outbox")
 }
 
 /// Opens the configured store: the store, a channel that reports a fatal failure (the
@@ -491,7 +509,7 @@ async fn storage_alerts(
     // What an earlier run raised and nobody resolved yet (the quota may have been
     // raised, or the backlog drained, while the server was down).
     let mut raised = [STORAGE_ALERTS[0].0, STORAGE_ALERTS[1].0]
-        .map(|key| matches!(alerts.open_since(key), Ok(Some(_))));
+        .map(|key| matches!(alerts.open_since_local(key), Ok(Some(_))));
     let mut seq = 0u64;
     loop {
         let st = store.status();
@@ -541,7 +559,7 @@ async fn storage_alerts(
             let id = format!("{key}:{started}:{seq}");
             let a = alerts.clone();
             let direct = alert.clone();
-            match tokio::task::spawn_blocking(move || a.raise(&id, alert)).await {
+            match tokio::task::spawn_blocking(move || a.raise_local(&id, alert)).await {
                 Ok(Ok(_)) => {}
                 failed => {
                     // The outbox lives in the data directory: on a full disk it cannot

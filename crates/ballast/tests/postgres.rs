@@ -33,7 +33,12 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Receiver::start_on(0)
+    }
+
+    /// On a given port (0: any free one).
+    fn start_on(port: u16) -> Receiver {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -541,5 +546,92 @@ fn dead_letters_are_shared_by_the_replicas() {
     assert!(listed(&a).is_empty());
     assert!(got().contains("ok-1") && got().contains("ok-2"));
     assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+/// The alert outbox is shared: an alert raised by a replica that is killed before any
+/// notifier took it is sent by another (which takes the sender's place), named with the
+/// replica that raised it; every replica lists that replica's open condition.
+#[test]
+fn an_alert_raised_by_a_killed_replica_is_sent_by_another() {
+    let cluster = database();
+    let hooks = Receiver::start();
+    // Nothing listens on the alert webhook's port until replica a is gone.
+    let alert_port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = |source: &str| {
+        format!(
+            "{}\n[alerts]\nsource = \"{source}\"\n[[alerts.webhook]]\nurl = \"http://127.0.0.1:{alert_port}/alerts\"\n",
+            replica_config(&cluster.url("ballast"), &hooks.url())
+        )
+    };
+    // a starts first (so it is the outbox's sender) and degraded (so it raises an alert).
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut a = Server::spawn(
+        std::path::Path::new(common::bin()),
+        dir,
+        &config("replica-a"),
+        &[],
+        &["--mode".to_string(), "degraded".to_string()],
+    );
+    let http = common::client();
+    let open = |s: &Server| -> Vec<(String, String)> {
+        http.get(format!("{}/v1/alerts", s.admin))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<Value>().ok())
+            .and_then(|v| v["open"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|a| {
+                (
+                    a["key"].as_str().unwrap_or_default().to_string(),
+                    a["class"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    a.wait_listening();
+    let a_open = vec![("degraded@replica-a".to_string(), "degraded".to_string())];
+    assert!(
+        wait_for(30, || open(&a) == a_open),
+        "replica a did not raise its degraded alert: {:?}\n{}",
+        open(&a),
+        a.stderr()
+    );
+    let b = Server::start(&config("replica-b"));
+    assert_eq!(open(&b), a_open, "b lists a's condition");
+    // a tried to send it (nobody listening: retried later), and dies.
+    a.kill9();
+    let alerts = Receiver::start_on(alert_port);
+    let sent = || -> Vec<Value> {
+        alerts
+            .events()
+            .into_iter()
+            .filter(|e| e["key"] == "degraded")
+            .collect()
+    };
+    assert!(
+        wait_for(40, || !sent().is_empty()),
+        "the alert a raised was not sent\nb:\n{}",
+        b.stderr()
+    );
+    let alert = &sent()[0];
+    assert_eq!(alert["source"], "replica-a", "{alert}");
+    assert_eq!(alert["action"], "trigger", "{alert}");
+    assert_eq!(alert["class"], "degraded", "{alert}");
+    // b, normal, raised nothing of its own; the outbox empties.
+    let pending = || {
+        http.get(format!("{}/v1/alerts", b.admin))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<Value>().ok())
+            .and_then(|v| v["outbox_pending"].as_u64())
+    };
+    assert!(wait_for(20, || pending() == Some(0)), "{:?}", pending());
+    assert!(alerts.events().iter().all(|e| e["source"] == "replica-a"));
+    let mut b = b;
     assert!(b.terminate().success());
 }

@@ -333,7 +333,7 @@ async fn open_alerts(State(s): State<AdminState>) -> Response {
                 .map(|(key, ms)| {
                     serde_json::json!({
                         "key": key,
-                        "class": key.split(':').next().unwrap_or(&key),
+                        "class": key.split([':', '@']).next().unwrap_or(&key),
                         "since": humantime::format_rfc3339_millis(
                             crate::time::from_ms(ms)
                         ).to_string(),

@@ -1,12 +1,20 @@
-//! Alerts: a durable outbox (`<data_dir>/alerts.redb`) and one notifier per configured
-//! service (PagerDuty, VictorOps, Slack, generic webhooks).
+//! Alerts: a durable outbox and one notifier per configured service (PagerDuty,
+//! VictorOps, Slack, generic webhooks).
 //!
 //! An alert is written to the outbox, once per notifier, *before* the state change it
 //! reports takes effect, under an idempotency key naming the transition (so a crash
 //! between the two does not send it twice). A sender task delivers the outbox: 2xx
 //! removes an entry; 429, 5xx and network errors are retried with backoff (across
 //! restarts); other 4xx are logged and dropped.
+//!
+//! The outbox (`outbox/`) is `<data_dir>/alerts.redb` with the embedded store, and
+//! tables in the shared database with the PostgreSQL store: every replica raises into
+//! it and one sends it. There, the conditions of one replica (its running mode, its view
+//! of the storage) are named with its source (`degraded@pod-a`) so that one replica's
+//! resolve does not close another's trigger, while shared conditions (a destination
+//! aborting, a poison event) are one condition whoever raises them.
 
+pub mod outbox;
 pub mod pagerduty;
 pub mod slack;
 pub mod victorops;
@@ -15,19 +23,12 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
+use self::outbox::{Entry, Outbox, Raise};
 use crate::config::AlertsConfig;
 use crate::time::to_ms;
-
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Conditions triggered and not yet resolved: key → when triggered (ms). Lets a later
-/// run resolve what an earlier one raised (fsync failure, full storage).
-const OPEN: TableDefinition<&str, u64> = TableDefinition::new("open");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,27 +79,22 @@ pub trait Notifier: Send + Sync {
     fn request(&self, alert: &Alert) -> Request;
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Entry {
-    notifier: String,
-    alert: Alert,
-    attempts: u32,
-    next_at_ms: u64,
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("alert outbox: {0}")]
-pub struct AlertError(String);
+pub struct AlertError(pub(crate) String);
 
-fn e<E: std::fmt::Display>(x: E) -> AlertError {
+pub(crate) fn e<E: std::fmt::Display>(x: E) -> AlertError {
     AlertError(x.to_string())
 }
+
+/// How often a replica that does not send the shared outbox asks for the sender's place.
+const NOT_SENDER_RETRY: Duration = Duration::from_secs(1);
 
 /// Outbox entries due now (id, entry), and when the next one is due.
 type Due = (Vec<(u64, Entry)>, Option<u64>);
 
 pub struct Alerts {
-    db: Database,
+    outbox: Box<dyn Outbox>,
     notifiers: Vec<Arc<dyn Notifier>>,
     source: String,
     aborts_clear_after: Duration,
@@ -115,16 +111,19 @@ fn host_name() -> String {
 }
 
 impl Alerts {
+    /// The outbox in a redb file (embedded store).
     pub fn open(path: &std::path::Path, config: &AlertsConfig) -> anyhow::Result<Arc<Alerts>> {
-        let db = Database::create(path).map_err(e)?;
-        let txn = db.begin_write().map_err(e)?;
-        {
-            txn.open_table(OUTBOX).map_err(e)?;
-            txn.open_table(SEEN).map_err(e)?;
-            txn.open_table(META).map_err(e)?;
-            txn.open_table(OPEN).map_err(e)?;
-        }
-        txn.commit().map_err(e)?;
+        let outbox = outbox::redb::RedbOutbox::open(path)?;
+        Alerts::with_outbox(Box::new(outbox), config)
+    }
+
+    /// The outbox in the shared database (PostgreSQL store). Blocks while it connects.
+    pub fn open_postgres(url: &str, config: &AlertsConfig) -> anyhow::Result<Arc<Alerts>> {
+        let outbox = outbox::postgres::PgOutbox::open(url)?;
+        Alerts::with_outbox(Box::new(outbox), config)
+    }
+
+    fn with_outbox(outbox: Box<dyn Outbox>, config: &AlertsConfig) -> anyhow::Result<Arc<Alerts>> {
         let mut notifiers: Vec<Arc<dyn Notifier>> = Vec::new();
         if let Some(c) = &config.pagerduty {
             notifiers.push(Arc::new(pagerduty::PagerDuty::new(c.clone())));
@@ -143,7 +142,7 @@ impl Alerts {
             .build()
             .map_err(e)?;
         Ok(Arc::new(Alerts {
-            db,
+            outbox,
             notifiers,
             source: config.source.clone().unwrap_or_else(host_name),
             aborts_clear_after: config.aborts_clear_after,
@@ -182,8 +181,21 @@ impl Alerts {
     }
 
     /// Writes the alert durably to the outbox for every notifier, unless an alert with
-    /// the same `idempotency` key was written before. Logs it in any case.
+    /// the same `idempotency` key was written before. Logs it in any case. For
+    /// conditions every replica shares (a destination aborting, a poison event).
     pub fn raise(&self, idempotency: &str, alert: Alert) -> Result<bool, AlertError> {
+        let condition = alert.key.clone();
+        self.write(idempotency, &condition, alert)
+    }
+
+    /// `raise` for a condition of this process (its running mode, its storage): with a
+    /// shared outbox, the idempotency key and the condition are named with the source.
+    pub fn raise_local(&self, idempotency: &str, alert: Alert) -> Result<bool, AlertError> {
+        let condition = self.local(&alert.key);
+        self.write(&self.local(idempotency), &condition, alert)
+    }
+
+    fn write(&self, idempotency: &str, condition: &str, alert: Alert) -> Result<bool, AlertError> {
         match alert.action {
             Action::Trigger => {
                 tracing::warn!(alert = %alert.key, summary = %alert.summary, "alert")
@@ -192,73 +204,60 @@ impl Alerts {
                 tracing::info!(alert = %alert.key, summary = %alert.summary, "alert resolved")
             }
         }
-        let txn = self.db.begin_write().map_err(e)?;
-        let fresh;
-        {
-            let mut seen = txn.open_table(SEEN).map_err(e)?;
-            fresh = seen.get(idempotency).map_err(e)?.is_none();
-            if fresh {
-                let mut meta = txn.open_table(META).map_err(e)?;
-                let mut next = meta.get("next").map_err(e)?.map(|v| v.value()).unwrap_or(1);
-                let mut outbox = txn.open_table(OUTBOX).map_err(e)?;
-                for n in &self.notifiers {
-                    let entry = Entry {
-                        notifier: n.name(),
-                        alert: alert.clone(),
-                        attempts: 0,
-                        next_at_ms: 0,
-                    };
-                    let bytes = serde_json::to_vec(&entry).map_err(e)?;
-                    outbox.insert(next, bytes.as_slice()).map_err(e)?;
-                    next += 1;
-                }
-                meta.insert("next", next).map_err(e)?;
-                seen.insert(idempotency, alert.at_ms).map_err(e)?;
-                let mut open = txn.open_table(OPEN).map_err(e)?;
-                match alert.action {
-                    Action::Trigger => {
-                        open.insert(alert.key.as_str(), alert.at_ms).map_err(e)?;
-                    }
-                    Action::Resolve => {
-                        open.remove(alert.key.as_str()).map_err(e)?;
-                    }
-                }
-            }
-        }
-        txn.commit().map_err(e)?;
+        let entries: Vec<Entry> = self
+            .notifiers
+            .iter()
+            .map(|n| Entry {
+                notifier: n.name(),
+                alert: alert.clone(),
+                attempts: 0,
+                next_at_ms: 0,
+            })
+            .collect();
+        let fresh = self.outbox.raise(&Raise {
+            idempotency,
+            condition,
+            action: alert.action,
+            at_ms: alert.at_ms,
+            entries: &entries,
+        })?;
         if fresh {
             self.wake.notify_one();
         }
         Ok(fresh)
     }
 
+    /// A name of this process's own: `name@source` with a shared outbox.
+    fn local(&self, name: &str) -> String {
+        if self.outbox.shared() {
+            format!("{name}@{}", self.source)
+        } else {
+            name.to_string()
+        }
+    }
+
     /// When the condition `key` was triggered, if it has not been resolved since (in
     /// this run or an earlier one).
     pub fn open_since(&self, key: &str) -> Result<Option<u64>, AlertError> {
-        let txn = self.db.begin_read().map_err(e)?;
-        let t = txn.open_table(OPEN).map_err(e)?;
-        Ok(t.get(key).map_err(e)?.map(|v| v.value()))
+        self.outbox.open_since(key)
+    }
+
+    /// `open_since` for a condition raised with `raise_local`.
+    pub fn open_since_local(&self, key: &str) -> Result<Option<u64>, AlertError> {
+        self.outbox.open_since(&self.local(key))
     }
 
     /// The conditions triggered and not resolved yet (key, when triggered in ms), oldest
-    /// first: the status page's "open alerts".
+    /// first: the status page's "open alerts". With a shared outbox, every replica's.
     pub fn open_alerts(&self) -> Result<Vec<(String, u64)>, AlertError> {
-        let txn = self.db.begin_read().map_err(e)?;
-        let t = txn.open_table(OPEN).map_err(e)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(e)? {
-            let (k, v) = item.map_err(e)?;
-            out.push((k.value().to_string(), v.value()));
-        }
-        out.sort_by_key(|(_, at)| *at);
+        let mut out = self.outbox.open_conditions()?;
+        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         Ok(out)
     }
 
     /// Entries not yet delivered.
     pub fn pending(&self) -> Result<usize, AlertError> {
-        let txn = self.db.begin_read().map_err(e)?;
-        let t = txn.open_table(OUTBOX).map_err(e)?;
-        Ok(t.iter().map_err(e)?.count())
+        self.outbox.pending()
     }
 
     /// Waits until the outbox is empty or `within` has passed (the sender must be
@@ -284,22 +283,18 @@ impl Alerts {
 
     /// Entries due now, and when the next one is due.
     fn due(&self, now_ms: u64) -> Result<Due, AlertError> {
-        let txn = self.db.begin_read().map_err(e)?;
-        let t = txn.open_table(OUTBOX).map_err(e)?;
         let mut due = Vec::new();
         let mut next: Option<u64> = None;
         // Per notifier, the alerts of one condition go out in the order raised: a
         // `resolve` never overtakes its `trigger` that is waiting for a retry.
         let mut waiting: std::collections::HashSet<(String, String)> = Default::default();
-        for item in t.iter().map_err(e)? {
-            let (k, v) = item.map_err(e)?;
-            let entry: Entry = serde_json::from_slice(v.value()).map_err(e)?;
+        for (id, entry) in self.outbox.entries()? {
             let pair = (entry.notifier.clone(), entry.alert.key.clone());
             if waiting.contains(&pair) {
                 continue;
             }
             if entry.next_at_ms <= now_ms {
-                due.push((k.value(), entry));
+                due.push((id, entry));
             } else {
                 waiting.insert(pair);
                 next = Some(next.map_or(entry.next_at_ms, |n| n.min(entry.next_at_ms)));
@@ -309,21 +304,11 @@ impl Alerts {
     }
 
     fn finish(&self, id: u64) -> Result<(), AlertError> {
-        let txn = self.db.begin_write().map_err(e)?;
-        txn.open_table(OUTBOX).map_err(e)?.remove(id).map_err(e)?;
-        txn.commit().map_err(e)
+        self.outbox.finish(id)
     }
 
     fn reschedule(&self, id: u64, entry: &Entry) -> Result<(), AlertError> {
-        let txn = self.db.begin_write().map_err(e)?;
-        {
-            let bytes = serde_json::to_vec(entry).map_err(e)?;
-            txn.open_table(OUTBOX)
-                .map_err(e)?
-                .insert(id, bytes.as_slice())
-                .map_err(e)?;
-        }
-        txn.commit().map_err(e)
+        self.outbox.reschedule(id, entry)
     }
 
     /// Delivers the outbox until `stop`.
@@ -331,6 +316,19 @@ impl Alerts {
         loop {
             if *stop.borrow() {
                 return;
+            }
+            // A shared outbox is sent by one replica at a time; the others wait for
+            // their turn (the sender's death ends its lock).
+            let this = self.clone();
+            if !tokio::task::spawn_blocking(move || this.outbox.is_sender())
+                .await
+                .unwrap_or(false)
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(NOT_SENDER_RETRY) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
             }
             let now = to_ms(std::time::SystemTime::now());
             let this = self.clone();
@@ -361,6 +359,7 @@ impl Alerts {
                     Duration::from_millis(n.saturating_sub(to_ms(std::time::SystemTime::now())))
                 })
                 .unwrap_or(Duration::from_secs(60))
+                .min(self.outbox.poll_interval().unwrap_or(Duration::MAX))
                 .max(Duration::from_millis(10));
             tokio::select! {
                 _ = self.wake.notified() => {}

@@ -195,7 +195,7 @@ impl Recovery {
                 ),
             };
             let key = format!("degraded:{}:{seq}", mode_name(to));
-            self.alerts.raise(&key, alert)?;
+            self.alerts.raise_local(&key, alert)?;
         }
         {
             let mut s = self.lock();

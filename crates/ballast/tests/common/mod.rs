@@ -126,7 +126,8 @@ impl Server {
         }
     }
 
-    fn wait_listening(&mut self) {
+    /// Waits until the server spawned listens (its `server.json` names it).
+    pub fn wait_listening(&mut self) {
         let path = self.dir.path().join("data").join("server.json");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -487,10 +487,15 @@ const FATAL_ALERT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5)
 const FSYNC_ALERT: &str = "fsync";
 
 /// The storage alerts' condition keys and what they say: at 90 % and at 100 %.
-const STORAGE_ALERTS: [(&str, &str); 2] = [
+const STORAGE_ALERTS: [(&str, &str); 3] = [
     ("storage-90", "at 90 % of its quota"),
     ("storage-full", "refusing new events (503)"),
+    ("storage-cursors", "failing to save delivery cursors"),
 ];
+
+/// How long saving cursors must fail before it is alerted (a single failure is retried
+/// 200 ms later by the router).
+const CURSOR_FAILURE_ALERT_AFTER: Duration = Duration::from_secs(5);
 
 /// How long a storage alert sent without the outbox may take per notifier.
 const DIRECT_ALERT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -498,8 +503,9 @@ const DIRECT_ALERT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the storage alerts look at the store.
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Raises (and resolves) the storage alerts: at 90 % of the quota, and while the store
-/// refuses new events (quota reached, disk full, a segment that cannot be created).
+/// Raises (and resolves) the storage alerts: at 90 % of the quota, while the store
+/// refuses new events (quota reached, disk full, a segment that cannot be created), and
+/// while saving cursors fails.
 async fn storage_alerts(
     store: Arc<dyn Store>,
     alerts: Arc<Alerts>,
@@ -508,8 +514,8 @@ async fn storage_alerts(
     let started = crate::time::to_ms(std::time::SystemTime::now());
     // What an earlier run raised and nobody resolved yet (the quota may have been
     // raised, or the backlog drained, while the server was down).
-    let mut raised = [STORAGE_ALERTS[0].0, STORAGE_ALERTS[1].0]
-        .map(|key| matches!(alerts.open_since_local(key), Ok(Some(_))));
+    let mut raised =
+        STORAGE_ALERTS.map(|(key, _)| matches!(alerts.open_since_local(key), Ok(Some(_))));
     let mut seq = 0u64;
     loop {
         let st = store.status();
@@ -518,7 +524,14 @@ async fn storage_alerts(
         let refusal = store
             .refusal()
             .filter(|r| !matches!(r, crate::store::Refusal::Failed(_)));
-        let levels = [ratio >= 0.9, refusal.is_some()];
+        let cursors = store.cursor_failure();
+        let levels = [
+            ratio >= 0.9,
+            refusal.is_some(),
+            cursors
+                .as_ref()
+                .is_some_and(|(for_, _)| *for_ >= CURSOR_FAILURE_ALERT_AFTER),
+        ];
         for (i, (&now_on, was_on)) in levels.iter().zip(raised.iter_mut()).enumerate() {
             if now_on == *was_on {
                 continue;
@@ -533,12 +546,19 @@ async fn storage_alerts(
             let alert = alerts.alert(
                 key,
                 action,
-                if i == 0 {
-                    Severity::Warning
-                } else {
-                    Severity::Critical
+                match i {
+                    0 => Severity::Warning,
+                    1 => Severity::Critical,
+                    _ => Severity::Error,
                 },
                 match (&refusal, i) {
+                    (_, 2) => match &cursors {
+                        Some((_, why)) => format!(
+                            "ballast on {} is {what} ({why}): delivery goes on, but a restart would re-send what was delivered since",
+                            alerts.source()
+                        ),
+                        None => format!("ballast on {} saves delivery cursors again", alerts.source()),
+                    },
                     (Some(r), 1) => format!(
                         "ballast storage on {} is {what}: {}",
                         alerts.source(),
@@ -554,6 +574,7 @@ async fn storage_alerts(
                     "bytes_used": st.bytes_used,
                     "quota_bytes": st.quota_bytes,
                     "reason": refusal.as_ref().map(|r| r.reason()),
+                    "cursor_error": cursors.as_ref().map(|(_, why)| why.clone()),
                 }),
             );
             let id = format!("{key}:{started}:{seq}");

@@ -960,3 +960,65 @@ fn status_counts_the_stored_events_after_a_restart() {
     assert_eq!(post(&server, "s-5"), (200, "OK".into()));
     assert_eq!(admin_status(&server)["storage"]["events_stored"], 6);
 }
+
+/// Saving a destination's cursor fails (here the cursors directory is replaced by a
+/// file, so creating a cursor fails even for root): delivery goes on, the failures are
+/// counted, the `storage-cursors` alert is raised after a few seconds of it and resolved
+/// once a cursor is saved again, and the server never stops over it.
+#[test]
+fn failing_cursor_saves_are_alerted_and_not_fatal() {
+    let alerts = AlertSink::start();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let out = dir.path().join("out.jsonl");
+    let extra = format!(
+        "[alerts]\nsource = \"t\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n\n\
+         [[destinations]]\nid = \"out\"\ntype = \"file\"\nsources = [\"web\"]\npath = \"{}\"\n",
+        alerts.url,
+        out.display()
+    );
+    let server = Server::start_in(dir.clone(), &common::config(&extra), &[]);
+    let delivered = |n: usize| {
+        wait_for(20, || {
+            std::fs::read_to_string(&out).is_ok_and(|t| t.lines().count() >= n)
+        })
+    };
+    assert_eq!(post(&server, "before"), (200, "OK".into()));
+    assert!(delivered(1));
+    let failures = "ballast_store_cursor_save_failures_total";
+
+    let cursors = dir.path().join("data").join("log").join("cursors");
+    let away = dir.path().join("data").join("log").join("cursors.away");
+    std::fs::rename(&cursors, &away).unwrap();
+    std::fs::write(&cursors, b"not a directory").unwrap();
+    for i in 0..3 {
+        assert_eq!(post(&server, &format!("during-{i}")), (200, "OK".into()));
+    }
+    assert!(delivered(4), "delivery goes on\n{}", server.stderr());
+    let trigger = ("trigger".to_string(), "storage-cursors".to_string());
+    let resolve = ("resolve".to_string(), "storage-cursors".to_string());
+    assert!(
+        wait_for(20, || alerts.got().contains(&trigger)),
+        "{:?}\n{}",
+        alerts.got(),
+        server.stderr()
+    );
+    assert!(metric(&server, failures).is_some_and(|n| n >= 1.0));
+    assert_eq!(
+        readyz(&server),
+        (200, "OK".into()),
+        "events are still accepted"
+    );
+
+    std::fs::remove_file(&cursors).unwrap();
+    std::fs::rename(&away, &cursors).unwrap();
+    assert_eq!(post(&server, "after"), (200, "OK".into()));
+    assert!(delivered(5));
+    assert!(
+        wait_for(20, || alerts.got() == [trigger.clone(), resolve.clone()]),
+        "{:?}\n{}",
+        alerts.got(),
+        server.stderr()
+    );
+    let saved = std::fs::read_to_string(cursors.join("dest.out")).unwrap();
+    assert!(saved.trim().parse::<u64>().unwrap() > 0, "{saved}");
+}

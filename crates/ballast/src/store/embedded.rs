@@ -18,6 +18,8 @@ pub struct EmbeddedStore {
     durable: watch::Sender<Position>,
     /// Set once a fatal failure happened; the server watches it and stops.
     fatal: watch::Sender<Option<String>>,
+    /// Saving cursors fails (a cursor file that cannot be written: EMFILE, ENOSPC).
+    cursor_failure: super::Failing,
 }
 
 impl EmbeddedStore {
@@ -43,6 +45,7 @@ impl EmbeddedStore {
                 quota,
                 durable,
                 fatal,
+                cursor_failure: super::Failing::default(),
             },
             report,
         ))
@@ -186,7 +189,16 @@ impl Store for EmbeddedStore {
         let log = self.log.clone();
         let name = consumer.to_string();
         let upto = progress.cursor;
-        blocking(move || log.ack(&name, upto)).await
+        let saved = blocking(move || log.ack(&name, upto)).await;
+        if saved.is_err() {
+            metrics::counter!("ballast_store_cursor_save_failures_total").increment(1);
+        }
+        self.cursor_failure.record(&saved);
+        saved
+    }
+
+    fn cursor_failure(&self) -> Option<(std::time::Duration, String)> {
+        self.cursor_failure.since()
     }
 
     fn cursor(&self, consumer: &str, _partition: u32) -> Option<Position> {

@@ -317,6 +317,30 @@ impl StoreStatus {
     }
 }
 
+/// The first failure of a run of failures of one operation, cleared by its next
+/// success: how long it has been failing, and why.
+#[derive(Debug, Default)]
+pub struct Failing(std::sync::Mutex<Option<(std::time::Instant, String)>>);
+
+impl Failing {
+    pub fn record<T, E: std::fmt::Display>(&self, result: &Result<T, E>) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(_) => *state = None,
+            Err(e) => {
+                if state.is_none() {
+                    *state = Some((std::time::Instant::now(), e.to_string()));
+                }
+            }
+        }
+    }
+
+    pub fn since(&self) -> Option<(std::time::Duration, String)> {
+        let state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.as_ref().map(|(at, why)| (at.elapsed(), why.clone()))
+    }
+}
+
 /// Why a store refuses new events right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -416,6 +440,13 @@ pub trait Store: Send + Sync + 'static {
         } else {
             None
         }
+    }
+
+    /// Saving cursors has failed since this long ago, with this error (cleared by the
+    /// next save that works). Delivery goes on meanwhile; what a restart would re-send
+    /// grows. The server alerts on it.
+    fn cursor_failure(&self) -> Option<(std::time::Duration, String)> {
+        None
     }
 
     /// What a consumer has not passed yet, summed over the partitions: bytes of the log

@@ -11,6 +11,7 @@ pub mod destinations;
 pub mod gateway;
 pub mod listener;
 pub mod pg;
+pub mod readiness;
 pub mod recovery;
 pub mod router;
 pub mod server;

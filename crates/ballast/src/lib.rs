@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod destinations;
+pub mod event;
 pub mod gateway;
 pub mod listener;
 pub mod pg;

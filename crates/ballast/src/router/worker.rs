@@ -38,7 +38,7 @@ use super::{consumer_name, retry, DestinationStats};
 use crate::alerts::{Action, Alerts, Severity};
 use crate::config::DestinationConfig;
 use crate::destinations::{Destination, Event, Outcome};
-use crate::gateway::enrich::Shallow;
+use crate::event::identify;
 use crate::recovery::journal::Journal;
 use crate::store::{Position, Progress, Store, StoredEvent};
 
@@ -161,41 +161,6 @@ struct AbortAlert {
 /// The condition key of a destination's "aborting events" alert.
 fn abort_alert_key(destination: &str) -> String {
     format!("aborts:{destination}")
-}
-
-/// The ordering key and messageId of a stored event.
-pub(super) fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
-    let mut user: Option<String> = None;
-    let mut anon: Option<String> = None;
-    let mut message_id = String::new();
-    if let Ok(Shallow::Object(fields)) = serde_json::from_slice::<Shallow>(json) {
-        let text = |v: &RawValue| -> Option<String> {
-            let raw = v.get();
-            if raw.starts_with('"') {
-                serde_json::from_str::<String>(raw)
-                    .ok()
-                    .filter(|s| !s.trim().is_empty())
-            } else if raw == "null" {
-                None
-            } else {
-                Some(raw.to_string())
-            }
-        };
-        for (k, v) in &fields {
-            match &*k.0 {
-                "userId" => user = text(v),
-                "anonymousId" => anon = text(v),
-                "messageId" => message_id = text(v).unwrap_or_default(),
-                _ => {}
-            }
-        }
-    }
-    let key = match (user, anon) {
-        (Some(u), _) => format!("u:{u}"),
-        (None, Some(a)) => format!("a:{a}"),
-        (None, None) => String::new(),
-    };
-    (Arc::from(key), Arc::from(message_id))
 }
 
 /// When the gateway accepted an event: its `receivedAt`, which enrichment writes as the
@@ -1300,8 +1265,6 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::identify;
-
     #[test]
     fn received_at_is_the_last_one_written() {
         let t = super::received_at(
@@ -1313,15 +1276,5 @@ mod tests {
             "2026-11-29T08:16:40.123Z"
         );
         assert!(super::received_at(br#"{"x":1}"#).is_none());
-    }
-
-    #[test]
-    fn ordering_key_is_user_then_anonymous_id() {
-        let (k, m) = identify(br#"{"userId":"u1","anonymousId":"a","messageId":"m"}"#);
-        assert_eq!((&*k, &*m), ("u:u1", "m"));
-        let (k, _) = identify(br#"{"userId":"","anonymousId":"a"}"#);
-        assert_eq!(&*k, "a:a");
-        let (k, _) = identify(br#"{"userId":42}"#);
-        assert_eq!(&*k, "u:42");
     }
 }

@@ -7,6 +7,7 @@
 //! removes an entry; 429, 5xx and network errors are retried with backoff (across
 //! restarts); other 4xx are logged and dropped.
 
+mod config;
 pub mod pagerduty;
 pub mod slack;
 pub mod victorops;
@@ -19,8 +20,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
-use crate::config::AlertsConfig;
 use crate::time::to_ms;
+pub use config::AlertsConfig;
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");

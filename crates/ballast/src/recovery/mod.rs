@@ -10,6 +10,7 @@
 //!   after a crash each of them gets a strike, and at `poison_threshold` strikes the
 //!   event is quarantined to the dead letters while the server stays in normal mode.
 
+mod config;
 pub mod journal;
 mod mode;
 
@@ -23,9 +24,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::alerts::{Action, Alerts, Severity};
-use crate::config::RecoveryConfig;
 use crate::time::{from_ms, to_ms};
 
+pub use config::RecoveryConfig;
 pub use mode::{Mode, UnknownMode};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -79,7 +79,7 @@ pub struct Router {
 /// What a destination's delivery loop is built from (again, after a panic).
 #[derive(Clone)]
 struct WorkerParts {
-    config: crate::config::DestinationConfig,
+    config: crate::destinations::DestinationConfig,
     sink: Arc<dyn crate::destinations::Destination>,
     store: Arc<dyn Store>,
     db: Arc<dyn RouterState>,

@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use super::state::{from_ms, to_ms, DeadLetter, RetryInfo, RouterState};
 use super::{consumer_name, retry, DestinationStats};
 use crate::alerts::{Action, Alerts, Severity};
-use crate::config::DestinationConfig;
+use crate::destinations::DestinationConfig;
 use crate::destinations::{Destination, Event, Outcome};
 use crate::event::identify;
 use crate::recovery::journal::Journal;

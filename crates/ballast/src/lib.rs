@@ -12,6 +12,8 @@ pub mod event;
 pub mod gateway;
 pub mod listener;
 pub mod pg;
+#[cfg(any(test, feature = "test-support"))]
+pub mod pgtest;
 pub mod readiness;
 pub mod recovery;
 pub mod router;

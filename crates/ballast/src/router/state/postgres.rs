@@ -363,7 +363,7 @@ impl RouterState for PgRouterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::pgtest::PgCluster;
+    use crate::pgtest::PgCluster;
 
     /// What one replica writes, another sees: dead letters, replay, retry state, strikes.
     #[tokio::test]

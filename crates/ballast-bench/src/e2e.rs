@@ -23,16 +23,16 @@ use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::load::{self, ms, Mode};
-use crate::run::{
+use crate::args::RunArgs;
+use crate::harness::{
     ballast_config, cpu_delta, cpu_jiffies, cpu_seconds, dir_size, fetch_metrics, free_port,
-    http_get, machine_cores, median, ratio, wait_ready, Bench, Outcome, RunArgs, Server,
-    ServerProcess, WebhookDestination,
+    http_get, machine_cores, wait_ready, ServerProcess, WebhookDestination, DESTINATION_ID,
 };
+use crate::load::{self, ms, Mode};
+use crate::measure::{Bench, Outcome, Server};
 use crate::sink::SinkStats;
+use crate::stats::{median, ratio};
 
-/// The destination's id in ballast's config.
-pub(crate) const DESTINATION_ID: &str = "sink";
 /// The end-to-end rate should be at least this share of the ingest-only rate.
 pub(crate) const TARGET_RATIO: f64 = 0.70;
 /// How often `/v1/status` is sampled during the load and the drain.

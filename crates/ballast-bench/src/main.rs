@@ -10,14 +10,19 @@
 //!   loopback ports, loads each, and prints a comparison; with `--e2e` it
 //!   also measures ballast's end-to-end delivery to the sink.
 
+mod args;
 mod e2e;
 mod events;
+mod harness;
 mod load;
+mod measure;
 mod naive;
 mod null;
+mod report;
 mod run;
 mod server;
 mod sink;
+mod stats;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,7 +69,7 @@ enum Command {
     },
     /// Benchmark null, naive and ballast one after another and compare (and,
     /// with --e2e, ballast's end-to-end delivery).
-    Run(run::RunArgs),
+    Run(args::RunArgs),
 }
 
 #[tokio::main]

@@ -14,12 +14,13 @@
 //! damaged (its extent is still known: quarantine exactly those bytes) from a damaged or
 //! partially written *header* (scan forward for the next valid frame).
 
-use crate::LogError;
+use crate::error::LogError;
+/// Largest payload one record may carry (the length field has 24 bits; defined beside
+/// the error that names it).
+pub use crate::error::MAX_RECORD_BYTES;
 
 pub(crate) const MAGIC: u32 = 0xB1A5_7E0D;
 pub const HEADER_LEN: usize = 16;
-/// Largest payload one record may carry (the length field has 24 bits).
-pub const MAX_RECORD_BYTES: usize = (1 << 24) - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -18,8 +18,11 @@
 //! No HTTP, no configuration formats, no async runtime: the server wraps it, and an SDK's
 //! on-device queue can reuse it.
 
+mod error;
 pub mod frame;
+mod fs;
 mod recovery;
+mod shared;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -32,118 +35,15 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use error::LogError;
 pub use frame::{Batch, PushError, HEADER_LEN, MAX_RECORD_BYTES};
+pub use fs::write_atomically;
 pub use recovery::SegmentRecovery;
+pub use shared::{Appended, LogConfig, Position};
 
-/// A byte offset in the whole log.
-pub type Position = u64;
-
-const SEGMENT_SUFFIX: &str = ".seg";
-
-/// Errors of the log.
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// The I/O error is part of the message and deliberately not a `source()`: chains
-    /// printed with `{:#}` would show it twice.
-    #[error("{context} {path}: {error}")]
-    Io {
-        context: &'static str,
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("record of {0} bytes is larger than the limit of {MAX_RECORD_BYTES} bytes")]
-    RecordTooLarge(usize),
-    #[error("storage quota reached: {used} of {limit} bytes used, {needed} more needed")]
-    QuotaExceeded { used: u64, limit: u64, needed: u64 },
-    #[error("disk full: {0}")]
-    DiskFull(String),
-    #[error("log writer stopped after a failed write or fsync: {0}")]
-    WriterFailed(String),
-    /// The log cannot take this batch right now (a new segment could not be created,
-    /// e.g. for want of file descriptors); nothing of it was written, the writer goes on
-    /// and retries.
-    #[error("log temporarily unavailable: {0}")]
-    Unavailable(String),
-    #[error("log is closed")]
-    Closed,
-    #[error("log directory {0} is in use by another process")]
-    Locked(PathBuf),
-    #[error("record at position {position} is damaged: {detail}")]
-    Corrupt { position: Position, detail: String },
-    #[error("invalid consumer name {0:?} (use letters, digits, '-', '_', '.')")]
-    BadConsumerName(String),
-    #[error("unknown consumer {0:?}")]
-    UnknownConsumer(String),
-    #[error("cannot acknowledge position {requested}: the durable end of the log is {durable}")]
-    AckBeyondEnd {
-        requested: Position,
-        durable: Position,
-    },
-    #[error("unrecoverable log state: {0}")]
-    Unrecoverable(String),
-}
-
-impl LogError {
-    /// True when the log cannot accept writes any more in this process.
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, LogError::WriterFailed(_) | LogError::Closed)
-    }
-}
-
-pub(crate) fn io_err<'a>(
-    context: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> LogError + 'a {
-    move |error| LogError::Io {
-        context,
-        path: path.to_path_buf(),
-        error,
-    }
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing directory", dir))
-}
-
-/// Settings of a log.
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    pub dir: PathBuf,
-    /// A segment is closed and a new one started once it holds at least this many bytes.
-    pub segment_bytes: u64,
-    /// Total size of all segments beyond which appends fail with `QuotaExceeded`.
-    pub max_bytes: Option<u64>,
-    /// Upper bound of bytes one group commit gathers before it syncs.
-    pub max_group_bytes: usize,
-    /// Write zeros ahead of the records so that most fsyncs do not change the file size
-    /// (cheaper on ext4/xfs: no metadata to journal), at the cost of writing that space
-    /// twice.
-    pub preallocate: bool,
-}
-
-impl LogConfig {
-    pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
-        LogConfig {
-            dir: dir.into(),
-            segment_bytes: 64 << 20,
-            max_bytes: None,
-            max_group_bytes: 16 << 20,
-            preallocate: true,
-        }
-    }
-}
-
-/// The result of a durable append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Appended {
-    /// Position of the batch's first record.
-    pub first: Position,
-    /// Position just after the batch's last record.
-    pub end: Position,
-    pub records: usize,
-}
+use error::io_err;
+use fs::{list_segments, segment_path, sync_dir};
+use shared::{lock, read_lock, write_lock, Counters, Segment, Shared, Submission};
 
 /// One record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,87 +107,12 @@ pub struct LogStats {
     pub failed: bool,
 }
 
-#[derive(Default)]
-struct Counters {
-    appends: AtomicU64,
-    records: AtomicU64,
-    bytes_written: AtomicU64,
-    fsyncs: AtomicU64,
-    fsync_nanos: AtomicU64,
-    shared_fsyncs: AtomicU64,
-    rejected_quota: AtomicU64,
-    rejected_disk_full: AtomicU64,
-    rejected_unavailable: AtomicU64,
-}
-
-struct Segment {
-    base: Position,
-    /// Valid (durable) end of the segment.
-    end: Position,
-    /// Data records in it (durable).
-    records: u64,
-    file: Arc<File>,
-    path: PathBuf,
-}
-
-pub(crate) struct Shared {
-    dir: PathBuf,
-    cursor_dir: PathBuf,
-    segments: RwLock<Vec<Segment>>,
-    durable: Mutex<Position>,
-    durable_cv: Condvar,
-    bytes_on_disk: AtomicU64,
-    /// Set when an append was refused for the quota; cleared by a successful append or
-    /// when space is freed.
-    quota_blocked: AtomicBool,
-    /// Set when a write failed with ENOSPC; cleared by the next write that succeeds
-    /// (the writer probes for space while it is set).
-    disk_full: AtomicBool,
-    /// Set while a new segment cannot be created (the reason); the writer retries.
-    unavailable: Mutex<Option<String>>,
-    failed: AtomicBool,
-    failure: Mutex<Option<String>>,
-    counters: Counters,
-    cursors: Mutex<BTreeMap<String, Position>>,
-    quarantined_records: u64,
-    torn_tail_bytes: u64,
-}
-
-type Done = Box<dyn FnOnce(Result<Appended, LogError>) + Send + 'static>;
-
-pub(crate) struct Submission {
-    batch: Batch,
-    done: Done,
-}
-
 /// An open log. Dropping it stops the writer after it has finished what was submitted.
 pub struct Log {
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Submission>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     _lock: File,
-}
-
-fn segment_path(dir: &Path, base: Position) -> PathBuf {
-    dir.join(format!("{base:020}{SEGMENT_SUFFIX}"))
-}
-
-/// Segment files of a directory, sorted by base position.
-fn list_segments(dir: &Path) -> Result<Vec<(Position, PathBuf)>, LogError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err("listing log directory", dir))? {
-        let entry = entry.map_err(io_err("listing log directory", dir))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
-            continue;
-        };
-        if let Ok(base) = stem.parse::<u64>() {
-            out.push((base, entry.path()));
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 fn valid_consumer_name(name: &str) -> bool {
@@ -694,65 +519,6 @@ impl Drop for Log {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-impl Shared {
-    /// Records whether the quota refuses appends; logs each change once.
-    pub(crate) fn set_quota_blocked(&self, on: bool) {
-        if self.quota_blocked.swap(on, Ordering::AcqRel) != on {
-            if on {
-                tracing::warn!(
-                    dir = %self.dir.display(),
-                    "storage quota reached: new events are refused (503) until delivered segments are deleted"
-                );
-            } else {
-                tracing::info!(dir = %self.dir.display(), "storage below its quota again: accepting events");
-            }
-        }
-    }
-
-    /// Records whether the disk is full; logs each change once.
-    pub(crate) fn set_disk_full(&self, on: bool, detail: &str) {
-        if self.disk_full.swap(on, Ordering::AcqRel) != on {
-            if on {
-                tracing::warn!(dir = %self.dir.display(), error = detail, "disk full: new events are refused (503) until space returns");
-            } else {
-                tracing::info!(dir = %self.dir.display(), "disk space is available again: accepting events");
-            }
-        }
-    }
-
-    /// Records why a new segment cannot be created (None: it can again); logs each
-    /// change once.
-    pub(crate) fn set_unavailable(&self, reason: Option<String>) {
-        let mut cur = lock(&self.unavailable);
-        match (&*cur, &reason) {
-            (None, Some(r)) => {
-                tracing::warn!(error = %r, "cannot start a new log segment: new events are refused (503); retrying")
-            }
-            (Some(_), None) => tracing::info!("log segment created: accepting events again"),
-            _ => {}
-        }
-        *cur = reason;
-    }
-
-    fn failure_error(&self) -> LogError {
-        LogError::WriterFailed(
-            lock(&self.failure)
-                .clone()
-                .unwrap_or_else(|| "unknown failure".into()),
-        )
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-pub(crate) fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-pub(crate) fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn load_cursors(dir: &Path) -> Result<BTreeMap<String, Position>, LogError> {

@@ -13,8 +13,9 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::error::{io_err, LogError};
 use crate::frame::{self, Kind, Scan, HEADER_LEN};
-use crate::{io_err, sync_dir, LogError};
+use crate::fs::sync_dir;
 
 /// What recovery found and did in one segment.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -18,10 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::{
-    io_err, lock, segment_path, write_lock, Appended, LogConfig, LogError, Position, Segment,
-    Shared, Submission,
-};
+use crate::error::{io_err, LogError};
+use crate::fs::segment_path;
+use crate::shared::{lock, write_lock, Appended, LogConfig, Position, Segment, Shared, Submission};
 
 macro_rules! failpoint {
     ($name:literal) => {{
@@ -120,7 +119,7 @@ fn create_segment(path: &std::path::Path) -> std::io::Result<File> {
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, config: &LogConfig) -> Result<Writer, LogError> {
         let (base, len, path) = {
-            let segs = crate::read_lock(&shared.segments);
+            let segs = crate::shared::read_lock(&shared.segments);
             let last = segs
                 .last()
                 .ok_or_else(|| LogError::Unrecoverable("no segment".into()))?;

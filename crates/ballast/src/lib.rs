@@ -8,11 +8,16 @@ pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod destinations;
+pub mod event;
 pub mod gateway;
 pub mod listener;
 pub mod pg;
+#[cfg(any(test, feature = "test-support"))]
+pub mod pgtest;
+pub mod readiness;
 pub mod recovery;
 pub mod router;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod units;

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,73 +15,13 @@ use tokio::sync::watch;
 use crate::alerts::{Action, Alerts, Severity};
 use crate::config::{Config, StorageBackend};
 use crate::gateway::Gateway;
+use crate::readiness::ServerState;
 use crate::recovery::journal::Journal;
-use crate::recovery::Recovery;
+use crate::recovery::{Mode, Recovery};
 use crate::router::{Router, RouterDb, RouterState};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::postgres::PgStore;
 use crate::store::Store;
-
-/// Running mode (see DESIGN.md, "Running modes and crash loops").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Normal = 0,
-    Degraded = 1,
-}
-
-impl Mode {
-    pub fn as_health_str(self) -> &'static str {
-        match self {
-            Mode::Normal => "NORMAL",
-            Mode::Degraded => "DEGRADED",
-        }
-    }
-}
-
-/// State shared by the HTTP front ends.
-pub struct ServerState {
-    /// From SIGTERM on while `server.shutdown_delay` runs: not ready, still serving.
-    draining: AtomicBool,
-    shutting_down: AtomicBool,
-    mode: AtomicU8,
-    routing: AtomicBool,
-}
-
-impl Default for ServerState {
-    fn default() -> Self {
-        ServerState {
-            draining: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
-            mode: AtomicU8::new(Mode::Normal as u8),
-            routing: AtomicBool::new(false),
-        }
-    }
-}
-
-impl ServerState {
-    pub fn shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-    /// True once a stop was asked for (readiness is off), also while requests are still
-    /// served during `server.shutdown_delay`.
-    pub fn stopping(&self) -> bool {
-        self.draining.load(Ordering::Acquire) || self.shutting_down()
-    }
-    pub fn mode(&self) -> Mode {
-        match self.mode.load(Ordering::Acquire) {
-            1 => Mode::Degraded,
-            _ => Mode::Normal,
-        }
-    }
-    pub fn set_mode(&self, mode: Mode) {
-        self.mode.store(mode as u8, Ordering::Release);
-    }
-
-    /// True while events are being forwarded to destinations.
-    pub fn routing(&self) -> bool {
-        self.routing.load(Ordering::Acquire)
-    }
-}
 
 /// Addresses the server bound, written to `<data_dir>/server.json` once it listens (and
 /// removed on a clean exit), so that tools and tests can find a server started on port 0.
@@ -95,20 +34,6 @@ pub struct Addresses {
 
 pub fn addresses_path(data_dir: &Path) -> PathBuf {
     data_dir.join("server.json")
-}
-
-/// Write to a temporary file, fsync, rename over `path`, fsync the directory.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 async fn shutdown_signal() -> &'static str {
@@ -212,10 +137,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         .context("starting delivery")?,
     );
     let has_destinations = !router.destinations.is_empty();
-    state.routing.store(
-        has_destinations && start.mode == Mode::Normal,
-        Ordering::Release,
-    );
+    state.set_routing(has_destinations && start.mode == Mode::Normal);
     {
         // The running mode drives delivery.
         let state = state.clone();
@@ -223,9 +145,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
             while mode_rx.changed().await.is_ok() {
                 let mode = *mode_rx.borrow_and_update();
                 state.set_mode(mode);
-                state
-                    .routing
-                    .store(has_destinations && mode == Mode::Normal, Ordering::Release);
+                state.set_routing(has_destinations && mode == Mode::Normal);
                 let _ = routing_tx.send(mode == Mode::Normal);
             }
         });
@@ -250,7 +170,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         listen: public.local_addr()?,
         admin_listen: admin.local_addr()?,
     };
-    write_atomically(
+    ballast_log::write_atomically(
         &addresses_path(&data_dir),
         &serde_json::to_vec_pretty(&addrs)?,
     )
@@ -328,7 +248,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     if exit_code == 0 && !delay.is_zero() {
         // Not ready, but still serving: load balancers that go by /readyz stop sending
         // before the listeners close. A second signal ends the wait.
-        state.draining.store(true, Ordering::Release);
+        state.start_draining();
         tracing::info!(delay = ?delay, "not ready; still serving for server.shutdown_delay");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -336,7 +256,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
             reason = fatal_failure(fatal.as_mut()) => exit_code = storage_failed(&alerts, reason).await,
         }
     }
-    state.shutting_down.store(true, Ordering::Release);
+    state.set_shutting_down();
     let _ = stop_tx.send(true);
     let drain = async {
         let _ = public_server.await;
@@ -348,7 +268,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     {
         tracing::warn!("in-flight requests did not finish within shutdown_timeout");
     }
-    state.routing.store(false, Ordering::Release);
+    state.set_routing(false);
     router.join().await;
     store.close().await;
     let _ = std::fs::remove_file(addresses_path(&data_dir));

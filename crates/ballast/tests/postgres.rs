@@ -4,11 +4,9 @@
 //! within seconds: nothing acknowledged is lost, each user's events arrive (first
 //! arrivals) in the order they were accepted, and what is sent twice is bounded (only
 //! what was in flight or not yet acknowledged, not the history). The database is a
-//! throwaway cluster (`initdb`/`pg_ctl`, see `src/store/pgtest.rs`).
+//! throwaway cluster (`initdb`/`pg_ctl`, see `src/pgtest.rs`).
 
 mod common;
-#[path = "../src/store/pgtest.rs"]
-mod pgtest;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ballast::pgtest::PgCluster;
 use common::{wait_for, Server, WRITE_KEY};
-use pgtest::PgCluster;
 use serde_json::{json, Value};
 
 /// A webhook receiver on 127.0.0.1 that answers 200 and records every event it gets,

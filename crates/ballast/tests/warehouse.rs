@@ -3,15 +3,13 @@
 //! the middle of loads loses nothing and duplicates nothing (loads are idempotent by id).
 
 mod common;
-#[path = "../src/store/pgtest.rs"]
-mod pgtest;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast::pgtest::PgCluster;
 use common::{wait_for, Server, WRITE_KEY};
-use pgtest::PgCluster;
 use serde_json::{json, Value};
 
 fn warehouse_config(url: &str) -> String {

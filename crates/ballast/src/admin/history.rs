@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::readiness::ServerState;
 use crate::router::Router;
-use crate::server::ServerState;
 use crate::store::Store;
 use crate::time::to_ms;
 

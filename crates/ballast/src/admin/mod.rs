@@ -30,8 +30,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+use crate::readiness::ServerState;
 use crate::router::Router as EventRouter;
-use crate::server::ServerState;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -199,7 +199,10 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .set(d.dead_letters as f64);
     }
     let mode = s.state.mode();
-    for m in [crate::server::Mode::Normal, crate::server::Mode::Degraded] {
+    for m in [
+        crate::recovery::Mode::Normal,
+        crate::recovery::Mode::Degraded,
+    ] {
         metrics::gauge!("ballast_mode", "mode" => m.as_health_str()).set(if m == mode {
             1.0
         } else {
@@ -360,10 +363,9 @@ struct ModeBody {
 
 /// `POST /v1/mode {"mode":"normal"|"degraded"}`: durable; normal clears the crash history.
 async fn set_mode(State(s): State<AdminState>, axum::Json(body): axum::Json<ModeBody>) -> Response {
-    let mode = match body.mode.to_ascii_lowercase().as_str() {
-        "normal" => crate::server::Mode::Normal,
-        "degraded" => crate::server::Mode::Degraded,
-        other => return bad_request(format!("unknown mode {other:?} (normal or degraded)")),
+    let mode = match body.mode.parse::<crate::recovery::Mode>() {
+        Ok(mode) => mode,
+        Err(e) => return bad_request(e.to_string()),
     };
     let recovery = s.recovery.clone();
     match tokio::task::spawn_blocking(move || recovery.set_mode(mode)).await {

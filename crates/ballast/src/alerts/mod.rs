@@ -14,6 +14,7 @@
 //! resolve does not close another's trigger, while shared conditions (a destination
 //! aborting, a poison event) are one condition whoever raises them.
 
+mod config;
 pub mod outbox;
 pub mod pagerduty;
 pub mod slack;
@@ -27,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use self::outbox::{Entry, Outbox, Raise};
-use crate::config::AlertsConfig;
 use crate::time::to_ms;
+pub use config::AlertsConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::AlertsConfig;
+use crate::alerts::AlertsConfig;
 use serde_json::json;
 
 fn config() -> AlertsConfig {

@@ -189,10 +189,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             cfg.server.check_admin_access()?;
             init_tracing(cfg.server.log_format);
-            let forced = mode.as_deref().map(|m| match m {
-                "degraded" => crate::server::Mode::Degraded,
-                _ => crate::server::Mode::Normal,
-            });
+            let forced = mode
+                .as_deref()
+                .map(str::parse::<crate::recovery::Mode>)
+                .transpose()?;
             runtime()?.block_on(crate::server::run(cfg, forced))
         }
         Command::CheckConfig { config } => {

@@ -2,6 +2,7 @@
 //! `config.rs` (its TOML settings), `sink.rs` (the `Destination` implementation) and
 //! `tests.rs`, registered by one line in [`registry::REGISTRY`] (see docs/DESTINATIONS.md).
 
+mod config;
 #[cfg(test)]
 mod conformance;
 pub mod file;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::DestinationConfig;
+pub use config::{DestinationConfig, DestinationKind, RetryConfig};
 
 /// One event as a destination receives it.
 #[derive(Debug, Clone)]

@@ -6,87 +6,11 @@
 //! Nothing else in the event changes, not even the spacing inside values.
 
 use std::borrow::Cow;
-use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// A top-level key, borrowed from the input when it has no escapes.
-#[derive(Debug)]
-pub struct Key<'a>(pub Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Key<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'a>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'a>, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'a>, E> {
-                Ok(Key(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V(std::marker::PhantomData))
-    }
-}
-
-/// A JSON value that should be an event: an object's top-level fields, or "not an object".
-#[derive(Debug)]
-pub enum Shallow<'a> {
-    Object(Vec<(Key<'a>, &'a RawValue)>),
-    NotObject,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Shallow<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Shallow<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shallow<'a>, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
-                while let Some(k) = map.next_key::<Key<'a>>()? {
-                    let v: &'a RawValue = map.next_value()?;
-                    fields.push((k, v));
-                }
-                Ok(Shallow::Object(fields))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shallow<'a>, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Shallow::NotObject)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Shallow<'a>, E> {
-                Ok(Shallow::NotObject)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Shallow<'a>, E> {
-                Ok(Shallow::NotObject)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Shallow<'a>, E> {
-                Ok(Shallow::NotObject)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Shallow<'a>, E> {
-                Ok(Shallow::NotObject)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Shallow<'a>, E> {
-                Ok(Shallow::NotObject)
-            }
-            fn visit_unit<E>(self) -> Result<Shallow<'a>, E> {
-                Ok(Shallow::NotObject)
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
-}
+pub use crate::event::{Key, Shallow};
 
 /// The body of a batch call.
 #[derive(Debug, Deserialize)]
@@ -117,7 +41,7 @@ pub struct Enrichment<'a> {
 
 /// The text of an identity field when it counts as present: a non-blank string
 /// (decoded), or any other value but null as its JSON text (numbers are common user ids).
-/// The router's ordering key uses the same rule (`router::worker::identify`).
+/// The router's ordering key uses the same rule (`event::identify`).
 fn text(v: &RawValue) -> Option<Cow<'_, str>> {
     let raw = v.get();
     match raw.as_bytes().first() {
@@ -338,7 +262,7 @@ mod tests {
         enrich(&fields, e, &mut out, &mut meta)?;
         // The meta block names what the router would find in the JSON.
         let (key, mid) = crate::store::envelope::decode_meta(&meta).expect("meta written");
-        let (k2, m2) = crate::router::identify_for_tests(&out);
+        let (k2, m2) = crate::event::identify(&out);
         assert_eq!((key, mid), (&*k2, &*m2), "meta matches the event");
         Ok(serde_json::from_slice(&out).expect("output is valid JSON"))
     }

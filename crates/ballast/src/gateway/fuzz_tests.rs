@@ -113,7 +113,7 @@ fn check(body: &[u8], single: bool) -> Result<Option<usize>, TestCaseError> {
         // The meta block says what the router would find in the stored JSON.
         let (key, mid) = crate::store::envelope::decode_meta(meta)
             .ok_or_else(|| TestCaseError::fail("no meta block"))?;
-        let (k2, m2) = crate::router::identify_for_tests(json);
+        let (k2, m2) = crate::event::identify(json);
         prop_assert_eq!((key, mid), (&*k2, &*m2));
         prop_assert!(!key.is_empty());
     }

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::{Config, SourceConfig};
-use crate::server::ServerState;
+use crate::readiness::ServerState;
 use crate::store::{EventBatch, Store, StoreError};
 use enrich::{BatchBody, Enrichment, EventError, Shallow};
 

@@ -10,20 +10,24 @@
 //!   after a crash each of them gets a strike, and at `poison_threshold` strikes the
 //!   event is quarantined to the dead letters while the server stays in normal mode.
 
+mod config;
 pub mod journal;
+mod mode;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use ballast_log::write_atomically;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::alerts::{Action, Alerts, Severity};
-use crate::config::RecoveryConfig;
-use crate::server::{write_atomically, Mode};
 use crate::time::{from_ms, to_ms};
+
+pub use config::RecoveryConfig;
+pub use mode::{Mode, UnknownMode};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StateFile {
@@ -64,13 +68,6 @@ fn mode_of(s: &StateFile) -> Mode {
         Mode::Degraded
     } else {
         Mode::Normal
-    }
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Normal => "normal",
-        Mode::Degraded => "degraded",
     }
 }
 
@@ -194,7 +191,7 @@ impl Recovery {
                     json!({ "reason": reason }),
                 ),
             };
-            let key = format!("degraded:{}:{seq}", mode_name(to));
+            let key = format!("degraded:{to}:{seq}");
             self.alerts.raise_local(&key, alert)?;
         }
         {
@@ -203,7 +200,7 @@ impl Recovery {
                 s.transitions = seq;
                 s.mode_since_ms = to_ms(SystemTime::now());
             }
-            s.mode = mode_name(to).into();
+            s.mode = to.to_string();
             s.mode_reason = reason.into();
             if clear_crashes && to == Mode::Normal {
                 s.crashes.clear();

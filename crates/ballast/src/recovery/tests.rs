@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::AlertsConfig;
+use crate::alerts::AlertsConfig;
 
 fn alerts(dir: &Path) -> Arc<Alerts> {
     let cfg = AlertsConfig {

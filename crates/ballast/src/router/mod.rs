@@ -9,13 +9,6 @@ pub mod state;
 mod worker;
 pub(crate) use worker::strike_key_of;
 
-/// The ordering key and messageId the router finds in an event's JSON (for tests that
-/// check the meta block written at ingest agrees).
-#[cfg(test)]
-pub(crate) fn identify_for_tests(json: &[u8]) -> (Arc<str>, Arc<str>) {
-    worker::identify(json)
-}
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -86,7 +79,7 @@ pub struct Router {
 /// What a destination's delivery loop is built from (again, after a panic).
 #[derive(Clone)]
 struct WorkerParts {
-    config: crate::config::DestinationConfig,
+    config: crate::destinations::DestinationConfig,
     sink: Arc<dyn crate::destinations::Destination>,
     store: Arc<dyn Store>,
     db: Arc<dyn RouterState>,

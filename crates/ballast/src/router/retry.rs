@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
-use crate::config::RetryConfig;
+use crate::destinations::RetryConfig;
 
 /// Delay before the next attempt after `attempts` failures (1 = first failure):
 /// `min_backoff · 2^(attempts-1)` plus up to half of it again at random, kept within

@@ -370,7 +370,7 @@ mod embedded {
 
 mod postgres {
     use super::*;
-    use crate::store::pgtest::PgCluster;
+    use crate::pgtest::PgCluster;
     use crate::store::postgres::PgStore;
     use std::pin::Pin;
 

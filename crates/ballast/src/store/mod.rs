@@ -8,8 +8,9 @@ pub mod postgres;
 
 #[cfg(test)]
 mod conformance;
+/// The test cluster, where the store's tests have always found it.
 #[cfg(test)]
-pub(crate) mod pgtest;
+pub(crate) use crate::pgtest;
 
 use std::sync::Arc;
 

@@ -84,8 +84,6 @@ CREATE TABLE IF NOT EXISTS ballast_cursor (
 );
 "#;
 
-/// Serialises schema creation between replicas starting at once.
-pub(crate) const SCHEMA_LOCK: i64 = 0x6261_6c6c_6173_7401;
 /// Held (per transaction) by the replica deleting what every consumer is past.
 const CLEANUP_LOCK: i64 = 0x6261_6c6c_6173_7402;
 /// First key of the member locks (second key: a random id per process).
@@ -109,10 +107,7 @@ const LEASE_TICK: Duration = Duration::from_secs(1);
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // The database's own message (with its detail), not only the driver's summary.
-    match e.as_db_error() {
-        Some(db) => StoreError::Other(format!("postgres: {}", db.message())),
-        None => StoreError::Other(format!("postgres: {e}")),
-    }
+    StoreError::Other(crate::pg::error_text(&e))
 }
 
 fn seq_of(pos: Position) -> i64 {
@@ -181,59 +176,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Bounds every statement and transaction: a database that stops answering (a
-/// partition without a reset) fails the request instead of hanging it.
-pub(crate) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Server-side limits on every session: a replica that dies (or is cut off) while it holds
-/// the position row's lock in a transaction, or a lease, must not hold it for the
-/// operating system's keepalive time (hours). All are settable by an ordinary user.
-const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=10s -c lock_timeout=20s \
-     -c statement_timeout=25s -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 \
-     -c tcp_keepalives_count=3 -c tcp_user_timeout=10000";
+pub(crate) use crate::pg::{SCHEMA_LOCK, STATEMENT_TIMEOUT};
 
 /// A lease's session also ends when idle this long: its holder pings every second, so
 /// only a dead or cut-off holder lets it expire (PostgreSQL 14 and later).
 const LEASE_SESSION_OPTIONS: &str = "-c idle_session_timeout=10s";
 
-pub(crate) async fn connect(url: &str) -> Result<Client, StoreError> {
+async fn connect(url: &str) -> Result<Client, StoreError> {
     connect_with(url, "").await
 }
 
 async fn connect_with(url: &str, extra_options: &str) -> Result<Client, StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| StoreError::Other(format!("postgres url: {e}")))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    let options = [
-        config.get_options().unwrap_or(""),
-        SESSION_OPTIONS,
-        extra_options,
-    ]
-    .iter()
-    .filter(|o| !o.is_empty())
-    .copied()
-    .collect::<Vec<_>>()
-    .join(" ");
-    config.options(&options);
-    // Notice a dead peer on an idle connection (the lease's session above all).
-    config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(10));
-    let (client, connection) = tokio::time::timeout(
-        STATEMENT_TIMEOUT,
-        config.connect(crate::pg::tls().map_err(StoreError::Other)?),
-    )
-    .await
-    .map_err(|_| StoreError::Other("postgres: connecting timed out".into()))?
-    .map_err(pg_err)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "postgres connection closed");
-        }
-    });
-    Ok(client)
+    crate::pg::connect(url, extra_options)
+        .await
+        .map_err(|e| StoreError::Other(e.to_string()))
 }
 
 /// The lease session of this process and what it holds.

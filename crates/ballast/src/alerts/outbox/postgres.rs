@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 
 use super::{Entry, Outbox, Raise, READ_LIMIT};
 use crate::alerts::{e, Action, AlertError};
-use crate::store::postgres::{connect, SCHEMA_LOCK, STATEMENT_TIMEOUT};
+use crate::pg::{connect, SCHEMA_LOCK, STATEMENT_TIMEOUT};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS ballast_alert_outbox (
@@ -46,10 +46,7 @@ const SENDER_LOCK: i64 = 0x6261_6c6c_6173_7403;
 const POLL: Duration = Duration::from_millis(500);
 
 fn pg(err: tokio_postgres::Error) -> AlertError {
-    match err.as_db_error() {
-        Some(d) => AlertError(format!("postgres: {}", d.message())),
-        None => AlertError(format!("postgres: {err}")),
-    }
+    AlertError(crate::pg::error_text(&err))
 }
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
@@ -77,7 +74,7 @@ impl Session {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.sender = false;
             let url = self.url.clone();
-            self.client = Some(self.rt.block_on(connect(&url)).map_err(e)?);
+            self.client = Some(self.rt.block_on(connect(&url, "")).map_err(e)?);
         }
         let Some(client) = self.client.as_mut() else {
             return Err(AlertError("postgres: not connected".into()));
@@ -357,7 +354,7 @@ impl Outbox for PgOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::pgtest::PgCluster;
+    use crate::pgtest::PgCluster;
 
     /// Two replicas' outboxes on one database pass the suite; one sender at a time, and
     /// another takes over when the sender's session ends.

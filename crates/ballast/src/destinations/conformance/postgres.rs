@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::Target;
 use crate::destinations::postgres::tests::{admin, sink};
 use crate::destinations::Destination;
-use crate::store::pgtest::PgCluster;
+use crate::pgtest::PgCluster;
 
 struct Pg {
     pg: PgCluster,

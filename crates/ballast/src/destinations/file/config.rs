@@ -7,7 +7,7 @@ use serde::Deserialize;
 pub struct FileConfig {
     pub path: PathBuf,
     /// Rotate once the file holds this much (default 100MiB).
-    #[serde(default = "max_file_bytes", deserialize_with = "crate::config::size")]
+    #[serde(default = "max_file_bytes", deserialize_with = "crate::units::size")]
     pub max_file_bytes: u64,
 }
 

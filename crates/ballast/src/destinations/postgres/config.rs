@@ -16,7 +16,7 @@ pub struct PostgresConfig {
     /// this bound always holds. See docs/DESTINATIONS.md.
     #[serde(
         default = "flush_interval",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::units::duration"
     )]
     pub flush_interval: Duration,
 }

@@ -1,4 +1,4 @@
-//! Against a real throwaway PostgreSQL (`store::pgtest`): the schema the sample events
+//! Against a real throwaway PostgreSQL (`crate::pgtest`): the schema the sample events
 //! make, column by column; re-delivery; `users`; discards; a refused event; the column
 //! limit; concurrent schema changes.
 
@@ -11,7 +11,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::*;
 use crate::destinations::{Destination, Event, Outcome};
-use crate::store::pgtest::PgCluster;
+use crate::pgtest::PgCluster;
 
 pub(crate) async fn admin(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();

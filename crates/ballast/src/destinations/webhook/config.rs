@@ -14,7 +14,7 @@ pub struct WebhookConfig {
     pub method: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    #[serde(default = "timeout", deserialize_with = "crate::config::duration")]
+    #[serde(default = "timeout", deserialize_with = "crate::units::duration")]
     pub timeout: Duration,
 }
 

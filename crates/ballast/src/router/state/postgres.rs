@@ -12,7 +12,11 @@ use async_trait::async_trait;
 use tokio_postgres::Client;
 
 use super::{to_ms, DbError, DeadLetter, RetryInfo, RouterState};
-use crate::store::postgres::{connect, SCHEMA_LOCK, STATEMENT_TIMEOUT};
+use crate::pg::{SCHEMA_LOCK, STATEMENT_TIMEOUT};
+
+async fn connect(url: &str) -> Result<Client, crate::pg::ConnectError> {
+    crate::pg::connect(url, "").await
+}
 use crate::store::Position;
 
 const SCHEMA: &str = r#"
@@ -41,10 +45,7 @@ CREATE TABLE IF NOT EXISTS ballast_strike (
 "#;
 
 fn db_err(e: tokio_postgres::Error) -> DbError {
-    match e.as_db_error() {
-        Some(d) => DbError(format!("postgres: {}", d.message())),
-        None => DbError(format!("postgres: {e}")),
-    }
+    DbError(crate::pg::error_text(&e))
 }
 
 pub struct PgRouterState {
@@ -363,7 +364,7 @@ impl RouterState for PgRouterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::pgtest::PgCluster;
+    use crate::pgtest::PgCluster;
 
     /// What one replica writes, another sees: dead letters, replay, retry state, strikes.
     #[tokio::test]

@@ -1,8 +1,8 @@
 //! A throwaway PostgreSQL cluster for tests: `initdb` and `pg_ctl` (PostgreSQL's server
 //! binaries on the PATH) in a temp dir, on a free loopback port, stopped and removed on
 //! drop. PostgreSQL refuses to run as root: as root, the cluster runs as the `postgres`
-//! user on a directory it owns. Used by the store's unit tests and (through `#[path]`)
-//! by the integration tests.
+//! user on a directory it owns. Used by the unit tests and, through the `test-support`
+//! feature, by the integration tests.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,145 @@
+//! Per-user queues: a user's events in log order (replayed dead letters too), the state
+//! of its queue (idle, one delivery in flight, waiting for a retry), the ready list of
+//! users that may deliver, the retry timers, and what finishing a queue's head does
+//! (forget its retry state and strikes, free its body, make the user ready again).
+
+use std::cmp::Reverse;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::Worker;
+use crate::destinations::Event;
+use crate::store::Position;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    Log(Position),
+    Replay(u64),
+}
+
+pub(super) struct Pending {
+    pub(super) origin: Origin,
+    pub(super) source: Arc<str>,
+    /// None while not loaded (see MAX_LOADED).
+    pub(super) event: Option<Event>,
+    pub(super) attempts: u32,
+    pub(super) first_attempt: Option<SystemTime>,
+    /// Struck out as a poison event: quarantined instead of delivered.
+    pub(super) poison: bool,
+    /// Names the event's strikes: its messageId (so a resent copy shares them).
+    pub(super) key: Arc<str>,
+}
+
+/// Where a user's queue stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum UserState {
+    /// Nothing in flight, not waiting: may deliver its head (when it has one).
+    #[default]
+    Idle,
+    /// One delivery of its head (or first few events) in flight.
+    InFlight,
+    /// Its head failed; waiting for the retry timer.
+    Waiting,
+}
+
+#[derive(Default)]
+pub(super) struct UserQueue {
+    pub(super) q: VecDeque<Pending>,
+    pub(super) state: UserState,
+    /// Entries of `q` whose body is in memory.
+    pub(super) loaded: usize,
+    /// A batch holding this user's events together with other users' failed: send this
+    /// user's events on their own next time, so that a failure is judged per user.
+    pub(super) solo: bool,
+}
+
+impl UserQueue {
+    /// Its delivery finished (whatever the outcome): no longer in flight.
+    pub(super) fn landed(&mut self) {
+        if self.state == UserState::InFlight {
+            self.state = UserState::Idle;
+        }
+    }
+}
+
+impl Worker {
+    pub(super) fn enqueue(&mut self, user: Arc<str>, p: Pending) {
+        let uq = self.users.entry(user.clone()).or_default();
+        if p.event.is_some() {
+            uq.loaded += 1;
+            self.loaded += 1;
+        }
+        let was_empty = uq.q.is_empty();
+        uq.q.push_back(p);
+        if was_empty && uq.state == UserState::Idle {
+            self.ready.push_back(user);
+        }
+    }
+
+    /// Removes the first `n` events of the user's queue (they are done); returns how many
+    /// it removed and the replay ids among them.
+    pub(super) fn finish(&mut self, user: &Arc<str>, n: usize) -> (usize, Vec<u64>) {
+        let mut replays = Vec::new();
+        let mut count = 0;
+        if let Some(uq) = self.users.get_mut(user) {
+            for _ in 0..n {
+                let Some(p) = uq.q.pop_front() else { break };
+                count += 1;
+                if p.event.is_some() {
+                    self.loaded = self.loaded.saturating_sub(1);
+                    uq.loaded = uq.loaded.saturating_sub(1);
+                }
+                match p.origin {
+                    Origin::Log(pos) => {
+                        self.unfinished.remove(&pos);
+                        if self.known_retry.remove(&pos).is_some() {
+                            self.retry_changes.push((pos, None));
+                        }
+                        // A quarantined event keeps its strikes, so that a copy of it sent
+                        // again (same messageId) is quarantined without new crashes.
+                        if !p.poison && self.strikes.remove(&*p.key).is_some() {
+                            self.strike_clears.push(p.key.to_string());
+                        }
+                    }
+                    Origin::Replay(id) => {
+                        self.replaying.remove(&id);
+                        replays.push(id);
+                    }
+                }
+            }
+            uq.landed();
+        }
+        self.make_ready(user);
+        (count, replays)
+    }
+
+    pub(super) fn make_ready(&mut self, user: &Arc<str>) {
+        match self.users.get(user) {
+            Some(uq) if uq.q.is_empty() && uq.state != UserState::InFlight => {
+                self.users.remove(user);
+            }
+            Some(uq) if uq.state == UserState::Idle => self.ready.push_back(user.clone()),
+            _ => {}
+        }
+    }
+
+    pub(super) fn wake_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((_, user))) = self.timers.pop() else {
+                break;
+            };
+            if let Some(uq) = self.users.get_mut(&user) {
+                if uq.state == UserState::Waiting {
+                    self.waiting_users = self.waiting_users.saturating_sub(1);
+                    uq.state = UserState::Idle;
+                }
+            }
+            self.make_ready(&user);
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Reading the log into the queues: new events of the destination's sources (within the
+//! body budget), the bodies of a queue's head when it comes near delivery (one read of the
+//! log at most), and replayed dead letters.
+
+use std::sync::Arc;
+
+use super::poison::strike_key;
+use super::queue::{Origin, Pending, UserState};
+use super::{Worker, FILL_READS_PER_TURN, MAX_ENTRIES, MAX_LOADED, PER_USER_LOADED, READ_BATCH};
+use crate::destinations::Event;
+use crate::event::identify;
+use crate::router::state::from_ms;
+use crate::store::{Position, StoredEvent};
+
+pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
+    // Recorded at ingest when the record has it; else found in the JSON.
+    let (user, message_id) = match e.ident {
+        Some(ident) => ident,
+        None => identify(&e.event),
+    };
+    let event = Event {
+        json: e.event,
+        message_id,
+        source: e.source,
+    };
+    (user, event)
+}
+
+impl Worker {
+    /// Reads new events of this destination's sources into the user queues (a few reads
+    /// per turn; pauses while the body budget is used up).
+    pub(super) async fn fill(&mut self, end: Position) -> Result<(), crate::store::StoreError> {
+        let mut reads = 0;
+        while self.read_pos < end
+            && reads < FILL_READS_PER_TURN
+            && self.loaded < MAX_LOADED
+            && self.unfinished.len() < MAX_ENTRIES
+        {
+            reads += 1;
+            let batch = self.store.read(self.read_pos, READ_BATCH).await?;
+            if batch.events.is_empty() && batch.next <= self.read_pos {
+                break;
+            }
+            let read = batch.events.len();
+            // The queue entries given a body from this read: (user, index in its queue).
+            let mut kept: Vec<(Arc<str>, usize)> = Vec::new();
+            for e in batch.events {
+                if !self.sources.contains(&*e.source) {
+                    continue;
+                }
+                let position = e.position;
+                if position < self.takeover_mark {
+                    // An earlier holder read this far: skip what it finished.
+                    while self.skip.front().is_some_and(|r| r.1 <= position) {
+                        self.skip.pop_front();
+                    }
+                    if self.skip.front().is_some_and(|r| r.0 <= position) {
+                        continue;
+                    }
+                    self.redelivered.increment(1);
+                }
+                let (user, event) = to_event(e);
+                // Only while every entry of the user's queue has its body: bodies stay the
+                // front of the queue (see `load_head`).
+                let keep = self.loaded < MAX_LOADED
+                    && self.users.get(&user).is_none_or(|u| {
+                        u.loaded == u.q.len()
+                            && u.loaded < PER_USER_LOADED
+                            && u.state != UserState::Waiting
+                    });
+                if keep {
+                    let at = self.users.get(&user).map_or(0, |u| u.q.len());
+                    kept.push((user.clone(), at));
+                }
+                let known = if self.known_retry.is_empty() {
+                    None
+                } else {
+                    self.known_retry.get(&position).copied()
+                };
+                let key: Arc<str> = if event.message_id.is_empty() {
+                    Arc::from(strike_key("", position))
+                } else {
+                    event.message_id.clone()
+                };
+                let poison = !self.strikes.is_empty()
+                    && self.strikes.get(&*key).copied().unwrap_or(0) >= self.poison_threshold;
+                self.unfinished.insert(position);
+                self.enqueue(
+                    user,
+                    Pending {
+                        origin: Origin::Log(position),
+                        source: event.source.clone(),
+                        event: keep.then_some(event),
+                        attempts: known.map(|k| k.attempts).unwrap_or(0),
+                        first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
+                        poison,
+                        key,
+                    },
+                );
+            }
+            self.read_pos = batch.next;
+            // Bodies are slices of the chunk read: a few kept out of many would pin the
+            // whole chunk, so those are copied out.
+            if kept.len() * 4 < read {
+                for (user, at) in kept {
+                    if let Some(Some(e)) = self
+                        .users
+                        .get_mut(&user)
+                        .and_then(|u| u.q.get_mut(at))
+                        .map(|p| p.event.as_mut())
+                    {
+                        e.json = bytes::Bytes::copy_from_slice(&e.json);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the bodies of the user's first `want` queue entries are in memory, with
+    /// one read of the log at most: from the first entry without a body, filling every
+    /// entry of this user found in what was read (up to `PER_USER_LOADED`, or `want`).
+    /// Returns how many entries at the front of the queue have their body (≤ `want`).
+    pub(super) async fn load_head(&mut self, user: &Arc<str>, want: usize) -> usize {
+        let Some(uq) = self.users.get(user) else {
+            return 0;
+        };
+        let want = want.min(uq.q.len());
+        let Some(first) = uq.q.iter().take(want).position(|p| p.event.is_none()) else {
+            return want;
+        };
+        let Some(Origin::Log(pos)) = uq.q.get(first).map(|p| p.origin) else {
+            return first;
+        };
+        let read = match self.store.read(pos, READ_BATCH).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(destination = %self.config.id, error = %e, "re-reading events failed");
+                return first;
+            }
+        };
+        let Some(uq) = self.users.get_mut(user) else {
+            return 0;
+        };
+        let cap = PER_USER_LOADED.max(want);
+        // Queue entries and the read are both in log order: walk them side by side.
+        let mut found = read.events.iter().peekable();
+        let mut attached: Vec<usize> = Vec::new();
+        for (i, p) in uq.q.iter_mut().enumerate().skip(first) {
+            if p.event.is_some() {
+                continue; // a replayed dead letter: always in memory
+            }
+            if uq.loaded >= cap && !attached.is_empty() {
+                break;
+            }
+            let Origin::Log(pos) = p.origin else { continue };
+            while found.next_if(|e| e.position < pos).is_some() {}
+            match found.next_if(|e| e.position == pos) {
+                Some(e) => {
+                    p.event = Some(to_event(e.clone()).1);
+                    uq.loaded += 1;
+                    attached.push(i);
+                }
+                None => break,
+            }
+        }
+        // A few events of a large read: copy them out rather than pin the whole chunk.
+        if attached.len() * 4 < read.events.len() {
+            for &i in &attached {
+                if let Some(e) = uq.q.get_mut(i).and_then(|p| p.event.as_mut()) {
+                    e.json = bytes::Bytes::copy_from_slice(&e.json);
+                }
+            }
+        }
+        self.loaded += attached.len();
+        uq.q.iter()
+            .take(want)
+            .take_while(|p| p.event.is_some())
+            .count()
+    }
+
+    pub(super) async fn load_replays(&mut self) {
+        let letters = match self.db.replay_queue(&self.config.id).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(destination = %self.config.id, error = %e, "reading the replay queue failed");
+                return;
+            }
+        };
+        for l in letters {
+            if !self.replaying.insert(l.id) {
+                continue;
+            }
+            let json = l.event.get().as_bytes();
+            let (user, message_id) = identify(json);
+            let source: Arc<str> = Arc::from(l.source.as_str());
+            self.enqueue(
+                user,
+                Pending {
+                    origin: Origin::Replay(l.id),
+                    source: source.clone(),
+                    event: Some(Event {
+                        json: bytes::Bytes::copy_from_slice(json),
+                        message_id,
+                        source,
+                    }),
+                    attempts: 0,
+                    first_attempt: None,
+                    poison: false,
+                    key: Arc::from(format!("replay:{}", l.id)),
+                },
+            );
+        }
+    }
+}

@@ -96,9 +96,9 @@ pub fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
         let text = |v: &RawValue| -> Option<String> {
             let raw = v.get();
             if raw.starts_with('"') {
-                serde_json::from_str::<String>(raw)
-                    .ok()
-                    .filter(|s| !s.trim().is_empty())
+                // Undecodable (a lone surrogate escape): its JSON text, as the gateway.
+                let s = serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.to_string());
+                (!s.trim().is_empty()).then_some(s)
             } else if raw == "null" {
                 None
             } else {

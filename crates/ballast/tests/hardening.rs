@@ -1021,4 +1021,8 @@ fn failing_cursor_saves_are_alerted_and_not_fatal() {
     );
     let saved = std::fs::read_to_string(cursors.join("dest.out")).unwrap();
     assert!(saved.trim().parse::<u64>().unwrap() > 0, "{saved}");
+    // Logged once per run of failures, not every 200 ms.
+    let log = server.stderr();
+    assert_eq!(log.matches("saving the cursor failed;").count(), 1, "{log}");
+    assert_eq!(log.matches("the cursor is saved again").count(), 1, "{log}");
 }

@@ -41,7 +41,9 @@ pub struct Enrichment<'a> {
 
 /// The text of an identity field when it counts as present: a non-blank string
 /// (decoded), or any other value but null as its JSON text (numbers are common user ids).
-/// The router's ordering key uses the same rule (`event::identify`).
+/// A string that does not decode to Unicode (a lone surrogate escape, `"\ud800"`, which
+/// JSON's grammar allows) is present too, as its JSON text: RudderStack's gateway accepts
+/// it. The router's ordering key uses the same rule (`event::identify`).
 fn text(v: &RawValue) -> Option<Cow<'_, str>> {
     let raw = v.get();
     match raw.as_bytes().first() {
@@ -49,7 +51,10 @@ fn text(v: &RawValue) -> Option<Cow<'_, str>> {
             let s = match serde_json::from_str::<&str>(raw) {
                 Ok(s) => Cow::Borrowed(s),
                 // Escapes need an owned string.
-                Err(_) => Cow::Owned(serde_json::from_str::<String>(raw).ok()?),
+                Err(_) => match serde_json::from_str::<String>(raw) {
+                    Ok(s) => Cow::Owned(s),
+                    Err(_) => Cow::Borrowed(raw),
+                },
             };
             (!s.trim().is_empty()).then_some(s)
         }
@@ -326,6 +331,33 @@ mod tests {
         assert_eq!(v["anonymousId"], "body", "the header is only a fallback");
         let v = run(r#"{"anonymousId":"","userId":"u"}"#, &h).unwrap();
         assert_eq!(v["anonymousId"], "from-header");
+    }
+
+    /// A lone surrogate escape is valid JSON grammar but no Unicode: such a userId is
+    /// still an identity (RudderStack accepts it), keyed by its JSON text in the meta
+    /// block and by the router alike, and the event's bytes are kept as sent.
+    #[test]
+    fn an_identity_with_a_lone_surrogate_counts() {
+        for (input, want_key) in [
+            (r#"{"userId":"\ud800","event":"x"}"#, r#"u:"\ud800""#),
+            (r#"{"anonymousId":"a\udc00b"}"#, r#"a:"a\udc00b""#),
+        ] {
+            let Shallow::Object(fields) = serde_json::from_str::<Shallow>(input).unwrap() else {
+                panic!("an object");
+            };
+            let (mut out, mut meta) = (Vec::new(), Vec::new());
+            enrich(&fields, &E, &mut out, &mut meta).unwrap();
+            let (key, _) = crate::store::envelope::decode_meta(&meta).expect("meta written");
+            assert_eq!(key, want_key);
+            assert_eq!(
+                &*crate::event::identify(&out).0,
+                want_key,
+                "the router agrees"
+            );
+            let text = String::from_utf8(out).unwrap();
+            let field = input.split(',').next().unwrap().trim_start_matches('{');
+            assert!(text.contains(field.trim_end_matches('}')), "{text}");
+        }
     }
 
     #[test]

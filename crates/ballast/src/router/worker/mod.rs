@@ -91,6 +91,9 @@ pub(super) struct Worker {
     consumer: String,
     /// The store partition this loop delivers (one loop per partition it holds).
     partition: u32,
+    /// Saving the cursor failed last time: logged once per run of failures (the store
+    /// counts each and the server alerts on it), not every 200 ms.
+    ack_failing: bool,
     /// Deliveries in flight at most: the destination's concurrency shared out over its
     /// partitions.
     concurrency: usize,
@@ -185,6 +188,7 @@ impl Worker {
             skip: progress.done.iter().copied().collect(),
             takeover_mark,
             last_progress: progress,
+            ack_failing: false,
             replays: false,
             published: (0, 0, 0),
             redelivered,
@@ -423,9 +427,16 @@ impl Worker {
             Ok(()) => {
                 self.acked = progress.cursor;
                 self.last_progress = progress;
+                if std::mem::take(&mut self.ack_failing) {
+                    tracing::info!(destination = %self.config.id, "the cursor is saved again");
+                }
+            }
+            Err(e) if self.ack_failing => {
+                tracing::debug!(destination = %self.config.id, error = %e, "saving the cursor failed again")
             }
             Err(e) => {
-                tracing::error!(destination = %self.config.id, error = %e, "saving the cursor failed")
+                self.ack_failing = true;
+                tracing::error!(destination = %self.config.id, error = %e, "saving the cursor failed; retrying every 200 ms")
             }
         }
     }

@@ -55,6 +55,11 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// Runs the server; returns the process exit code. `forced_mode` is `serve --mode`.
+///
+/// Phases: storage and the alert outbox (every later state change writes its alert first);
+/// the running mode; the router's state and the crash journal's strikes; delivery; the
+/// listeners (then `server.json`); serving until a signal or a fatal storage failure;
+/// shutting down in order.
 pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i32> {
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -62,27 +67,10 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     let prometheus = crate::admin::install_recorder()?;
 
     let (store, mut fatal, report) = open_store(&config, &data_dir).await?;
-
     let state = Arc::new(ServerState::default());
-
     // Alerts first: every state change below writes its alert to the outbox before it
     // takes effect. With the PostgreSQL store the outbox is shared by every replica.
-    let alerts = open_alerts(&config, &data_dir).await?;
-    // A failed fsync stopped the previous run; the log has been recovered and the
-    // writer is running again, so that condition has cleared.
-    if let Some(since) = alerts.open_since_local(FSYNC_ALERT)? {
-        let alert = alerts.alert(
-            FSYNC_ALERT,
-            Action::Resolve,
-            Severity::Info,
-            format!(
-                "ballast on {}: the event log was recovered after the failed write and accepts events again",
-                alerts.source()
-            ),
-            serde_json::json!({ "recovered": report.as_ref().map(|r| r.records), "torn_tail_bytes": report.as_ref().map(|r| r.torn_tail_bytes), "corrupt_records": report.as_ref().map(|r| r.corrupt_records) }),
-        );
-        alerts.raise_local(&format!("{FSYNC_ALERT}:resolved:{since}"), alert)?;
-    }
+    let alerts = open_alerts(&config, &data_dir, report.as_ref()).await?;
     let (recovery, start) = Recovery::start(
         &data_dir,
         config.recovery.clone(),
@@ -92,64 +80,14 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     .context("recording the start")?;
     state.set_mode(start.mode);
 
-    // The router's state: beside the log in the data directory, or in the shared
-    // database with the PostgreSQL store (so that every replica sees it).
-    let db: Arc<dyn RouterState> = match (&config.storage.backend, &config.storage.postgres_url) {
-        (StorageBackend::Postgres, Some(url)) => Arc::new(
-            crate::router::state::postgres::PgRouterState::open(url)
-                .await
-                .context("opening the router state in PostgreSQL")?,
-        ),
-        _ => {
-            let db_path = data_dir.join("router.redb");
-            Arc::new(Arc::new(
-                tokio::task::spawn_blocking(move || RouterDb::open(&db_path))
-                    .await
-                    .context("opening the router state")??,
-            ))
-        }
-    };
-    // Events that were being delivered when the previous run died get a strike.
-    let (journal, leftover) =
-        Journal::open(&data_dir.join("inflight.journal")).context("opening the crash journal")?;
-    if start.crashed && !leftover.is_empty() {
-        for ((dest, key), n) in crate::router::strike(&*store, &db, &leftover).await? {
-            tracing::warn!(destination = %dest, event = %key, strikes = n, threshold = config.recovery.poison_threshold, "event was in flight when the process died");
-        }
-    }
-    journal.reset().context("resetting the crash journal")?;
-    let journal = Arc::new(journal);
+    let db = open_router_state(&config, &data_dir).await?;
+    let journal = open_journal(&config, &data_dir, start.crashed, &*store, &db).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut mode_rx = recovery.subscribe();
-    let (routing_tx, routing_rx) = watch::channel(start.mode == Mode::Normal);
-    let router = Arc::new(
-        Router::start(
-            &config,
-            store.clone(),
-            db,
-            journal,
-            alerts.clone(),
-            routing_rx,
-            stop_rx.clone(),
-        )
-        .await
-        .context("starting delivery")?,
-    );
-    let has_destinations = !router.destinations.is_empty();
-    state.set_routing(has_destinations && start.mode == Mode::Normal);
-    {
-        // The running mode drives delivery.
-        let state = state.clone();
-        tokio::spawn(async move {
-            while mode_rx.changed().await.is_ok() {
-                let mode = *mode_rx.borrow_and_update();
-                state.set_mode(mode);
-                state.set_routing(has_destinations && mode == Mode::Normal);
-                let _ = routing_tx.send(mode == Mode::Normal);
-            }
-        });
-    }
+    let router = start_delivery(
+        &config, &store, db, journal, &alerts, &recovery, &state, start.mode, &stop_rx,
+    )
+    .await?;
     tokio::spawn(alerts.clone().run_sender(stop_rx.clone()));
     tokio::spawn(recovery.clone().run_quiet_period(stop_rx.clone()));
     tokio::spawn(storage_alerts(
@@ -158,52 +96,9 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         stop_rx.clone(),
     ));
 
+    let (public, admin) = bind(&config, &data_dir).await?;
+    tracing::info!(listen = %public.local_addr()?, admin = %admin.local_addr()?, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
     let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
-    let public = TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.server.listen))?;
-    let admin = TcpListener::bind(config.server.admin_listen)
-        .await
-        .with_context(|| format!("listening on {} (admin)", config.server.admin_listen))?;
-    let addrs = Addresses {
-        pid: std::process::id(),
-        listen: public.local_addr()?,
-        admin_listen: admin.local_addr()?,
-    };
-    ballast_log::write_atomically(
-        &addresses_path(&data_dir),
-        &serde_json::to_vec_pretty(&addrs)?,
-    )
-    .context("writing server.json")?;
-    tracing::info!(listen = %addrs.listen, admin = %addrs.admin_listen, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
-
-    // Connection caps that leave file descriptors to the log and the destinations.
-    let fd_limit = crate::listener::raise_fd_limit();
-    let (public_cap, admin_cap) =
-        crate::listener::connection_caps(&config.server, fd_limit, crate::listener::open_fds());
-    if public_cap < config.server.max_connections {
-        tracing::info!(
-            max_connections = public_cap,
-            configured = config.server.max_connections,
-            fd_limit,
-            fd_reserve = config.server.fd_reserve,
-            "connection cap lowered to fit the file descriptor limit"
-        );
-    }
-    let public_limits = crate::listener::Limits::from_config(&config.server, public_cap);
-    let admin_limits = crate::listener::Limits::from_config(&config.server, admin_cap);
-    // ... and that stop accepting while what opens later (segments, sockets) needs them.
-    let fd_budget = crate::listener::FdBudget::new(fd_limit, config.server.fd_reserve);
-    tokio::spawn(fd_budget.clone().run_sampler(stop_rx.clone()));
-    let public_app = gateway.router();
-    let public_server = tokio::spawn(crate::listener::serve(
-        public,
-        public_app,
-        public_limits,
-        fd_budget,
-        "public",
-        stop_rx.clone(),
-    ));
     let history = Arc::new(crate::admin::history::History::new(
         config.server.history_interval,
         router.status().into_iter().map(|d| d.id).collect(),
@@ -226,43 +121,22 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         alerts: alerts.clone(),
         history,
     });
-    let admin_server = tokio::spawn(crate::listener::serve(
+    let servers = serve(
+        &config,
+        public,
+        gateway.router(),
         admin,
         admin_app,
-        admin_limits,
-        // The admin listener has its own small cap, counted in the public budget: an
-        // operator can still look in while the public listener waits for descriptors.
-        crate::listener::FdBudget::unlimited(),
-        "admin",
-        stop_rx.clone(),
-    ));
+        &stop_rx,
+    );
 
-    let mut exit_code = tokio::select! {
-        sig = shutdown_signal() => {
-            tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
-            0
-        }
-        reason = fatal_failure(fatal.as_mut()) => storage_failed(&alerts, reason).await,
-    };
-    let delay = config.server.shutdown_delay;
-    if exit_code == 0 && !delay.is_zero() {
-        // Not ready, but still serving: load balancers that go by /readyz stop sending
-        // before the listeners close. A second signal ends the wait.
-        state.start_draining();
-        tracing::info!(delay = ?delay, "not ready; still serving for server.shutdown_delay");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            sig = shutdown_signal() => tracing::info!(signal = sig, "second signal: not waiting longer"),
-            reason = fatal_failure(fatal.as_mut()) => exit_code = storage_failed(&alerts, reason).await,
-        }
-    }
+    let exit_code = wait_for_stop(&config, &state, &alerts, fatal.as_mut()).await;
+
+    // Shutting down: listeners first (in-flight requests finish), then delivery, then the
+    // store (the writer flushes).
     state.set_shutting_down();
     let _ = stop_tx.send(true);
-    let drain = async {
-        let _ = public_server.await;
-        let _ = admin_server.await;
-    };
-    if tokio::time::timeout(config.server.shutdown_timeout, drain)
+    if tokio::time::timeout(config.server.shutdown_timeout, servers)
         .await
         .is_err()
     {
@@ -279,6 +153,234 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         tracing::info!("stopped cleanly");
     }
     Ok(exit_code)
+}
+
+/// Opens the alert outbox (beside the log, or in the shared database with the PostgreSQL
+/// store) and resolves the failed-fsync condition a previous run left open.
+async fn open_alerts(
+    config: &Config,
+    data_dir: &Path,
+    report: Option<&ballast_log::RecoveryReport>,
+) -> anyhow::Result<Arc<Alerts>> {
+    let settings = config.alerts.clone();
+    let opened = match (&config.storage.backend, &config.storage.postgres_url) {
+        (StorageBackend::Postgres, Some(url)) => {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || Alerts::open_postgres(&url, &settings)).await
+        }
+        _ => {
+            let path = data_dir.join("alerts.redb");
+            tokio::task::spawn_blocking(move || Alerts::open(&path, &settings)).await
+        }
+    };
+    let alerts = opened
+        .context("opening the alert outbox")?
+        .context("opening the alert outbox")?;
+    // A failed fsync stopped the previous run; the log has been recovered and the
+    // writer is running again, so that condition has cleared.
+    if let Some(since) = alerts.open_since_local(FSYNC_ALERT)? {
+        let alert = alerts.alert(
+            FSYNC_ALERT,
+            Action::Resolve,
+            Severity::Info,
+            format!(
+                "ballast on {}: the event log was recovered after the failed write and accepts events again",
+                alerts.source()
+            ),
+            serde_json::json!({ "recovered": report.map(|r| r.records), "torn_tail_bytes": report.map(|r| r.torn_tail_bytes), "corrupt_records": report.map(|r| r.corrupt_records) }),
+        );
+        alerts.raise_local(&format!("{FSYNC_ALERT}:resolved:{since}"), alert)?;
+    }
+    Ok(alerts)
+}
+
+/// The router's state: beside the log in the data directory, or in the shared database
+/// with the PostgreSQL store (so that every replica sees it).
+async fn open_router_state(
+    config: &Config,
+    data_dir: &Path,
+) -> anyhow::Result<Arc<dyn RouterState>> {
+    Ok(
+        match (&config.storage.backend, &config.storage.postgres_url) {
+            (StorageBackend::Postgres, Some(url)) => Arc::new(
+                crate::router::state::postgres::PgRouterState::open(url)
+                    .await
+                    .context("opening the router state in PostgreSQL")?,
+            ),
+            _ => {
+                let db_path = data_dir.join("router.redb");
+                Arc::new(Arc::new(
+                    tokio::task::spawn_blocking(move || RouterDb::open(&db_path))
+                        .await
+                        .context("opening the router state")??,
+                ))
+            }
+        },
+    )
+}
+
+/// Opens the crash journal: events that were being delivered when the previous run died
+/// get a strike; then it starts empty.
+async fn open_journal(
+    config: &Config,
+    data_dir: &Path,
+    crashed: bool,
+    store: &dyn Store,
+    db: &Arc<dyn RouterState>,
+) -> anyhow::Result<Arc<Journal>> {
+    let (journal, leftover) =
+        Journal::open(&data_dir.join("inflight.journal")).context("opening the crash journal")?;
+    if crashed && !leftover.is_empty() {
+        for ((dest, key), n) in crate::router::strike(store, db, &leftover).await? {
+            tracing::warn!(destination = %dest, event = %key, strikes = n, threshold = config.recovery.poison_threshold, "event was in flight when the process died");
+        }
+    }
+    journal.reset().context("resetting the crash journal")?;
+    Ok(Arc::new(journal))
+}
+
+/// Starts the delivery loops, and the task through which the running mode drives them.
+#[allow(clippy::too_many_arguments)]
+async fn start_delivery(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    db: Arc<dyn RouterState>,
+    journal: Arc<Journal>,
+    alerts: &Arc<Alerts>,
+    recovery: &Arc<Recovery>,
+    state: &Arc<ServerState>,
+    mode: Mode,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Arc<Router>> {
+    let mut mode_rx = recovery.subscribe();
+    let (routing_tx, routing_rx) = watch::channel(mode == Mode::Normal);
+    let router = Arc::new(
+        Router::start(
+            config,
+            store.clone(),
+            db,
+            journal,
+            alerts.clone(),
+            routing_rx,
+            stop_rx.clone(),
+        )
+        .await
+        .context("starting delivery")?,
+    );
+    let has_destinations = !router.destinations.is_empty();
+    state.set_routing(has_destinations && mode == Mode::Normal);
+    let state = state.clone();
+    tokio::spawn(async move {
+        while mode_rx.changed().await.is_ok() {
+            let mode = *mode_rx.borrow_and_update();
+            state.set_mode(mode);
+            state.set_routing(has_destinations && mode == Mode::Normal);
+            let _ = routing_tx.send(mode == Mode::Normal);
+        }
+    });
+    Ok(router)
+}
+
+/// Binds both listeners and writes the addresses to `server.json`.
+async fn bind(config: &Config, data_dir: &Path) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let public = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| format!("listening on {} (admin)", config.server.admin_listen))?;
+    let addrs = Addresses {
+        pid: std::process::id(),
+        listen: public.local_addr()?,
+        admin_listen: admin.local_addr()?,
+    };
+    ballast_log::write_atomically(
+        &addresses_path(data_dir),
+        &serde_json::to_vec_pretty(&addrs)?,
+    )
+    .context("writing server.json")?;
+    Ok((public, admin))
+}
+
+/// Serves both listeners with connection caps that leave file descriptors to the log and
+/// the destinations; the future ends when both have closed (after `stop`).
+fn serve(
+    config: &Config,
+    public: TcpListener,
+    public_app: axum::Router,
+    admin: TcpListener,
+    admin_app: axum::Router,
+    stop_rx: &watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> {
+    let fd_limit = crate::listener::raise_fd_limit();
+    let (public_cap, admin_cap) =
+        crate::listener::connection_caps(&config.server, fd_limit, crate::listener::open_fds());
+    if public_cap < config.server.max_connections {
+        tracing::info!(
+            max_connections = public_cap,
+            configured = config.server.max_connections,
+            fd_limit,
+            fd_reserve = config.server.fd_reserve,
+            "connection cap lowered to fit the file descriptor limit"
+        );
+    }
+    let public_limits = crate::listener::Limits::from_config(&config.server, public_cap);
+    let admin_limits = crate::listener::Limits::from_config(&config.server, admin_cap);
+    // ... and that stop accepting while what opens later (segments, sockets) needs them.
+    let fd_budget = crate::listener::FdBudget::new(fd_limit, config.server.fd_reserve);
+    tokio::spawn(fd_budget.clone().run_sampler(stop_rx.clone()));
+    let public_server = tokio::spawn(crate::listener::serve(
+        public,
+        public_app,
+        public_limits,
+        fd_budget,
+        "public",
+        stop_rx.clone(),
+    ));
+    let admin_server = tokio::spawn(crate::listener::serve(
+        admin,
+        admin_app,
+        admin_limits,
+        // The admin listener has its own small cap, counted in the public budget: an
+        // operator can still look in while the public listener waits for descriptors.
+        crate::listener::FdBudget::unlimited(),
+        "admin",
+        stop_rx.clone(),
+    ));
+    async move {
+        let _ = public_server.await;
+        let _ = admin_server.await;
+    }
+}
+
+/// Waits for SIGTERM/SIGINT or a fatal storage failure; returns the exit code. With
+/// `server.shutdown_delay`, keeps serving that long with readiness off before returning.
+async fn wait_for_stop(
+    config: &Config,
+    state: &ServerState,
+    alerts: &Arc<Alerts>,
+    mut fatal: Option<&mut watch::Receiver<Option<String>>>,
+) -> i32 {
+    let mut exit_code = tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+            0
+        }
+        reason = fatal_failure(fatal.as_deref_mut()) => storage_failed(alerts, reason).await,
+    };
+    let delay = config.server.shutdown_delay;
+    if exit_code == 0 && !delay.is_zero() {
+        // Not ready, but still serving: load balancers that go by /readyz stop sending
+        // before the listeners close. A second signal ends the wait.
+        state.start_draining();
+        tracing::info!(delay = ?delay, "not ready; still serving for server.shutdown_delay");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            sig = shutdown_signal() => tracing::info!(signal = sig, "second signal: not waiting longer"),
+            reason = fatal_failure(fatal) => exit_code = storage_failed(alerts, reason).await,
+        }
+    }
+    exit_code
 }
 
 /// A fatal storage failure: logged, alerted (sent now if the notifiers answer); exit 1.
@@ -303,25 +405,6 @@ async fn storage_failed(alerts: &Arc<Alerts>, reason: String) -> i32 {
         tracing::warn!("alerts not yet delivered stay in the outbox for the next start");
     }
     1
-}
-
-/// Opens the alert outbox: beside the log, or in the shared database with the
-/// PostgreSQL store.
-async fn open_alerts(config: &Config, data_dir: &Path) -> anyhow::Result<Arc<Alerts>> {
-    let alerts = config.alerts.clone();
-    let opened = match (&config.storage.backend, &config.storage.postgres_url) {
-        (StorageBackend::Postgres, Some(url)) => {
-            let url = url.clone();
-            tokio::task::spawn_blocking(move || Alerts::open_postgres(&url, &alerts)).await
-        }
-        _ => {
-            let path = data_dir.join("alerts.redb");
-            tokio::task::spawn_blocking(move || Alerts::open(&path, &alerts)).await
-        }
-    };
-    opened
-        .context("opening the alert outbox")?
-        .context("opening the alert outbox")
 }
 
 /// Opens the configured store: the store, a channel that reports a fatal failure (the

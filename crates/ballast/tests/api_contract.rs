@@ -1,4 +1,4 @@
-//! The public HTTP API contract (DESIGN.md, "Public HTTP API"), row by row, against the
+//! The public HTTP API contract (docs/API.md), row by row, against the
 //! real binary: endpoints, auth forms, gzip, CORS, exact error answers, enrichment,
 //! graceful shutdown and group commit.
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use common::{Server, WRITE_KEY};
+use common::{metric, Server, WRITE_KEY};
 use reqwest::blocking::{Client, RequestBuilder};
 use reqwest::header::{self, HeaderMap};
 use serde_json::{json, Value};
@@ -167,23 +167,6 @@ fn assert_received_at(v: &Value, before: SystemTime, after: SystemTime) {
         t + Duration::from_millis(1_000) >= before && t <= after + Duration::from_millis(1_000),
         "receivedAt {s} is not close to now"
     );
-}
-
-/// The value of an unlabelled metric in the admin `/metrics` text.
-fn metric(server: &Server, name: &str) -> f64 {
-    let text = common::client()
-        .get(format!("{}/metrics", server.admin))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .filter(|rest| rest.starts_with(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -657,231 +640,110 @@ fn cors_preflight_allows_the_sdk_headers_and_posts_get_the_origin() {
 // Errors
 // ---------------------------------------------------------------------------------------
 
+/// How an error row's request carries its write key.
+#[derive(Debug, Clone, Copy)]
+enum Auth {
+    /// Basic auth with the source's key, JSON content type.
+    Key,
+    /// Basic auth with this key, no content type.
+    Basic(&'static str),
+    /// No Authorization header, JSON content type (a key, if any, is in the body).
+    Anonymous,
+    /// A beacon call: text/plain, no Authorization header (a key, if any, in the query).
+    Beacon,
+}
+
+/// The documented error answers (docs/API.md, "Errors"): each row is one request and the
+/// exact status and body it gets.
+const NO_KEY: &str = "failed to read writekey from header";
+const INVALID_KEY: &str = "invalid write key";
+const DISABLED: &str = "source is disabled";
+const INVALID_JSON: &str = "invalid json";
+const NOT_AN_EVENT: &str = "event is not a valid rudder event";
+const EMPTY_BATCH: &str = "empty batch payload";
+const NO_ID: &str = "request neither has anonymousId nor userId";
+
+const OK_EVENT: &str = r#"{"userId":"u","event":"E"}"#;
+const OK_BATCH: &str = r#"{"batch":[{"userId":"u","event":"E"}]}"#;
+
+#[rustfmt::skip]
+const ERROR_ROWS: &[(Auth, &str, &str, u16, &str)] = &[
+    // No write key.
+    (Auth::Anonymous, "/v1/track", OK_EVENT, 401, NO_KEY),
+    (Auth::Anonymous, "/v1/batch", OK_BATCH, 401, NO_KEY),
+    (Auth::Anonymous, "/v1/track", "{not json", 401, NO_KEY),
+    (Auth::Beacon, "/beacon/v1/batch", OK_BATCH, 401, NO_KEY),
+    (Auth::Beacon, "/beacon/v1/batch?writeKey=", OK_BATCH, 401, NO_KEY),
+    // Unknown write key. A key in the header is judged before the body: wrong key,
+    // broken body → 401.
+    (Auth::Basic("no-such-key"), "/v1/track", OK_EVENT, 401, INVALID_KEY),
+    (Auth::Basic("no-such-key"), "/v1/track", "{not json", 401, INVALID_KEY),
+    (Auth::Basic("no-such-key"), "/v1/batch", OK_BATCH, 401, INVALID_KEY),
+    (Auth::Basic("no-such-key"), "/v1/batch", "{not json", 401, INVALID_KEY),
+    (Auth::Anonymous, "/v1/batch", r#"{"batch":[{"userId":"u"}],"writeKey":"no-such-key"}"#, 401, INVALID_KEY),
+    (Auth::Anonymous, "/v1/track", r#"{"userId":"u","writeKey":"no-such-key"}"#, 401, INVALID_KEY),
+    (Auth::Beacon, "/beacon/v1/batch?writeKey=no-such-key", OK_BATCH, 401, INVALID_KEY),
+    // Disabled source.
+    (Auth::Basic("disabled-key"), "/v1/track", OK_EVENT, 404, DISABLED),
+    (Auth::Anonymous, "/v1/batch", r#"{"batch":[{"userId":"u"}],"writeKey":"disabled-key"}"#, 404, DISABLED),
+    (Auth::Beacon, "/beacon/v1/batch?writeKey=disabled-key", OK_BATCH, 404, DISABLED),
+    // Malformed JSON.
+    (Auth::Key, "/v1/track", r#"{"userId":"u""#, 400, INVALID_JSON),
+    (Auth::Key, "/v1/track", r#"{"userId":"u"} trailing"#, 400, INVALID_JSON),
+    (Auth::Key, "/v1/track", "", 400, INVALID_JSON),
+    (Auth::Key, "/v1/identify", "not json", 400, INVALID_JSON),
+    (Auth::Key, "/v1/batch", r#"{"batch":[{"userId":"u"}"#, 400, INVALID_JSON),
+    (Auth::Key, "/v1/batch", "not json", 400, INVALID_JSON),
+    (Auth::Key, "/v1/batch", "", 400, INVALID_JSON),
+    (Auth::Key, "/v1/import", r#"{"batch":"nope"}"#, 400, INVALID_JSON),
+    (Auth::Key, "/v1/b", "{", 400, INVALID_JSON),
+    // A batch element that is not an object.
+    (Auth::Key, "/v1/batch", r#"{"batch":[{"userId":"u"},42]}"#, 400, NOT_AN_EVENT),
+    (Auth::Key, "/v1/batch", r#"{"batch":["event"]}"#, 400, NOT_AN_EVENT),
+    (Auth::Key, "/v1/batch", r#"{"batch":[null]}"#, 400, NOT_AN_EVENT),
+    (Auth::Key, "/v1/batch", r#"{"batch":[[{"userId":"u"}]]}"#, 400, NOT_AN_EVENT),
+    // Empty or missing batch (`test-write-key` is `common::WRITE_KEY`).
+    (Auth::Key, "/v1/batch", r#"{"batch":[]}"#, 400, EMPTY_BATCH),
+    (Auth::Key, "/v1/batch", "{}", 400, EMPTY_BATCH),
+    (Auth::Key, "/v1/batch", r#"{"batch":null}"#, 400, EMPTY_BATCH),
+    (Auth::Key, "/v1/batch", r#"{"sentAt":"x"}"#, 400, EMPTY_BATCH),
+    (Auth::Anonymous, "/v1/batch", r#"{"batch":[],"writeKey":"test-write-key"}"#, 400, EMPTY_BATCH),
+    // Neither userId nor anonymousId.
+    (Auth::Key, "/v1/track", r#"{"event":"E"}"#, 400, NO_ID),
+    (Auth::Key, "/v1/identify", r#"{"userId":"","anonymousId":null}"#, 400, NO_ID),
+    (Auth::Key, "/v1/track", r#"{"userId":"   ","event":"E"}"#, 400, NO_ID),
+    (Auth::Key, "/v1/page", r#"{"userId":null,"anonymousId":"  "}"#, 400, NO_ID),
+    (Auth::Key, "/v1/batch", r#"{"batch":[{"event":"E"}]}"#, 400, NO_ID),
+    (Auth::Key, "/v1/batch", r#"{"batch":[{"userId":"u"},{"anonymousId":""}]}"#, 400, NO_ID),
+];
+
 #[test]
 fn every_error_row_has_its_exact_status_and_body_and_stores_nothing() {
+    assert_eq!(WRITE_KEY, "test-write-key", "the rows name the key");
     let server = Server::start(&common::config(""));
     let http = common::client();
-    let ok_event = r#"{"userId":"u","event":"E"}"#;
-    let ok_batch = r#"{"batch":[{"userId":"u","event":"E"}]}"#;
-
-    // No write key.
-    let no_key = "failed to read writekey from header";
-    expect(
-        &post_anon(&http, &server, "/v1/track", ok_event),
-        401,
-        no_key,
-    );
-    expect(
-        &post_anon(&http, &server, "/v1/batch", ok_batch),
-        401,
-        no_key,
-    );
-    expect(
-        &post_anon(&http, &server, "/v1/track", "{not json"),
-        401,
-        no_key,
-    );
-    expect(
-        &call(
-            http.post(server.url("/beacon/v1/batch"))
-                .header(header::CONTENT_TYPE, "text/plain")
-                .body(ok_batch),
-        ),
-        401,
-        no_key,
-    );
-    expect(
-        &call(
-            http.post(server.url("/beacon/v1/batch?writeKey="))
-                .header(header::CONTENT_TYPE, "text/plain")
-                .body(ok_batch),
-        ),
-        401,
-        no_key,
-    );
-    expect(
-        &call(
-            http.post(server.url("/v1/track"))
-                .header(header::AUTHORIZATION, "Bearer abc")
-                .body(ok_event),
-        ),
-        401,
-        no_key,
-    );
-    expect(
-        &call(
-            http.post(server.url("/v1/track"))
-                .basic_auth("", Some("secret"))
-                .body(ok_event),
-        ),
-        401,
-        no_key,
-    );
-
-    // Unknown write key.
-    let invalid = "invalid write key";
-    for path in ["/v1/track", "/v1/batch"] {
-        let body = if path == "/v1/track" {
-            ok_event
-        } else {
-            ok_batch
+    for &(auth, path, body, status, answer) in ERROR_ROWS {
+        let rb = http.post(server.url(path));
+        let rb = match auth {
+            Auth::Key => rb
+                .basic_auth(WRITE_KEY, Some(""))
+                .header(header::CONTENT_TYPE, "application/json"),
+            Auth::Basic(key) => rb.basic_auth(key, Some("")),
+            Auth::Anonymous => rb.header(header::CONTENT_TYPE, "application/json"),
+            Auth::Beacon => rb.header(header::CONTENT_TYPE, "text/plain"),
         };
-        let r = call(
-            http.post(server.url(path))
-                .basic_auth("no-such-key", Some(""))
-                .body(body),
-        );
-        expect(&r, 401, invalid);
-        // A key in the header is judged before the body: wrong key, broken body → 401.
-        let r = call(
-            http.post(server.url(path))
-                .basic_auth("no-such-key", Some(""))
-                .body("{not json"),
-        );
-        expect(&r, 401, invalid);
-    }
-    expect(
-        &post_anon(
-            &http,
-            &server,
-            "/v1/batch",
-            r#"{"batch":[{"userId":"u"}],"writeKey":"no-such-key"}"#,
-        ),
-        401,
-        invalid,
-    );
-    expect(
-        &post_anon(
-            &http,
-            &server,
-            "/v1/track",
-            r#"{"userId":"u","writeKey":"no-such-key"}"#,
-        ),
-        401,
-        invalid,
-    );
-    expect(
-        &call(
-            http.post(server.url("/beacon/v1/batch?writeKey=no-such-key"))
-                .header(header::CONTENT_TYPE, "text/plain")
-                .body(ok_batch),
-        ),
-        401,
-        invalid,
-    );
-
-    // Disabled source.
-    let disabled = "source is disabled";
-    expect(
-        &call(
-            http.post(server.url("/v1/track"))
-                .basic_auth("disabled-key", Some(""))
-                .body(ok_event),
-        ),
-        404,
-        disabled,
-    );
-    expect(
-        &post_anon(
-            &http,
-            &server,
-            "/v1/batch",
-            r#"{"batch":[{"userId":"u"}],"writeKey":"disabled-key"}"#,
-        ),
-        404,
-        disabled,
-    );
-    expect(
-        &call(
-            http.post(server.url("/beacon/v1/batch?writeKey=disabled-key"))
-                .header(header::CONTENT_TYPE, "text/plain")
-                .body(ok_batch),
-        ),
-        404,
-        disabled,
-    );
-
-    // Malformed JSON.
-    for (path, body) in [
-        ("/v1/track", r#"{"userId":"u""#),
-        ("/v1/track", r#"{"userId":"u"} trailing"#),
-        ("/v1/track", ""),
-        ("/v1/identify", "not json"),
-        ("/v1/batch", r#"{"batch":[{"userId":"u"}"#),
-        ("/v1/batch", "not json"),
-        ("/v1/batch", ""),
-        ("/v1/import", r#"{"batch":"nope"}"#),
-        ("/v1/b", "{"),
-    ] {
-        let r = post(&http, &server, path, body);
+        let r = call(rb.body(body));
         assert_eq!(
             (r.status, r.text().as_str()),
-            (400, "invalid json"),
-            "{path} {body:?}"
+            (status, answer),
+            "{auth:?} {path} {body:?}"
         );
-    }
-
-    // A batch element that is not an object.
-    for body in [
-        r#"{"batch":[{"userId":"u"},42]}"#,
-        r#"{"batch":["event"]}"#,
-        r#"{"batch":[null]}"#,
-        r#"{"batch":[[{"userId":"u"}]]}"#,
-    ] {
-        let r = post(&http, &server, "/v1/batch", body);
-        assert_eq!(
-            (r.status, r.text().as_str()),
-            (400, "event is not a valid rudder event"),
-            "{body}"
-        );
-    }
-
-    // Empty or missing batch.
-    for body in [
-        r#"{"batch":[]}"#,
-        "{}",
-        r#"{"batch":null}"#,
-        r#"{"sentAt":"x"}"#,
-    ] {
-        let r = post(&http, &server, "/v1/batch", body);
-        assert_eq!(
-            (r.status, r.text().as_str()),
-            (400, "empty batch payload"),
-            "{body}"
-        );
-    }
-    expect(
-        &post_anon(
-            &http,
-            &server,
-            "/v1/batch",
-            &*format!(r#"{{"batch":[],"writeKey":"{WRITE_KEY}"}}"#),
-        ),
-        400,
-        "empty batch payload",
-    );
-
-    // Neither userId nor anonymousId.
-    let no_id = "request neither has anonymousId nor userId";
-    for (path, body) in [
-        ("/v1/track", r#"{"event":"E"}"#),
-        ("/v1/identify", r#"{"userId":"","anonymousId":null}"#),
-        ("/v1/track", r#"{"userId":"   ","event":"E"}"#),
-        ("/v1/page", r#"{"userId":null,"anonymousId":"  "}"#),
-        ("/v1/batch", r#"{"batch":[{"event":"E"}]}"#),
-        (
-            "/v1/batch",
-            r#"{"batch":[{"userId":"u"},{"anonymousId":""}]}"#,
-        ),
-    ] {
-        let r = post(&http, &server, path, body);
-        assert_eq!((r.status, r.text().as_str()), (400, no_id), "{path} {body}");
     }
 
     assert_eq!(server.dump(), Vec::<Value>::new(), "an error stored events");
 
     // The server still works after all that.
-    expect(&post(&http, &server, "/v1/track", ok_event), 200, "OK");
+    expect(&post(&http, &server, "/v1/track", OK_EVENT), 200, "OK");
     assert_eq!(server.dump().len(), 1);
 }
 
@@ -1425,7 +1287,7 @@ fn concurrent_requests_share_fsyncs() {
     let ok = ok.into_inner();
     assert_eq!(ok, REQUESTS, "not every request succeeded");
 
-    let fsyncs = metric(&server, "ballast_log_fsyncs_total");
+    let fsyncs = metric(&server, "ballast_log_fsyncs_total").expect("ballast_log_fsyncs_total");
     eprintln!("{ok} requests, {fsyncs} fsyncs");
     assert!(fsyncs >= 1.0, "no fsync counted");
     assert!(
@@ -1433,9 +1295,20 @@ fn concurrent_requests_share_fsyncs() {
         "{fsyncs} fsyncs for {ok} requests: no group commit"
     );
     // Latency histograms: one sample per fsync and per request.
-    assert!(metric(&server, "ballast_log_fsync_seconds_count") >= fsyncs);
-    assert!(metric(&server, "ballast_log_fsync_seconds_sum") > 0.0);
-    assert!(metric(&server, "ballast_ingest_request_seconds_count") >= ok as f64);
+    assert!(
+        metric(&server, "ballast_log_fsync_seconds_count")
+            .expect("ballast_log_fsync_seconds_count")
+            >= fsyncs
+    );
+    assert!(
+        metric(&server, "ballast_log_fsync_seconds_sum").expect("ballast_log_fsync_seconds_sum")
+            > 0.0
+    );
+    assert!(
+        metric(&server, "ballast_ingest_request_seconds_count")
+            .expect("ballast_ingest_request_seconds_count")
+            >= ok as f64
+    );
     let stored = by_message_id(&server.dump());
     assert_eq!(stored.len(), REQUESTS);
 }

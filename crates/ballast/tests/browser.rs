@@ -1,15 +1,13 @@
 //! RudderStack's JavaScript SDK (`@rudderstack/analytics-js`, bundled build, pinned) in a
-//! real headless Chromium, against a ballast that goes down and comes back (DESIGN.md,
-//! "Client side"): the events tracked while the server is down are kept in the page's
-//! queue (localStorage) and retried until they are all stored.
+//! real headless Chromium, against a ballast that goes down and comes back (the SDKs work
+//! unchanged, docs/API.md): the events tracked while the server is down are kept in the
+//! page's queue (localStorage) and retried until they are all stored.
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `chromium`, `chromium-driver`; `.ci/run`
 //! and `scripts/test` install them) and `npm` (the SDK is installed from the registry
 //! into the target directory on first use).
 
 mod common;
-#[path = "common/webdriver.rs"]
-mod webdriver;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -19,8 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::free_port;
+use common::webdriver::Browser;
 use common::{wait_for, Server, WRITE_KEY};
-use webdriver::{free_port, Browser};
 
 const SDK_PACKAGE: &str = "@rudderstack/analytics-js@3.34.1";
 const SDK_FILE: &str =

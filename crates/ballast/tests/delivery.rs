@@ -1,333 +1,29 @@
 //! Delivery, through the real binary: webhook and file destinations fed by a programmable
 //! HTTP receiver that records every request and answers by rule (200, 500, 429 +
-//! Retry-After, 400, 503, or hangs). Checks the "Durability and delivery semantics" of
-//! DESIGN.md: at least once, per-user order, retries and backoff, dead letters and replay,
+//! Retry-After, 400, 503, or hangs). Checks the delivery semantics (README, "Delivery";
+//! docs/OPERATIONS.md, "Destinations, retries and dead letters"): at least once, per-user order, retries and backoff, dead letters and replay,
 //! independent destinations, kill -9, and disk space given back once a backlog drains.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Server, WRITE_KEY};
+use common::receiver::{always, rule, url_for, Received, Receiver, Reply};
+use common::{
+    check_user_order, event_padded, free_port, mid, ordering_key, wait_for, Server, WRITE_KEY,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------
-// The programmable receiver
-// ---------------------------------------------------------------------------------------
-
-/// What the receiver answers to one request.
-#[derive(Debug, Clone, Copy)]
-enum Reply {
-    Status(u16),
-    /// The status with `Retry-After: <secs>`.
-    RetryAfter(u16, u64),
-    /// Waits, then answers the status (keep it below the webhook's timeout).
-    Delay(Duration, u16),
-    /// Waits, then answers 503; meant to outlast the webhook's timeout (recorded as 0).
-    Hang(Duration),
-}
-
-/// One request as the rule sees it.
-struct Hit<'a> {
-    events: &'a [Value],
-    /// How many requests (this one included) carried the same first messageId.
-    attempt: usize,
-}
-
-impl Hit<'_> {
-    fn mid(&self) -> &str {
-        self.events.first().map(mid).unwrap_or("")
-    }
-}
-
-type Rule = Arc<dyn Fn(&Hit) -> Reply + Send + Sync>;
-
-fn rule(f: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> Rule {
-    Arc::new(f)
-}
-
-fn always(status: u16) -> Rule {
-    rule(move |_| Reply::Status(status))
-}
-
-/// One recorded request.
-#[derive(Debug, Clone)]
-struct Received {
-    at: Instant,
-    method: String,
-    path: String,
-    headers: BTreeMap<String, String>,
-    body: Value,
-    /// The body's events: the body itself, or the elements of an array body.
-    events: Vec<Value>,
-    /// The status answered (0: the request was left hanging).
-    status: u16,
-}
-
-#[derive(Default)]
-struct Log {
-    requests: Vec<Received>,
-    /// Events in requests answered 200.
-    ok: usize,
-    seen: HashMap<String, usize>,
-}
-
-struct Shared {
-    log: Mutex<Log>,
-    rule: Mutex<Rule>,
-}
-
-struct Receiver {
-    port: u16,
-    shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-async fn handle(
-    axum::extract::State(s): axum::extract::State<Arc<Shared>>,
-    method: axum::http::Method,
-    uri: axum::http::Uri,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let body: Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-    let events = match &body {
-        Value::Array(items) => items.clone(),
-        other => vec![other.clone()],
-    };
-    let rule = s.rule.lock().unwrap().clone();
-    let reply = {
-        let mut log = s.log.lock().unwrap();
-        let key = events.first().map(mid).unwrap_or("").to_string();
-        let attempt = {
-            let n = log.seen.entry(key).or_insert(0);
-            *n += 1;
-            *n
-        };
-        let reply = rule(&Hit {
-            events: &events,
-            attempt,
-        });
-        let status = match reply {
-            Reply::Status(s) | Reply::RetryAfter(s, _) | Reply::Delay(_, s) => s,
-            Reply::Hang(_) => 0,
-        };
-        if status == 200 {
-            log.ok += events.len();
-        }
-        log.requests.push(Received {
-            at: Instant::now(),
-            method: method.to_string(),
-            path: uri.path().to_string(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            body,
-            events,
-            status,
-        });
-        reply
-    };
-    let code = |s: u16| axum::http::StatusCode::from_u16(s).unwrap();
-    let text = |s: u16| match s {
-        200..=299 => "ok",
-        400 => "bad event",
-        500 => "boom",
-        _ => "unavailable",
-    };
-    match reply {
-        Reply::Status(s) => (code(s), text(s)).into_response(),
-        Reply::RetryAfter(s, secs) => (
-            code(s),
-            [(axum::http::header::RETRY_AFTER, secs.to_string())],
-            text(s),
-        )
-            .into_response(),
-        Reply::Delay(d, s) => {
-            tokio::time::sleep(d).await;
-            (code(s), text(s)).into_response()
-        }
-        Reply::Hang(d) => {
-            tokio::time::sleep(d).await;
-            (code(503), "hung").into_response()
-        }
-    }
-}
-
-impl Receiver {
-    fn start(rule: Rule) -> Receiver {
-        Receiver::start_on(0, rule)
-    }
-
-    /// Listens on 127.0.0.1:`port` (0: any free port), retrying the bind for a while.
-    fn start_on(port: u16, rule: Rule) -> Receiver {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match std::net::TcpListener::bind(("127.0.0.1", port)) {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "binding port {port}: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        };
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let shared = Arc::new(Shared {
-            log: Mutex::new(Log::default()),
-            rule: Mutex::new(rule),
-        });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
-                tokio::select! {
-                    _ = async { let _ = axum::serve(listener, app).await; } => {}
-                    _ = rx => {}
-                }
-            });
-            rt.shutdown_background();
-        });
-        Receiver {
-            port,
-            shared,
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self) -> String {
-        url_for(self.port)
-    }
-
-    fn set_rule(&self, rule: Rule) {
-        *self.shared.rule.lock().unwrap() = rule;
-    }
-
-    fn requests(&self) -> Vec<Received> {
-        self.shared.log.lock().unwrap().requests.clone()
-    }
-
-    /// The events of the requests answered 200, in arrival order.
-    fn ok_events(&self) -> Vec<Value> {
-        self.shared
-            .log
-            .lock()
-            .unwrap()
-            .requests
-            .iter()
-            .filter(|r| r.status == 200)
-            .flat_map(|r| r.events.iter().cloned())
-            .collect()
-    }
-
-    /// How many events were answered 200 (duplicates included).
-    fn ok_count(&self) -> usize {
-        self.shared.log.lock().unwrap().ok
-    }
-
-    /// How many distinct messageIds were answered 200.
-    fn ok_distinct(&self) -> usize {
-        let log = self.shared.log.lock().unwrap();
-        log.requests
-            .iter()
-            .filter(|r| r.status == 200)
-            .flat_map(|r| r.events.iter().map(mid))
-            .collect::<HashSet<_>>()
-            .len()
-    }
-
-    /// True once every messageId in `ids` was answered 200.
-    fn has_all(&self, ids: &HashSet<String>) -> bool {
-        let log = self.shared.log.lock().unwrap();
-        let got: HashSet<&str> = log
-            .requests
-            .iter()
-            .filter(|r| r.status == 200)
-            .flat_map(|r| r.events.iter().map(mid))
-            .collect();
-        ids.iter().all(|i| got.contains(i.as_str()))
-    }
-
-    /// How many requests carried this messageId (any answer).
-    fn attempts_of(&self, id: &str) -> Vec<Received> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.events.iter().any(|e| mid(e) == id))
-            .collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn url_for(port: u16) -> String {
-    format!("http://127.0.0.1:{port}/ingest")
-}
-
-/// A loopback port nothing listens on (for now).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-// ---------------------------------------------------------------------------------------
 // Events, sending, waiting, checking
 // ---------------------------------------------------------------------------------------
-
-fn mid(e: &Value) -> &str {
-    e["messageId"].as_str().unwrap_or("")
-}
-
-/// The ordering key: userId, else anonymousId.
-fn user(e: &Value) -> String {
-    match e["userId"].as_str() {
-        Some(u) if !u.is_empty() => format!("u:{u}"),
-        _ => format!("a:{}", e["anonymousId"].as_str().unwrap_or("")),
-    }
-}
-
-fn event(user: &str, id: &str, pad: usize) -> Value {
-    json!({
-        "type": "track",
-        "event": "Delivery Test",
-        "userId": user,
-        "messageId": id,
-        "properties": {"pad": "x".repeat(pad), "ü": "✓"},
-        "context": {"library": {"name": "delivery-test"}}
-    })
-}
 
 fn post(server: &Server, path: &str, body: &Value) {
     let r = common::client()
@@ -410,38 +106,6 @@ url = "{url}"
 /// Retries that never give up within a test (and back off quickly).
 const PATIENT: &str = r#"retry = { max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", max_backoff = "200ms" }"#;
 
-/// Per user: the messageIds of `delivered` in order, duplicates removed (first kept),
-/// must equal the messageIds of `accepted` in order.
-fn check_user_order(accepted: &[Value], delivered: &[Value]) -> Result<(), String> {
-    let mut want: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for e in accepted {
-        want.entry(user(e)).or_default().push(mid(e));
-    }
-    let mut got: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    let mut seen = HashSet::new();
-    for e in delivered {
-        if seen.insert(mid(e)) {
-            got.entry(user(e)).or_default().push(mid(e));
-        }
-    }
-    for (u, w) in &want {
-        let g = got.get(u).cloned().unwrap_or_default();
-        if &g != w {
-            return Err(format!(
-                "user {u}: accepted {} events {:?}\n delivered {} {:?}",
-                w.len(),
-                w,
-                g.len(),
-                g
-            ));
-        }
-    }
-    if let Some(extra) = got.keys().find(|u| !want.contains_key(*u)) {
-        return Err(format!("delivered events of unknown user {extra}"));
-    }
-    Ok(())
-}
-
 /// How many deliveries beyond the first of each messageId.
 fn duplicates(delivered: &[Value]) -> usize {
     delivered.len() - ids(delivered).len()
@@ -516,7 +180,7 @@ fn every_event_reaches_the_webhook_as_stored_with_headers() {
         ),
     );
     let server = Server::start(&common::config(&extra));
-    post(&server, "/v1/track", &event("alice", "t-1", 3));
+    post(&server, "/v1/track", &event_padded("alice", "t-1", 3));
     // No messageId: the server makes one up, and it must be the idempotency key.
     post(
         &server,
@@ -532,10 +196,10 @@ fn every_event_reaches_the_webhook_as_stored_with_headers() {
         &server,
         "/v1/batch",
         &json!({"batch": [
-            event("alice", "t-2", 0),
+            event_padded("alice", "t-2", 0),
             {"type": "group", "userId": "carol", "groupId": "g", "messageId": "g-1"},
             {"type": "screen", "anonymousId": "anon-1", "name": "S"},
-            event("alice", "t-3", 10),
+            event_padded("alice", "t-3", 10),
         ]}),
     );
     let stored = server.dump();
@@ -607,7 +271,7 @@ fn per_user_order_holds_while_the_receiver_fails_at_random() {
         let events: Vec<Value> = (0..n)
             .map(|i| {
                 let u = &users[rng.gen_range(0..users.len())];
-                event(u, &format!("s{seed}-e{i}"), rng.gen_range(0..40))
+                event_padded(u, &format!("s{seed}-e{i}"), rng.gen_range(0..40))
             })
             .collect();
         let label = format!(
@@ -615,7 +279,10 @@ fn per_user_order_holds_while_the_receiver_fails_at_random() {
         );
         let flaky_rule = flaky.clone();
         let rx = Receiver::start(rule(move |h| {
-            let any_flaky = h.events.iter().any(|e| flaky_rule.contains(&user(e)));
+            let any_flaky = h
+                .events
+                .iter()
+                .any(|e| flaky_rule.contains(&ordering_key(e)));
             // Bounded: the 6th attempt of a request always succeeds.
             if !any_flaky || h.attempt >= 6 {
                 return Reply::Status(200);
@@ -707,7 +374,7 @@ fn receivers_that_were_down_get_everything_in_order_when_back() {
     let server = Server::start(&common::config(&extra));
     let mut rng = StdRng::seed_from_u64(3);
     let events: Vec<Value> = (0..120)
-        .map(|i| event(&format!("user-{}", i % 6), &format!("d-{i}"), i % 17))
+        .map(|i| event_padded(&format!("user-{}", i % 6), &format!("d-{i}"), i % 17))
         .collect();
     send_mixed(&server, &events, &mut rng);
     assert!(
@@ -771,10 +438,10 @@ fn a_400_is_dead_lettered_at_once_and_replay_delivers_it() {
     let extra = webhook("hook", &rx.url(), PATIENT);
     let server = Server::start(&common::config(&extra));
     let batch = [
-        event("u", "ok-1", 0),
-        event("u", "bad-1", 0),
-        event("u", "ok-2", 0),
-        event("v", "ok-3", 0),
+        event_padded("u", "ok-1", 0),
+        event_padded("u", "bad-1", 0),
+        event_padded("u", "ok-2", 0),
+        event_padded("v", "ok-3", 0),
     ];
     post(&server, "/v1/batch", &json!({ "batch": batch }));
     let stored = server.dump();
@@ -793,7 +460,7 @@ fn a_400_is_dead_lettered_at_once_and_replay_delivers_it() {
     let order: Vec<String> = rx
         .requests()
         .iter()
-        .filter(|r| user(&r.body) == "u:u")
+        .filter(|r| ordering_key(&r.body) == "u:u")
         .map(|r| format!("{}:{}", mid(&r.body), r.status))
         .collect();
     assert_eq!(order, ["ok-1:200", "bad-1:400", "ok-2:200"]);
@@ -914,7 +581,7 @@ fn a_400_is_dead_lettered_at_once_and_replay_delivers_it() {
     // The POST endpoint, with `since`.
     *accept_bad.lock().unwrap() = false;
     let before = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    post(&server, "/v1/track", &event("u", "bad-2", 0));
+    post(&server, "/v1/track", &event_padded("u", "bad-2", 0));
     assert!(wait_for(10, || dead_letters(&server, "hook").len() == 1));
     *accept_bad.lock().unwrap() = true;
     let http = common::client();
@@ -963,7 +630,7 @@ fn a_dead_destination_does_not_hold_back_another() {
     let server = Server::start(&common::config(&extra));
     let mut rng = StdRng::seed_from_u64(5);
     let events: Vec<Value> = (0..150)
-        .map(|i| event(&format!("user-{}", i % 7), &format!("b-{i}"), i % 23))
+        .map(|i| event_padded(&format!("user-{}", i % 7), &format!("b-{i}"), i % 23))
         .collect();
     send_mixed(&server, &events, &mut rng);
     let want = ids(&events);
@@ -1035,7 +702,7 @@ fn kill_9_during_delivery_loses_nothing() {
     let mut server = Server::start_in(dir.clone(), &config, &[]);
     let n = 1000;
     let events: Vec<Value> = (0..n)
-        .map(|i| event(&format!("user-{}", i % 25), &format!("k-{i}"), i % 50))
+        .map(|i| event_padded(&format!("user-{}", i % 25), &format!("k-{i}"), i % 50))
         .collect();
     for chunk in events.chunks(50) {
         post(&server, "/v1/batch", &json!({ "batch": chunk }));
@@ -1135,16 +802,16 @@ fn retries_are_bounded_and_retry_after_is_honoured() {
     );
     let server = Server::start(&common::config(&extra));
     let events = [
-        event("u", "first", 0),
-        event("u", "doomed", 0),
-        event("v", "slow", 0),
-        event("w", "unavailable", 0),
-        event("u", "after-1", 0),
-        event("u", "after-2", 0),
-        event("v", "after-slow", 0),
-        event("x", "late", 0),
-        event("y", "gone", 0),
-        event("y", "after-gone", 0),
+        event_padded("u", "first", 0),
+        event_padded("u", "doomed", 0),
+        event_padded("v", "slow", 0),
+        event_padded("w", "unavailable", 0),
+        event_padded("u", "after-1", 0),
+        event_padded("u", "after-2", 0),
+        event_padded("v", "after-slow", 0),
+        event_padded("x", "late", 0),
+        event_padded("y", "gone", 0),
+        event_padded("y", "after-gone", 0),
     ];
     post(&server, "/v1/batch", &json!({ "batch": events }));
     let ok: HashSet<String> = ids(&events)
@@ -1276,7 +943,7 @@ path = "{}"
     let (segs_empty, _) = segments(&data);
     let n = 1000;
     let events: Vec<Value> = (0..n)
-        .map(|i| event(&format!("user-{}", i % 13), &format!("f-{i}"), 2000))
+        .map(|i| event_padded(&format!("user-{}", i % 13), &format!("f-{i}"), 2000))
         .collect();
     for chunk in events.chunks(10) {
         post(&server, "/v1/batch", &json!({ "batch": chunk }));
@@ -1355,8 +1022,9 @@ path = "{}"
 }
 
 /// With `batch_size > 1` a request carries the heads of several users. A permanent
-/// failure of one user's event must still abort only that event: DESIGN.md, "a failing
-/// event blocks that user's later events for that destination, and nobody else's".
+/// failure of one user's event must still abort only that event: a failing
+/// event blocks that user's later events for that destination, and nobody else's
+/// (README, "Delivery").
 #[test]
 fn a_bad_event_in_a_batch_dead_letters_only_itself() {
     let rx = Receiver::start(rule(|h| {
@@ -1373,10 +1041,10 @@ fn a_bad_event_in_a_batch_dead_letters_only_itself() {
     );
     let server = Server::start(&common::config(&extra));
     let events = [
-        event("a", "bad", 0),
-        event("b", "b-1", 0),
-        event("b", "b-2", 0),
-        event("b", "b-3", 0),
+        event_padded("a", "bad", 0),
+        event_padded("b", "b-1", 0),
+        event_padded("b", "b-2", 0),
+        event_padded("b", "b-3", 0),
     ];
     post(&server, "/v1/batch", &json!({ "batch": events }));
     // Wait for the outcome itself (the dead letter and the other user's events), not
@@ -1457,7 +1125,7 @@ fn a_backlog_beyond_memory_is_delivered_in_order() {
     );
 }
 
-/// DESIGN.md, "Alerts": a destination aborting events raises an alert, and its `resolve`
+/// docs/OPERATIONS.md, "Alerts": a destination aborting events raises an alert, and its `resolve`
 /// follows once the destination delivers again and aborts nothing for
 /// `alerts.aborts_clear_after`. Another abort after that starts a new alert.
 #[test]
@@ -1492,7 +1160,7 @@ fn the_aborting_alert_resolves_once_the_destination_delivers_again() {
     };
     let pair = |a: &str| (a.to_string(), "aborts:hook".to_string());
 
-    post(&server, "/v1/track", &event("a", "bad-1", 0));
+    post(&server, "/v1/track", &event_padded("a", "bad-1", 0));
     assert!(
         wait_for(10, || alerts() == [pair("trigger")]),
         "{:?}",
@@ -1502,7 +1170,7 @@ fn the_aborting_alert_resolves_once_the_destination_delivers_again() {
     // No delivery since the abort: it stays open however long that lasts.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(alerts(), [pair("trigger")]);
-    post(&server, "/v1/track", &event("b", "good-1", 0));
+    post(&server, "/v1/track", &event_padded("b", "good-1", 0));
     assert!(
         wait_for(10, || alerts() == [pair("trigger"), pair("resolve")]),
         "{:?}",
@@ -1510,7 +1178,7 @@ fn the_aborting_alert_resolves_once_the_destination_delivers_again() {
     );
     assert!(aborted_at.elapsed() >= Duration::from_secs(1));
     // A new abort: a new trigger.
-    post(&server, "/v1/track", &event("a", "bad-2", 0));
+    post(&server, "/v1/track", &event_padded("a", "bad-2", 0));
     assert!(
         wait_for(10, || alerts()
             == [pair("trigger"), pair("resolve"), pair("trigger")]),

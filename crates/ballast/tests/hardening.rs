@@ -10,11 +10,12 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Server, WRITE_KEY};
+use common::receiver::{always, Receiver};
+use common::{metric, wait_for, Server, WRITE_KEY};
 use serde_json::{json, Value};
 
 fn addr(server: &Server) -> SocketAddr {
@@ -23,21 +24,6 @@ fn addr(server: &Server) -> SocketAddr {
         .trim_start_matches("http://")
         .parse()
         .expect("server address")
-}
-
-/// A metric's value in the admin `/metrics` text (`name` may include its labels).
-fn metric(server: &Server, name: &str) -> Option<f64> {
-    let text = common::client()
-        .get(format!("{}/metrics", server.admin))
-        .send()
-        .ok()?
-        .text()
-        .ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix(name)
-            .filter(|rest| rest.starts_with(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
 }
 
 fn basic(key: &str) -> String {
@@ -551,62 +537,17 @@ fn a_client_that_writes_its_whole_body_first_reads_the_early_answer() {
     assert_eq!(ids, ["ok"]);
 }
 
-/// Alerts posted to a generic webhook: (action, key) in arrival order.
-struct AlertSink {
-    url: String,
-    got: Arc<Mutex<Vec<(String, String)>>>,
-}
-
-impl AlertSink {
-    fn start() -> AlertSink {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = got.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                let body = loop {
-                    let Ok(n) = s.read(&mut chunk) else {
-                        break None;
-                    };
-                    if n == 0 {
-                        break None;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if buf.len() >= i + 4 + len {
-                        break Some(buf[i + 4..i + 4 + len].to_vec());
-                    }
-                };
-                if let Some(v) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) {
-                    sink.lock().unwrap().push((
-                        v["action"].as_str().unwrap_or("").to_string(),
-                        v["key"].as_str().unwrap_or("").to_string(),
-                    ));
-                }
-                let _ = s.write_all(
-                    b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-            }
-        });
-        AlertSink { url, got }
-    }
-
-    fn got(&self) -> Vec<(String, String)> {
-        self.got.lock().unwrap().clone()
-    }
+/// Alerts posted to a generic webhook (answered 202): (action, key) in arrival order.
+fn alerts_got(sink: &Receiver) -> Vec<(String, String)> {
+    sink.requests()
+        .iter()
+        .map(|r| {
+            (
+                r.body["action"].as_str().unwrap_or("").to_string(),
+                r.body["key"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }
 
 fn readyz(server: &Server) -> (u16, String) {
@@ -662,12 +603,12 @@ fn post_padded(server: &Server, id: &str, pad: usize) -> (u16, String) {
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_full_disk_is_visible_everywhere_and_ingest_resumes_by_itself() {
-    let alerts = AlertSink::start();
+    let alerts = Receiver::start(always(202));
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let flag = dir.path().join("disk-is-full");
     let extra = format!(
         "[alerts]\nsource = \"t\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n",
-        alerts.url
+        alerts.base()
     );
     let failpoint = format!("ballast_log::disk_full=return({})", flag.display());
     let server = Server::start_in(
@@ -702,9 +643,9 @@ fn a_full_disk_is_visible_everywhere_and_ingest_resumes_by_itself() {
     let trigger = ("trigger".to_string(), "storage-full".to_string());
     let resolve = ("resolve".to_string(), "storage-full".to_string());
     assert!(
-        wait_for(10, || alerts.got().contains(&trigger)),
+        wait_for(10, || alerts_got(&alerts).contains(&trigger)),
         "{:?}",
-        alerts.got()
+        alerts_got(&alerts)
     );
 
     // Space returns; no request is needed for readiness to come back.
@@ -719,9 +660,10 @@ fn a_full_disk_is_visible_everywhere_and_ingest_resumes_by_itself() {
     assert_eq!(metric(&server, "ballast_storage_writable"), Some(1.0));
     assert_eq!(post(&server, "after"), (200, "OK".into()));
     assert!(
-        wait_for(10, || alerts.got() == [trigger.clone(), resolve.clone()]),
+        wait_for(10, || alerts_got(&alerts)
+            == [trigger.clone(), resolve.clone()]),
         "{:?}",
-        alerts.got()
+        alerts_got(&alerts)
     );
     // Logged once per transition, not once per refused request.
     let log = server.stderr();
@@ -747,14 +689,14 @@ fn a_full_disk_is_visible_everywhere_and_ingest_resumes_by_itself() {
 /// delivered and its segments are deleted.
 #[test]
 fn a_full_quota_is_visible_everywhere_and_clears_when_segments_are_freed() {
-    let alerts = AlertSink::start();
+    let alerts = Receiver::start(always(202));
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let out = dir.path().join("out.jsonl");
     let extra = format!(
         "[[destinations]]\nid = \"archive\"\ntype = \"file\"\nsources = [\"web\"]\nenabled = false\npath = \"{}\"\n\
          [alerts]\nsource = \"t\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n",
         out.display(),
-        alerts.url
+        alerts.base()
     );
     let config = common::config(&extra).replace(
         "segment_bytes = \"1MiB\"",
@@ -784,9 +726,9 @@ fn a_full_quota_is_visible_everywhere_and_clears_when_segments_are_freed() {
     assert_eq!(metric(&server, quota), Some(refused as f64));
     let trigger = ("trigger".to_string(), "storage-full".to_string());
     assert!(
-        wait_for(10, || alerts.got().contains(&trigger)),
+        wait_for(10, || alerts_got(&alerts).contains(&trigger)),
         "{:?}",
-        alerts.got()
+        alerts_got(&alerts)
     );
     let log = server.stderr();
     assert_eq!(log.matches("storage quota reached").count(), 1, "{log}");
@@ -808,9 +750,9 @@ fn a_full_quota_is_visible_everywhere_and_clears_when_segments_are_freed() {
     assert_eq!(post(&server, "after"), (200, "OK".into()));
     let resolve = ("resolve".to_string(), "storage-full".to_string());
     assert!(
-        wait_for(10, || alerts.got().contains(&resolve)),
+        wait_for(10, || alerts_got(&alerts).contains(&resolve)),
         "{:?}",
-        alerts.got()
+        alerts_got(&alerts)
     );
 }
 
@@ -849,10 +791,10 @@ fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
         eprintln!("skipped: cannot mount a tmpfs here");
         return;
     };
-    let alerts = AlertSink::start();
+    let alerts = Receiver::start(always(202));
     let extra = format!(
         "[alerts]\nsource = \"t\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n",
-        alerts.url
+        alerts.base()
     );
     let server = Server::start_in(dir.clone(), &common::config(&extra), &[]);
     assert_eq!(post(&server, "first"), (200, "OK".into()));
@@ -907,9 +849,9 @@ fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
     let trigger = ("trigger".to_string(), "storage-full".to_string());
     let resolve = ("resolve".to_string(), "storage-full".to_string());
     assert!(
-        wait_for(10, || alerts.got().contains(&trigger)),
+        wait_for(10, || alerts_got(&alerts).contains(&trigger)),
         "{:?}\n{}",
-        alerts.got(),
+        alerts_got(&alerts),
         server.stderr()
     );
     // Still refused a few seconds later (no flapping back to ready).
@@ -925,9 +867,9 @@ fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
     assert_eq!(post(&server, "after"), (200, "OK".into()));
     acked.push("after".into());
     assert!(
-        wait_for(10, || alerts.got().contains(&resolve)),
+        wait_for(10, || alerts_got(&alerts).contains(&resolve)),
         "{:?}",
-        alerts.got()
+        alerts_got(&alerts)
     );
     let log = server.stderr();
     assert_eq!(
@@ -967,13 +909,13 @@ fn status_counts_the_stored_events_after_a_restart() {
 /// once a cursor is saved again, and the server never stops over it.
 #[test]
 fn failing_cursor_saves_are_alerted_and_not_fatal() {
-    let alerts = AlertSink::start();
+    let alerts = Receiver::start(always(202));
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let out = dir.path().join("out.jsonl");
     let extra = format!(
         "[alerts]\nsource = \"t\"\n[[alerts.webhook]]\nurl = \"{}/alerts\"\n\n\
          [[destinations]]\nid = \"out\"\ntype = \"file\"\nsources = [\"web\"]\npath = \"{}\"\n",
-        alerts.url,
+        alerts.base(),
         out.display()
     );
     let server = Server::start_in(dir.clone(), &common::config(&extra), &[]);
@@ -997,9 +939,9 @@ fn failing_cursor_saves_are_alerted_and_not_fatal() {
     let trigger = ("trigger".to_string(), "storage-cursors".to_string());
     let resolve = ("resolve".to_string(), "storage-cursors".to_string());
     assert!(
-        wait_for(20, || alerts.got().contains(&trigger)),
+        wait_for(20, || alerts_got(&alerts).contains(&trigger)),
         "{:?}\n{}",
-        alerts.got(),
+        alerts_got(&alerts),
         server.stderr()
     );
     assert!(metric(&server, failures).is_some_and(|n| n >= 1.0));
@@ -1014,9 +956,10 @@ fn failing_cursor_saves_are_alerted_and_not_fatal() {
     assert_eq!(post(&server, "after"), (200, "OK".into()));
     assert!(delivered(5));
     assert!(
-        wait_for(20, || alerts.got() == [trigger.clone(), resolve.clone()]),
+        wait_for(20, || alerts_got(&alerts)
+            == [trigger.clone(), resolve.clone()]),
         "{:?}\n{}",
-        alerts.got(),
+        alerts_got(&alerts),
         server.stderr()
     );
     let saved = std::fs::read_to_string(cursors.join("dest.out")).unwrap();

@@ -1,6 +1,6 @@
 #![cfg(feature = "failpoints")]
-//! High availability through the real binary (DESIGN.md, "Running modes and crash
-//! loops" and "Alerts"): a supervisor restarts the process whenever it exits, like
+//! High availability through the real binary (docs/OPERATIONS.md, "Running modes",
+//! "Crash loops and poison events" and "Alerts"): a supervisor restarts the process whenever it exits, like
 //! Kubernetes would, while fault-injection points make it abort or panic. Mock PagerDuty
 //! and VictorOps endpoints check the documented alert fields; a mock webhook destination
 //! records what is delivered.
@@ -21,7 +21,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{wait_for, Server, WRITE_KEY};
+use common::{
+    check_user_order, deliveries_of, event, mid, ordering_key, wait_for, Server, WRITE_KEY,
+};
 use serde_json::{json, Value};
 
 /// Names this server in alerts, so dedup keys are known in advance.
@@ -655,25 +657,6 @@ fn aborted(s: &ExitStatus) -> bool {
 // Events, clients, checks
 // ---------------------------------------------------------------------------------------
 
-fn mid(e: &Value) -> &str {
-    e["messageId"].as_str().unwrap_or("")
-}
-
-fn user_of(e: &Value) -> String {
-    e["userId"].as_str().unwrap_or("").to_string()
-}
-
-fn event(user: &str, id: &str) -> Value {
-    json!({
-        "type": "track",
-        "event": "HA Test",
-        "userId": user,
-        "messageId": id,
-        "properties": {"ü": "✓"},
-        "context": {"library": {"name": "ha-test"}}
-    })
-}
-
 fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -737,12 +720,12 @@ fn diag(admin: &str, dir: &tempfile::TempDir, hook: &Mock) -> String {
         .and_then(|r| r.json::<Value>().ok());
     let stored: Vec<String> = common::dump(&dir.path().join("data"))
         .iter()
-        .map(|e| format!("{}/{}", user_of(e), mid(e)))
+        .map(|e| format!("{}/{}", ordering_key(e), mid(e)))
         .collect();
     let delivered: Vec<String> = hook
         .events()
         .iter()
-        .map(|e| format!("{}/{}", user_of(e), mid(e)))
+        .map(|e| format!("{}/{}", ordering_key(e), mid(e)))
         .collect();
     format!("status: {status:?}\nstored: {stored:?}\ndelivered: {delivered:?}")
 }
@@ -802,31 +785,6 @@ fn mode_set(admin: &str, mode: &str) -> String {
     let (ok, out, err) = cli(&["mode", "--admin", admin, "set", mode]);
     assert!(ok, "ballast mode set {mode} failed: {out}{err}");
     out
-}
-
-/// Per user, the first deliveries (duplicates removed) of the events in `sent` must come
-/// in the order they were sent (acknowledged), and every one of them must be delivered.
-/// Deliveries of events not in `sent` are ignored.
-fn check_user_order(sent: &[Value], delivered: &[Value]) -> Result<(), String> {
-    let wanted: HashSet<&str> = sent.iter().map(mid).collect();
-    let mut want: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for e in sent {
-        want.entry(user_of(e)).or_default().push(mid(e));
-    }
-    let mut got: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    let mut seen = HashSet::new();
-    for e in delivered {
-        if wanted.contains(mid(e)) && seen.insert(mid(e)) {
-            got.entry(user_of(e)).or_default().push(mid(e));
-        }
-    }
-    for (user, ids) in &want {
-        let g = got.get(user).cloned().unwrap_or_default();
-        if &g != ids {
-            return Err(format!("user {user}: sent {ids:?}\nfirst deliveries {g:?}"));
-        }
-    }
-    Ok(())
 }
 
 /// Alerts accepted by PagerDuty with this action and a dedup_key ending in `key`.
@@ -960,7 +918,7 @@ fn poison_event_is_quarantined_after_three_crashes_and_the_rest_delivered_in_ord
     let mode = get_json(&format!("{}/v1/mode", server.admin));
     assert_eq!(mode["crashes_in_window"], 3, "{mode}");
 
-    check_user_order(&innocent, &hook.events()).unwrap();
+    check_user_order(&innocent, &deliveries_of(&innocent, &hook.events())).unwrap();
 
     // The quarantine alert, once, with the documented fields.
     assert!(wait_for(10, || !pd_accepted(&pd, "trigger", "").is_empty()
@@ -1041,7 +999,7 @@ fn poison_event_in_a_batch_with_other_users_quarantines_only_the_poison_event() 
         .collect();
     assert_eq!(letters, vec!["\"poison-1\" (\"poison\")".to_string()]);
     assert!(wait_for(20, || all.is_subset(&hook.delivered_ids())));
-    check_user_order(&innocent, &hook.events()).unwrap();
+    check_user_order(&innocent, &deliveries_of(&innocent, &hook.events())).unwrap();
 }
 
 /// The process dies right after the poison event is durable, often before it answers,
@@ -1109,7 +1067,7 @@ fn resent_poison_event_is_quarantined_without_a_crash_loop() {
         .iter()
         .all(|d| d["kind"] == "poison" && d["event"]["messageId"] == "poison-1"));
     let innocent: Vec<Value> = before.iter().chain(after.iter()).cloned().collect();
-    check_user_order(&innocent, &hook.events()).unwrap();
+    check_user_order(&innocent, &deliveries_of(&innocent, &hook.events())).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1224,7 +1182,7 @@ fn crash_loop_enters_degraded_mode_keeps_accepting_and_resumes_in_order_when_the
         "{}",
         server.stderr()
     );
-    check_user_order(&sent, &hook.events()).unwrap();
+    check_user_order(&sent, &deliveries_of(&sent, &hook.events())).unwrap();
     let h = health(&base);
     assert_eq!(h["mode"], "NORMAL", "{h}");
     assert_eq!(h["routingEvents"], "TRUE", "{h}");
@@ -1321,7 +1279,7 @@ fn ten_clean_restarts_never_enter_degraded_mode() {
     );
     let all: HashSet<String> = sent.iter().map(|e| mid(e).to_string()).collect();
     assert!(wait_for(20, || all.is_subset(&hook.delivered_ids())));
-    check_user_order(&sent, &hook.events()).unwrap();
+    check_user_order(&sent, &deliveries_of(&sent, &hook.events())).unwrap();
     // No alert at all.
     std::thread::sleep(Duration::from_millis(300));
     assert!(pd.hits().is_empty(), "{:#?}", pd.hits());
@@ -1598,7 +1556,7 @@ fn ingestion_stays_available_through_a_crash_loop_and_nothing_acknowledged_is_lo
         all.intersection(&hook.delivered_ids()).count(),
         all.len()
     );
-    check_user_order(&acked, &hook.events()).unwrap();
+    check_user_order(&acked, &deliveries_of(&acked, &hook.events())).unwrap();
     assert!(server.terminate().success());
 }
 
@@ -1611,8 +1569,8 @@ fn destination_panic_is_caught_and_the_event_quarantined_after_three_panics() {
     a_panic_is_contained_and_its_event_quarantined("router::deliver_panic");
 }
 
-/// DESIGN.md: "A panic inside one destination's worker is caught and counted like a
-/// crash of that worker" — here the delivery loop itself panics (not a delivery task):
+/// A panic inside one destination's worker is caught and counted like a crash of that
+/// worker (docs/OPERATIONS.md, "Crash loops and poison events") — here the delivery loop itself panics (not a delivery task):
 /// it is restarted from its cursor, and the event it was dispatching gets a strike.
 #[test]
 fn delivery_loop_panic_restarts_the_loop_and_quarantines_the_event() {
@@ -1681,7 +1639,7 @@ fn a_panic_is_contained_and_its_event_quarantined(failpoint: &str) {
     assert_eq!(letters[0]["kind"], "poison");
     assert_eq!(letters[0]["event"]["messageId"], "panic-1");
     assert!(!hook.delivered_ids().contains("panic-1"));
-    check_user_order(&innocent, &hook.events()).unwrap();
+    check_user_order(&innocent, &deliveries_of(&innocent, &hook.events())).unwrap();
     // Its alert.
     assert!(wait_for(10, || pd_accepted(&pd, "trigger", "").len() == 1));
     assert!(pd_accepted(&pd, "trigger", "")[0]["dedup_key"]
@@ -1696,8 +1654,8 @@ fn a_panic_is_contained_and_its_event_quarantined(failpoint: &str) {
 // CLI
 // ---------------------------------------------------------------------------------------
 
-/// DESIGN.md: "`ballast mode set normal|degraded` changes it through the admin API" and
-/// "commands that talk to a running server take `--admin URL`".
+/// `ballast mode set normal|degraded` changes the mode through the admin API, and
+/// commands that talk to a running server take `--admin URL` (README, "Commands").
 #[test]
 fn cli_mode_set_takes_admin_after_the_subcommand() {
     let (pd, vo) = (Mock::pagerduty(), Mock::victorops());

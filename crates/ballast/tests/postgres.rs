@@ -8,136 +8,26 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ballast::pgtest::PgCluster;
-use common::{wait_for, Server, WRITE_KEY};
+use common::receiver::{rule, Receiver, Reply};
+use common::{check_user_order, mid, wait_for, Server, WRITE_KEY};
 use serde_json::{json, Value};
 
-/// A webhook receiver on 127.0.0.1 that answers 200 and records every event it gets,
-/// except requests holding a messageId of `refuse`: those get 400 (and are not recorded).
-struct Receiver {
-    port: u16,
-    events: Arc<Mutex<Vec<Value>>>,
-    refuse: Arc<Mutex<HashSet<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        Receiver::start_on(0)
-    }
-
-    /// On a given port (0: any free one).
-    fn start_on(port: u16) -> Receiver {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let refuse = Arc::new(Mutex::new(HashSet::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ev, flag, no) = (events.clone(), stop.clone(), refuse.clone());
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::SeqCst) {
-                let Ok((stream, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                let (ev, no) = (ev.clone(), no.clone());
-                // One thread per connection (keep-alive: many requests each).
-                std::thread::spawn(move || serve(stream, ev, no));
-            }
-        });
-        Receiver {
-            port,
-            events,
-            refuse,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    fn events(&self) -> Vec<Value> {
-        self.events.lock().unwrap().clone()
-    }
-}
-
-fn serve(
-    stream: std::net::TcpStream,
-    events: Arc<Mutex<Vec<Value>>>,
-    refuse: Arc<Mutex<HashSet<String>>>,
-) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).map_or(true, |n| n == 0) {
-            return;
-        }
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).map_or(true, |n| n == 0) {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0u8; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let items = match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Array(items)) => items,
-            Ok(other) => vec![other],
-            Err(_) => Vec::new(),
-        };
+/// A webhook receiver that answers 200, except to requests holding a messageId in
+/// `refuse`: 400.
+fn receiver(refuse: Arc<Mutex<HashSet<String>>>) -> Receiver {
+    Receiver::start(rule(move |h| {
         let refused = {
             let refuse = refuse.lock().unwrap();
-            items
-                .iter()
-                .any(|e| e["messageId"].as_str().is_some_and(|m| refuse.contains(m)))
+            h.events.iter().any(|e| refuse.contains(mid(e)))
         };
-        let answer: &[u8] = if refused {
-            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
-        } else {
-            events.lock().unwrap().extend(items);
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-        };
-        if writer.write_all(answer).is_err() {
-            return;
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+        Reply::Status(if refused { 400 } else { 200 })
+    }))
 }
 
 fn replica_config(db_url: &str, hook: &str) -> String {
@@ -195,33 +85,11 @@ fn send_any(servers: &[&Server], start: usize, e: &Value) {
     }
 }
 
-/// Per user, the first deliveries (duplicates removed) must be the accepted sequence.
-fn check_user_order(sent: &[Value], got: &[Value]) {
-    let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for e in sent {
-        want.entry(e["userId"].as_str().unwrap().to_string())
-            .or_default()
-            .push(e["messageId"].as_str().unwrap().to_string());
-    }
-    let mut seen = HashSet::new();
-    let mut firsts: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for e in got {
-        let id = e["messageId"].as_str().unwrap_or_default().to_string();
-        if seen.insert(id.clone()) {
-            firsts
-                .entry(e["userId"].as_str().unwrap_or_default().to_string())
-                .or_default()
-                .push(id);
-        }
-    }
-    assert_eq!(firsts, want);
-}
-
 /// Waits until every acknowledged event was delivered; checks each user's order of first
 /// arrivals and that what was sent twice is at most max(200, 5 %) of what was
 /// acknowledged. Returns how many were sent twice.
 fn all_delivered_in_order(receiver: &Receiver, sent: &[Value], server: &Server) -> usize {
-    let delivered = || ids(&receiver.events());
+    let delivered = || ids(&receiver.ok_events());
     let want = ids(sent);
     assert!(
         wait_for(60, || want.is_subset(&delivered())),
@@ -229,8 +97,8 @@ fn all_delivered_in_order(receiver: &Receiver, sent: &[Value], server: &Server) 
         want.difference(&delivered()).count(),
         server.stderr()
     );
-    check_user_order(sent, &receiver.events());
-    let resent = receiver.events().len() - delivered().len();
+    assert_eq!(check_user_order(sent, &receiver.ok_events()), Ok(()));
+    let resent = receiver.ok_events().len() - delivered().len();
     assert!(
         resent <= 200.max(sent.len() * 5 / 100),
         "{resent} events sent twice of {} acknowledged",
@@ -260,7 +128,7 @@ fn ids(events: &[Value]) -> HashSet<String> {
 #[test]
 fn replicas_share_delivery_and_the_survivors_take_over_a_killed_one_under_load() {
     let cluster = database();
-    let receiver = Receiver::start();
+    let receiver = receiver(Arc::default());
     let config = replica_config(&cluster.url("ballast"), &receiver.url());
     let mut a = Server::start(&config);
     let b = Server::start(&config);
@@ -361,7 +229,7 @@ fn a_database_failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
         "postgres://ballast@127.0.0.1:{},127.0.0.1:{}/ballast?target_session_attrs=read-write&connect_timeout=2",
         primary.port, standby.port
     );
-    let receiver = Receiver::start();
+    let receiver = receiver(Arc::default());
     let mut server = Server::start(&replica_config(&url, &receiver.url()));
     assert!(wait_for(20, || held(&server) == Some(PARTITIONS)));
 
@@ -428,7 +296,7 @@ fn a_database_failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
 #[test]
 fn database_outage_fails_readiness_but_not_liveness() {
     let cluster = database();
-    let receiver = Receiver::start();
+    let receiver = receiver(Arc::default());
     let server = Server::start(&replica_config(&cluster.url("ballast"), &receiver.url()));
     let http = common::client();
     let status = |path: &str| {
@@ -492,8 +360,8 @@ fn database_outage_fails_readiness_but_not_liveness() {
 #[test]
 fn dead_letters_are_shared_by_the_replicas() {
     let cluster = database();
-    let receiver = Receiver::start();
-    receiver.refuse.lock().unwrap().insert("bad-1".into());
+    let refuse = Arc::new(Mutex::new(HashSet::from(["bad-1".to_string()])));
+    let receiver = receiver(refuse.clone());
     let config = replica_config(&cluster.url("ballast"), &receiver.url());
     let mut a = Server::start(&config);
     let mut b = Server::start(&config);
@@ -519,7 +387,7 @@ fn dead_letters_are_shared_by_the_replicas() {
         b.stderr()
     );
     assert_eq!(listed(&a), vec!["bad-1".to_string()]);
-    receiver.refuse.lock().unwrap().clear();
+    refuse.lock().unwrap().clear();
     let r = http
         .post(format!(
             "{}/v1/dead-letters/replay?destination=hook",
@@ -530,7 +398,7 @@ fn dead_letters_are_shared_by_the_replicas() {
     assert!(r.status().is_success(), "{}", r.text().unwrap_or_default());
     let got = || -> HashSet<String> {
         receiver
-            .events()
+            .ok_events()
             .iter()
             .filter_map(|e| e["messageId"].as_str().map(str::to_string))
             .collect()
@@ -553,12 +421,9 @@ fn dead_letters_are_shared_by_the_replicas() {
 #[test]
 fn an_alert_raised_by_a_killed_replica_is_sent_by_another() {
     let cluster = database();
-    let hooks = Receiver::start();
+    let hooks = receiver(Arc::default());
     // Nothing listens on the alert webhook's port until replica a is gone.
-    let alert_port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let alert_port = common::free_port();
     let config = |source: &str| {
         format!(
             "{}\n[alerts]\nsource = \"{source}\"\n[[alerts.webhook]]\nurl = \"http://127.0.0.1:{alert_port}/alerts\"\n",
@@ -603,10 +468,10 @@ fn an_alert_raised_by_a_killed_replica_is_sent_by_another() {
     assert_eq!(open(&b), a_open, "b lists a's condition");
     // a tried to send it (nobody listening: retried later), and dies.
     a.kill9();
-    let alerts = Receiver::start_on(alert_port);
+    let alerts = Receiver::start_on(alert_port, common::receiver::always(200));
     let sent = || -> Vec<Value> {
         alerts
-            .events()
+            .ok_events()
             .into_iter()
             .filter(|e| e["key"] == "degraded")
             .collect()
@@ -629,7 +494,10 @@ fn an_alert_raised_by_a_killed_replica_is_sent_by_another() {
             .and_then(|v| v["outbox_pending"].as_u64())
     };
     assert!(wait_for(20, || pending() == Some(0)), "{:?}", pending());
-    assert!(alerts.events().iter().all(|e| e["source"] == "replica-a"));
+    assert!(alerts
+        .ok_events()
+        .iter()
+        .all(|e| e["source"] == "replica-a"));
     let mut b = b;
     assert!(b.terminate().success());
 }

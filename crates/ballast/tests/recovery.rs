@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Server, WRITE_KEY};
+use common::{metric, Server, WRITE_KEY};
 use serde_json::json;
 
 fn send(server: &Server, n: usize) -> Vec<String> {
@@ -36,18 +36,6 @@ fn segment(server: &Server) -> std::path::PathBuf {
     segs.pop().unwrap()
 }
 
-fn metric(server: &Server, name: &str) -> f64 {
-    let text = common::client()
-        .get(format!("{}/metrics", server.admin))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
-}
-
 #[test]
 fn torn_tail_is_truncated_and_complete_records_kept() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -67,7 +55,11 @@ fn torn_tail_is_truncated_and_complete_records_kept() {
         .map(|e| e["messageId"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(got, ids[..19]);
-    assert!(metric(&server, "ballast_log_torn_tail_bytes_total") > 0.0);
+    assert!(
+        metric(&server, "ballast_log_torn_tail_bytes_total")
+            .expect("ballast_log_torn_tail_bytes_total")
+            > 0.0
+    );
     // And it accepts events again, after the kept ones.
     send(&server, 1);
     assert_eq!(server.dump().len(), 20);
@@ -95,7 +87,8 @@ fn damaged_record_is_quarantined_counted_and_the_rest_readable() {
     let expected: Vec<_> = ids.iter().filter(|i| *i != "m-4").cloned().collect();
     assert_eq!(got, expected);
     assert_eq!(
-        metric(&server, "ballast_log_quarantined_records_total"),
+        metric(&server, "ballast_log_quarantined_records_total")
+            .expect("ballast_log_quarantined_records_total"),
         1.0
     );
     let q = server.data_dir().join("log").join("quarantine");
@@ -152,7 +145,11 @@ fn full_quota_answers_503_and_keeps_everything() {
         got, acked,
         "everything acknowledged is stored, nothing else"
     );
-    assert!(metric(&server, "ballast_storage_quota_rejections_total") >= refused as f64);
+    assert!(
+        metric(&server, "ballast_storage_quota_rejections_total")
+            .expect("ballast_storage_quota_rejections_total")
+            >= refused as f64
+    );
     assert!(server.terminate().success());
 }
 

@@ -7,14 +7,8 @@ mod common;
 use std::time::Duration;
 
 use ballast_sdk::{Client, Config, Error, User};
-use common::{Server, WRITE_KEY};
+use common::{free_port, Server, WRITE_KEY};
 use serde_json::json;
-
-/// A loopback port nothing listens on (yet).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 /// A client that retries fast (tests only; the defaults are 1 s to 5 min).
 fn sdk_config(port: u16, queue: &std::path::Path) -> Config {

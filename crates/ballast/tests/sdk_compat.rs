@@ -1,6 +1,5 @@
 //! RudderStack's and Segment's own SDKs (Python and Node), unchanged, against the real
-//! server: every event of every type they send is stored as sent (DESIGN.md, "Client
-//! side"). The SDKs are installed from the package registries, pinned, into the target
+//! server: every event of every type they send is stored as sent (docs/API.md). The SDKs are installed from the package registries, pinned, into the target
 //! directory on first use (`pip install --target`, `npm install --prefix`).
 
 mod common;

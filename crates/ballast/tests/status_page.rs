@@ -1,4 +1,4 @@
-//! The status page on the admin port (`GET /`, DESIGN.md "Operator's view") in a real
+//! The status page on the admin port (`GET /`, docs/OPERATIONS.md "The status page") in a real
 //! headless Chromium driven by chromedriver, as tests/browser.rs does (offline): it
 //! shows the mode and each destination with its backlog and dead letters, draws its
 //! charts, replays a destination's dead letters (re-delivered to a webhook that refused
@@ -10,112 +10,33 @@
 //! and `scripts/test` install them).
 
 mod common;
-#[path = "common/webdriver.rs"]
-mod webdriver;
 
 use std::collections::HashSet;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_for, Server, WRITE_KEY};
+use common::receiver::{rule, Receiver, Reply};
+use common::webdriver::Browser;
+use common::{admin_get, mid, wait_for, Server, WRITE_KEY};
 use serde_json::{json, Value};
-use webdriver::Browser;
 
-// ---------------------------------------------------------------------------------------
-// A webhook receiver: refuses (400) the events whose messageId starts with "bad-" while
-// `refuse` is set, answers 503 to everything on /slow, 200 otherwise.
-// ---------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct Received {
-    /// messageIds answered 200 on /hook.
-    ok: Mutex<Vec<String>>,
-    refuse: AtomicBool,
-}
-
-struct Receiver {
-    port: u16,
-    shared: Arc<Received>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-async fn receive(
-    axum::extract::State(s): axum::extract::State<Arc<Received>>,
-    uri: axum::http::Uri,
-    body: axum::body::Bytes,
-) -> (axum::http::StatusCode, &'static str) {
-    use axum::http::StatusCode;
-    if uri.path() == "/slow" {
-        return (StatusCode::SERVICE_UNAVAILABLE, "busy");
-    }
-    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let events = match v {
-        Value::Array(items) => items,
-        other => vec![other],
-    };
-    let mids: Vec<String> = events
-        .iter()
-        .map(|e| e["messageId"].as_str().unwrap_or("").to_string())
-        .collect();
-    if s.refuse.load(Ordering::SeqCst) && mids.iter().any(|m| m.starts_with("bad-")) {
-        return (StatusCode::BAD_REQUEST, "this event is refused for now");
-    }
-    s.ok.lock().unwrap().extend(mids);
-    (StatusCode::OK, "ok")
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let shared = Arc::new(Received::default());
-        shared.refuse.store(true, Ordering::SeqCst);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(receive).with_state(state);
-                tokio::select! {
-                    _ = async { let _ = axum::serve(listener, app).await; } => {}
-                    _ = rx => {}
-                }
-            });
-        });
-        Receiver {
-            port,
-            shared,
-            stop: Some(tx),
-            thread: Some(thread),
+/// A webhook receiver: refuses (400) the events whose messageId starts with "bad-" while
+/// `refuse` is set, answers 503 to everything on /slow, 200 otherwise.
+fn receiver(refuse: Arc<AtomicBool>) -> Receiver {
+    Receiver::start(rule(move |h| {
+        if h.path == "/slow" {
+            Reply::Status(503)
+        } else if refuse.load(Ordering::SeqCst)
+            && h.events.iter().any(|e| mid(e).starts_with("bad-"))
+        {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
         }
-    }
-
-    fn ok(&self) -> HashSet<String> {
-        self.shared.ok.lock().unwrap().iter().cloned().collect()
-    }
+    }))
 }
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 
 /// `target/status-page/NAME`.
 fn artifact(name: &str) -> PathBuf {
@@ -146,15 +67,6 @@ fn post_batch(server: &Server, batch: &[Value]) {
     assert_eq!(r.status(), 200);
 }
 
-fn admin_get(server: &Server, path: &str) -> Value {
-    common::client()
-        .get(format!("{}{path}", server.admin))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
-}
-
 fn dead_count(server: &Server, id: &str) -> usize {
     admin_get(server, &format!("/v1/dead-letters?destination={id}"))
         .as_array()
@@ -166,7 +78,8 @@ const BAD: usize = 12;
 
 #[test]
 fn the_status_page_shows_the_destinations_replays_dead_letters_and_switches_the_mode() {
-    let rx = Receiver::start();
+    let refuse = Arc::new(AtomicBool::new(true));
+    let rx = receiver(refuse.clone());
     let out = tempfile::tempdir().unwrap();
     let extra = format!(
         r#"
@@ -190,7 +103,7 @@ type = "file"
 sources = ["web"]
 path = "{file}"
 "#,
-        port = rx.port,
+        port = rx.port(),
         file = out.path().join("archive.jsonl").display()
     );
     let config = common::config(&extra).replacen(
@@ -308,7 +221,7 @@ path = "{file}"
     browser.screenshot(&artifact("dead-letters.png"));
 
     // Replay asks first; cancelling does nothing.
-    rx.shared.refuse.store(false, Ordering::SeqCst);
+    refuse.store(false, Ordering::SeqCst);
     browser.click("#replay-all");
     assert!(browser.visible("#confirm"));
     assert!(browser.text("#confirm-text").contains("hook"));
@@ -340,9 +253,9 @@ path = "{file}"
     browser.click("#confirm-yes");
     let want: HashSet<String> = (0..BAD).map(|i| format!("bad-{i}")).collect();
     assert!(
-        wait_for(20, || want.is_subset(&rx.ok())),
+        wait_for(20, || want.is_subset(&rx.ok_ids())),
         "not re-delivered: {:?}",
-        want.difference(&rx.ok()).collect::<Vec<_>>()
+        want.difference(&rx.ok_ids()).collect::<Vec<_>>()
     );
     assert!(wait_for(10, || browser
         .text("#replay-result")

@@ -1,7 +1,14 @@
-//! Test harness: starts the real `ballast` binary on loopback ports in a temp directory
-//! and talks HTTP to it. Every server is killed when its handle drops.
+//! Test harness shared by every integration test: starts the real `ballast` binary on
+//! loopback ports in a temp directory and talks HTTP to it (every server is killed when
+//! its handle drops); events, the per-user order check, admin and metrics helpers, free
+//! ports. `receiver.rs` the programmable HTTP receiver destinations deliver to;
+//! `webdriver.rs` headless Chromium for the browser tests.
 #![allow(dead_code)]
 
+pub mod receiver;
+pub mod webdriver;
+
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -273,4 +280,127 @@ pub fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A loopback port nothing listens on (for now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------
+// Events and the per-user order
+// ---------------------------------------------------------------------------------------
+
+/// A track event of `user` with messageId `id`.
+pub fn event(user: &str, id: &str) -> serde_json::Value {
+    event_padded(user, id, 0)
+}
+
+/// A track event of `user` with messageId `id` and `pad` bytes of padding.
+pub fn event_padded(user: &str, id: &str, pad: usize) -> serde_json::Value {
+    serde_json::json!({
+        "type": "track",
+        "event": "Test Event",
+        "userId": user,
+        "messageId": id,
+        "properties": {"pad": "x".repeat(pad), "ü": "✓"},
+        "context": {"library": {"name": "ballast-tests"}}
+    })
+}
+
+pub fn mid(e: &serde_json::Value) -> &str {
+    e["messageId"].as_str().unwrap_or("")
+}
+
+/// The ordering key: userId, else anonymousId.
+pub fn ordering_key(e: &serde_json::Value) -> String {
+    match e["userId"].as_str() {
+        Some(u) if !u.is_empty() => format!("u:{u}"),
+        _ => format!("a:{}", e["anonymousId"].as_str().unwrap_or("")),
+    }
+}
+
+/// Per user: the messageIds of `delivered` in order, duplicates removed (first kept),
+/// must equal the messageIds of `accepted` in order; no other user may appear.
+pub fn check_user_order(
+    accepted: &[serde_json::Value],
+    delivered: &[serde_json::Value],
+) -> Result<(), String> {
+    let mut want: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for e in accepted {
+        want.entry(ordering_key(e)).or_default().push(mid(e));
+    }
+    let mut got: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for e in delivered {
+        if seen.insert(mid(e)) {
+            got.entry(ordering_key(e)).or_default().push(mid(e));
+        }
+    }
+    for (u, w) in &want {
+        let g = got.get(u).cloned().unwrap_or_default();
+        if &g != w {
+            return Err(format!(
+                "user {u}: accepted {} events {:?}\n delivered {} {:?}",
+                w.len(),
+                w,
+                g.len(),
+                g
+            ));
+        }
+    }
+    if let Some(extra) = got.keys().find(|u| !want.contains_key(*u)) {
+        return Err(format!("delivered events of unknown user {extra}"));
+    }
+    Ok(())
+}
+
+/// The deliveries of the events in `sent` (by messageId), others dropped, in order.
+pub fn deliveries_of(
+    sent: &[serde_json::Value],
+    delivered: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    let wanted: HashSet<&str> = sent.iter().map(mid).collect();
+    delivered
+        .iter()
+        .filter(|e| wanted.contains(mid(e)))
+        .cloned()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Admin API and metrics
+// ---------------------------------------------------------------------------------------
+
+/// `GET <admin><path>` (no token) as JSON.
+pub fn admin_get(server: &Server, path: &str) -> serde_json::Value {
+    client()
+        .get(format!("{}{path}", server.admin))
+        .send()
+        .expect("admin GET")
+        .json()
+        .expect("admin answer is JSON")
+}
+
+/// A metric's value in the admin `/metrics` text (`name` may include its labels).
+pub fn metric(server: &Server, name: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("{}/metrics", server.admin))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    metric_in(&text, name)
+}
+
+/// A metric's value in a `/metrics` text.
+pub fn metric_in(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .filter(|rest| rest.starts_with(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }

@@ -4,27 +4,18 @@
 //! Chromium's browser and performance (network) logs are kept. Used by the browser tests.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::wait_for;
+use super::{free_port, wait_for};
 
 pub struct Browser {
     driver: Child,
     base: String,
     session: String,
     http: reqwest::blocking::Client,
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub fn find(names: &[&str]) -> Option<String> {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::alerts::{Action, Alerts, Severity};
-use crate::config::{Config, StorageBackend};
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::readiness::ServerState;
 use crate::recovery::journal::Journal;
@@ -21,6 +21,7 @@ use crate::recovery::{Mode, Recovery};
 use crate::router::{Router, RouterDb, RouterState};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::postgres::PgStore;
+use crate::store::StorageBackend;
 use crate::store::Store;
 
 /// Addresses the server bound, written to `<data_dir>/server.json` once it listens (and

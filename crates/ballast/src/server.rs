@@ -95,8 +95,6 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         stop_rx.clone(),
     ));
 
-    let (public, admin) = bind(&config, &data_dir).await?;
-    tracing::info!(listen = %public.local_addr()?, admin = %admin.local_addr()?, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
     let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
     let history = Arc::new(crate::admin::history::History::new(
         config.server.history_interval,
@@ -120,6 +118,8 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         alerts: alerts.clone(),
         history,
     });
+    let (public, admin) = bind(&config, &data_dir).await?;
+    tracing::info!(listen = %public.local_addr()?, admin = %admin.local_addr()?, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
     let servers = serve(
         &config,
         public,

@@ -355,8 +355,10 @@ fd_reserve = 64
     let config = config_with_server(server_section, "").replace("1MiB", "4KiB");
     let server = Server::start_with(&launcher, dir, &config, &[]);
     let a = addr(&server);
+    // Logged just after server.json is written; stderr reaches the test through a reader
+    // thread.
     assert!(
-        server.stderr().contains("connection cap lowered"),
+        wait_for(5, || server.stderr().contains("connection cap lowered")),
         "{}",
         server.stderr()
     );

@@ -113,19 +113,8 @@ fn duplicates(delivered: &[Value]) -> usize {
 
 /// `ballast log dump --meta`: (position, event) of every stored event.
 fn dump_meta(data_dir: &Path) -> Vec<(u64, Value)> {
-    let out = Command::new(common::bin())
-        .args(["log", "dump", "--meta", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
+    common::log_dump(data_dir, &["--meta"])
+        .iter()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
             (v["position"].as_u64().unwrap(), v["event"].clone())

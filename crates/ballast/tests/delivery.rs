@@ -61,12 +61,7 @@ fn ids(events: &[Value]) -> HashSet<String> {
 }
 
 fn status(server: &Server) -> Value {
-    common::client()
-        .get(format!("{}/v1/status", server.admin))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    common::admin_get(server, "/v1/status")
 }
 
 fn dest_status(server: &Server, id: &str) -> Value {
@@ -81,12 +76,11 @@ fn dest_status(server: &Server, id: &str) -> Value {
 }
 
 fn dead_letters(server: &Server, id: &str) -> Vec<Value> {
-    common::client()
-        .get(format!("{}/v1/dead-letters?destination={id}", server.admin))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    serde_json::from_value(common::admin_get(
+        server,
+        &format!("/v1/dead-letters?destination={id}"),
+    ))
+    .unwrap()
 }
 
 /// A webhook destination table.

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::alerts::{Action, Alerts, Severity};
-use crate::config::{Config, StorageBackend};
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::readiness::ServerState;
 use crate::recovery::journal::Journal;
@@ -21,6 +21,7 @@ use crate::recovery::{Mode, Recovery};
 use crate::router::{Router, RouterDb, RouterState};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::postgres::PgStore;
+use crate::store::StorageBackend;
 use crate::store::Store;
 
 /// Addresses the server bound, written to `<data_dir>/server.json` once it listens (and
@@ -96,8 +97,6 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         stop_rx.clone(),
     ));
 
-    let (public, admin) = bind(&config, &data_dir).await?;
-    tracing::info!(listen = %public.local_addr()?, admin = %admin.local_addr()?, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
     let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
     let history = Arc::new(crate::admin::history::History::new(
         config.server.history_interval,
@@ -121,6 +120,8 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         alerts: alerts.clone(),
         history,
     });
+    let (public, admin) = bind(&config, &data_dir).await?;
+    tracing::info!(listen = %public.local_addr()?, admin = %admin.local_addr()?, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
     let servers = serve(
         &config,
         public,

@@ -88,21 +88,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// Every stored event as its raw JSON text, exactly as `ballast log dump` prints it.
 fn dump_raw(server: &Server) -> Vec<String> {
-    let out = std::process::Command::new(common::bin())
-        .args(["log", "dump", "--data-dir"])
-        .arg(server.data_dir())
-        .output()
-        .expect("run ballast log dump");
-    assert!(
-        out.status.success(),
-        "log dump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .lines()
-        .map(str::to_string)
-        .collect()
+    common::log_dump(&server.data_dir(), &[])
 }
 
 /// Stored events by messageId (each must have a string messageId, and ids are unique).

@@ -9,15 +9,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::free_port;
+use common::receiver::Background;
 use common::webdriver::Browser;
 use common::{wait_for, Server, WRITE_KEY};
 
@@ -55,72 +53,22 @@ fn sdk_js() -> &'static Path {
 }
 
 /// A static file server on 127.0.0.1 for the test page and the SDK (another origin
-/// than ballast's, as on a real site). Stops when dropped.
-struct StaticServer {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StaticServer {
-    fn start(files: Vec<(&'static str, &'static str, Vec<u8>)>) -> StaticServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::SeqCst) {
-                let Ok((mut stream, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
+/// than ballast's, as on a real site): (path, content type, body). Stops when dropped.
+fn static_site(files: Vec<(&'static str, &'static str, Vec<u8>)>) -> Background {
+    use axum::response::IntoResponse;
+    let files = Arc::new(files);
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let files = files.clone();
+        async move {
+            match files.iter().find(|(p, _, _)| *p == uri.path()) {
+                Some((_, ctype, body)) => {
+                    ([(axum::http::header::CONTENT_TYPE, *ctype)], body.clone()).into_response()
                 }
-                // Skip the headers.
-                let mut h = String::new();
-                while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                    h.clear();
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let path = path.split('?').next().unwrap_or("/");
-                let found = files.iter().find(|(p, _, _)| *p == path);
-                let (status, ctype, body) = match found {
-                    Some((_, ctype, body)) => ("200 OK", *ctype, body.as_slice()),
-                    None => ("404 Not Found", "text/plain", &b"not found"[..]),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(body);
-                let _ = stream.flush();
-                let mut rest = [0u8; 64];
-                let _ = stream.set_read_timeout(Some(Duration::from_millis(10)));
-                let _ = stream.read(&mut rest);
+                None => (axum::http::StatusCode::NOT_FOUND, "not found").into_response(),
             }
-        });
-        StaticServer {
-            port,
-            stop,
-            thread: Some(thread),
         }
-    }
-}
-
-impl Drop for StaticServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    });
+    Background::start(app)
 }
 
 /// chromedriver driving a headless Chromium, through the W3C WebDriver protocol.
@@ -171,12 +119,12 @@ fn js_sdk_keeps_events_while_the_server_is_down_and_delivers_them_when_it_is_bac
     );
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let mut server = Server::start_in(dir.clone(), &config, &[]);
-    let site = StaticServer::start(vec![
+    let site = static_site(vec![
         ("/", "text/html", page(&ballast).into_bytes()),
         ("/sdk.js", "application/javascript", sdk),
     ]);
     let browser = Browser::start();
-    browser.goto(&format!("http://127.0.0.1:{}/", site.port));
+    browser.goto(&format!("http://127.0.0.1:{}/", site.port()));
     assert!(
         wait_for(20, || browser.js("return window.loaded") == true),
         "the SDK did not load: {}",

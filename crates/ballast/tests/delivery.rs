@@ -61,12 +61,7 @@ fn ids(events: &[Value]) -> HashSet<String> {
 }
 
 fn status(server: &Server) -> Value {
-    common::client()
-        .get(format!("{}/v1/status", server.admin))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    common::admin_get(server, "/v1/status")
 }
 
 fn dest_status(server: &Server, id: &str) -> Value {
@@ -81,12 +76,11 @@ fn dest_status(server: &Server, id: &str) -> Value {
 }
 
 fn dead_letters(server: &Server, id: &str) -> Vec<Value> {
-    common::client()
-        .get(format!("{}/v1/dead-letters?destination={id}", server.admin))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    serde_json::from_value(common::admin_get(
+        server,
+        &format!("/v1/dead-letters?destination={id}"),
+    ))
+    .unwrap()
 }
 
 /// A webhook destination table.
@@ -113,19 +107,8 @@ fn duplicates(delivered: &[Value]) -> usize {
 
 /// `ballast log dump --meta`: (position, event) of every stored event.
 fn dump_meta(data_dir: &Path) -> Vec<(u64, Value)> {
-    let out = Command::new(common::bin())
-        .args(["log", "dump", "--meta", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
+    common::log_dump(data_dir, &["--meta"])
+        .iter()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
             (v["position"].as_u64().unwrap(), v["event"].clone())

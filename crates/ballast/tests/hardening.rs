@@ -355,8 +355,10 @@ fd_reserve = 64
     let config = config_with_server(server_section, "").replace("1MiB", "4KiB");
     let server = Server::start_with(&launcher, dir, &config, &[]);
     let a = addr(&server);
+    // Logged just after server.json is written; stderr reaches the test through a reader
+    // thread.
     assert!(
-        server.stderr().contains("connection cap lowered"),
+        wait_for(5, || server.stderr().contains("connection cap lowered")),
         "{}",
         server.stderr()
     );
@@ -564,15 +566,6 @@ fn health(server: &Server) -> Value {
         .unwrap()
 }
 
-fn admin_status(server: &Server) -> Value {
-    common::client()
-        .get(format!("{}/v1/status", server.admin))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
-}
-
 fn cli_status(server: &Server) -> String {
     let out = std::process::Command::new(common::bin())
         .args(["status", "--admin", &server.admin])
@@ -633,7 +626,7 @@ fn a_full_disk_is_visible_everywhere_and_ingest_resumes_by_itself() {
     let h = health(&server);
     assert_eq!(h["acceptingEvents"], "FALSE", "{h}");
     assert_eq!(h["db"], "UP", "{h}");
-    let st = admin_status(&server);
+    let st = common::admin_get(&server, "/v1/status");
     assert_eq!(st["storage"]["writable"], false, "{st}");
     assert_eq!(st["storage"]["refusing"], "disk_full", "{st}");
     let text = cli_status(&server);
@@ -656,7 +649,10 @@ fn a_full_disk_is_visible_everywhere_and_ingest_resumes_by_itself() {
         readyz(&server)
     );
     assert_eq!(health(&server)["acceptingEvents"], "TRUE");
-    assert_eq!(admin_status(&server)["storage"]["writable"], true);
+    assert_eq!(
+        common::admin_get(&server, "/v1/status")["storage"]["writable"],
+        true
+    );
     assert_eq!(metric(&server, "ballast_storage_writable"), Some(1.0));
     assert_eq!(post(&server, "after"), (200, "OK".into()));
     assert!(
@@ -720,7 +716,7 @@ fn a_full_quota_is_visible_everywhere_and_clears_when_segments_are_freed() {
     assert!(refused > 0 && !acked.is_empty());
     assert_eq!(readyz(&server), (503, "storage quota exceeded".into()));
     assert_eq!(health(&server)["acceptingEvents"], "FALSE");
-    let st = admin_status(&server);
+    let st = common::admin_get(&server, "/v1/status");
     assert_eq!(st["storage"]["writable"], false, "{st}");
     assert_eq!(st["storage"]["refusing"], "quota", "{st}");
     assert_eq!(metric(&server, quota), Some(refused as f64));
@@ -739,11 +735,11 @@ fn a_full_quota_is_visible_everywhere_and_clears_when_segments_are_freed() {
     let server = Server::start_in(dir.clone(), &config, &[]);
     assert!(
         wait_for(20, || {
-            let st = admin_status(&server);
+            let st = common::admin_get(&server, "/v1/status");
             st["storage"]["bytes_used"].as_u64().unwrap_or(u64::MAX) < 8 << 10
         }),
         "{} {}",
-        admin_status(&server),
+        common::admin_get(&server, "/v1/status"),
         server.stderr()
     );
     assert_eq!(readyz(&server), (200, "OK".into()));
@@ -836,7 +832,10 @@ fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
     );
     assert_eq!(readyz(&server), (503, "disk full".into()));
     assert_eq!(health(&server)["acceptingEvents"], "FALSE");
-    assert_eq!(admin_status(&server)["storage"]["writable"], false);
+    assert_eq!(
+        common::admin_get(&server, "/v1/status")["storage"]["writable"],
+        false
+    );
     assert!(cli_status(&server).contains("writable false (disk full)"));
     assert!(
         metric(
@@ -897,10 +896,16 @@ fn status_counts_the_stored_events_after_a_restart() {
     }
     assert!(server.terminate().success());
     let server = Server::start_in(dir, &config, &[]);
-    assert_eq!(admin_status(&server)["storage"]["events_stored"], 5);
+    assert_eq!(
+        common::admin_get(&server, "/v1/status")["storage"]["events_stored"],
+        5
+    );
     assert!(cli_status(&server).contains(" 5 events stored"));
     assert_eq!(post(&server, "s-5"), (200, "OK".into()));
-    assert_eq!(admin_status(&server)["storage"]["events_stored"], 6);
+    assert_eq!(
+        common::admin_get(&server, "/v1/status")["storage"]["events_stored"],
+        6
+    );
 }
 
 /// Saving a destination's cursor fails (here the cursors directory is replaced by a

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::receiver::Background;
 use common::{
     check_user_order, deliveries_of, event, mid, ordering_key, wait_for, Server, WRITE_KEY,
 };
@@ -110,20 +111,15 @@ async fn mock_handle(
     (code, axum::Json(answer)).into_response()
 }
 
-/// An HTTP endpoint on 127.0.0.1 with its own tokio runtime thread.
+/// A validating HTTP endpoint (PagerDuty, VictorOps, a webhook destination) on 127.0.0.1.
 struct Mock {
-    port: u16,
     hits: Arc<Mutex<Vec<Hit>>>,
     unavailable: Arc<AtomicBool>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: Background,
 }
 
 impl Mock {
     fn start(check: Check, ok: u16) -> Mock {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let state = MockState {
             hits: Arc::new(Mutex::new(Vec::new())),
             unavailable: Arc::new(AtomicBool::new(false)),
@@ -131,28 +127,11 @@ impl Mock {
             ok,
         };
         let (hits, unavailable) = (state.hits.clone(), state.unavailable.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(mock_handle).with_state(state);
-                tokio::select! {
-                    _ = async { let _ = axum::serve(listener, app).await; } => {}
-                    _ = rx => {}
-                }
-            });
-            rt.shutdown_background();
-        });
+        let app = axum::Router::new().fallback(mock_handle).with_state(state);
         Mock {
-            port,
             hits,
             unavailable,
-            stop: Some(tx),
-            thread: Some(thread),
+            server: Background::start(app),
         }
     }
 
@@ -169,7 +148,7 @@ impl Mock {
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.server.port())
     }
 
     /// Answers 503 to every valid request while set.
@@ -214,17 +193,6 @@ impl Mock {
 
     fn delivered_ids(&self) -> HashSet<String> {
         self.events().iter().map(|e| mid(e).to_string()).collect()
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

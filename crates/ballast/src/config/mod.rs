@@ -1,8 +1,9 @@
 //! One serde model of the TOML configuration, `BALLAST_*` environment overrides and
-//! validation. Each part owns its section's types (`recovery::RecoveryConfig`,
-//! `alerts::AlertsConfig`, `destinations::DestinationConfig`); this module aggregates them,
-//! holds the server's, storage's and sources' own, and checks what spans sections. The
-//! override engine is `env.rs`.
+//! validation. Each part below this module owns its section's types
+//! (`recovery::RecoveryConfig`, `alerts::AlertsConfig`, `destinations::DestinationConfig`,
+//! `store::StorageConfig`); this module aggregates them, holds the sections of the parts
+//! above it (server, sources), and checks what spans sections. The override engine is
+//! `env.rs`.
 //!
 //! Every key can be set from the environment as `BALLAST_<SECTION>__<KEY>` (nested with
 //! further `__`, array elements by index: `BALLAST_SOURCES__0__WRITE_KEY`). Unknown keys,
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use crate::alerts::AlertsConfig;
 use crate::destinations::DestinationConfig;
 use crate::recovery::RecoveryConfig;
+use crate::store::{StorageBackend, StorageConfig};
 use crate::units::{duration, size, size_usize};
 
 mod env;
@@ -156,47 +158,6 @@ impl ServerConfig {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StorageBackend {
-    Embedded,
-    Postgres,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    pub backend: StorageBackend,
-    /// Quota: beyond it new events get 503. Nothing stored is removed to make room.
-    #[serde(deserialize_with = "size")]
-    pub max_bytes: u64,
-    #[serde(deserialize_with = "size")]
-    pub segment_bytes: u64,
-    /// Zero-fill the active segment ahead of the records (fewer metadata writes per fsync).
-    pub preallocate: bool,
-    /// With `backend = "postgres"`: the database, e.g. `postgres://ballast@db/ballast`
-    /// (secrets from `BALLAST_STORAGE__POSTGRES_URL`). Several hosts and
-    /// `target_session_attrs=read-write` follow a failover to the new primary.
-    pub postgres_url: Option<String>,
-    /// With `backend = "postgres"`: how many partitions users are hashed into (positions,
-    /// cursors and delivery leases are per partition). Fixed when the database is first
-    /// used; a different value later is ignored with a warning.
-    pub partitions: u32,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            backend: StorageBackend::Embedded,
-            max_bytes: 10 << 30,
-            segment_bytes: 64 << 20,
-            preallocate: true,
-            postgres_url: None,
-            partitions: 16,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -2,6 +2,7 @@
 //! for the router. One trait, so that a PostgreSQL backend can sit beside the embedded
 //! one and pass the same conformance suite (`conformance.rs`).
 
+mod config;
 pub mod embedded;
 pub mod envelope;
 pub mod postgres;
@@ -16,6 +17,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+
+pub use config::{StorageBackend, StorageConfig};
 
 /// Where an event sits in the store; increases with acceptance order within its
 /// partition. The partition is in the top bits (see [`partition_of`]), so a position

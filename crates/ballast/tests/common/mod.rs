@@ -224,8 +224,18 @@ impl Server {
 }
 
 pub fn dump(data_dir: &Path) -> Vec<serde_json::Value> {
+    log_dump(data_dir, &[])
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("dump line is JSON"))
+        .collect()
+}
+
+/// The lines `ballast log dump ARGS --data-dir DIR` prints (one stored event each).
+pub fn log_dump(data_dir: &Path, args: &[&str]) -> Vec<String> {
     let out = Command::new(bin())
-        .args(["log", "dump", "--data-dir"])
+        .args(["log", "dump"])
+        .args(args)
+        .arg("--data-dir")
         .arg(data_dir)
         .output()
         .expect("run ballast log dump");
@@ -237,7 +247,7 @@ pub fn dump(data_dir: &Path) -> Vec<serde_json::Value> {
     String::from_utf8(out.stdout)
         .expect("utf8")
         .lines()
-        .map(|l| serde_json::from_str(l).expect("dump line is JSON"))
+        .map(str::to_string)
         .collect()
 }
 

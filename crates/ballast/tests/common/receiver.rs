@@ -11,6 +11,67 @@ use serde_json::Value;
 
 use super::mid;
 
+/// An axum app served on 127.0.0.1 from its own runtime thread; stops when dropped. The
+/// receivers of the tests (this one, the alert mocks, the browser test's static site)
+/// all run on it.
+pub struct Background {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    /// Serves `app` on `listener` (bound, any mode).
+    pub fn serve(listener: std::net::TcpListener, app: axum::Router) -> Background {
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let port = listener.local_addr().expect("bound listener").port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                tokio::select! {
+                    _ = async { let _ = axum::serve(listener, app).await; } => {}
+                    _ = rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        Background {
+            port,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Serves `app` on a free loopback port.
+    pub fn start(app: axum::Router) -> Background {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Background::serve(listener, app)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What the receiver answers to one request.
 #[derive(Debug, Clone, Copy)]
 pub enum Reply {
@@ -76,10 +137,8 @@ pub struct Shared {
 }
 
 pub struct Receiver {
-    port: u16,
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: Background,
 }
 
 pub async fn handle(
@@ -179,49 +238,30 @@ impl Receiver {
                 }
             }
         };
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             log: Mutex::new(Log::default()),
             rule: Mutex::new(rule),
         });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
-                tokio::select! {
-                    _ = async { let _ = axum::serve(listener, app).await; } => {}
-                    _ = rx => {}
-                }
-            });
-            rt.shutdown_background();
-        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
         Receiver {
-            port,
             shared,
-            stop: Some(tx),
-            thread: Some(thread),
+            server: Background::serve(listener, app),
         }
     }
 
     pub fn url(&self) -> String {
-        url_for(self.port)
+        url_for(self.port())
     }
 
     /// `http://127.0.0.1:<port>`, for a URL with a path of one's own.
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.port())
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.port()
     }
 
     pub fn set_rule(&self, rule: Rule) {
@@ -287,17 +327,6 @@ impl Receiver {
             .into_iter()
             .filter(|r| r.events.iter().any(|e| mid(e) == id))
             .collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

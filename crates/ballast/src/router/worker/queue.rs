@@ -65,6 +65,9 @@ impl UserQueue {
 
 impl Worker {
     pub(super) fn enqueue(&mut self, user: Arc<str>, p: Pending) {
+        if let Some(f) = &mut self.filling {
+            f.read();
+        }
         let uq = self.users.entry(user.clone()).or_default();
         if p.event.is_some() {
             uq.loaded += 1;

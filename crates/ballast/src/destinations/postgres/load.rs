@@ -282,7 +282,7 @@ fn select_from(casts: &[Option<Arc<str>>]) -> String {
 struct Chunk {
     names: Vec<String>,
     /// Column name → (its array, its type in the database).
-    index: FastMap<String, (usize, Option<ColType>)>,
+    index: FastMap<String, (usize, ColType)>,
     arrays: Vec<TextArray>,
     rows: usize,
 }
@@ -295,12 +295,12 @@ impl Chunk {
             arrays: Vec::new(),
             rows: 0,
         };
-        c.column("id", Some(ColType::Text));
+        c.column("id", ColType::Text);
         c
     }
 
-    /// The column's array and type (None: not in the table).
-    fn column(&mut self, name: &str, ty: Option<ColType>) -> (usize, Option<ColType>) {
+    /// Adds a column of the table: its array and type.
+    fn column(&mut self, name: &str, ty: ColType) -> (usize, ColType) {
         let i = self.names.len();
         self.names.push(name.to_string());
         self.index.insert(name.to_string(), (i, ty));
@@ -343,20 +343,17 @@ pub fn encode(
             if c == "id" {
                 continue;
             }
-            let (i, ty) = match chunk.index.get(c.as_str()) {
-                Some(&found) => found,
-                None => {
-                    let ty = known.get(&c).map(|k| k.ty);
-                    chunk.column(&c, ty)
-                }
+            let found = match chunk.index.get(c.as_str()) {
+                Some(&found) => Some(found),
+                None => known.get(&c).map(|k| chunk.column(&c, k.ty)),
             };
-            let reason = match ty {
+            let reason = match found {
                 None => format!("table has {MAX_COLUMNS} columns, the most it can"),
-                Some(ty) if v.natural() == ty => {
+                Some((i, ty)) if v.natural() == ty => {
                     bytes += chunk.arrays[i].push_val(&v);
                     continue;
                 }
-                Some(ty) => match v.clone().coerce(ty) {
+                Some((i, ty)) => match v.clone().coerce(ty) {
                     Ok(v) => {
                         bytes += chunk.arrays[i].push_val(&v);
                         continue;
@@ -520,7 +517,7 @@ mod tests {
             rows: vec![
                 row("a", &[("n", Val::Int(1))]),
                 row("b", &[("s", Val::Text("x".into()))]),
-                row("c", &[("n", Val::Text("no".into()))]),
+                row("c", &[("n", Val::Text("no".into())), ("z", Val::Int(2))]),
             ],
             wanted: BTreeMap::new(),
         };
@@ -546,8 +543,12 @@ mod tests {
         assert_eq!(s[0].rows, 3);
         assert!(s[0].params.iter().all(|a| a.len == 3));
         assert!(s[0].sql.contains("s.c1::bigint"), "{}", s[0].sql);
-        assert_eq!(discards.len(), 1);
+        // A column the table cannot have (it is full) is neither loaded nor named.
+        assert!(!s[0].sql.contains("\"z\""), "{}", s[0].sql);
+        assert_eq!(s[0].params.len(), 3);
+        assert_eq!(discards.len(), 2);
         assert_eq!(discards[0].row_id, "c");
         assert!(discards[0].reason.contains("string to int"));
+        assert!(discards[1].reason.contains("1600 columns"));
     }
 }

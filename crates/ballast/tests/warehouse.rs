@@ -371,3 +371,51 @@ flush_interval = "200ms"
     assert!(wait_for(30, all), "{}", server.stderr());
     assert!(wait_for(30, || letters().is_empty()), "{:?}", letters());
 }
+
+/// A user whose load just committed and who has a full batch more is not held back by a
+/// wait that began while its load was in flight.
+#[test]
+fn a_hot_user_is_not_held_back_by_a_wait() {
+    let cluster = PgCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(cluster.create_db("analytics"));
+    let url = cluster.url("analytics");
+    let config = common::config(&format!(
+        r#"
+[[destinations]]
+id = "warehouse"
+type = "postgres"
+sources = ["web"]
+url = "{url}"
+schema = "web_prod"
+batch_size = 5
+flush_interval = "1h"
+"#
+    ));
+    let server = Server::start(&config);
+    let db = Db::open(&url);
+    // u1's 12 events, then u2's one: [u1 x5] goes at once; while it loads only u2's one
+    // event is ready, so a wait begins; when u1's load commits its 7 more end the wait:
+    // [u2, u1 x4] goes; u1's last 3 are held (the wait is an hour).
+    let mut batch: Vec<Value> = (0..12)
+        .map(|i| json!({"type": "track", "userId": "u1", "messageId": format!("h{i}"), "event": "Hot"}))
+        .collect();
+    batch.push(json!({"type": "track", "userId": "u2", "messageId": "c0", "event": "Hot"}));
+    send(&server, "/v1/batch", &json!({ "batch": batch }));
+    let ten = || db.count("SELECT count(*) FROM web_prod.hot").unwrap_or(0) >= 10;
+    assert!(
+        wait_for(30, ten),
+        "{:?} loaded\n{}",
+        db.count("SELECT count(*) FROM web_prod.hot"),
+        server.stderr()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM web_prod.hot"), Some(10));
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.hot WHERE id IN ('h9', 'h10', 'h11')"),
+        Some(0),
+        "u1's last three wait, in order"
+    );
+}

@@ -6,9 +6,10 @@
 //!
 //! Cost: how many events are ready is counted once when a wait begins (a walk of the
 //! ready users, stopping at `batch_size` events: no more than building the batch would
-//! take), then only kept up to date by adding what is read meanwhile. It may count events
-//! of a user that is busy meanwhile (a batch goes a little early) or miss a user that
-//! became ready (it waits until the deadline): the bound holds either way.
+//! take), then only kept up to date by adding what is read meanwhile and the queues of
+//! users that become ready again (a hot user whose load just committed: its next batch
+//! goes at once). It may count events twice or of a user busy meanwhile (a batch goes a
+//! little early): the bound holds either way.
 
 use std::time::{Duration, Instant};
 
@@ -32,10 +33,11 @@ impl Filling {
         })
     }
 
-    /// An event was read into a queue.
-    pub(super) fn read(&mut self) {
+    /// `n` events may have become ready: one read into a queue, or a user's queue
+    /// ready again (its delivery finished, its retry timer fired).
+    pub(super) fn add(&mut self, n: usize) {
         if self.since.is_some() {
-            self.ready += 1;
+            self.ready += n;
         }
     }
 

@@ -3,6 +3,11 @@
 //!
 //! Data flow: [`gateway`] → [`store`] → [`router`] → [`destinations`]; see docs/ARCHITECTURE.md.
 
+// Unit tests (and the benchmarks among them) use the binary's allocator.
+#[cfg(test)]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod admin;
 pub mod alerts;
 pub mod cli;

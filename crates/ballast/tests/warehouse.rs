@@ -217,3 +217,205 @@ fn kill_9_in_the_middle_of_loads_loses_and_duplicates_nothing() {
         Some(0)
     );
 }
+
+/// `flush_interval`: a destination holds ready events back until `batch_size` are ready
+/// (then they load in one transaction: one `uuid_ts`, which is the transaction's time)
+/// or the oldest has waited `flush_interval` (then what is ready loads).
+#[test]
+fn batches_wait_for_batch_size_or_flush_interval() {
+    let cluster = PgCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(cluster.create_db("analytics"));
+    let url = cluster.url("analytics");
+    let config = common::config(&format!(
+        r#"
+[[destinations]]
+id = "full"
+type = "postgres"
+sources = ["web"]
+url = "{url}"
+schema = "batched"
+batch_size = 6
+flush_interval = "1h"
+
+[[destinations]]
+id = "timely"
+type = "postgres"
+sources = ["web"]
+url = "{url}"
+schema = "timely"
+batch_size = 1000
+flush_interval = "1s"
+"#
+    ));
+    let server = Server::start(&config);
+    let db = Db::open(&url);
+    for i in 0..5 {
+        // Different users, sent one by one: without the wait each would be its own load.
+        send(
+            &server,
+            "/v1/track",
+            &json!({"userId": format!("u{i}"), "messageId": format!("m{i}"), "event": "Tick"}),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The oldest waited a second: what was ready is loaded.
+    let timely = || db.count("SELECT count(*) FROM timely.tracks") == Some(5);
+    assert!(wait_for(30, timely), "{}", server.stderr());
+    // Five of six: still held back.
+    assert_eq!(
+        db.count("SELECT count(*) FROM batched.tracks").unwrap_or(0),
+        0
+    );
+    send(
+        &server,
+        "/v1/track",
+        &json!({"userId": "u5", "messageId": "m5", "event": "Tick"}),
+    );
+    let full = || db.count("SELECT count(*) FROM batched.tracks") == Some(6);
+    assert!(wait_for(30, full), "{}", server.stderr());
+    assert_eq!(
+        db.count("SELECT count(DISTINCT uuid_ts) FROM batched.tracks"),
+        Some(1),
+        "the six events loaded in one transaction"
+    );
+}
+
+/// A load the database refuses for one event's data: the others of the batch load (the
+/// same user's later events too, in order), only that event goes to the dead letters,
+/// and a replay loads it once an operator has fixed the column.
+#[test]
+fn an_event_the_database_refuses_is_dead_lettered_alone() {
+    let cluster = PgCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(cluster.create_db("analytics"));
+    let url = cluster.url("analytics");
+    let db = Db::open(&url);
+    // An operator's column type that the bad event's value cannot be read as.
+    db.rt
+        .block_on(db.client.batch_execute(
+            "CREATE SCHEMA web_prod; CREATE TABLE web_prod.item_viewed (id text PRIMARY KEY, \
+             received_at timestamptz, uuid_ts timestamptz, ref uuid)",
+        ))
+        .unwrap();
+    let config = common::config(&format!(
+        r#"
+[[destinations]]
+id = "warehouse"
+type = "postgres"
+sources = ["web"]
+url = "{url}"
+schema = "web_prod"
+batch_size = 8
+flush_interval = "200ms"
+"#
+    ));
+    let server = Server::start(&config);
+    let good = "6f1c2f9e-8f3a-4a43-9a40-1d7a1f1a2b3c";
+    let batch: Vec<Value> = (0..8)
+        .map(|i| {
+            let r = if i == 3 { "not-a-uuid" } else { good };
+            json!({"type": "track", "userId": format!("u{}", i % 2), "messageId": format!("m{i}"),
+                   "event": "Item Viewed", "properties": {"ref": r}})
+        })
+        .collect();
+    send(&server, "/v1/batch", &json!({ "batch": batch }));
+    let loaded = || db.count("SELECT count(*) FROM web_prod.item_viewed") == Some(7);
+    assert!(wait_for(30, loaded), "{}", server.stderr());
+    let letters = || -> Vec<Value> {
+        common::client()
+            .get(format!(
+                "{}/v1/dead-letters?destination=warehouse",
+                server.admin
+            ))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    assert!(wait_for(30, || letters().len() == 1), "{:?}", letters());
+    let l = &letters()[0];
+    assert_eq!(l["event"]["messageId"], "m3", "{l}");
+    assert_eq!(l["kind"], "aborted", "{l}");
+    assert!(l["reason"].as_str().unwrap().contains("uuid"), "{l}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.tracks WHERE id = 'm3'"),
+        Some(0)
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.rudder_discards"),
+        Some(0)
+    );
+    // The operator fixes the column; a replay loads the event.
+    db.rt
+        .block_on(
+            db.client
+                .batch_execute("ALTER TABLE web_prod.item_viewed ALTER COLUMN ref TYPE text"),
+        )
+        .unwrap();
+    let replayed = common::client()
+        .post(format!(
+            "{}/v1/dead-letters/replay?destination=warehouse",
+            server.admin
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(replayed.status(), 200);
+    let all = || db.count("SELECT count(*) FROM web_prod.item_viewed") == Some(8);
+    assert!(wait_for(30, all), "{}", server.stderr());
+    assert!(wait_for(30, || letters().is_empty()), "{:?}", letters());
+}
+
+/// A user whose load just committed and who has a full batch more is not held back by a
+/// wait that began while its load was in flight.
+#[test]
+fn a_hot_user_is_not_held_back_by_a_wait() {
+    let cluster = PgCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(cluster.create_db("analytics"));
+    let url = cluster.url("analytics");
+    let config = common::config(&format!(
+        r#"
+[[destinations]]
+id = "warehouse"
+type = "postgres"
+sources = ["web"]
+url = "{url}"
+schema = "web_prod"
+batch_size = 5
+flush_interval = "1h"
+"#
+    ));
+    let server = Server::start(&config);
+    let db = Db::open(&url);
+    // u1's 12 events, then u2's one: [u1 x5] goes at once; while it loads only u2's one
+    // event is ready, so a wait begins; when u1's load commits its 7 more end the wait:
+    // [u2, u1 x4] goes; u1's last 3 are held (the wait is an hour).
+    let mut batch: Vec<Value> = (0..12)
+        .map(|i| json!({"type": "track", "userId": "u1", "messageId": format!("h{i}"), "event": "Hot"}))
+        .collect();
+    batch.push(json!({"type": "track", "userId": "u2", "messageId": "c0", "event": "Hot"}));
+    send(&server, "/v1/batch", &json!({ "batch": batch }));
+    let ten = || db.count("SELECT count(*) FROM web_prod.hot").unwrap_or(0) >= 10;
+    assert!(
+        wait_for(30, ten),
+        "{:?} loaded\n{}",
+        db.count("SELECT count(*) FROM web_prod.hot"),
+        server.stderr()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM web_prod.hot"), Some(10));
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.hot WHERE id IN ('h9', 'h10', 'h11')"),
+        Some(0),
+        "u1's last three wait, in order"
+    );
+}

@@ -42,9 +42,22 @@ pub enum Outcome {
         status: Option<u16>,
         reason: String,
     },
+    /// Delivered, except the events at these indexes of the batch (ascending), which the
+    /// target refused for good, each with why: those go to the dead letters, the others
+    /// count as delivered. For a target that can tell which events it refuses (the
+    /// `postgres` warehouse: one event's data the database cannot take).
+    DeliveredExcept {
+        refused: Vec<(usize, String)>,
+    },
 }
 
 impl Outcome {
+    /// Whether the target took the batch (all of it, or all but events it refused for
+    /// good).
+    pub fn delivered(&self) -> bool {
+        matches!(self, Outcome::Delivered | Outcome::DeliveredExcept { .. })
+    }
+
     /// The outcome an HTTP status means for a delivery.
     pub fn from_http(status: u16, body: String, retry_after: Option<Duration>) -> Outcome {
         match status {

@@ -21,6 +21,12 @@ pub trait TypeConfig: Debug + Send + Sync + 'static {
     /// The sink. Must not need the target to be reachable (a target that is down at start
     /// is a delivery failure to retry, not a configuration error).
     fn build(&self) -> Result<Arc<dyn Destination>, String>;
+    /// How long the router may hold the oldest ready event back to hand `deliver` a
+    /// fuller batch (up to `batch_size`); None (the default): never, each batch is what
+    /// is ready.
+    fn flush_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// One registered type.

@@ -10,10 +10,9 @@ pub struct PostgresConfig {
     pub url: String,
     /// The schema the tables go in; created if missing.
     pub schema: String,
-    /// How long the oldest event waits before it is loaded, at most. The router hands
-    /// `deliver` what it has as soon as it has it (up to `batch_size`) and every load is
-    /// committed before it is acknowledged, so today no event waits for a batch to fill:
-    /// this bound always holds. See docs/DESTINATIONS.md.
+    /// How long the oldest ready event waits for a fuller batch, at most: the router
+    /// hands `deliver` a batch as soon as `batch_size` events are ready, else once the
+    /// oldest of them has waited this long. See docs/DESTINATIONS.md.
     #[serde(
         default = "flush_interval",
         deserialize_with = "crate::units::duration"
@@ -71,5 +70,9 @@ impl crate::destinations::registry::TypeConfig for PostgresConfig {
         Ok(std::sync::Arc::new(
             super::PostgresSink::new(self).map_err(|e| e.to_string())?,
         ))
+    }
+
+    fn flush_interval(&self) -> Option<Duration> {
+        Some(self.flush_interval)
     }
 }

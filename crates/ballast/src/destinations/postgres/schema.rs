@@ -270,6 +270,17 @@ pub struct Rows {
 /// `Order Completed` → `order_completed`, `productID` → `product_id`, `userAgent` →
 /// `user_agent`: ASCII letters and digits, words joined by one `_`, lowercase.
 pub fn snake_case(s: &str) -> String {
+    // Most keys already are (`plan`, `order_id`, `prop3`).
+    let b = s.as_bytes();
+    if !b.is_empty()
+        && b[0] != b'_'
+        && b[b.len() - 1] != b'_'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+        && !s.contains("__")
+    {
+        return s.to_string();
+    }
     let chars: Vec<char> = s.chars().collect();
     let mut out = String::with_capacity(s.len() + 4);
     for (i, &c) in chars.iter().enumerate() {
@@ -553,7 +564,22 @@ impl<'a> RowBuilder<'a> {
     /// Flattens `obj` into columns named `prefix` + key path joined by `_`. With
     /// `user_keys`, a name that is one of the row's own columns gets a leading `_`.
     fn flatten(&mut self, prefix: &str, obj: &Map<String, Value>, user_keys: bool, depth: usize) {
+        self.flatten_but(prefix, obj, user_keys, depth, None)
+    }
+
+    /// [`Self::flatten`] without the key `skip` of `obj` itself.
+    fn flatten_but(
+        &mut self,
+        prefix: &str,
+        obj: &Map<String, Value>,
+        user_keys: bool,
+        depth: usize,
+        skip: Option<&str>,
+    ) {
         for (k, v) in obj {
+            if skip == Some(k.as_str()) {
+                continue;
+            }
             let snake = snake_case(k);
             if snake.is_empty() {
                 continue;
@@ -629,9 +655,7 @@ fn context(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
     if let Some(Value::Object(ctx)) = e.get("context") {
         // Its keys never clash with the row's own columns but for `request_ip`, which
         // the gateway's own value wins.
-        let mut ctx = ctx.clone();
-        ctx.remove("request_ip");
-        b.flatten("context", &ctx, false, 1);
+        b.flatten_but("context", ctx, false, 1, Some("request_ip"));
     }
 }
 
@@ -683,14 +707,20 @@ pub fn rows_of(json: &[u8], message_id: &str) -> Rows {
         if let Some(key) = user {
             if key == "traits" {
                 // Traits sent in the context count too; top-level ones win.
-                let mut traits = object(&e, "context")
-                    .and_then(|c| object(c, "traits"))
-                    .cloned()
-                    .unwrap_or_default();
-                if let Some(t) = object(&e, "traits") {
-                    traits.extend(t.clone());
+                match object(&e, "context").and_then(|c| object(c, "traits")) {
+                    Some(in_context) => {
+                        let mut traits = in_context.clone();
+                        if let Some(t) = object(&e, "traits") {
+                            traits.extend(t.clone());
+                        }
+                        b.flatten("", &traits, true, 1);
+                    }
+                    None => {
+                        if let Some(t) = object(&e, "traits") {
+                            b.flatten("", t, true, 1);
+                        }
+                    }
                 }
-                b.flatten("", &traits, true, 1);
             } else if let Some(o) = object(&e, key) {
                 b.flatten("", o, true, 1);
             }

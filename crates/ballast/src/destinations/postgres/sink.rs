@@ -4,16 +4,16 @@
 //! `id` (`ON CONFLICT (id) DO NOTHING`; `users` keeps the latest value of each column).
 //! Committed means delivered; nothing is acknowledged before.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::SinkExt;
 use tokio_postgres::Client;
 
-use super::schema::{self, ColType, Discard, Row, Rows, Val, DISCARDS};
+use super::load::{self, Batch, Column};
+use super::schema::{ColType, DISCARDS};
 use super::PostgresConfig;
 use crate::destinations::{Destination, Event, Outcome};
 
@@ -108,7 +108,7 @@ pub struct PostgresSink {
     pool: Vec<tokio::sync::Mutex<Option<Client>>>,
     next: AtomicUsize,
     /// Known columns and types per table (what the database said last).
-    tables: Mutex<HashMap<String, Arc<HashMap<String, ColType>>>>,
+    tables: Mutex<HashMap<String, Arc<HashMap<String, Column>>>>,
     ready: AtomicBool,
 }
 
@@ -156,8 +156,11 @@ impl PostgresSink {
         Ok(client)
     }
 
-    /// Loads `rows` in one transaction on a pooled connection (dropped on failure).
-    async fn load(&self, rows: &Rows) -> Result<(), LoadError> {
+    /// Turns `events` into rows and loads them in one transaction on a pooled connection
+    /// (dropped on failure).
+    async fn load(&self, events: &[Event]) -> Result<(), LoadError> {
+        let events = events.to_vec();
+        let batch = blocking(move || load::group(&events)).await?;
         let mut slot = None;
         for s in &self.pool {
             if let Ok(g) = s.try_lock() {
@@ -178,7 +181,7 @@ impl PostgresSink {
                 *slot = Some(self.connect().await?);
             }
             match slot.as_mut() {
-                Some(client) => self.load_on(client, rows).await,
+                Some(client) => self.load_on(client, batch).await,
                 None => Err(LoadError::Temporary("no connection".into())),
             }
         };
@@ -247,11 +250,15 @@ impl PostgresSink {
         &self,
         client: &Client,
         table: &str,
-    ) -> Result<Arc<HashMap<String, ColType>>, LoadError> {
+    ) -> Result<Arc<HashMap<String, Column>>, LoadError> {
         let rows = client
             .query(
-                "SELECT column_name::text, data_type::text FROM information_schema.columns \
-                 WHERE table_schema = $1 AND table_name = $2",
+                "SELECT a.attname::text, format_type(a.atttypid, NULL), \
+                 format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 JOIN pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
+                 AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&self.schema, &table],
             )
             .await
@@ -259,8 +266,15 @@ impl PostgresSink {
         let mut cols = HashMap::with_capacity(rows.len());
         for r in rows {
             let name: String = r.try_get(0).map_err(load_err)?;
-            let t: String = r.try_get(1).map_err(load_err)?;
-            cols.insert(name, ColType::from_information_schema(&t));
+            let base: String = r.try_get(1).map_err(load_err)?;
+            let full: String = r.try_get(2).map_err(load_err)?;
+            let cast = match base.as_str() {
+                // Assigned from text as they are: a value too long is refused, not cut.
+                "text" | "character varying" | "character" => None,
+                _ => Some(Arc::from(full.as_str())),
+            };
+            let ty = ColType::from_information_schema(&base);
+            cols.insert(name, Column { ty, cast });
         }
         let cols = Arc::new(cols);
         self.tables
@@ -277,7 +291,7 @@ impl PostgresSink {
         client: &Client,
         table: &str,
         wanted: &BTreeMap<String, ColType>,
-    ) -> Result<Arc<HashMap<String, ColType>>, LoadError> {
+    ) -> Result<Arc<HashMap<String, Column>>, LoadError> {
         let cached = self
             .tables
             .lock()
@@ -303,7 +317,12 @@ impl PostgresSink {
             .iter()
             .filter(|(c, _)| !known.contains_key(*c))
             .collect();
-        new.sort_by_key(|(c, _)| (fixed_type(c).is_none() && !c.starts_with("context_"), *c));
+        new.sort_by_key(|(c, _)| {
+            (
+                load::fixed_type(c).is_none() && !c.starts_with("context_"),
+                *c,
+            )
+        });
         new.truncate(room);
         if new.is_empty() {
             return Ok(known);
@@ -326,281 +345,78 @@ impl PostgresSink {
         self.read_columns(client, table).await
     }
 
-    async fn load_on(&self, client: &mut Client, rows: &Rows) -> Result<(), LoadError> {
+    async fn load_on(&self, client: &mut Client, batch: Batch) -> Result<(), LoadError> {
         self.setup(client).await?;
-        let mut discards: Vec<Discard> = rows.discards.clone();
-        // Per table, one row per id (users: merged, later values win).
-        let mut tables: BTreeMap<&str, Vec<Row>> = BTreeMap::new();
-        let mut seen: HashSet<(&str, &str)> = HashSet::new();
-        for (table, row) in &rows.rows {
-            let list = tables.entry(table.as_str()).or_default();
-            if table == "users" {
-                if let Some(prev) = list.iter_mut().find(|r| r.id == row.id) {
-                    // The later identify (by receivedAt; by order when unknown) wins
-                    // column by column.
-                    let newer = match (
-                        prev.received_at.as_deref().and_then(schema::timestamp_key),
-                        row.received_at.as_deref().and_then(schema::timestamp_key),
-                    ) {
-                        (Some(p), Some(r)) => r >= p,
-                        _ => true,
-                    };
-                    for (k, v) in &row.cols {
-                        if newer || !prev.cols.contains_key(k) {
-                            prev.cols.insert(k.clone(), v.clone());
-                        }
-                    }
-                    if newer {
-                        prev.received_at = row.received_at.clone();
-                    }
-                    continue;
-                }
-            } else if !seen.insert((table.as_str(), row.id.as_str())) {
-                continue;
-            }
-            list.push(row.clone());
+        let mut known = Vec::with_capacity(batch.tables.len());
+        for t in &batch.tables {
+            known.push(self.ensure_columns(client, &t.table, &t.wanted).await?);
         }
-        let mut loads = Vec::with_capacity(tables.len());
-        for (table, rows) in tables {
-            let mut wanted: BTreeMap<String, ColType> = BTreeMap::new();
-            for r in &rows {
-                for (c, v) in &r.cols {
-                    let t = fixed_type(c).unwrap_or(v.natural());
-                    let e = wanted.entry(c.clone()).or_insert(t);
-                    if (*e == ColType::BigInt && t == ColType::Numeric)
-                        || (*e == ColType::Numeric && t == ColType::BigInt)
-                    {
-                        *e = ColType::Numeric;
-                    }
-                }
+        let targets: Vec<String> = batch.tables.iter().map(|t| self.table(&t.table)).collect();
+        let discards_table = self.table(DISCARDS);
+        let (statements, rows, discards) = blocking(move || {
+            let mut discards = batch.discards;
+            let mut statements = Vec::new();
+            let mut rows = 0;
+            for ((t, known), target) in batch.tables.into_iter().zip(known).zip(targets) {
+                rows += t.rows.len();
+                statements.extend(load::encode(t, &known, &target, &mut discards));
             }
-            let known = self.ensure_columns(client, table, &wanted).await?;
-            let mut typed_rows = Vec::with_capacity(rows.len());
-            let mut columns: BTreeMap<String, ()> = BTreeMap::new();
-            for r in rows {
-                let mut cols = BTreeMap::new();
-                for (c, v) in r.cols {
-                    let reason = match known.get(&c) {
-                        None => format!("table has {MAX_COLUMNS} columns, the most it can"),
-                        Some(&t) => match v.clone().coerce(t) {
-                            Ok(v) => {
-                                columns.insert(c.clone(), ());
-                                cols.insert(c, v);
-                                continue;
-                            }
-                            Err(reason) => reason,
-                        },
-                    };
-                    discards.push(Discard {
-                        table: table.to_string(),
-                        row_id: r.id.clone(),
-                        column: c,
-                        value: schema::cut(&v.text(), schema::MAX_DISCARD_VALUE),
-                        received_at: r.received_at.clone(),
-                        reason,
-                    });
-                }
-                cols.insert("id".to_string(), Val::Text(r.id.clone()));
-                columns.insert("id".to_string(), ());
-                typed_rows.push(cols);
-            }
-            loads.push((table, columns, typed_rows));
-        }
-        let mut seen = HashSet::new();
-        discards.retain(|d| seen.insert((d.table.clone(), d.row_id.clone(), d.column.clone())));
-
+            let mut seen = HashSet::new();
+            discards.retain(|d| seen.insert((d.table.clone(), d.row_id.clone(), d.column.clone())));
+            statements.extend(load::encode_discards(&discards, &discards_table));
+            (statements, rows, discards.len())
+        })
+        .await?;
         let tx = client.transaction().await.map_err(load_err)?;
-        for (i, (table, columns, rows)) in loads.iter().enumerate() {
-            let stage = format!("ballast_stage_{i}");
-            let names: Vec<&String> = columns.keys().collect();
-            let list = names
+        // Sent at once (pipelined); the first failure in order is the one that counts
+        // (the statements after it only say the transaction is aborted).
+        let results = futures::future::join_all(
+            statements
                 .iter()
-                .map(|c| quote(c))
-                .collect::<Vec<_>>()
-                .join(", ");
-            // The staging table has the table's own column types (an operator's too).
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {list} FROM {} WITH NO DATA",
-                self.table(table)
-            ))
-            .await
-            .map_err(load_err)?;
-            let mut buf = Vec::with_capacity(rows.len() * 256);
-            for r in rows {
-                for (k, c) in names.iter().enumerate() {
-                    if k > 0 {
-                        buf.push(b'\t');
-                    }
-                    match r.get(*c) {
-                        None => buf.extend_from_slice(b"\\N"),
-                        Some(v) => copy_value(&mut buf, v),
-                    }
-                }
-                buf.push(b'\n');
-            }
-            copy(&tx, &format!("COPY {stage} ({list}) FROM STDIN"), buf).await?;
-            let target = self.table(table);
-            let conflict = if *table == "users" {
-                let sets = names
-                    .iter()
-                    .filter(|c| c.as_str() != "id")
-                    .map(|c| {
-                        let c = quote(c);
-                        if c == "\"received_at\"" {
-                            format!("{c} = GREATEST(t.{c}, EXCLUDED.{c})")
-                        } else {
-                            format!(
-                                "{c} = CASE WHEN t.received_at IS NULL OR EXCLUDED.received_at \
-                                 >= t.received_at THEN COALESCE(EXCLUDED.{c}, t.{c}) \
-                                 ELSE COALESCE(t.{c}, EXCLUDED.{c}) END"
-                            )
-                        }
-                    })
-                    .chain(std::iter::once("uuid_ts = EXCLUDED.uuid_ts".to_string()))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("DO UPDATE SET {sets}")
-            } else {
-                "DO NOTHING".to_string()
-            };
-            // In id order: concurrent loads lock rows in the same order.
-            tx.batch_execute(&format!(
-                "INSERT INTO {target} AS t ({list}, uuid_ts) SELECT {list}, now() FROM {stage} \
-                 ORDER BY id ON CONFLICT (id) {conflict}"
-            ))
-            .await
-            .map_err(load_err)?;
-        }
-        if !discards.is_empty() {
-            tx.batch_execute(
-                "CREATE TEMP TABLE ballast_stage_discards (table_name text, row_id text, \
-                 column_name text, column_value text, received_at timestamp with time zone, \
-                 reason text) ON COMMIT DROP",
-            )
-            .await
-            .map_err(load_err)?;
-            let mut buf = Vec::new();
-            for d in &discards {
-                let received = d
-                    .received_at
-                    .as_deref()
-                    .filter(|r| schema::looks_like_timestamp(r));
-                for (k, v) in [
-                    Some(d.table.as_str()),
-                    Some(d.row_id.as_str()),
-                    Some(d.column.as_str()),
-                    Some(d.value.as_str()),
-                    received,
-                    Some(d.reason.as_str()),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    if k > 0 {
-                        buf.push(b'\t');
-                    }
-                    match v {
-                        None => buf.extend_from_slice(b"\\N"),
-                        Some(s) => copy_text(&mut buf, s),
-                    }
-                }
-                buf.push(b'\n');
-            }
-            copy(&tx, "COPY ballast_stage_discards FROM STDIN", buf).await?;
-            tx.batch_execute(&format!(
-                "INSERT INTO {d} (table_name, row_id, column_name, column_value, received_at, \
-                 uuid_ts, reason) SELECT s.table_name, s.row_id, s.column_name, s.column_value, \
-                 s.received_at, now(), s.reason FROM ballast_stage_discards s \
-                 WHERE NOT EXISTS (SELECT 1 FROM {d} x WHERE x.row_id = s.row_id \
-                 AND x.table_name = s.table_name AND x.column_name = s.column_name)",
-                d = self.table(DISCARDS)
-            ))
-            .await
-            .map_err(load_err)?;
+                .map(|s| async { tx.execute(s.sql.as_str(), &s.params()).await }),
+        )
+        .await;
+        if let Some(e) = first_error(results) {
+            return Err(e);
         }
         tx.commit().await.map_err(load_err)?;
-        let n: usize = loads.iter().map(|(_, _, r)| r.len()).sum();
-        metrics::counter!("ballast_postgres_rows_loaded_total").increment(n as u64);
-        metrics::counter!("ballast_postgres_discards_total").increment(discards.len() as u64);
+        metrics::counter!("ballast_postgres_rows_loaded_total").increment(rows as u64);
+        metrics::counter!("ballast_postgres_discards_total").increment(discards as u64);
         Ok(())
     }
-
-    /// An event the database refuses even alone: kept whole in the discards (column
-    /// `*`), so that it is not lost and blocks nobody.
-    async fn discard_event(&self, e: &Event, reason: &str) -> Result<(), LoadError> {
-        let text = String::from_utf8_lossy(&e.json);
-        let received = serde_json::from_slice::<serde_json::Value>(&e.json)
-            .ok()
-            .and_then(|v| v["receivedAt"].as_str().map(str::to_string));
-        let rows = Rows {
-            rows: Vec::new(),
-            discards: vec![Discard {
-                table: String::new(),
-                row_id: e.message_id.to_string(),
-                column: "*".into(),
-                value: schema::cut(&text.replace('\0', ""), schema::MAX_TEXT),
-                received_at: received,
-                reason: format!("the database refused the event: {reason}"),
-            }],
-        };
-        self.load(&rows).await
-    }
 }
 
-/// Columns whose type is fixed whatever the first value looks like.
-fn fixed_type(column: &str) -> Option<ColType> {
-    match column {
-        "received_at" | "sent_at" | "timestamp" | "original_timestamp" | "uuid_ts" => {
-            Some(ColType::Timestamp)
-        }
-        "id" | "anonymous_id" | "user_id" | "context_request_ip" | "event" | "event_text"
-        | "channel" => Some(ColType::Text),
-        _ => None,
-    }
-}
-
-async fn copy(
-    tx: &tokio_postgres::Transaction<'_>,
-    sql: &str,
-    buf: Vec<u8>,
-) -> Result<(), LoadError> {
-    let sink = tx.copy_in::<_, bytes::Bytes>(sql).await.map_err(load_err)?;
-    futures::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(buf)).await.map_err(load_err)?;
-    sink.finish().await.map_err(load_err)?;
-    Ok(())
-}
-
-/// A value in COPY's text format.
-fn copy_value(buf: &mut Vec<u8>, v: &Val) {
-    match v {
-        Val::Int(i) => buf.extend_from_slice(i.to_string().as_bytes()),
-        Val::Bool(b) => buf.push(if *b { b't' } else { b'f' }),
-        Val::Num(s) | Val::Ts(s) | Val::Text(s) => copy_text(buf, s),
-    }
-}
-
-fn copy_text(buf: &mut Vec<u8>, s: &str) {
-    for &b in s.as_bytes() {
-        match b {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            0 => {}
-            _ => buf.push(b),
+/// The error of a pipelined transaction: the first that is not "the transaction is
+/// aborted" (25P02, what every statement after a failed one gets).
+fn first_error(results: Vec<Result<u64, tokio_postgres::Error>>) -> Option<LoadError> {
+    let mut aborted = None;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err(e)
+                if e.code()
+                    == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) =>
+            {
+                aborted.get_or_insert(e);
+            }
+            Err(e) => return Some(load_err(e)),
         }
     }
+    aborted.map(|e| LoadError::Temporary(describe(&e)))
 }
 
-fn rows_of_all(events: &[Event]) -> Rows {
-    let mut all = Rows::default();
-    for e in events {
-        let r = schema::rows_of(&e.json, &e.message_id);
-        all.rows.extend(r.rows);
-        all.discards.extend(r.discards);
+/// Runs CPU-bound work (turning events into rows, encoding them) on a blocking thread,
+/// off the async threads that serve ingestion; a panic in it is the caller's.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, LoadError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => Ok(t),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(LoadError::Temporary(format!("shutting down: {e}"))),
+        },
     }
-    all
 }
 
 fn outcome(e: LoadError) -> Outcome {
@@ -621,44 +437,58 @@ fn outcome(e: LoadError) -> Outcome {
 impl Destination for PostgresSink {
     async fn deliver(&self, events: &[Event]) -> Outcome {
         let started = Instant::now();
-        let r = match self.load(&rows_of_all(events)).await {
+        let r = match self.load(events).await {
             Err(LoadError::Refused(reason)) => {
-                // A column's type may have been changed under us: ask the database again.
-                self.forget_tables();
-                // One event's data (most likely) made the database refuse the load: load
-                // them one by one; one refused alone is kept whole in the discards.
-                tracing::warn!(%reason, events = events.len(), "postgres refused a load; loading its events one by one");
-                let mut r = Ok(());
-                for e in events {
-                    match self.load(&rows_of_all(std::slice::from_ref(e))).await {
-                        Ok(()) => {}
-                        Err(LoadError::Refused(reason)) => {
-                            // A column's type may have been changed under us: ask the database again.
-                            self.forget_tables();
-                            tracing::warn!(message_id = %e.message_id, %reason, "postgres refused an event; it goes to rudder_discards whole");
-                            if let Err(err) = self.discard_event(e, &reason).await {
-                                r = Err(err);
-                                break;
-                            }
-                        }
-                        Err(err) => {
-                            r = Err(err);
-                            break;
-                        }
-                    }
-                }
-                r
+                tracing::warn!(%reason, events = events.len(), "postgres refused a load; splitting it to find the events it refuses");
+                self.split(events).await
             }
-            r => r,
+            Ok(()) => Ok(Vec::new()),
+            Err(e) => Err(e),
         };
         metrics::histogram!("ballast_postgres_load_seconds")
             .record(started.elapsed().as_secs_f64());
         match r {
-            Ok(()) => Outcome::Delivered,
+            Ok(refused) if refused.is_empty() => Outcome::Delivered,
+            Ok(refused) => Outcome::DeliveredExcept { refused },
             Err(e) => {
                 tracing::debug!(error = %e, "postgres load failed");
                 outcome(e)
             }
         }
+    }
+}
+
+impl PostgresSink {
+    /// One event's data (most likely) made the database refuse a load: the events are
+    /// loaded in halves, in order, each half in its own transaction, halves refused
+    /// split again, down to the events the database refuses alone. Returns those (index,
+    /// reason): the router dead-letters them; everything else is loaded.
+    async fn split(&self, events: &[Event]) -> Result<Vec<(usize, String)>, LoadError> {
+        let mut refused = Vec::new();
+        let mut todo: VecDeque<std::ops::Range<usize>> = VecDeque::new();
+        let half = events.len() / 2;
+        todo.extend([0..half, half..events.len()]);
+        while let Some(range) = todo.pop_front() {
+            if range.is_empty() {
+                continue;
+            }
+            // A column's type may have been changed under us: ask the database again.
+            self.forget_tables();
+            match self.load(&events[range.clone()]).await {
+                Ok(()) => {}
+                Err(LoadError::Refused(reason)) if range.len() == 1 => {
+                    let e = &events[range.start];
+                    tracing::warn!(message_id = %e.message_id, %reason, "postgres refused an event; it goes to the dead letters");
+                    refused.push((range.start, format!("postgres refused the event: {reason}")));
+                }
+                Err(LoadError::Refused(_)) => {
+                    let mid = range.start + range.len() / 2;
+                    todo.push_front(mid..range.end);
+                    todo.push_front(range.start..mid);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(refused)
     }
 }

@@ -23,10 +23,27 @@ impl Worker {
         reason: &str,
         kind: &str,
     ) {
+        let all: Vec<(usize, String)> = (0..n).map(|i| (i, reason.to_string())).collect();
+        self.dead_letter_picked(user, n, &all, status, kind).await;
+    }
+
+    /// Stores the entries `picked` names (index among the user's first `n`, reason) as
+    /// dead letters (durably), then finishes the first `n`; returns how many it finished.
+    pub(super) async fn dead_letter_picked(
+        &mut self,
+        user: &Arc<str>,
+        n: usize,
+        picked: &[(usize, String)],
+        status: Option<u16>,
+        kind: &str,
+    ) -> usize {
         let now = to_ms(SystemTime::now());
         let mut letters = Vec::new();
         if let Some(uq) = self.users.get(user) {
-            for p in uq.q.iter().take(n) {
+            for (i, reason) in picked {
+                let Some(p) = uq.q.get(*i).filter(|_| *i < n) else {
+                    continue;
+                };
                 let Some(e) = &p.event else { continue };
                 let text = String::from_utf8_lossy(&e.json).into_owned();
                 let event = RawValue::from_string(text)
@@ -50,6 +67,7 @@ impl Worker {
             }
         }
         let count = letters.len() as u64;
+        let reason = picked.first().map_or("", |(_, r)| r.as_str());
         loop {
             match self.db.add_dead_letters(letters.clone()).await {
                 Ok(_) => break,
@@ -67,8 +85,9 @@ impl Worker {
         self.stats.aborted.fetch_add(count, Ordering::Relaxed);
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         metrics::counter!("ballast_destination_aborted_total", "destination" => self.config.id.clone()).increment(count);
-        let (_, replays) = self.finish(user, n);
+        let (finished, replays) = self.finish(user, n);
         self.replays_done(replays).await;
+        finished
     }
 
     pub(super) async fn replays_done(&mut self, ids: Vec<u64>) {

@@ -44,6 +44,9 @@ impl Worker {
     /// them and nothing else.
     pub(super) async fn dispatch(&mut self) {
         while self.isolating.is_none() && self.tasks.len() < self.concurrency {
+            if self.hold_for_fuller_batch() {
+                break;
+            }
             let Some(request) = self.next_request().await else {
                 break;
             };
@@ -205,12 +208,13 @@ impl Worker {
         if self.isolating == Some(id) {
             self.isolating = None;
         }
-        if units.len() > 1 && outcome != Outcome::Delivered {
+        if units.len() > 1 && !outcome.delivered() {
             self.send_separately(units);
             return;
         }
         match outcome {
             Outcome::Delivered => self.delivered(units).await,
+            Outcome::DeliveredExcept { refused } => self.delivered_except(units, refused).await,
             Outcome::Abort { status, reason } => {
                 for unit in units {
                     self.dead_letter(&unit.user, unit.count, status, &reason, "aborted")

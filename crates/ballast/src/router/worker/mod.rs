@@ -27,6 +27,8 @@
 mod abort_alert;
 mod dead_letters;
 mod deliver;
+mod except;
+mod flush;
 mod poison;
 mod queue;
 mod read;
@@ -144,6 +146,8 @@ pub(super) struct Worker {
     /// From acceptance (`receivedAt`) to delivery, of the first event of each delivered
     /// request (one parse-free look per request, not per event).
     lag_seconds: metrics::Histogram,
+    /// Waiting for fuller batches, for a destination with a `flush_interval`.
+    filling: Option<flush::Filling>,
 }
 
 impl Worker {
@@ -181,6 +185,7 @@ impl Worker {
         let lag_seconds = metrics::histogram!("ballast_destination_lag_seconds", "destination" => config.id.clone());
         let redelivered = metrics::counter!("ballast_destination_redelivered_total", "destination" => config.id.clone());
         Ok(Worker {
+            filling: flush::Filling::new(config.kind.settings().flush_interval()),
             sources: config.sources.iter().cloned().collect(),
             consumer,
             partition,
@@ -246,7 +251,8 @@ impl Worker {
             let routing_on = *routing.borrow();
             // Read more only while there is little ready to deliver: reading ahead of
             // delivery only costs CPU that ingestion needs.
-            let hungry = self.ready.len() < 2 * self.concurrency;
+            let hungry = self.ready.len() < 2 * self.concurrency
+                || self.filling.as_ref().is_some_and(|f| f.waiting());
             if hungry {
                 if let Err(e) = self.fill(end).await {
                     tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
@@ -286,9 +292,11 @@ impl Worker {
                 last_retry_save = Instant::now();
             }
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
+            let flush = self.filling.as_ref().and_then(|f| f.deadline());
             let sleep_until = next_timer
-                .unwrap_or_else(|| Instant::now() + ACK_EVERY)
-                .min(Instant::now() + ACK_EVERY);
+                .into_iter()
+                .chain(flush)
+                .fold(Instant::now() + ACK_EVERY, Instant::min);
             tokio::select! {
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.handle_done(done).await;

@@ -65,6 +65,9 @@ impl UserQueue {
 
 impl Worker {
     pub(super) fn enqueue(&mut self, user: Arc<str>, p: Pending) {
+        if let Some(f) = &mut self.filling {
+            f.add(1);
+        }
         let uq = self.users.entry(user.clone()).or_default();
         if p.event.is_some() {
             uq.loaded += 1;
@@ -119,7 +122,12 @@ impl Worker {
             Some(uq) if uq.q.is_empty() && uq.state != UserState::InFlight => {
                 self.users.remove(user);
             }
-            Some(uq) if uq.state == UserState::Idle => self.ready.push_back(user.clone()),
+            Some(uq) if uq.state == UserState::Idle => {
+                if let Some(f) = &mut self.filling {
+                    f.add(uq.q.len());
+                }
+                self.ready.push_back(user.clone())
+            }
             _ => {}
         }
     }

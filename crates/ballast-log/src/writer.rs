@@ -6,10 +6,15 @@
 //! and form the next group, so fsyncs per second stay bounded by the disk while throughput
 //! grows with concurrency.
 //!
-//! The active segment is *preallocated* by writing zeros ahead of the data (as PostgreSQL
-//! does for its WAL): an `fdatasync` that does not change the file's size has no metadata
-//! to journal, which roughly halves its latency on ext4. Zeros past the last record are
-//! recognised as unused space by recovery, and trimmed on roll and on close.
+//! Segments are *preallocated*: zeros are written ahead of the data (as PostgreSQL does for
+//! its WAL), so that an `fdatasync` does not change the file's size and has no metadata to
+//! journal, which roughly halves its latency on ext4. A new segment normally arrives
+//! zero-filled and synced from the preparer thread (see [`crate::prepare`]), so group
+//! commits never write or sync zeros. When the active segment's zeros run out and a
+//! prepared segment is ready, the writer rolls into it early (the segment recovered at
+//! opening has no zeros ahead); only when none is ready (right after opening, a disk with
+//! little room) does it extend the segment itself, 1 MiB at a time. Zeros past the last record are recognised as unused space by recovery, and
+//! trimmed on roll and on close.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -18,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::prepare::{prepared_len, Prepared, Preparer};
 use crate::{
     io_err, lock, segment_path, write_lock, Appended, LogConfig, LogError, Position, Segment,
     Shared, Submission,
@@ -68,8 +74,12 @@ pub(crate) struct Writer {
     len: u64,
     /// Size of the active segment file (records, then zeros).
     allocated: u64,
-    /// How far ahead to preallocate (0: never).
+    /// How far ahead to preallocate when the writer extends a segment itself (0: never).
     chunk: u64,
+    /// Prepares the next segment ahead (with preallocation on).
+    preparer: Option<Preparer>,
+    /// A prepared segment taken from the preparer, not yet in use.
+    spare: Option<Prepared>,
     segment_bytes: u64,
     max_bytes: Option<u64>,
     max_group_bytes: usize,
@@ -117,6 +127,13 @@ fn create_segment(path: &std::path::Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Puts a prepared (zero-filled, synced) segment under the name `path`; the caller
+/// syncs the directory.
+fn adopt_segment(prepared: &Prepared, path: &std::path::Path) -> std::io::Result<()> {
+    failpoint!("ballast_log::create_segment");
+    std::fs::rename(&prepared.path, path)
+}
+
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, config: &LogConfig) -> Result<Writer, LogError> {
         let (base, len, path) = {
@@ -137,6 +154,14 @@ impl Writer {
             .len()
             .max(len);
         let segment_bytes = config.segment_bytes.max(1);
+        let mut preparer = if config.preallocate {
+            Preparer::start(&shared.dir, prepared_len(segment_bytes))
+        } else {
+            None
+        };
+        if let Some(p) = &mut preparer {
+            p.ask();
+        }
         Ok(Writer {
             shared,
             file,
@@ -144,10 +169,12 @@ impl Writer {
             len,
             allocated,
             chunk: if config.preallocate {
-                segment_bytes.clamp(4096, 4 << 20)
+                segment_bytes.clamp(4096, 1 << 20)
             } else {
                 0
             },
+            preparer,
+            spare: None,
             segment_bytes,
             max_bytes: config.max_bytes,
             max_group_bytes: config.max_group_bytes.max(1),
@@ -243,7 +270,11 @@ impl Writer {
                 }
             }
             let at = self.len + self.buf.len() as u64;
-            if at >= self.segment_bytes && at > 0 {
+            // A full segment rolls; so does one whose zeros run out while a prepared
+            // segment is at hand (rather than writing zeros in this group: the first
+            // segment after opening has none ahead).
+            let full = at >= self.segment_bytes;
+            if at > 0 && (full || (at + n > self.allocated && self.prepared_at_hand())) {
                 if let Err(e) = self.flush() {
                     group.push(sub);
                     group.extend(subs);
@@ -353,6 +384,14 @@ impl Writer {
         Ok(())
     }
 
+    /// True when a prepared segment is ready (it is then kept in `spare` for the roll).
+    fn prepared_at_hand(&mut self) -> bool {
+        if self.spare.is_none() {
+            self.spare = self.preparer.as_mut().and_then(Preparer::take);
+        }
+        self.spare.is_some()
+    }
+
     /// Extends the active segment with zeros to at least `need` bytes.
     fn preallocate(&mut self, need: u64) -> std::io::Result<()> {
         let target = need.max(self.allocated + self.chunk);
@@ -381,8 +420,25 @@ impl Writer {
         let base = self.base + self.len;
         let path = segment_path(&self.shared.dir, base);
         let transient = |e: std::io::Error, what: &str| RollError::Transient(e, what.to_string());
-        let file = create_segment(&path)
-            .map_err(|e| transient(e, &format!("creating {}", path.display())))?;
+        // The prepared segment when one is ready, else a new empty file.
+        let prepared = self
+            .spare
+            .take()
+            .or_else(|| self.preparer.as_mut().and_then(Preparer::take));
+        let (file, allocated) = match prepared {
+            Some(p) => match adopt_segment(&p, &path) {
+                Ok(()) => (p.file, p.len),
+                Err(e) => {
+                    self.spare = Some(p);
+                    return Err(transient(e, &format!("creating {}", path.display())));
+                }
+            },
+            None => (
+                create_segment(&path)
+                    .map_err(|e| transient(e, &format!("creating {}", path.display())))?,
+                0,
+            ),
+        };
         let read =
             File::open(&path).map_err(|e| transient(e, &format!("opening {}", path.display())))?;
         // Opening the directory can fail for want of a descriptor (transient); its fsync
@@ -405,8 +461,11 @@ impl Writer {
         self.file = file;
         self.base = base;
         self.len = 0;
-        self.allocated = 0;
+        self.allocated = allocated;
         self.shared.set_unavailable(None);
+        if let Some(p) = &mut self.preparer {
+            p.ask();
+        }
         Ok(())
     }
 

@@ -250,15 +250,25 @@ fn group_commit_shares_fsyncs_under_concurrency() {
         .map(|t| {
             let log = log.clone();
             std::thread::spawn(move || {
+                let mut results = Vec::new();
                 for i in 0..50 {
-                    log.append_wait(batch(&[payload(t * 100 + i)])).unwrap();
+                    results.push(log.append_wait(batch(&[payload(t * 100 + i)])).unwrap());
                 }
+                results
             })
         })
         .collect();
+    let mut results = Vec::new();
     for t in threads {
-        t.join().unwrap();
+        results.extend(t.join().unwrap());
     }
+    // Each batch learns its group's durable end: past its own end when it shared the
+    // fsync with later batches, never past what is durable.
+    let end = log.durable_end();
+    assert!(results
+        .iter()
+        .all(|a| a.end <= a.durable && a.durable <= end));
+    assert!(results.iter().any(|a| a.durable > a.end));
     let s = log.stats();
     assert_eq!(s.appends, 800);
     assert_eq!(s.records, 800);

@@ -250,6 +250,7 @@ impl Writer {
                     first: at,
                     end: at,
                     records: 0,
+                    durable: self.base + self.len,
                 };
                 (sub.done)(Ok(empty));
                 continue;
@@ -272,9 +273,11 @@ impl Writer {
             let at = self.len + self.buf.len() as u64;
             // A full segment rolls; so does one whose zeros run out while a prepared
             // segment is at hand (rather than writing zeros in this group: the first
-            // segment after opening has none ahead).
+            // segment after opening has few ahead). Not before the segment's first group
+            // is written: a fresh segment's zeros come with it.
             let full = at >= self.segment_bytes;
-            if at > 0 && (full || (at + n > self.allocated && self.prepared_at_hand())) {
+            let out_of_zeros = self.len > 0 && at + n > self.allocated && self.prepared_at_hand();
+            if at > 0 && (full || out_of_zeros) {
                 if let Err(e) = self.flush() {
                     group.push(sub);
                     group.extend(subs);
@@ -308,6 +311,7 @@ impl Writer {
                     first,
                     end: first + n,
                     records,
+                    durable: first + n, // the group's end, set once it is synced
                 },
             ));
         }
@@ -379,7 +383,10 @@ impl Writer {
         *lock(&self.shared.durable) = end;
         self.shared.durable_cv.notify_all();
         for (sub, appended) in self.pending.drain(..) {
-            (sub.done)(Ok(appended));
+            (sub.done)(Ok(Appended {
+                durable: end,
+                ..appended
+            }));
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //!
 //! Preallocating the active segment on the writer thread (writing zeros ahead of the
 //! records, then syncing them with the next group) made every few megabytes one group
-//! commit write and sync megabytes of zeros: a 10-15 ms stall for every request in flight,
+//! commit write and sync megabytes of zeros: a 3-12 ms stall for every request in flight,
 //! several times a second under load, which set the single-event p99 (docs/BENCHMARKS.md,
 //! "Single-event tail latency"). Now a segment arrives at a roll already zero-filled and
 //! synced (as PostgreSQL recycles WAL segments), and the writer only overwrites zeros: its
@@ -15,10 +15,10 @@
 //!
 //! The preparer only works on request (one per roll), writes the zeros out in small pieces
 //! with pauses between them (a flush of megabytes would queue ahead of the writer's own
-//! `fdatasync` on the device) and syncs once at the end,
-//! and leaves the disk alone when it has little free space: near a full disk the writer
-//! extends segments itself, with its careful disk-full handling, and no prepared file can
-//! hold back space that the records need.
+//! `fdatasync` on the device), syncs once at the end, and leaves the disk alone when it
+//! has little free space: near a full disk the writer extends segments itself, with its
+//! careful disk-full handling, and no prepared file can hold back space that the records
+//! need.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -491,30 +491,3 @@ fn a_crash_leaves_a_prepared_file_that_the_next_open_deletes() {
     assert!(!dir.path().join(crate::prepare::PREPARED_NAME).exists());
     assert_eq!(read_all(&log, 0)[0].payload, &b"kept"[..]);
 }
-
-#[test]
-fn the_first_segment_rolls_early_into_a_prepared_one_instead_of_writing_zeros() {
-    let dir = tempfile::tempdir().unwrap();
-    let seg = 4 << 20;
-    let len = crate::prepare::prepared_len(seg);
-    let (log, _) = Log::open(cfg(dir.path(), seg)).unwrap();
-    // The first append zero-fills 1 MiB of the recovered (empty) segment itself.
-    log.append_wait(batch(&[vec![b'0'; 1000]])).unwrap();
-    wait_for_prepared(dir.path(), len);
-    let mut n = 1;
-    while n < 1200 {
-        let ps: Vec<_> = (n..n + 100)
-            .map(|i| vec![b'a' + (i % 26) as u8; 1000])
-            .collect();
-        log.append_wait(batch(&ps)).unwrap();
-        n += 100;
-    }
-    let segs = list_segments(dir.path()).unwrap();
-    assert_eq!(segs.len(), 2, "{segs:?}");
-    let first = std::fs::metadata(&segs[0].1).unwrap().len();
-    assert!(first <= 1 << 20, "sealed where its zeros ended: {first}");
-    assert_eq!(std::fs::metadata(&segs[1].1).unwrap().len(), len);
-    let all = read_all(&log, 0);
-    assert_eq!(all.len(), 1201);
-    assert_eq!(all[1200].payload, vec![b'a' + (1200 % 26) as u8; 1000]);
-}

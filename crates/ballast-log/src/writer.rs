@@ -10,10 +10,9 @@
 //! its WAL), so that an `fdatasync` does not change the file's size and has no metadata to
 //! journal, which roughly halves its latency on ext4. A new segment normally arrives
 //! zero-filled and synced from the preparer thread (see [`crate::prepare`]), so group
-//! commits never write or sync zeros. When the active segment's zeros run out and a
-//! prepared segment is ready, the writer rolls into it early (the segment recovered at
-//! opening has no zeros ahead); only when none is ready (right after opening, a disk with
-//! little room) does it extend the segment itself, 1 MiB at a time. Zeros past the last record are recognised as unused space by recovery, and
+//! commits never write or sync zeros; only when none is ready (the segment active at
+//! opening, a disk with little room) does the writer extend the segment itself, 1 MiB at
+//! a time. Zeros past the last record are recognised as unused space by recovery, and
 //! trimmed on roll and on close.
 
 use std::fs::{File, OpenOptions};
@@ -78,7 +77,7 @@ pub(crate) struct Writer {
     chunk: u64,
     /// Prepares the next segment ahead (with preallocation on).
     preparer: Option<Preparer>,
-    /// A prepared segment taken from the preparer, not yet in use.
+    /// A prepared segment taken from the preparer but not yet in use (its roll failed).
     spare: Option<Prepared>,
     segment_bytes: u64,
     max_bytes: Option<u64>,
@@ -271,13 +270,7 @@ impl Writer {
                 }
             }
             let at = self.len + self.buf.len() as u64;
-            // A full segment rolls; so does one whose zeros run out while a prepared
-            // segment is at hand (rather than writing zeros in this group: the first
-            // segment after opening has few ahead). Not before the segment's first group
-            // is written: a fresh segment's zeros come with it.
-            let full = at >= self.segment_bytes;
-            let out_of_zeros = self.len > 0 && at + n > self.allocated && self.prepared_at_hand();
-            if at > 0 && (full || out_of_zeros) {
+            if at >= self.segment_bytes && at > 0 {
                 if let Err(e) = self.flush() {
                     group.push(sub);
                     group.extend(subs);
@@ -389,14 +382,6 @@ impl Writer {
             }));
         }
         Ok(())
-    }
-
-    /// True when a prepared segment is ready (it is then kept in `spare` for the roll).
-    fn prepared_at_hand(&mut self) -> bool {
-        if self.spare.is_none() {
-            self.spare = self.preparer.as_mut().and_then(Preparer::take);
-        }
-        self.spare.is_some()
     }
 
     /// Extends the active segment with zeros to at least `need` bytes.

@@ -21,6 +21,7 @@
 mod error;
 pub mod frame;
 mod fs;
+mod prepare;
 mod recovery;
 mod shared;
 mod writer;
@@ -142,6 +143,13 @@ impl Log {
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(io_err("locking", &lock_path)(e));
             }
+        }
+        // A segment that was being prepared when the last process stopped: never a
+        // segment, never data.
+        let stale = dir.join(prepare::PREPARED_NAME);
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .map_err(io_err("deleting unused prepared segment", &stale))?;
         }
         let cursor_dir = dir.join("cursors");
         std::fs::create_dir_all(&cursor_dir)

@@ -49,6 +49,9 @@ pub struct Appended {
     /// Position just after the batch's last record.
     pub end: Position,
     pub records: usize,
+    /// The durable end of the log when the batch completed (the end of its group
+    /// commit, `>= end`): one notification per group is enough for readers.
+    pub durable: Position,
 }
 
 #[derive(Default)]

@@ -250,15 +250,25 @@ fn group_commit_shares_fsyncs_under_concurrency() {
         .map(|t| {
             let log = log.clone();
             std::thread::spawn(move || {
+                let mut results = Vec::new();
                 for i in 0..50 {
-                    log.append_wait(batch(&[payload(t * 100 + i)])).unwrap();
+                    results.push(log.append_wait(batch(&[payload(t * 100 + i)])).unwrap());
                 }
+                results
             })
         })
         .collect();
+    let mut results = Vec::new();
     for t in threads {
-        t.join().unwrap();
+        results.extend(t.join().unwrap());
     }
+    // Each batch learns its group's durable end: past its own end when it shared the
+    // fsync with later batches, never past what is durable.
+    let end = log.durable_end();
+    assert!(results
+        .iter()
+        .all(|a| a.end <= a.durable && a.durable <= end));
+    assert!(results.iter().any(|a| a.durable > a.end));
     let s = log.stats();
     assert_eq!(s.appends, 800);
     assert_eq!(s.records, 800);
@@ -394,4 +404,90 @@ fn an_io_error_is_printed_once() {
     assert!(text.starts_with("opening segment /x/0.seg: "), "{text}");
     assert_eq!(text.matches("ermission denied").count(), 1, "{text}");
     assert!(std::error::Error::source(&e).is_none());
+}
+
+/// Waits (bounded) until the preparer has written a zero-filled next segment.
+fn wait_for_prepared(dir: &Path, len: u64) {
+    let path = dir.join(crate::prepare::PREPARED_NAME);
+    for _ in 0..1000 {
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("no prepared segment after 5 s");
+}
+
+#[test]
+fn a_roll_takes_the_prepared_segment_and_recovery_trims_its_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = 8192;
+    let len = crate::prepare::prepared_len(seg);
+    let big = |i: usize| vec![b'a' + (i % 26) as u8; 5000];
+    let mut appended = 0;
+    {
+        let (log, _) = Log::open(cfg(dir.path(), seg)).unwrap();
+        // Every append rolls (two 5000-byte records pass the segment size). A roll takes
+        // the prepared segment when it is ready; one that comes too early (the preparer
+        // still syncing) creates an empty segment, and the next roll takes it.
+        let mut adopted = 0;
+        while adopted < 3 && appended < 40 {
+            wait_for_prepared(dir.path(), len);
+            log.append_wait(batch(&[big(appended), big(appended + 1)]))
+                .unwrap();
+            appended += 2;
+            let segs = list_segments(dir.path()).unwrap();
+            let (_, active) = segs.last().unwrap();
+            if std::fs::metadata(active).unwrap().len() == len {
+                adopted += 1;
+            }
+        }
+        assert_eq!(adopted, 3, "prepared segments taken");
+        // Sealed segments hold exactly their records.
+        let segs = list_segments(dir.path()).unwrap();
+        for (b, p) in &segs[..segs.len() - 1] {
+            let n = std::fs::metadata(p).unwrap().len();
+            assert!(n < len && n >= seg, "segment {b}: {n} bytes");
+        }
+        assert_eq!(read_all(&log, 0).len(), appended);
+    }
+    // Closed: the active segment is trimmed and no prepared file is left behind.
+    assert!(!dir.path().join(crate::prepare::PREPARED_NAME).exists());
+    let (log, report) = Log::open(cfg(dir.path(), seg)).unwrap();
+    assert_eq!(report.records, appended as u64);
+    assert_eq!(report.torn_tail_bytes, 0);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), appended);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.payload, big(i), "record {i}");
+    }
+}
+
+#[test]
+fn a_crash_leaves_a_prepared_file_that_the_next_open_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, _) = Log::open(cfg(dir.path(), 4096)).unwrap();
+        log.append_wait(batch(&[b"kept".to_vec()])).unwrap();
+        wait_for_prepared(dir.path(), crate::prepare::prepared_len(4096));
+        // Keep a copy, as a crash would have left it.
+        std::fs::copy(
+            dir.path().join(crate::prepare::PREPARED_NAME),
+            dir.path().join("copy"),
+        )
+        .unwrap();
+    }
+    std::fs::rename(
+        dir.path().join("copy"),
+        dir.path().join(crate::prepare::PREPARED_NAME),
+    )
+    .unwrap();
+    let (log, report) = Log::open(LogConfig {
+        preallocate: false,
+        ..cfg(dir.path(), 4096)
+    })
+    .unwrap();
+    assert_eq!(report.records, 1);
+    assert!(!dir.path().join(crate::prepare::PREPARED_NAME).exists());
+    assert_eq!(read_all(&log, 0)[0].payload, &b"kept"[..]);
 }

@@ -6,10 +6,14 @@
 //! and form the next group, so fsyncs per second stay bounded by the disk while throughput
 //! grows with concurrency.
 //!
-//! The active segment is *preallocated* by writing zeros ahead of the data (as PostgreSQL
-//! does for its WAL): an `fdatasync` that does not change the file's size has no metadata
-//! to journal, which roughly halves its latency on ext4. Zeros past the last record are
-//! recognised as unused space by recovery, and trimmed on roll and on close.
+//! Segments are *preallocated*: zeros are written ahead of the data (as PostgreSQL does for
+//! its WAL), so that an `fdatasync` does not change the file's size and has no metadata to
+//! journal, which roughly halves its latency on ext4. A new segment normally arrives
+//! zero-filled and synced from the preparer thread (see [`crate::prepare`]), so group
+//! commits never write or sync zeros; only when none is ready (the segment active at
+//! opening, a disk with little room) does the writer extend the segment itself, 1 MiB at
+//! a time. Zeros past the last record are recognised as unused space by recovery, and
+//! trimmed on roll and on close.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{io_err, LogError};
 use crate::fs::segment_path;
+use crate::prepare::{prepared_len, Prepared, Preparer};
 use crate::shared::{lock, write_lock, Appended, LogConfig, Position, Segment, Shared, Submission};
 
 macro_rules! failpoint {
@@ -67,8 +72,12 @@ pub(crate) struct Writer {
     len: u64,
     /// Size of the active segment file (records, then zeros).
     allocated: u64,
-    /// How far ahead to preallocate (0: never).
+    /// How far ahead to preallocate when the writer extends a segment itself (0: never).
     chunk: u64,
+    /// Prepares the next segment ahead (with preallocation on).
+    preparer: Option<Preparer>,
+    /// A prepared segment taken from the preparer but not yet in use (its roll failed).
+    spare: Option<Prepared>,
     segment_bytes: u64,
     max_bytes: Option<u64>,
     max_group_bytes: usize,
@@ -116,6 +125,13 @@ fn create_segment(path: &std::path::Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Puts a prepared (zero-filled, synced) segment under the name `path`; the caller
+/// syncs the directory.
+fn adopt_segment(prepared: &Prepared, path: &std::path::Path) -> std::io::Result<()> {
+    failpoint!("ballast_log::create_segment");
+    std::fs::rename(&prepared.path, path)
+}
+
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, config: &LogConfig) -> Result<Writer, LogError> {
         let (base, len, path) = {
@@ -136,6 +152,14 @@ impl Writer {
             .len()
             .max(len);
         let segment_bytes = config.segment_bytes.max(1);
+        let mut preparer = if config.preallocate {
+            Preparer::start(&shared.dir, prepared_len(segment_bytes))
+        } else {
+            None
+        };
+        if let Some(p) = &mut preparer {
+            p.ask();
+        }
         Ok(Writer {
             shared,
             file,
@@ -143,10 +167,12 @@ impl Writer {
             len,
             allocated,
             chunk: if config.preallocate {
-                segment_bytes.clamp(4096, 4 << 20)
+                segment_bytes.clamp(4096, 1 << 20)
             } else {
                 0
             },
+            preparer,
+            spare: None,
             segment_bytes,
             max_bytes: config.max_bytes,
             max_group_bytes: config.max_group_bytes.max(1),
@@ -222,6 +248,7 @@ impl Writer {
                     first: at,
                     end: at,
                     records: 0,
+                    durable: self.base + self.len,
                 };
                 (sub.done)(Ok(empty));
                 continue;
@@ -276,6 +303,7 @@ impl Writer {
                     first,
                     end: first + n,
                     records,
+                    durable: first + n, // the group's end, set once it is synced
                 },
             ));
         }
@@ -347,7 +375,10 @@ impl Writer {
         *lock(&self.shared.durable) = end;
         self.shared.durable_cv.notify_all();
         for (sub, appended) in self.pending.drain(..) {
-            (sub.done)(Ok(appended));
+            (sub.done)(Ok(Appended {
+                durable: end,
+                ..appended
+            }));
         }
         Ok(())
     }
@@ -380,8 +411,25 @@ impl Writer {
         let base = self.base + self.len;
         let path = segment_path(&self.shared.dir, base);
         let transient = |e: std::io::Error, what: &str| RollError::Transient(e, what.to_string());
-        let file = create_segment(&path)
-            .map_err(|e| transient(e, &format!("creating {}", path.display())))?;
+        // The prepared segment when one is ready, else a new empty file.
+        let prepared = self
+            .spare
+            .take()
+            .or_else(|| self.preparer.as_mut().and_then(Preparer::take));
+        let (file, allocated) = match prepared {
+            Some(p) => match adopt_segment(&p, &path) {
+                Ok(()) => (p.file, p.len),
+                Err(e) => {
+                    self.spare = Some(p);
+                    return Err(transient(e, &format!("creating {}", path.display())));
+                }
+            },
+            None => (
+                create_segment(&path)
+                    .map_err(|e| transient(e, &format!("creating {}", path.display())))?,
+                0,
+            ),
+        };
         let read =
             File::open(&path).map_err(|e| transient(e, &format!("opening {}", path.display())))?;
         // Opening the directory can fail for want of a descriptor (transient); its fsync
@@ -404,8 +452,11 @@ impl Writer {
         self.file = file;
         self.base = base;
         self.len = 0;
-        self.allocated = 0;
+        self.allocated = allocated;
         self.shared.set_unavailable(None);
+        if let Some(p) = &mut self.preparer {
+            p.ask();
+        }
         Ok(())
     }
 

@@ -222,23 +222,32 @@ pub const MAX_DEPTH: usize = 100;
 
 /// True when arrays and objects in `body` nest deeper than `max` (counted outside
 /// strings; the JSON need not be valid).
+///
+/// Runs on every request body before it is parsed, so it skips the inside of strings
+/// (most of an event's bytes) with `memchr`: about 4x faster than a byte-by-byte walk,
+/// which cost more than serde_json's own parse of a 100-event batch.
 pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0usize;
+    while let Some(&b) = body.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                // To the closing quote: the next quote or backslash, skipping escapes.
+                i += 1;
+                loop {
+                    let Some(off) = body
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    else {
+                        return false; // an unterminated string: nothing after it counts
+                    };
+                    i += off;
+                    if body.get(i) == Some(&b'"') {
+                        break;
+                    }
+                    i += 2; // a backslash and the byte it escapes
+                }
+            }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max {
@@ -248,6 +257,7 @@ pub fn nested_deeper_than(body: &[u8], max: usize) -> bool {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -473,6 +483,72 @@ mod tests {
             expect.insert("receivedAt".into(), json!(E.received_at));
             expect.insert("request_ip".into(), json!(E.request_ip));
             prop_assert_eq!(out, Value::Object(expect));
+        }
+    }
+
+    /// The byte-by-byte walk the fast scan replaced: the reference it must agree with.
+    fn nested_deeper_than_reference(body: &[u8], max: usize) -> bool {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in body {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max {
+                        return true;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    proptest! {
+        #[test]
+        fn nesting_scan_agrees_with_the_byte_walk(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(b"{}[]\"\\\\ax,:".to_vec()),
+                0..200,
+            ),
+            max in 0usize..8,
+        ) {
+            prop_assert_eq!(
+                nested_deeper_than(&bytes, max),
+                nested_deeper_than_reference(&bytes, max)
+            );
+        }
+    }
+
+    #[test]
+    fn nesting_scan_edge_cases_agree_with_the_byte_walk() {
+        for s in [
+            r#"{"a":"\\"}[[["#,
+            r#""unterminated [[[["#,
+            r#"{"a":"x\"#,
+            "[[[[[",
+            r#"{"k\\":[[{"x":"\\\"[["}]]}"#,
+            "\"\\",
+            "\"",
+        ] {
+            for max in 0..6 {
+                assert_eq!(
+                    nested_deeper_than(s.as_bytes(), max),
+                    nested_deeper_than_reference(s.as_bytes(), max),
+                    "{s} {max}"
+                );
+            }
         }
     }
 

@@ -109,13 +109,19 @@ impl Store for EmbeddedStore {
         self.log.append(records, move |result| {
             match &result {
                 Ok(a) => {
-                    durable.send_if_modified(|end| {
-                        let moved = a.end > *end;
-                        if moved {
-                            *end = a.end;
-                        }
-                        moved
-                    });
+                    // The whole group is durable when its first batch completes: publish
+                    // the group's end then, once, instead of once per batch (each would
+                    // wake the router again).
+                    let group_end = a.durable.max(a.end);
+                    if *durable.borrow() < group_end {
+                        durable.send_if_modified(|end| {
+                            let moved = group_end > *end;
+                            if moved {
+                                *end = group_end;
+                            }
+                            moved
+                        });
+                    }
                 }
                 Err(e) if e.is_fatal() => {
                     fatal.send_if_modified(|f| {

@@ -36,6 +36,23 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Settings every connection gets: a connect timeout of 10 s unless the URL sets one,
+/// `options` (`-c name=value` pairs) after the URL's own, and TCP keepalives so that a
+/// dead peer is noticed on an idle connection (a lease's session above all).
+pub fn configure(config: &mut tokio_postgres::Config, options: &[&str]) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    let joined = std::iter::once(config.get_options().unwrap_or(""))
+        .chain(options.iter().copied())
+        .filter(|o| !o.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    config.options(&joined);
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+}
+
 /// Connects with the session limits above (plus `extra_options`, `-c name=value` pairs),
 /// a connect timeout of 10 s unless the URL sets one, and TCP keepalives; the
 /// connection's task runs on the current runtime.
@@ -43,23 +60,7 @@ pub async fn connect(url: &str, extra_options: &str) -> Result<Client, ConnectEr
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| ConnectError(format!("postgres url: {e}")))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    let options = [
-        config.get_options().unwrap_or(""),
-        SESSION_OPTIONS,
-        extra_options,
-    ]
-    .iter()
-    .filter(|o| !o.is_empty())
-    .copied()
-    .collect::<Vec<_>>()
-    .join(" ");
-    config.options(&options);
-    // Notice a dead peer on an idle connection (a lease's session above all).
-    config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(10));
+    configure(&mut config, &[SESSION_OPTIONS, extra_options]);
     let (client, connection) = tokio::time::timeout(
         STATEMENT_TIMEOUT,
         config.connect(tls().map_err(ConnectError)?),

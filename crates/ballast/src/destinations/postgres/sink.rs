@@ -115,18 +115,7 @@ pub struct PostgresSink {
 impl PostgresSink {
     pub fn new(c: &PostgresConfig) -> Result<PostgresSink, super::config::PostgresConfigError> {
         let mut config = c.check()?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        let options = [config.get_options().unwrap_or(""), SESSION_OPTIONS]
-            .iter()
-            .filter(|o| !o.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ");
-        config.options(&options);
-        config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(10));
+        crate::pg::configure(&mut config, &[SESSION_OPTIONS]);
         Ok(PostgresSink {
             config,
             schema: c.schema.clone(),

@@ -249,6 +249,16 @@ impl PgCluster {
         let _ = task.await;
     }
 
+    /// `create_db` for callers without a runtime (integration tests): on a runtime of
+    /// its own for the one statement.
+    pub fn create_db_blocking(&self, db: &str) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("a runtime for CREATE DATABASE: {e}"))
+            .block_on(self.create_db(db));
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }

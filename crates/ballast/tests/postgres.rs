@@ -110,11 +110,7 @@ fn all_delivered_in_order(receiver: &Receiver, sent: &[Value], server: &Server) 
 /// A throwaway cluster with an empty database `ballast`.
 fn database() -> PgCluster {
     let cluster = PgCluster::start();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(cluster.create_db("ballast"));
+    cluster.create_db_blocking("ballast");
     cluster
 }
 

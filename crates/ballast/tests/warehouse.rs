@@ -85,11 +85,7 @@ fn send(server: &Server, path: &str, body: &Value) {
 #[test]
 fn events_sent_over_http_land_in_rudderstacks_tables() {
     let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("analytics"));
+    cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
     let server = Server::start(&warehouse_config(&url));
     send(
@@ -158,11 +154,7 @@ fn events_sent_over_http_land_in_rudderstacks_tables() {
 #[test]
 fn kill_9_in_the_middle_of_loads_loses_and_duplicates_nothing() {
     let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("analytics"));
+    cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
     let config = warehouse_config(&url);
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -224,11 +216,7 @@ fn kill_9_in_the_middle_of_loads_loses_and_duplicates_nothing() {
 #[test]
 fn batches_wait_for_batch_size_or_flush_interval() {
     let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("analytics"));
+    cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
     let config = common::config(&format!(
         r#"
@@ -290,11 +278,7 @@ flush_interval = "1s"
 #[test]
 fn an_event_the_database_refuses_is_dead_lettered_alone() {
     let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("analytics"));
+    cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
     let db = Db::open(&url);
     // An operator's column type that the bad event's value cannot be read as.
@@ -377,11 +361,7 @@ flush_interval = "200ms"
 #[test]
 fn a_hot_user_is_not_held_back_by_a_wait() {
     let cluster = PgCluster::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(cluster.create_db("analytics"));
+    cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
     let config = common::config(&format!(
         r#"

@@ -559,8 +559,8 @@ pub(crate) fn markdown(s: &mut String, args: &RunArgs, outcomes: &[E2eOutcome]) 
         );
         let _ = writeln!(
             s,
-            "{label}: sink got {} events in {} requests ({:.1} events/request), lag mean {:.1} ms, p90 {:.1} ms; \
-             retries {}, aborted {}{}",
+            "{label}: sink got {} events in {} requests ({:.1} events/request), lag (of {} events parsed) mean {:.1} ms, \
+             p90 {:.1} ms; retries {}, aborted {}{}",
             o.sink.events,
             o.sink.requests,
             if o.sink.requests > 0 {
@@ -568,6 +568,7 @@ pub(crate) fn markdown(s: &mut String, args: &RunArgs, outcomes: &[E2eOutcome]) 
             } else {
                 0.0
             },
+            o.sink.lag_sampled_events,
             o.sink.lag_mean_ms,
             o.sink.lag_p90_ms,
             o.final_status.retries,

@@ -29,7 +29,6 @@ mod writer;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
@@ -332,9 +331,7 @@ impl Log {
                     0 => ((seg_end - pos) as usize).min(budget),
                     frame_len => frame_len,
                 };
-                let mut buf = vec![0u8; want];
-                seg.file
-                    .read_exact_at(&mut buf, pos - seg.base)
+                let buf = crate::fs::read_exact_at_new(&seg.file, want, pos - seg.base)
                     .map_err(io_err("reading segment", &seg.path))?;
                 // The records are slices of this chunk: one allocation a chunk, no copy.
                 let chunk = bytes::Bytes::from(buf);

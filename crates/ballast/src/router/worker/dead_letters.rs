@@ -85,7 +85,7 @@ impl Worker {
         self.stats.aborted.fetch_add(count, Ordering::Relaxed);
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         metrics::counter!("ballast_destination_aborted_total", "destination" => self.config.id.clone()).increment(count);
-        let (finished, replays) = self.finish(user, n);
+        let (finished, replays) = self.finish(user, n, false);
         self.replays_done(replays).await;
         finished
     }

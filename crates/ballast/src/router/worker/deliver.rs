@@ -17,11 +17,15 @@ use super::{InFlight, Unit, Worker};
 use crate::destinations::{Event, Outcome};
 use crate::router::retry;
 use crate::router::state::{to_ms, RetryInfo};
+use crate::store::Position;
 
 /// The next request to start: whose events it carries and the events.
 struct Request {
     units: Vec<Unit>,
     events: Vec<Event>,
+    /// The events' log positions (for the crash journal) and strike keys.
+    positions: Vec<Position>,
+    keys: Vec<Arc<str>>,
     /// It holds a suspect: nothing else starts until it finishes.
     isolate: bool,
 }
@@ -59,27 +63,41 @@ impl Worker {
         let max = self.config.batch_size;
         let mut units: Vec<Unit> = Vec::new();
         let mut events: Vec<Event> = Vec::new();
+        let mut positions = Vec::new();
+        let mut keys = Vec::new();
         let mut isolate = false;
         while events.len() < max {
             let Some(user) = self.ready.pop_front() else {
                 break;
             };
-            let (take, solo) = match self.users.get(&user) {
-                Some(uq) if uq.state == UserState::Idle && !uq.q.is_empty() => {
-                    ((max - events.len()).min(uq.q.len()), uq.solo)
+            // One look at the user for its state, its head and the head's strikes.
+            let strikes = &self.strikes;
+            let strikes_of = |key: &str| {
+                if strikes.is_empty() {
+                    0
+                } else {
+                    strikes.get(key).copied().unwrap_or(0)
                 }
+            };
+            let (take, solo, poison, suspect) = match self.users.get(&user) {
+                Some(uq) if uq.state == UserState::Idle => match uq.q.front() {
+                    Some(head) => {
+                        let struck = strikes_of(&head.key);
+                        (
+                            (max - events.len()).min(uq.q.len()),
+                            uq.solo,
+                            head.poison || (!strikes.is_empty() && struck >= self.poison_threshold),
+                            struck > 0,
+                        )
+                    }
+                    None => continue,
+                },
                 _ => continue,
             };
-            if self
-                .users
-                .get(&user)
-                .and_then(|u| u.q.front())
-                .is_some_and(|p| self.is_poison(p))
-            {
+            if poison {
                 self.quarantine(&user).await;
                 continue;
             }
-            let suspect = self.head_is_suspect(&user);
             if (solo || suspect) && !units.is_empty() {
                 // It goes first, alone, in the next request.
                 self.ready.push_front(user);
@@ -95,8 +113,9 @@ impl Worker {
             // One read of the log at most, whatever the length of the queue.
             let loaded = self.load_head(&user, take).await;
             let mut n = 0;
-            if let Some(uq) = self.users.get(&user) {
-                for (i, p) in uq.q.iter().take(loaded).enumerate() {
+            if let Some(uq) = self.users.get_mut(&user) {
+                let now = SystemTime::now();
+                for (i, p) in uq.q.iter_mut().take(loaded).enumerate() {
                     let struck = p.poison
                         || (!self.strikes.is_empty()
                             && self.strikes.get(&*p.key).copied().unwrap_or(0) > 0);
@@ -105,20 +124,21 @@ impl Worker {
                     }
                     let Some(e) = &p.event else { break };
                     events.push(e.clone());
+                    keys.push(p.key.clone());
+                    if let Origin::Log(pos) = p.origin {
+                        positions.push(pos);
+                    }
+                    p.first_attempt.get_or_insert(now);
                     n += 1;
+                }
+                if n > 0 {
+                    uq.state = UserState::InFlight;
                 }
             }
             if n == 0 {
                 // Could not load its head now; try again on the next round.
                 self.ready.push_back(user);
                 break;
-            }
-            if let Some(uq) = self.users.get_mut(&user) {
-                uq.state = UserState::InFlight;
-                let now = SystemTime::now();
-                for p in uq.q.iter_mut().take(n) {
-                    p.first_attempt.get_or_insert(now);
-                }
             }
             units.push(Unit { user, count: n });
             if solo || suspect {
@@ -132,6 +152,8 @@ impl Worker {
         Some(Request {
             units,
             events,
+            positions,
+            keys,
             isolate,
         })
     }
@@ -141,20 +163,10 @@ impl Worker {
         let Request {
             units,
             events,
+            positions,
+            keys,
             isolate,
         } = request;
-        let mut positions = Vec::new();
-        let mut keys = Vec::new();
-        for unit in &units {
-            if let Some(u) = self.users.get(&unit.user) {
-                for p in u.q.iter().take(unit.count) {
-                    keys.push(p.key.clone());
-                    if let Origin::Log(pos) = p.origin {
-                        positions.push(pos);
-                    }
-                }
-            }
-        }
         self.journal.begin(&self.config.id, &positions);
         #[cfg(feature = "failpoints")]
         if let Some(id) = fail::eval("router::loop_panic", |arg| arg.unwrap_or_default()) {
@@ -260,10 +272,7 @@ impl Worker {
             self.lag_seconds.record(lag.as_secs_f64());
         }
         for unit in units {
-            if let Some(uq) = self.users.get_mut(&unit.user) {
-                uq.solo = false;
-            }
-            let (count, replays) = self.finish(&unit.user, unit.count);
+            let (count, replays) = self.finish(&unit.user, unit.count, true);
             self.stats
                 .delivered
                 .fetch_add(count as u64, Ordering::Relaxed);

@@ -29,7 +29,7 @@ impl Worker {
                 uq.solo = false;
             }
             let finished = if picked.is_empty() {
-                let (finished, replays) = self.finish(&user, n);
+                let (finished, replays) = self.finish(&user, n, false);
                 self.replays_done(replays).await;
                 finished
             } else {

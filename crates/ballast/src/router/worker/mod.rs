@@ -115,7 +115,7 @@ pub(super) struct Worker {
     db: Arc<dyn RouterState>,
     stats: Arc<DestinationStats>,
     replay: Arc<Notify>,
-    sources: HashSet<String>,
+    sources: FastSet<String>,
     read_pos: Position,
     acked: Position,
     unfinished: BTreeSet<Position>,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::queue::{Origin, Pending};
+use super::queue::Origin;
 use super::{InFlight, Worker};
 use crate::alerts::{Action, Severity};
 use crate::event::identify;
@@ -29,13 +29,6 @@ pub(crate) fn strike_key_of(e: &StoredEvent) -> String {
 }
 
 impl Worker {
-    /// True when the entry was struck out as poison (at the threshold of strikes).
-    pub(super) fn is_poison(&self, p: &Pending) -> bool {
-        p.poison
-            || (!self.strikes.is_empty()
-                && self.strikes.get(&*p.key).copied().unwrap_or(0) >= self.poison_threshold)
-    }
-
     /// True when the user's head has strikes (it was in flight at a crash or a panic).
     pub(super) fn head_is_suspect(&self, user: &Arc<str>) -> bool {
         self.users
@@ -65,7 +58,7 @@ impl Worker {
             }
         };
         // At the threshold an event is poison: judged when it reaches the head
-        // (`is_poison`), not marked over every queue here.
+        // (`next_request`), not marked over every queue here.
         for (key, n) in keys.into_iter().zip(counts) {
             self.strikes.insert(key.to_string(), n);
         }

@@ -4,6 +4,7 @@
 //! (forget its retry state and strikes, free its body, make the user ready again).
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -81,39 +82,62 @@ impl Worker {
     }
 
     /// Removes the first `n` events of the user's queue (they are done); returns how many
-    /// it removed and the replay ids among them.
-    pub(super) fn finish(&mut self, user: &Arc<str>, n: usize) -> (usize, Vec<u64>) {
+    /// it removed and the replay ids among them. `delivered`: they were delivered, so the
+    /// user no longer has to send alone. One lookup of the user does it all (this runs for
+    /// every unit of every request).
+    pub(super) fn finish(
+        &mut self,
+        user: &Arc<str>,
+        n: usize,
+        delivered: bool,
+    ) -> (usize, Vec<u64>) {
         let mut replays = Vec::new();
         let mut count = 0;
-        if let Some(uq) = self.users.get_mut(user) {
-            for _ in 0..n {
-                let Some(p) = uq.q.pop_front() else { break };
-                count += 1;
-                if p.event.is_some() {
-                    self.loaded = self.loaded.saturating_sub(1);
-                    uq.loaded = uq.loaded.saturating_sub(1);
+        let Entry::Occupied(mut entry) = self.users.entry(user.clone()) else {
+            return (count, replays);
+        };
+        let uq = entry.get_mut();
+        if delivered {
+            uq.solo = false;
+        }
+        for _ in 0..n {
+            let Some(p) = uq.q.pop_front() else { break };
+            count += 1;
+            if p.event.is_some() {
+                self.loaded = self.loaded.saturating_sub(1);
+                uq.loaded = uq.loaded.saturating_sub(1);
+            }
+            match p.origin {
+                Origin::Log(pos) => {
+                    self.unfinished.remove(&pos);
+                    if !self.known_retry.is_empty() && self.known_retry.remove(&pos).is_some() {
+                        self.retry_changes.push((pos, None));
+                    }
+                    // A quarantined event keeps its strikes, so that a copy of it sent
+                    // again (same messageId) is quarantined without new crashes.
+                    if !p.poison
+                        && !self.strikes.is_empty()
+                        && self.strikes.remove(&*p.key).is_some()
+                    {
+                        self.strike_clears.push(p.key.to_string());
+                    }
                 }
-                match p.origin {
-                    Origin::Log(pos) => {
-                        self.unfinished.remove(&pos);
-                        if self.known_retry.remove(&pos).is_some() {
-                            self.retry_changes.push((pos, None));
-                        }
-                        // A quarantined event keeps its strikes, so that a copy of it sent
-                        // again (same messageId) is quarantined without new crashes.
-                        if !p.poison && self.strikes.remove(&*p.key).is_some() {
-                            self.strike_clears.push(p.key.to_string());
-                        }
-                    }
-                    Origin::Replay(id) => {
-                        self.replaying.remove(&id);
-                        replays.push(id);
-                    }
+                Origin::Replay(id) => {
+                    self.replaying.remove(&id);
+                    replays.push(id);
                 }
             }
-            uq.landed();
         }
-        self.make_ready(user);
+        uq.landed();
+        // What `make_ready` does, on the entry in hand.
+        if uq.q.is_empty() && uq.state != UserState::InFlight {
+            entry.remove();
+        } else if uq.state == UserState::Idle {
+            if let Some(f) = &mut self.filling {
+                f.add(uq.q.len());
+            }
+            self.ready.push_back(user.clone());
+        }
         (count, replays)
     }
 

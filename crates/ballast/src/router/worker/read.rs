@@ -61,15 +61,17 @@ impl Worker {
                 }
                 let (user, event) = to_event(e);
                 // Only while every entry of the user's queue has its body: bodies stay the
-                // front of the queue (see `load_head`).
-                let keep = self.loaded < MAX_LOADED
-                    && self.users.get(&user).is_none_or(|u| {
+                // front of the queue (see `load_head`). One lookup of the user for both.
+                let (fits, at) = self.users.get(&user).map_or((true, 0), |u| {
+                    (
                         u.loaded == u.q.len()
                             && u.loaded < PER_USER_LOADED
-                            && u.state != UserState::Waiting
-                    });
+                            && u.state != UserState::Waiting,
+                        u.q.len(),
+                    )
+                });
+                let keep = self.loaded < MAX_LOADED && fits;
                 if keep {
-                    let at = self.users.get(&user).map_or(0, |u| u.q.len());
                     kept.push((user.clone(), at));
                 }
                 let known = if self.known_retry.is_empty() {

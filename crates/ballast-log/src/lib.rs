@@ -30,8 +30,11 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+
+/// What a read guesses a frame takes before any read has measured it.
+const FIRST_FRAME_LEN_HINT: usize = 2048;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -217,6 +220,7 @@ impl Log {
             cursors: Mutex::new(cursors),
             quarantined_records: report.corrupt_records,
             torn_tail_bytes: report.torn_tail_bytes,
+            frame_len_hint: AtomicUsize::new(FIRST_FRAME_LEN_HINT),
         });
         let (tx, rx) = mpsc::channel();
         let writer = writer::Writer::new(shared.clone(), &config)?;
@@ -310,6 +314,8 @@ impl Log {
         let mut pos = from.max(first.base);
         let mut idx = segs.partition_point(|s| s.base <= pos).saturating_sub(1);
         let mut bytes = 0usize;
+        let hint = self.shared.frame_len_hint.load(Ordering::Relaxed).max(64);
+        let start = pos;
         // A frame larger than the chunk just read: read exactly that much next.
         let mut big = 0usize;
         'segments: while idx < segs.len() {
@@ -320,12 +326,14 @@ impl Log {
                     break 'segments;
                 }
                 // Read a chunk, then take every complete frame in it.
-                // Size the chunk by what was asked for (about 2 KiB a record), not only by
-                // the byte budget: a read of one record must not read megabytes.
+                // Size the chunk by what was asked for (the frames the last read saw, a
+                // quarter more), not only by the byte budget: a read of one record must
+                // not read megabytes, and a chunk twice too large was copied twice over.
                 let records_left = max_records - out.records.len();
+                let per_frame = hint + hint / 4;
                 let budget = max_bytes
                     .saturating_sub(bytes)
-                    .min(records_left.saturating_mul(2048))
+                    .min(records_left.saturating_mul(per_frame))
                     .max(4096);
                 let want = match std::mem::take(&mut big) {
                     0 => ((seg_end - pos) as usize).min(budget),
@@ -383,6 +391,15 @@ impl Log {
             }
         }
         out.next = pos;
+        // Every frame read (data or not) was walked from `start` to `pos`, except across a
+        // segment boundary's gap, which is rare enough not to skew the average.
+        if !out.records.is_empty() && pos > start {
+            let frames = out.records.len().max(1);
+            let avg = usize::try_from((pos - start) / frames as u64).unwrap_or(usize::MAX);
+            self.shared
+                .frame_len_hint
+                .store(avg.clamp(64, 1 << 20), Ordering::Relaxed);
+        }
         Ok(out)
     }
 

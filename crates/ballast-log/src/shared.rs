@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use crate::error::LogError;
@@ -98,6 +98,9 @@ pub(crate) struct Shared {
     pub(crate) cursors: Mutex<BTreeMap<String, Position>>,
     pub(crate) quarantined_records: u64,
     pub(crate) torn_tail_bytes: u64,
+    /// Bytes a frame took on average in the last read that returned any: sizes the next
+    /// read's chunk (a guess; a short chunk is followed by another read).
+    pub(crate) frame_len_hint: AtomicUsize,
 }
 
 pub(crate) type Done = Box<dyn FnOnce(Result<Appended, LogError>) + Send + 'static>;

@@ -491,3 +491,42 @@ fn a_crash_leaves_a_prepared_file_that_the_next_open_deletes() {
     assert!(!dir.path().join(crate::prepare::PREPARED_NAME).exists());
     assert_eq!(read_all(&log, 0)[0].payload, &b"kept"[..]);
 }
+
+#[test]
+fn reads_sized_by_the_last_frames_seen_still_return_every_record_whole() {
+    // Small frames teach the read a small chunk size; large ones that follow are longer
+    // than the chunk, then small again: every read returns whole records in order.
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(cfg(dir.path(), 8 << 20)).unwrap();
+    let sizes: Vec<usize> = (0..300)
+        .map(|i| match i / 100 {
+            1 => 20_000 + i,
+            _ => 10 + i % 7,
+        })
+        .collect();
+    let payloads: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| vec![(i % 251) as u8; n])
+        .collect();
+    for chunk in payloads.chunks(30) {
+        log.append_wait(batch(chunk)).unwrap();
+    }
+    let mut pos = 0;
+    let mut got = Vec::new();
+    loop {
+        let b = log.read(pos, 40, 4 << 20).unwrap();
+        if b.records.is_empty() && b.next == pos {
+            break;
+        }
+        assert!(b.records.len() <= 40);
+        got.extend(b.records.into_iter().map(|r| r.payload));
+        pos = b.next;
+    }
+    assert_eq!(got.len(), payloads.len());
+    for (g, p) in got.iter().zip(&payloads) {
+        assert_eq!(g, p);
+    }
+    // After the last (small) frames, the hint is small: a read of one record stays small.
+    assert!(log.shared.frame_len_hint.load(Ordering::Relaxed) < 1024);
+}

@@ -172,9 +172,7 @@ impl Recorder {
         if n == 0 {
             return;
         }
-        if self.requests % PARSE_EVERY == 0
-            && self.parse_and_record(body, arrival_us) != Some(n)
-        {
+        if self.requests % PARSE_EVERY == 0 && self.parse_and_record(body, arrival_us) != Some(n) {
             self.bad_bodies += 1;
             return;
         }

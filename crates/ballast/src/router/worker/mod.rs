@@ -48,7 +48,7 @@ use crate::alerts::Alerts;
 use crate::destinations::DestinationConfig;
 use crate::destinations::{Destination, Outcome};
 use crate::recovery::journal::Journal;
-use crate::store::{Position, Progress, Store};
+use crate::store::{Position, Progress, ReadEvents, Store, StoreError};
 use abort_alert::{abort_alert_key, AbortAlert};
 use queue::UserQueue;
 
@@ -62,8 +62,6 @@ const MAX_LOADED: usize = 20_000;
 const PER_USER_LOADED: usize = 256;
 /// Queue entries (with or without bodies) beyond which reading pauses.
 const MAX_ENTRIES: usize = 1_000_000;
-/// Log reads per turn of the loop, so that delivery keeps its share while ingest runs.
-const FILL_READS_PER_TURN: usize = 4;
 const READ_BATCH: usize = 1_000;
 const ACK_EVERY: Duration = Duration::from_millis(200);
 /// Finished ranges an acknowledgement records above the cursor at most (beyond them a
@@ -71,6 +69,10 @@ const ACK_EVERY: Duration = Duration::from_millis(200);
 const MAX_DONE_RANGES: usize = 4096;
 const SAVE_RETRY_EVERY: Duration = Duration::from_secs(1);
 const REPLAY_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// A read of the log, polled by the loop.
+type ReadFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<ReadEvents, StoreError>> + Send>>;
 
 /// A user's share of a delivery: its first `count` queue entries.
 struct Unit {
@@ -148,6 +150,8 @@ pub(super) struct Worker {
     lag_seconds: metrics::Histogram,
     /// Waiting for fuller batches, for a destination with a `flush_interval`.
     filling: Option<flush::Filling>,
+    /// The read of the log in progress (see `read.rs`).
+    reading: Option<ReadFuture>,
 }
 
 impl Worker {
@@ -225,6 +229,7 @@ impl Worker {
             strike_clears: Vec::new(),
             poison_threshold,
             isolating: None,
+            reading: None,
         })
     }
 
@@ -242,6 +247,8 @@ impl Worker {
         self.replays = self.partition == 0;
         let mut load_replays = self.replays;
         let mut last_replay_check = Instant::now();
+        // After a failed read of the log, the next waits until then.
+        let mut read_again_at: Option<Instant> = None;
         let replay = self.replay.clone();
         tracing::info!(destination = %self.config.id, partition = self.partition, cursor = self.read_pos, "delivery started");
         loop {
@@ -251,14 +258,15 @@ impl Worker {
             let routing_on = *routing.borrow();
             // Read more only while there is little ready to deliver: reading ahead of
             // delivery only costs CPU that ingestion needs.
-            let hungry = self.ready.len() < 2 * self.concurrency
-                || self.filling.as_ref().is_some_and(|f| f.waiting());
-            if hungry {
-                if let Err(e) = self.fill(end).await {
-                    tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
+            if read_again_at.is_some_and(|t| Instant::now() >= t) {
+                read_again_at = None;
+            }
+            if self.reading.is_none()
+                && read_again_at.is_none()
+                && self.hungry()
+                && self.may_read(end)
+            {
+                self.start_read(self.read_pos);
             }
             // Another replica may have asked for a replay (shared state): look again now
             // and then.
@@ -296,8 +304,39 @@ impl Worker {
             let sleep_until = next_timer
                 .into_iter()
                 .chain(flush)
+                .chain(read_again_at)
                 .fold(Instant::now() + ACK_EVERY, Instant::min);
+            // The read in progress is awaited from a local (the branch futures borrow it,
+            // the handlers then use `self`), and put back unless it came back.
+            let mut reading = self.reading.take();
             tokio::select! {
+                r = async {
+                    match reading.as_mut() {
+                        Some(read) => read.await,
+                        None => std::future::pending().await,
+                    }
+                }, if reading.is_some() => {
+                    reading = None;
+                    match r {
+                        Ok(batch) => {
+                            read_again_at = None;
+                            // Start the next read before queueing this one's events, so
+                            // the two overlap (the budget is checked against the queues as
+                            // they are: at most one read's worth over).
+                            let next = batch.next;
+                            if !batch.events.is_empty() && self.hungry() && next < end
+                                && self.loaded < MAX_LOADED && self.unfinished.len() < MAX_ENTRIES
+                            {
+                                self.start_read(next);
+                            }
+                            self.take_read(batch);
+                        }
+                        Err(e) => {
+                            tracing::error!(destination = %self.config.id, error = %e, "reading the log failed; retrying");
+                            read_again_at = Some(Instant::now() + Duration::from_secs(1));
+                        }
+                    }
+                }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.handle_done(done).await;
                     // Take every other delivery that finished meanwhile in this turn too.
@@ -317,7 +356,12 @@ impl Worker {
                 _ = routing.changed() => {}
                 _ = stop.changed() => {}
             }
+            if reading.is_some() {
+                self.reading = reading;
+            }
         }
+        // A read still out is dropped (its blocking part finishes on its own).
+        self.reading = None;
         // Stop: let what is in flight finish, then save the cursor.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.tasks.is_empty() {
@@ -378,6 +422,17 @@ impl Worker {
                 .await;
             }
         }
+    }
+
+    /// Is there little ready to deliver, so that reading more is worth it? Few users
+    /// ready, or fewer than half the body budget in memory: with many users a ready user
+    /// often has one event, so a count of users alone let the queues run dry while a read
+    /// was on its way. Reading further ahead would only queue entries without bodies,
+    /// which cost a second read of the log when they come near delivery.
+    fn hungry(&self) -> bool {
+        self.ready.len() < 2 * self.concurrency
+            || self.loaded < MAX_LOADED / 2
+            || self.filling.as_ref().is_some_and(|f| f.waiting())
     }
 
     /// How far this loop got: the oldest unfinished event, and the ranges finished above

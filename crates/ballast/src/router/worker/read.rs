@@ -1,16 +1,16 @@
 //! Reading the log into the queues: new events of the destination's sources (within the
-//! body budget), the bodies of a queue's head when it comes near delivery (one read of the
+//! body budget, read ahead while the loop delivers), the bodies of a queue's head when it comes near delivery (one read of the
 //! log at most), and replayed dead letters.
 
 use std::sync::Arc;
 
 use super::poison::strike_key;
 use super::queue::{Origin, Pending, UserState};
-use super::{Worker, FILL_READS_PER_TURN, MAX_ENTRIES, MAX_LOADED, PER_USER_LOADED, READ_BATCH};
+use super::{Worker, MAX_ENTRIES, MAX_LOADED, PER_USER_LOADED, READ_BATCH};
 use crate::destinations::Event;
 use crate::event::identify;
 use crate::router::state::from_ms;
-use crate::store::{Position, StoredEvent};
+use crate::store::{Position, ReadEvents, StoredEvent};
 
 pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
     // Recorded at ingest when the record has it; else found in the JSON.
@@ -27,20 +27,26 @@ pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
 }
 
 impl Worker {
-    /// Reads new events of this destination's sources into the user queues (a few reads
-    /// per turn; pauses while the body budget is used up).
-    pub(super) async fn fill(&mut self, end: Position) -> Result<(), crate::store::StoreError> {
-        let mut reads = 0;
-        while self.read_pos < end
-            && reads < FILL_READS_PER_TURN
-            && self.loaded < MAX_LOADED
-            && self.unfinished.len() < MAX_ENTRIES
+    /// May the loop read more of the log now: something new, and room in the body budget
+    /// and under the cap on queue entries.
+    pub(super) fn may_read(&self, end: Position) -> bool {
+        self.read_pos < end && self.loaded < MAX_LOADED && self.unfinished.len() < MAX_ENTRIES
+    }
+
+    /// Starts reading the log from `from` ahead of need: the loop polls the read beside
+    /// its other work (the embedded store reads on a blocking thread meanwhile) while it
+    /// dispatches and judges outcomes, and [`Worker::take_read`] queues the events when
+    /// the read is back. Not a task of its own: a spawned task waited for a worker thread
+    /// to start it, and then the loop waited for its wake-up.
+    pub(super) fn start_read(&mut self, from: Position) {
+        let store = self.store.clone();
+        self.reading = Some(Box::pin(async move { store.read(from, READ_BATCH).await }));
+    }
+
+    /// Queues the events of a read that came back (those of this destination's sources),
+    /// and moves the read position past it.
+    pub(super) fn take_read(&mut self, batch: ReadEvents) {
         {
-            reads += 1;
-            let batch = self.store.read(self.read_pos, READ_BATCH).await?;
-            if batch.events.is_empty() && batch.next <= self.read_pos {
-                break;
-            }
             let read = batch.events.len();
             // The queue entries given a body from this read: (user, index in its queue).
             let mut kept: Vec<(Arc<str>, usize)> = Vec::new();
@@ -100,7 +106,7 @@ impl Worker {
                     },
                 );
             }
-            self.read_pos = batch.next;
+            self.read_pos = self.read_pos.max(batch.next);
             // Bodies are slices of the chunk read: a few kept out of many would pin the
             // whole chunk, so those are copied out.
             if kept.len() * 4 < read {
@@ -116,7 +122,6 @@ impl Worker {
                 }
             }
         }
-        Ok(())
     }
 
     /// Makes sure the bodies of the user's first `want` queue entries are in memory, with

@@ -74,6 +74,11 @@ pub struct LoadConfig {
     /// Distinct userIds the events are drawn from (1: every event from one hot user).
     #[arg(long, default_value_t = crate::events::USER_POOL)]
     pub users: u32,
+    /// Events per second to offer over all connections together, warm-up included (0: as
+    /// fast as the server answers). Requests are sent on a fixed schedule; a server that
+    /// falls behind it gets the late ones at once, never a burst beyond --connections.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -136,6 +141,10 @@ struct Shared {
     pool: Vec<BodyTemplate>,
     measure_start: Instant,
     deadline: Instant,
+    /// With `--rate`: the time between two requests of the schedule, which starts at
+    /// `start`; `slot` hands out its places.
+    pace: Option<(Instant, Duration)>,
+    slot: std::sync::atomic::AtomicU64,
 }
 
 struct WorkerStats {
@@ -265,6 +274,16 @@ async fn worker(id: usize, shared: Arc<Shared>) -> anyhow::Result<WorkerStats> {
         let Some(s) = sender.as_mut() else {
             continue;
         };
+        if let Some((start, every)) = shared.pace {
+            let k = shared
+                .slot
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let at = start + every.saturating_mul(u32::try_from(k).unwrap_or(u32::MAX));
+            if at >= shared.deadline {
+                break;
+            }
+            tokio::time::sleep_until(at).await;
+        }
         let template = &pool[next];
         next = (next + 1) % pool.len();
         let req = Request::builder()
@@ -352,6 +371,11 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
         pool,
         measure_start,
         deadline: measure_start + cfg.duration,
+        pace: (cfg.rate > 0).then(|| {
+            let per_second = cfg.rate as f64 / events_per_request.max(1) as f64;
+            (start, Duration::from_secs_f64(1.0 / per_second.max(1e-3)))
+        }),
+        slot: std::sync::atomic::AtomicU64::new(0),
     });
     let tasks: Vec<_> = (0..cfg.connections)
         .map(|id| tokio::spawn(worker(id, shared.clone())))
@@ -488,6 +512,34 @@ mod tests {
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64(b"bench-write-key:"), "YmVuY2gtd3JpdGUta2V5Og==");
+    }
+
+    #[tokio::test]
+    async fn a_rate_is_never_exceeded() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let server = tokio::spawn(crate::null::run(addr));
+        let cfg = LoadConfig {
+            url: format!("http://{addr}"),
+            write_key: "k".into(),
+            connections: 4,
+            duration: Duration::from_millis(800),
+            mode: Mode::Batch,
+            batch_size: 10,
+            warmup: Duration::from_millis(200),
+            pool: Some(8),
+            users: 100,
+            rate: 1_000,
+        };
+        // The null server may not be listening yet: the first requests then fail to
+        // connect and are retried.
+        let report = run(&cfg).await.unwrap();
+        server.abort();
+        // 1,000 events/s for 1 s in requests of 10: 100 places on the schedule at most
+        // (a server as fast as the null one would take thousands unpaced).
+        assert!(report.accepted_events_total <= 1_000, "{report:?}");
+        assert!(report.accepted_events_total > 0, "{report:?}");
     }
 
     #[tokio::test]

@@ -70,6 +70,7 @@ impl Bench<'_> {
             warmup: self.args.warmup,
             pool: None,
             users: self.args.users,
+            rate: 0,
         }
     }
 

@@ -90,7 +90,8 @@ pub fn group(events: &[Event]) -> Batch {
             let mut wanted: FastMap<&str, ColType> = FastMap::default();
             for r in &rows {
                 for (c, v) in &r.cols {
-                    match wanted.get_mut(c.as_str()) {
+                    let c: &str = c;
+                    match wanted.get_mut(c) {
                         None => {
                             wanted.insert(c, fixed_type(c).unwrap_or(v.natural()));
                         }
@@ -340,12 +341,12 @@ pub fn encode(
         chunk.arrays[0].push(r.id.as_bytes());
         bytes += r.id.len();
         for (c, v) in r.cols {
-            if c == "id" {
+            if &*c == "id" {
                 continue;
             }
-            let found = match chunk.index.get(c.as_str()) {
+            let found = match chunk.index.get(&*c) {
                 Some(&found) => Some(found),
-                None => known.get(&c).map(|k| chunk.column(&c, k.ty)),
+                None => known.get(&*c).map(|k| chunk.column(&c, k.ty)),
             };
             let reason = match found {
                 None => format!("table has {MAX_COLUMNS} columns, the most it can"),
@@ -364,7 +365,7 @@ pub fn encode(
             discards.push(Discard {
                 table: t.table.clone(),
                 row_id: r.id.clone(),
-                column: c,
+                column: c.to_string(),
                 value: schema::cut(&v.text(), schema::MAX_DISCARD_VALUE),
                 received_at: r.received_at.clone(),
                 reason,

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod load;
+pub mod names;
 pub mod schema;
 pub mod sink;
 #[cfg(test)]

@@ -19,10 +19,6 @@ pub(crate) type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 pub struct Cols(Vec<(Name, Val)>);
 
 impl Cols {
-    pub fn with_capacity(n: usize) -> Cols {
-        Cols(Vec::with_capacity(n))
-    }
-
     fn position(&self, name: &str) -> Option<usize> {
         self.0.iter().position(|(k, _)| **k == *name)
     }
@@ -51,6 +47,11 @@ impl Cols {
     pub(crate) fn push_new(&mut self, name: Name, v: Val) {
         debug_assert!(!self.contains_key(&name), "{name} twice");
         self.0.push((name, v));
+    }
+
+    /// These columns in a vector of their own size; `self` is left empty, its room kept.
+    pub(crate) fn take_exact(&mut self) -> Cols {
+        Cols(self.0.drain(..).collect())
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Val> {
@@ -153,8 +154,9 @@ pub struct Names {
     keys: FastMap<Name, FastMap<Box<str>, Key>>,
     exact: FastSet<Name>,
     tables: FastMap<Box<str>, Option<Name>>,
-    /// An empty set to build a row with (its room kept between rows).
+    /// An empty set and an empty row to build a row with (their room kept between rows).
     set: FastSet<Name>,
+    cols: Cols,
     entries: usize,
     bytes: usize,
 }
@@ -177,6 +179,20 @@ impl Names {
         if set.capacity() <= 1024 {
             self.set = set;
         }
+    }
+
+    /// An empty row to build (give it back with [`Self::give_cols`]).
+    pub(crate) fn take_cols(&mut self) -> Cols {
+        std::mem::take(&mut self.cols)
+    }
+
+    /// The columns built in `cols`, in a vector of their own size; `cols` is kept.
+    pub(crate) fn give_cols(&mut self, mut cols: Cols) -> Cols {
+        let exact = cols.take_exact();
+        if cols.0.capacity() <= 1024 {
+            self.cols = cols;
+        }
+        exact
     }
 
     fn count(&mut self, bytes: usize) {

@@ -534,7 +534,7 @@ impl<'a> RowBuilder<'a> {
             row: Row {
                 id: id.to_string(),
                 received_at: received_at.map(str::to_string),
-                cols: Cols::with_capacity(32),
+                cols: names.take_cols(),
             },
             reserved: Vec::with_capacity(12),
             taken: names.take_set(),
@@ -543,9 +543,10 @@ impl<'a> RowBuilder<'a> {
         }
     }
 
-    /// The row (its name set goes back to be reused).
-    fn finish(self) -> Row {
+    /// The row (its name set and room go back to be reused).
+    fn finish(mut self) -> Row {
         self.names.give_set(self.taken);
+        self.row.cols = self.names.give_cols(std::mem::take(&mut self.row.cols));
         self.row
     }
 

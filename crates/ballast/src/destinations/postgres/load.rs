@@ -162,11 +162,7 @@ fn merge_user(prev: &mut Row, row: Row) {
         (Some(p), Some(r)) => r >= p,
         _ => true,
     };
-    for (k, v) in row.cols {
-        if newer || !prev.cols.contains_key(&k) {
-            prev.cols.insert(k, v);
-        }
-    }
+    prev.cols.merge(row.cols, newer);
     if newer {
         prev.received_at = row.received_at;
     }

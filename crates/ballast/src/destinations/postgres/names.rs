@@ -54,6 +54,30 @@ impl Cols {
         Cols(self.0.drain(..).collect())
     }
 
+    /// Sets every column of `other`: replacing the value there when `replace`, else only
+    /// adding what is missing. One hash per column (rows can have many).
+    pub(crate) fn merge(&mut self, other: Cols, replace: bool) {
+        let mut at: FastMap<Name, usize> = self
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
+        for (k, v) in other.0 {
+            match at.get(&k) {
+                Some(&i) => {
+                    if replace {
+                        self.0[i].1 = v;
+                    }
+                }
+                None => {
+                    at.insert(k.clone(), self.0.len());
+                    self.0.push((k, v));
+                }
+            }
+        }
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<Val> {
         self.position(name).map(|i| self.0.remove(i).1)
     }
@@ -351,5 +375,20 @@ mod tests {
         assert_eq!(c, same);
         assert_ne!(c, Cols::default());
         assert_eq!(c.get("z"), None);
+    }
+
+    #[test]
+    fn merging_replaces_or_fills() {
+        let cols = |kv: &[(&str, i64)]| -> Cols {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), Val::Int(*v)))
+                .collect()
+        };
+        let mut a = cols(&[("x", 1), ("y", 2)]);
+        a.merge(cols(&[("y", 20), ("z", 30)]), false);
+        assert_eq!(a, cols(&[("x", 1), ("y", 2), ("z", 30)]));
+        a.merge(cols(&[("x", 10), ("w", 40)]), true);
+        assert_eq!(a, cols(&[("x", 10), ("y", 2), ("z", 30), ("w", 40)]));
+        assert_eq!(a.len(), 4);
     }
 }

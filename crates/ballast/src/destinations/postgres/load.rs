@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
-use super::schema::{self, ColType, Discard, Row, Val};
+use super::schema::{self, ColType, Discard, Name, Row, Val};
 use super::sink::{quote, MAX_COLUMNS};
 use crate::destinations::Event;
 
@@ -87,20 +87,43 @@ pub fn group(events: &[Event]) -> Batch {
         .map(|(table, (mut rows, _))| {
             // In id order: concurrent loads lock rows in the same order.
             rows.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-            let mut wanted: FastMap<&str, ColType> = FastMap::default();
+            let mut wanted: Vec<(&str, ColType)> = Vec::new();
+            let mut index: FastMap<&str, usize> = FastMap::default();
+            // The previous row's columns by position (name address, place in `wanted`):
+            // rows of one table mostly have the same names in the same order, shared
+            // (names.rs), so most are found without hashing. Every row is alive here,
+            // so an address is one name.
+            let mut last: Vec<(usize, usize)> = Vec::new();
             for r in &rows {
-                for (c, v) in &r.cols {
-                    match wanted.get_mut(c.as_str()) {
+                for (j, (c, v)) in r.cols.iter().enumerate() {
+                    let addr = c.as_ptr() as usize;
+                    let c: &str = c;
+                    let at = match last.get(j) {
+                        Some(&(a, at)) if a == addr => Some(at),
+                        _ => {
+                            let found = index.get(c).copied();
+                            if let Some(at) = found {
+                                remember(&mut last, j, (addr, at));
+                            }
+                            found
+                        }
+                    };
+                    match at {
                         None => {
-                            wanted.insert(c, fixed_type(c).unwrap_or(v.natural()));
+                            remember(&mut last, j, (addr, wanted.len()));
+                            index.insert(c, wanted.len());
+                            wanted.push((c, fixed_type(c).unwrap_or(v.natural())));
                         }
                         // An integer and a fraction for a new column in one load: numeric.
-                        Some(e) if *e == ColType::BigInt && v.natural() == ColType::Numeric => {
-                            if fixed_type(c).is_none() {
+                        Some(at) => {
+                            let e = &mut wanted[at].1;
+                            if *e == ColType::BigInt
+                                && v.natural() == ColType::Numeric
+                                && fixed_type(c).is_none()
+                            {
                                 *e = ColType::Numeric
                             }
                         }
-                        Some(_) => {}
                     }
                 }
             }
@@ -121,6 +144,14 @@ pub fn group(events: &[Event]) -> Batch {
     Batch { tables, discards }
 }
 
+/// Sets `cache[j]` (growing it as needed).
+fn remember<T: Default>(cache: &mut Vec<T>, j: usize, v: T) {
+    if cache.len() <= j {
+        cache.resize_with(j + 1, T::default);
+    }
+    cache[j] = v;
+}
+
 /// A later identify of the same user in one load: it wins column by column (by
 /// `receivedAt`; by order when unknown); an older one only fills what is empty.
 fn merge_user(prev: &mut Row, row: Row) {
@@ -131,11 +162,7 @@ fn merge_user(prev: &mut Row, row: Row) {
         (Some(p), Some(r)) => r >= p,
         _ => true,
     };
-    for (k, v) in row.cols {
-        if newer || !prev.cols.contains_key(&k) {
-            prev.cols.insert(k, v);
-        }
-    }
+    prev.cols.merge(row.cols, newer);
     if newer {
         prev.received_at = row.received_at;
     }
@@ -336,16 +363,29 @@ pub fn encode(
     let users = t.table == "users";
     // What the chunk's values take, about.
     let mut bytes = 0;
+    // The previous row's columns by position (name, array, type): rows of one table
+    // mostly have the same names in the same order, shared (names.rs), so most are
+    // found without hashing.
+    let mut last: Vec<Option<(Name, usize, ColType)>> = Vec::new();
     for r in t.rows {
         chunk.arrays[0].push(r.id.as_bytes());
         bytes += r.id.len();
-        for (c, v) in r.cols {
-            if c == "id" {
+        for (j, (c, v)) in r.cols.into_iter().enumerate() {
+            if &*c == "id" {
                 continue;
             }
-            let found = match chunk.index.get(c.as_str()) {
-                Some(&found) => Some(found),
-                None => known.get(&c).map(|k| chunk.column(&c, k.ty)),
+            let found = match last.get(j) {
+                Some(Some((n, i, ty))) if Arc::ptr_eq(n, &c) => Some((*i, *ty)),
+                _ => {
+                    let found = match chunk.index.get(&*c) {
+                        Some(&found) => Some(found),
+                        None => known.get(&*c).map(|k| chunk.column(&c, k.ty)),
+                    };
+                    if let Some((i, ty)) = found {
+                        remember(&mut last, j, Some((c.clone(), i, ty)));
+                    }
+                    found
+                }
             };
             let reason = match found {
                 None => format!("table has {MAX_COLUMNS} columns, the most it can"),
@@ -364,7 +404,7 @@ pub fn encode(
             discards.push(Discard {
                 table: t.table.clone(),
                 row_id: r.id.clone(),
-                column: c,
+                column: c.to_string(),
                 value: schema::cut(&v.text(), schema::MAX_DISCARD_VALUE),
                 received_at: r.received_at.clone(),
                 reason,
@@ -373,6 +413,8 @@ pub fn encode(
         chunk.end_row();
         bytes += 4 * chunk.arrays.len();
         if bytes >= MAX_STATEMENT_BYTES {
+            // A new chunk: its arrays are not the ones remembered.
+            last.clear();
             out.push(insert(
                 std::mem::replace(&mut chunk, Chunk::new()),
                 known,

@@ -2,9 +2,12 @@
 //! event goes to, its columns (flattened, named safely), and each value's type. Pure: the
 //! sink decides what the database already has.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
 
 use serde_json::{Map, Value};
+
+pub use super::names::{Cols, Name};
+use super::names::{FastSet, Names};
 
 /// Tables every source has; a track event whose name makes one of these gets a `_`.
 pub const STANDARD_TABLES: &[&str] = &[
@@ -256,7 +259,7 @@ pub struct Discard {
 pub struct Row {
     pub id: String,
     pub received_at: Option<String>,
-    pub cols: BTreeMap<String, Val>,
+    pub cols: Cols,
 }
 
 /// What one event becomes.
@@ -512,21 +515,39 @@ struct RowBuilder<'a> {
     row: Row,
     /// Columns the row's own fields (not properties or traits) use.
     reserved: Vec<&'static str>,
+    /// The names of the row's columns (a second value for one is a clash).
+    taken: FastSet<Name>,
+    names: &'a mut Names,
     discards: &'a mut Vec<Discard>,
 }
 
 impl<'a> RowBuilder<'a> {
-    fn new(table: &'a str, id: &str, received_at: Option<&str>, d: &'a mut Vec<Discard>) -> Self {
+    fn new(
+        table: &'a str,
+        id: &str,
+        received_at: Option<&str>,
+        names: &'a mut Names,
+        d: &'a mut Vec<Discard>,
+    ) -> Self {
         RowBuilder {
             table,
             row: Row {
                 id: id.to_string(),
                 received_at: received_at.map(str::to_string),
-                cols: BTreeMap::new(),
+                cols: names.take_cols(),
             },
-            reserved: Vec::new(),
+            reserved: Vec::with_capacity(12),
+            taken: names.take_set(),
+            names,
             discards: d,
         }
+    }
+
+    /// The row (its name set and room go back to be reused).
+    fn finish(mut self) -> Row {
+        self.names.give_set(self.taken);
+        self.row.cols = self.names.give_cols(std::mem::take(&mut self.row.cols));
+        self.row
     }
 
     fn discard(&mut self, column: &str, value: &str, reason: String) {
@@ -540,15 +561,25 @@ impl<'a> RowBuilder<'a> {
         });
     }
 
+    /// The discards from `from` on again, for this builder's table (now another one).
+    fn repeat_discards(&mut self, from: usize) {
+        for i in from..self.discards.len() {
+            let mut d = self.discards[i].clone();
+            d.table = self.table.to_string();
+            self.discards.push(d);
+        }
+    }
+
     /// A value of one of the row's own columns (overrides anything there).
     fn reserved(&mut self, column: &'static str, v: Option<Val>) {
         self.reserved.push(column);
         if let Some(v) = v {
-            self.put(column.to_string(), v);
+            let name = self.names.exact(column);
+            self.put(name, v);
         }
     }
 
-    fn put(&mut self, column: String, v: Val) {
+    fn put(&mut self, column: Name, v: Val) {
         let v = match v {
             Val::Text(s) | Val::Ts(s) if s.len() > MAX_TEXT => {
                 let reason = format!("value too long ({} bytes, at most {MAX_TEXT})", s.len());
@@ -558,7 +589,11 @@ impl<'a> RowBuilder<'a> {
             Val::Text(s) if s.contains('\0') => Val::Text(no_nul(&s)),
             v => v,
         };
-        self.row.cols.insert(column, v);
+        if self.taken.insert(column.clone()) {
+            self.row.cols.push_new(column, v);
+        } else {
+            self.row.cols.insert(column, v);
+        }
     }
 
     /// Flattens `obj` into columns named `prefix` + key path joined by `_`. With
@@ -580,14 +615,9 @@ impl<'a> RowBuilder<'a> {
             if skip == Some(k.as_str()) {
                 continue;
             }
-            let snake = snake_case(k);
-            if snake.is_empty() {
+            let key = self.names.key(prefix, k);
+            let Some(path) = key.path else {
                 continue;
-            }
-            let path = if prefix.is_empty() {
-                snake
-            } else {
-                format!("{prefix}_{snake}")
             };
             match v {
                 Value::Object(inner) if depth < MAX_DEPTH => {
@@ -595,14 +625,15 @@ impl<'a> RowBuilder<'a> {
                 }
                 _ => {
                     let Some(value) = typed(v) else { continue };
-                    let Some(mut name) = safe_name(&path) else {
+                    let Some(mut name) = key.column else {
                         continue;
                     };
-                    if user_keys && self.reserved.contains(&name.as_str()) {
-                        name = format!("_{name}");
-                        name.truncate(MAX_NAME);
+                    if user_keys && self.reserved.contains(&&*name) {
+                        let mut renamed = format!("_{name}");
+                        renamed.truncate(MAX_NAME);
+                        name = self.names.exact(&renamed);
                     }
-                    if self.row.cols.contains_key(&name) || name == "id" || name == "uuid_ts" {
+                    if self.taken.contains(&name) || &*name == "id" || &*name == "uuid_ts" {
                         let reason = format!("column name clash on {name:?} (key {k:?})");
                         self.discard(&name, &value.text(), reason);
                         continue;
@@ -666,8 +697,60 @@ fn object<'a>(e: &'a Map<String, Value>, key: &str) -> Option<&'a Map<String, Va
     }
 }
 
+/// The common columns, `extra` and the context: what every row of an event starts with.
+fn begin(b: &mut RowBuilder<'_>, e: &Map<String, Value>, extra: &dyn Fn(&mut RowBuilder<'_>)) {
+    common(b, e);
+    extra(b);
+    context(b, e);
+}
+
+/// The user's own keys: the event's object `key` (`properties`, `traits`), after the
+/// row's own columns, which they give way to.
+fn user_columns(b: &mut RowBuilder<'_>, e: &Map<String, Value>, key: &str) {
+    if key == "traits" {
+        // Traits sent in the context count too; top-level ones win.
+        match object(e, "context").and_then(|c| object(c, "traits")) {
+            Some(in_context) => {
+                let mut traits = in_context.clone();
+                if let Some(t) = object(e, "traits") {
+                    traits.extend(t.clone());
+                }
+                b.flatten("", &traits, true, 1);
+            }
+            None => {
+                if let Some(t) = object(e, "traits") {
+                    b.flatten("", t, true, 1);
+                }
+            }
+        }
+    } else if let Some(o) = object(e, key) {
+        b.flatten("", o, true, 1);
+    }
+}
+
+thread_local! {
+    /// The names this thread made lately (the loader's blocking threads keep theirs
+    /// between loads).
+    static NAMES: RefCell<Names> = RefCell::new(Names::default());
+}
+
 /// The rows one event makes (empty, with a discard, when it cannot make any).
 pub fn rows_of(json: &[u8], message_id: &str) -> Rows {
+    let kept = NAMES.try_with(|n| match n.try_borrow_mut() {
+        Ok(mut names) => {
+            names.trim();
+            Some(rows_with(&mut names, json, message_id))
+        }
+        Err(_) => None,
+    });
+    match kept {
+        Ok(Some(rows)) => rows,
+        // The thread is ending (or in here already): names of its own.
+        _ => rows_with(&mut Names::default(), json, message_id),
+    }
+}
+
+fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
     let mut out = Rows::default();
     let v: Value = match serde_json::from_slice(json) {
         Ok(v) => v,
@@ -698,46 +781,37 @@ pub fn rows_of(json: &[u8], message_id: &str) -> Rows {
     let received = text_of(&e, "receivedAt").filter(|s| looks_like_timestamp(s));
     let kind = text_of(&e, "type").unwrap_or_default().to_ascii_lowercase();
     let mut d = Vec::new();
-    let mut rows = Vec::new();
+    let mut rows = Vec::with_capacity(2);
     let mut standard = |table: &str, extra: &dyn Fn(&mut RowBuilder<'_>), user: Option<&str>| {
-        let mut b = RowBuilder::new(table, &id, received.as_deref(), &mut d);
-        common(&mut b, &e);
-        extra(&mut b);
-        context(&mut b, &e);
+        let mut b = RowBuilder::new(table, &id, received.as_deref(), &mut *names, &mut d);
+        begin(&mut b, &e, extra);
         if let Some(key) = user {
-            if key == "traits" {
-                // Traits sent in the context count too; top-level ones win.
-                match object(&e, "context").and_then(|c| object(c, "traits")) {
-                    Some(in_context) => {
-                        let mut traits = in_context.clone();
-                        if let Some(t) = object(&e, "traits") {
-                            traits.extend(t.clone());
-                        }
-                        b.flatten("", &traits, true, 1);
-                    }
-                    None => {
-                        if let Some(t) = object(&e, "traits") {
-                            b.flatten("", t, true, 1);
-                        }
-                    }
-                }
-            } else if let Some(o) = object(&e, key) {
-                b.flatten("", o, true, 1);
-            }
+            user_columns(&mut b, &e, key);
         }
-        rows.push((table.to_string(), b.row));
+        rows.push((table.to_string(), b.finish()));
     };
     match kind.as_str() {
         "track" => {
             let name = text_of(&e, "event").unwrap_or_default();
-            let table = event_table(&name);
+            let table = names.event_table(&name);
             let event_cols = |b: &mut RowBuilder<'_>| {
-                b.reserved("event", table.clone().map(Val::Text));
+                b.reserved("event", table.as_deref().map(|t| Val::Text(t.to_string())));
                 b.reserved("event_text", Some(Val::Text(name.clone())));
             };
-            standard("tracks", &event_cols, None);
-            if let Some(t) = &table {
-                standard(t, &event_cols, Some("properties"));
+            // `tracks` and the event's own table: the same columns but for the
+            // properties (and the same discards but for the table), built once.
+            let before = d.len();
+            let mut b = RowBuilder::new("tracks", &id, received.as_deref(), names, &mut d);
+            begin(&mut b, &e, &event_cols);
+            match table.as_deref() {
+                None => rows.push(("tracks".to_string(), b.finish())),
+                Some(t) => {
+                    rows.push(("tracks".to_string(), b.row.clone()));
+                    b.table = t;
+                    b.repeat_discards(before);
+                    user_columns(&mut b, &e, "properties");
+                    rows.push((t.to_string(), b.finish()));
+                }
             }
         }
         "identify" => {
@@ -749,7 +823,7 @@ pub fn rows_of(json: &[u8], message_id: &str) -> Rows {
                     for c in ["user_id", "sent_at", "timestamp", "original_timestamp"] {
                         cols.remove(c);
                     }
-                    cols.insert("id".into(), Val::Text(user.clone()));
+                    cols.insert(names.exact("id"), Val::Text(user.clone()));
                     let row = Row {
                         id: user,
                         received_at: identify.received_at.clone(),

@@ -19,6 +19,9 @@ use crate::router::retry;
 use crate::router::state::{to_ms, RetryInfo};
 use crate::store::Position;
 
+/// Refills tried for one head without a body before it is loaded on its own.
+const MAX_REFILLS: usize = 4;
+
 /// The next request to start: whose events it carries and the events.
 struct Request {
     units: Vec<Unit>,
@@ -110,6 +113,22 @@ impl Worker {
                 return None;
             }
             let take = if suspect { 1 } else { take };
+            // A head without a body: refills first (each gives bodies to many users'
+            // entries in one read), then, if still without, one read for this user.
+            for _ in 0..MAX_REFILLS {
+                // Only a head at or past where refills read can be reached by one.
+                let reachable = self
+                    .users
+                    .get(&user)
+                    .and_then(|u| u.q.front())
+                    .is_some_and(|p| {
+                        p.event.is_none()
+                            && matches!(p.origin, Origin::Log(pos) if pos >= self.refill_from)
+                    });
+                if !reachable || self.refill().await == 0 {
+                    break;
+                }
+            }
             // One read of the log at most, whatever the length of the queue.
             let loaded = self.load_head(&user, take).await;
             let mut n = 0;
@@ -349,10 +368,11 @@ impl Worker {
             // without.
             let mut freed = 0;
             for p in uq.q.iter_mut().skip(1) {
-                if matches!(p.origin, Origin::Log(_)) {
+                if let Origin::Log(pos) = p.origin {
                     if p.event.take().is_none() {
                         break;
                     }
+                    self.bodiless.insert(pos, user.clone());
                     freed += 1;
                 }
             }

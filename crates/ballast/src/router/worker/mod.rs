@@ -7,7 +7,8 @@
 //! not yet finished (delivered or dead-lettered), so a restart re-delivers at most what
 //! was unfinished (at least once).
 //!
-//! Memory: at most `MAX_LOADED` event bodies are kept, at most `PER_USER_LOADED` per user,
+//! Memory: at most `MAX_LOADED` event bodies are kept (or enough for a few loads in flight
+//! of a destination with large batches: `max_loaded`), at most `PER_USER_LOADED` per user,
 //! and a user waiting for a retry keeps only its head's; other queue entries keep only
 //! their position and are re-read from the log (in bulk) when they come near the head.
 //! Reading stops while the body budget is used up: deliveries free it.
@@ -34,7 +35,7 @@ mod queue;
 mod read;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,8 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 const MAX_LOADED: usize = 20_000;
+/// Loads in flight a destination's body budget is sized for (with its batch size).
+const LOADS_IN_BUDGET: usize = 4;
 const PER_USER_LOADED: usize = 256;
 /// Queue entries (with or without bodies) beyond which reading pauses.
 const MAX_ENTRIES: usize = 1_000_000;
@@ -152,6 +155,16 @@ pub(super) struct Worker {
     filling: Option<flush::Filling>,
     /// The read of the log in progress (see `read.rs`).
     reading: Option<ReadFuture>,
+    /// Event bodies kept in memory at most: `MAX_LOADED`, or for a destination with large
+    /// batches (the warehouse: 10,000) what a few loads in flight and the next one need.
+    max_loaded: usize,
+    /// Log entries queued without a body (past the body budget), by position: whose they
+    /// are. `refill` gives them bodies in log order, many users' in one read.
+    bodiless: BTreeMap<Position, Arc<str>>,
+    /// Where the next refill reads from (at least): refills move forward through the log,
+    /// so the entries of a user they had to pass (at its cap, waiting) are never read
+    /// again for nothing; such a user's head is loaded on its own (`load_head`).
+    refill_from: Position,
 }
 
 impl Worker {
@@ -188,6 +201,7 @@ impl Worker {
         let request_seconds = metrics::histogram!("ballast_destination_request_seconds", "destination" => config.id.clone());
         let lag_seconds = metrics::histogram!("ballast_destination_lag_seconds", "destination" => config.id.clone());
         let redelivered = metrics::counter!("ballast_destination_redelivered_total", "destination" => config.id.clone());
+        let max_loaded = MAX_LOADED.max(config.batch_size * (concurrency.min(LOADS_IN_BUDGET) + 1));
         Ok(Worker {
             filling: flush::Filling::new(config.kind.settings().flush_interval()),
             sources: config.sources.iter().cloned().collect(),
@@ -230,6 +244,9 @@ impl Worker {
             poison_threshold,
             isolating: None,
             reading: None,
+            max_loaded,
+            bodiless: BTreeMap::new(),
+            refill_from: start,
         })
     }
 
@@ -325,7 +342,7 @@ impl Worker {
                             // they are: at most one read's worth over).
                             let next = batch.next;
                             if !batch.events.is_empty() && self.hungry() && next < end
-                                && self.loaded < MAX_LOADED && self.unfinished.len() < MAX_ENTRIES
+                                && self.loaded < self.max_loaded && self.unfinished.len() < MAX_ENTRIES
                             {
                                 self.start_read(next);
                             }
@@ -386,6 +403,7 @@ impl Worker {
         self.save_retry_state().await;
         // This loop's share of the gauges goes with it.
         self.unfinished.clear();
+        self.bodiless.clear();
         self.replaying.clear();
         self.inflight.clear();
         self.users.clear();
@@ -431,7 +449,7 @@ impl Worker {
     /// which cost a second read of the log when they come near delivery.
     fn hungry(&self) -> bool {
         self.ready.len() < 2 * self.concurrency
-            || self.loaded < MAX_LOADED / 2
+            || self.loaded < self.max_loaded / 2
             || self.filling.as_ref().is_some_and(|f| f.waiting())
     }
 

@@ -22,7 +22,7 @@ pub(super) enum Origin {
 pub(super) struct Pending {
     pub(super) origin: Origin,
     pub(super) source: Arc<str>,
-    /// None while not loaded (see MAX_LOADED).
+    /// None while not loaded (see `max_loaded`).
     pub(super) event: Option<Event>,
     pub(super) attempts: u32,
     pub(super) first_attempt: Option<SystemTime>,
@@ -110,6 +110,9 @@ impl Worker {
             match p.origin {
                 Origin::Log(pos) => {
                     self.unfinished.remove(&pos);
+                    if !self.bodiless.is_empty() {
+                        self.bodiless.remove(&pos);
+                    }
                     if !self.known_retry.is_empty() && self.known_retry.remove(&pos).is_some() {
                         self.retry_changes.push((pos, None));
                     }

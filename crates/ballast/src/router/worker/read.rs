@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::poison::strike_key;
 use super::queue::{Origin, Pending, UserState};
-use super::{Worker, MAX_ENTRIES, MAX_LOADED, PER_USER_LOADED, READ_BATCH};
+use super::{Worker, MAX_ENTRIES, PER_USER_LOADED, READ_BATCH};
 use crate::destinations::Event;
 use crate::event::identify;
 use crate::router::state::from_ms;
@@ -30,7 +30,7 @@ impl Worker {
     /// May the loop read more of the log now: something new, and room in the body budget
     /// and under the cap on queue entries.
     pub(super) fn may_read(&self, end: Position) -> bool {
-        self.read_pos < end && self.loaded < MAX_LOADED && self.unfinished.len() < MAX_ENTRIES
+        self.read_pos < end && self.loaded < self.max_loaded && self.unfinished.len() < MAX_ENTRIES
     }
 
     /// Starts reading the log from `from` ahead of need: the loop polls the read beside
@@ -76,7 +76,7 @@ impl Worker {
                         u.q.len(),
                     )
                 });
-                let keep = self.loaded < MAX_LOADED && fits;
+                let keep = self.loaded < self.max_loaded && fits;
                 if keep {
                     kept.push((user.clone(), at));
                 }
@@ -93,6 +93,9 @@ impl Worker {
                 let poison = !self.strikes.is_empty()
                     && self.strikes.get(&*key).copied().unwrap_or(0) >= self.poison_threshold;
                 self.unfinished.insert(position);
+                if !keep {
+                    self.bodiless.insert(position, user.clone());
+                }
                 self.enqueue(
                     user,
                     Pending {
@@ -167,6 +170,7 @@ impl Worker {
                     p.event = Some(to_event(e.clone()).1);
                     uq.loaded += 1;
                     attached.push(i);
+                    self.bodiless.remove(&pos);
                 }
                 None => break,
             }
@@ -184,6 +188,83 @@ impl Worker {
             .take(want)
             .take_while(|p| p.event.is_some())
             .count()
+    }
+
+    /// Gives bodies to queued entries that have none, many users' in one read: reads the
+    /// log from the oldest such entry at or after `refill_from` and attaches a body to
+    /// every entry without one found in the read, in log order, while the body budget
+    /// lasts (a user at its own cap or waiting for a retry is passed over; bodies stay the
+    /// front of each queue). Without it each user's head cost one read of `READ_BATCH`
+    /// events of which, with thousands of users, one was theirs. Returns how many entries
+    /// got a body.
+    pub(super) async fn refill(&mut self) -> usize {
+        if self.loaded >= self.max_loaded {
+            return 0;
+        }
+        let Some(from) = self
+            .bodiless
+            .range(self.refill_from..)
+            .next()
+            .map(|(p, _)| *p)
+        else {
+            return 0;
+        };
+        let read = match self.store.read(from, READ_BATCH).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(destination = %self.config.id, error = %e, "re-reading events failed");
+                return 0;
+            }
+        };
+        let mut next = read.next.max(from + 1);
+        let mut passed: super::FastSet<Arc<str>> = super::FastSet::default();
+        let mut attached: Vec<(Arc<str>, usize)> = Vec::new();
+        for e in &read.events {
+            let Some(user) = self.bodiless.get(&e.position).cloned() else {
+                continue;
+            };
+            if self.loaded >= self.max_loaded {
+                next = e.position;
+                break;
+            }
+            if passed.contains(&user) {
+                continue;
+            }
+            let Some(uq) = self.users.get_mut(&user) else {
+                continue;
+            };
+            // Bodies are the front of a queue: this must be the user's first entry
+            // without one.
+            let first = uq.q.iter().position(|p| p.event.is_none());
+            let fits = uq.loaded < PER_USER_LOADED && uq.state != UserState::Waiting;
+            match first.and_then(|i| uq.q.get_mut(i).map(|p| (i, p))) {
+                Some((i, p)) if fits && p.origin == Origin::Log(e.position) => {
+                    p.event = Some(to_event(e.clone()).1);
+                    uq.loaded += 1;
+                    self.loaded += 1;
+                    self.bodiless.remove(&e.position);
+                    attached.push((user, i));
+                }
+                _ => {
+                    passed.insert(user);
+                }
+            }
+        }
+        self.refill_from = next;
+        // A few bodies out of a large read are copied rather than pin the whole chunk.
+        if attached.len() * 4 < read.events.len() {
+            for (user, i) in &attached {
+                if let Some(e) = self
+                    .users
+                    .get_mut(user)
+                    .and_then(|u| u.q.get_mut(*i))
+                    .and_then(|p| p.event.as_mut())
+                {
+                    e.json = bytes::Bytes::copy_from_slice(&e.json);
+                }
+            }
+        }
+        attached.len()
     }
 
     pub(super) async fn load_replays(&mut self) {

@@ -281,7 +281,7 @@ impl Worker {
             if self.reading.is_none()
                 && read_again_at.is_none()
                 && self.hungry()
-                && self.may_read(end)
+                && self.may_read(self.read_pos, end)
             {
                 self.start_read(self.read_pos);
             }
@@ -341,9 +341,7 @@ impl Worker {
                             // the two overlap (the budget is checked against the queues as
                             // they are: at most one read's worth over).
                             let next = batch.next;
-                            if !batch.events.is_empty() && self.hungry() && next < end
-                                && self.loaded < self.max_loaded && self.unfinished.len() < MAX_ENTRIES
-                            {
+                            if !batch.events.is_empty() && self.hungry() && self.may_read(next, end) {
                                 self.start_read(next);
                             }
                             self.take_read(batch);

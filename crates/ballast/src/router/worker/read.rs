@@ -27,10 +27,28 @@ pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
 }
 
 impl Worker {
-    /// May the loop read more of the log now: something new, and room in the body budget
-    /// and under the cap on queue entries.
-    pub(super) fn may_read(&self, end: Position) -> bool {
-        self.read_pos < end && self.loaded < self.max_loaded && self.unfinished.len() < MAX_ENTRIES
+    /// May the loop read the log from `from` now: something new there, and room in the
+    /// body budget and under the cap on queue entries.
+    pub(super) fn may_read(&self, from: Position, end: Position) -> bool {
+        from < end && self.loaded < self.max_loaded && self.unfinished.len() < MAX_ENTRIES
+    }
+
+    /// Bodies are slices of the chunk they were read in: a few kept out of a large read
+    /// would pin the whole chunk, so those (user, index in its queue) are copied out.
+    fn copy_out_if_few(&mut self, attached: &[(Arc<str>, usize)], read: usize) {
+        if attached.len() * 4 >= read {
+            return;
+        }
+        for (user, i) in attached {
+            if let Some(e) = self
+                .users
+                .get_mut(user)
+                .and_then(|u| u.q.get_mut(*i))
+                .and_then(|p| p.event.as_mut())
+            {
+                e.json = bytes::Bytes::copy_from_slice(&e.json);
+            }
+        }
     }
 
     /// Starts reading the log from `from` ahead of need: the loop polls the read beside
@@ -110,20 +128,7 @@ impl Worker {
                 );
             }
             self.read_pos = self.read_pos.max(batch.next);
-            // Bodies are slices of the chunk read: a few kept out of many would pin the
-            // whole chunk, so those are copied out.
-            if kept.len() * 4 < read {
-                for (user, at) in kept {
-                    if let Some(Some(e)) = self
-                        .users
-                        .get_mut(&user)
-                        .and_then(|u| u.q.get_mut(at))
-                        .map(|p| p.event.as_mut())
-                    {
-                        e.json = bytes::Bytes::copy_from_slice(&e.json);
-                    }
-                }
-            }
+            self.copy_out_if_few(&kept, read);
         }
     }
 
@@ -251,19 +256,7 @@ impl Worker {
             }
         }
         self.refill_from = next;
-        // A few bodies out of a large read are copied rather than pin the whole chunk.
-        if attached.len() * 4 < read.events.len() {
-            for (user, i) in &attached {
-                if let Some(e) = self
-                    .users
-                    .get_mut(user)
-                    .and_then(|u| u.q.get_mut(*i))
-                    .and_then(|p| p.event.as_mut())
-                {
-                    e.json = bytes::Bytes::copy_from_slice(&e.json);
-                }
-            }
-        }
+        self.copy_out_if_few(&attached, read.events.len());
         attached.len()
     }
 

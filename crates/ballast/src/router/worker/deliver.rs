@@ -129,8 +129,13 @@ impl Worker {
                     break;
                 }
             }
-            // One read of the log at most, whatever the length of the queue.
-            let loaded = self.load_head(&user, take).await;
+            // One read of the log at most, whatever the length of the queue, and none when
+            // the head has its body and reading on would not pay.
+            let loaded = if self.head_read_pays(&user, take) {
+                self.load_head(&user, take).await
+            } else {
+                take
+            };
             let mut n = 0;
             if let Some(uq) = self.users.get_mut(&user) {
                 let now = SystemTime::now();

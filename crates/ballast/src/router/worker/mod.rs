@@ -165,6 +165,9 @@ pub(super) struct Worker {
     /// so the entries of a user they had to pass (at its cap, waiting) are never read
     /// again for nothing; such a user's head is loaded on its own (`load_head`).
     refill_from: Position,
+    /// How far through the log one event goes, as the last read of many saw it (0:
+    /// unknown); see `read.rs`, `head_read_pays`.
+    span_per_event: u64,
 }
 
 impl Worker {
@@ -247,6 +250,7 @@ impl Worker {
             max_loaded,
             bodiless: BTreeMap::new(),
             refill_from: start,
+            span_per_event: 0,
         })
     }
 

@@ -64,6 +64,7 @@ impl Worker {
     /// Queues the events of a read that came back (those of this destination's sources),
     /// and moves the read position past it.
     pub(super) fn take_read(&mut self, batch: ReadEvents) {
+        self.note_span(&batch);
         {
             let read = batch.events.len();
             // The queue entries given a body from this read: (user, index in its queue).
@@ -132,6 +133,49 @@ impl Worker {
         }
     }
 
+    /// Learns how far through the log one event goes (positions are byte offsets in the
+    /// embedded log, numbers in PostgreSQL's), from a read of many.
+    fn note_span(&mut self, read: &ReadEvents) {
+        if let Some(first) = read.events.first() {
+            if read.events.len() >= 16 && read.next > first.position {
+                self.span_per_event = (read.next - first.position) / read.events.len() as u64;
+            }
+        }
+    }
+
+    /// Whether one read of the log for the user's first `want` entries pays: its head has
+    /// no body (it must be read to be sent), or the read would give bodies to at least a
+    /// quarter of what it reads. With thousands of users whose queues outgrew the body
+    /// budget, a user's next entries lie far apart in the log: one read of `READ_BATCH`
+    /// events for the three of theirs cost more than loading them, so the user sends the
+    /// entries that have their body, and refills (many users' at once, in log order)
+    /// bring the rest. One hot user's entries lie close together: they are read.
+    pub(super) fn head_read_pays(&self, user: &str, want: usize) -> bool {
+        const PAYS: usize = READ_BATCH / 4;
+        let Some(uq) = self.users.get(user) else {
+            return true;
+        };
+        let mut rest = uq.q.iter().take(want).skip_while(|p| p.event.is_some());
+        let start = match rest.next() {
+            // The head has no body, or every entry wanted has one (nothing is read).
+            _ if uq.q.front().is_some_and(|p| p.event.is_none()) => return true,
+            None => return true,
+            Some(p) => match p.origin {
+                Origin::Log(pos) => pos,
+                Origin::Replay(_) => return true,
+            },
+        };
+        if self.span_per_event == 0 {
+            return true;
+        }
+        let end = start.saturating_add(self.span_per_event.saturating_mul(READ_BATCH as u64));
+        1 + rest
+            .take(PAYS)
+            .take_while(|p| matches!(p.origin, Origin::Log(pos) if pos < end))
+            .count()
+            >= PAYS
+    }
+
     /// Makes sure the bodies of the user's first `want` queue entries are in memory, with
     /// one read of the log at most: from the first entry without a body, filling every
     /// entry of this user found in what was read (up to `PER_USER_LOADED`, or `want`).
@@ -154,6 +198,7 @@ impl Worker {
                 return first;
             }
         };
+        self.note_span(&read);
         let Some(uq) = self.users.get_mut(user) else {
             return 0;
         };
@@ -221,6 +266,7 @@ impl Worker {
                 return 0;
             }
         };
+        self.note_span(&read);
         let mut next = read.next.max(from + 1);
         let mut passed: super::FastSet<Arc<str>> = super::FastSet::default();
         let mut attached: Vec<(Arc<str>, usize)> = Vec::new();

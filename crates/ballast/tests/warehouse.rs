@@ -272,6 +272,86 @@ flush_interval = "1s"
     );
 }
 
+/// `flush_interval` bounds how long the oldest event waits, not how long one wait lasts:
+/// an event whose user still had a load in flight when the wait ended goes as soon as
+/// that load commits, not after a whole new `flush_interval`.
+#[test]
+fn an_event_left_behind_by_a_flush_goes_when_its_user_is_free() {
+    let cluster = PgCluster::start();
+    cluster.create_db_blocking("analytics");
+    let url = cluster.url("analytics");
+    let interval = Duration::from_secs(8);
+    let config = common::config(&format!(
+        r#"
+[[destinations]]
+id = "warehouse"
+type = "postgres"
+sources = ["web"]
+url = "{url}"
+schema = "held"
+batch_size = 2
+flush_interval = "{}s"
+"#,
+        interval.as_secs()
+    ));
+    let server = Server::start(&config);
+    let db = Db::open(&url);
+    let track = |user: &str, id: &str, event: &str| {
+        send(
+            &server,
+            "/v1/track",
+            &json!({"userId": user, "messageId": id, "event": event}),
+        )
+    };
+    let loaded = |id: &str| {
+        db.count(&format!(
+            "SELECT count(*) FROM held.tracks WHERE id = '{id}'"
+        )) == Some(1)
+    };
+    // Two events make a full batch: both tables are made at once.
+    track("u0", "s0", "Slow");
+    track("u0", "f0", "Fast");
+    assert!(wait_for(30, || loaded("f0")), "{}", server.stderr());
+    // An operator's lock holds every load that writes to `slow`.
+    let locker = Db::open(&url);
+    locker
+        .rt
+        .block_on(
+            locker
+                .client
+                .batch_execute("BEGIN; LOCK TABLE held.slow IN EXCLUSIVE MODE"),
+        )
+        .unwrap();
+    // u1's load (a full batch with u9's event) waits for the lock.
+    track("u1", "s1", "Slow");
+    track("u9", "f9", "Fast");
+    let blocked = || {
+        db.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE 'INSERT INTO \"held\".\"slow\"%'",
+        ) == Some(1)
+    };
+    assert!(wait_for(30, blocked), "{}", server.stderr());
+    // u1's next event queues behind its load; u2's is ready alone and waits for the
+    // flush, which sends it without u1's.
+    track("u1", "f1", "Fast");
+    track("u2", "f2", "Fast");
+    assert!(wait_for(30, || loaded("f2")), "{}", server.stderr());
+    assert!(!loaded("f1"));
+    // The lock goes: u1's load commits, and f1, overdue since the flush, follows at once.
+    locker
+        .rt
+        .block_on(locker.client.batch_execute("COMMIT"))
+        .unwrap();
+    let released = Instant::now();
+    assert!(wait_for(30, || loaded("f1")), "{}", server.stderr());
+    assert!(
+        released.elapsed() < interval / 2,
+        "f1 waited {:?} after its user's load committed: a new flush_interval",
+        released.elapsed()
+    );
+}
+
 /// A load the database refuses for one event's data: the others of the batch load (the
 /// same user's later events too, in order), only that event goes to the dead letters,
 /// and a replay loads it once an operator has fixed the column.

@@ -1052,6 +1052,54 @@ fn a_bad_event_in_a_batch_dead_letters_only_itself() {
     assert!(rx.has_all(&ids(&events[1..])), "{seen:?}");
 }
 
+/// A batch of many users that fails once (a passing error) goes again in two halves,
+/// not one request per user: a 10,000-event warehouse load of thousands of users that
+/// failed once used to come back as thousands of loads.
+#[test]
+fn a_batch_that_fails_once_goes_again_in_halves() {
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let rx = Receiver::start(rule(move |_| {
+        if failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::Status(503)
+        }
+    }));
+    let extra = webhook(
+        "hook",
+        &rx.url(),
+        &format!("batch_size = 100\nconcurrency = 1\n{PATIENT}"),
+    );
+    let server = Server::start(&common::config(&extra));
+    let events: Vec<Value> = (0..64)
+        .map(|i| event_padded(&format!("u{i}"), &format!("m{i}"), 0))
+        .collect();
+    post(&server, "/v1/batch", &json!({ "batch": events }));
+    assert!(
+        wait_for(10, || rx.has_all(&ids(&events))
+            && dest_status(&server, "hook")["buffered_events"] == 0),
+        "{}",
+        status(&server)
+    );
+    let reqs = rx.requests();
+    let seen: Vec<(Vec<&str>, u16)> = reqs
+        .iter()
+        .map(|r| (r.events.iter().map(mid).collect(), r.status))
+        .collect();
+    let first: HashSet<&str> = seen[0].0.iter().copied().collect();
+    assert_eq!(seen[0].1, 503);
+    assert!(first.len() >= 2, "{seen:?}");
+    // The failed request's events came back in two requests, half of them in each.
+    let again: Vec<usize> = seen[1..]
+        .iter()
+        .filter(|(mids, _)| mids.iter().any(|m| first.contains(m)))
+        .map(|(mids, _)| mids.len())
+        .collect();
+    let half = first.len().div_ceil(2);
+    assert_eq!(again, [half, first.len() - half], "{seen:?}");
+    assert_eq!(rx.ok_count(), events.len(), "each event once: {seen:?}");
+}
+
 /// A backlog larger than the router keeps in memory (20 000 event bodies) while the
 /// webhook is down: once it is back, every event arrives once, in order per user.
 #[test]

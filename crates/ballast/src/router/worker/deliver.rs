@@ -5,7 +5,8 @@
 //! flight. A delivered request finishes its events; an aborted one dead-letters them; a
 //! failed one counts an attempt on each event and puts its user to wait for the retry
 //! (or dead-letters the head whose attempts are exhausted). A failed request of several
-//! users blames nobody yet: each user's events go again on their own.
+//! users blames nobody yet: its users go again in two halves, each on its own, split
+//! again while they fail, down to one user (see `UserQueue::cohort`).
 
 use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
@@ -69,6 +70,9 @@ impl Worker {
         let mut positions = Vec::new();
         let mut keys = Vec::new();
         let mut isolate = false;
+        // The cohort of the request (its first user's): a request holds users of one
+        // cohort, or of none.
+        let mut cohort = None;
         while events.len() < max {
             let Some(user) = self.ready.pop_front() else {
                 break;
@@ -82,13 +86,13 @@ impl Worker {
                     strikes.get(key).copied().unwrap_or(0)
                 }
             };
-            let (take, solo, poison, suspect) = match self.users.get(&user) {
+            let (take, user_cohort, poison, suspect) = match self.users.get(&user) {
                 Some(uq) if uq.state == UserState::Idle => match uq.q.front() {
                     Some(head) => {
                         let struck = strikes_of(&head.key);
                         (
                             (max - events.len()).min(uq.q.len()),
-                            uq.solo,
+                            uq.cohort,
                             head.poison || (!strikes.is_empty() && struck >= self.poison_threshold),
                             struck > 0,
                         )
@@ -101,8 +105,8 @@ impl Worker {
                 self.quarantine(&user).await;
                 continue;
             }
-            if (solo || suspect) && !units.is_empty() {
-                // It goes first, alone, in the next request.
+            if !units.is_empty() && (suspect || user_cohort != cohort) {
+                // It goes first in the next request (alone if a suspect).
                 self.ready.push_front(user);
                 break;
             }
@@ -164,9 +168,12 @@ impl Worker {
                 self.ready.push_back(user);
                 break;
             }
+            if units.is_empty() {
+                cohort = user_cohort;
+            }
             units.push(Unit { user, count: n });
-            if solo || suspect {
-                isolate = suspect;
+            if suspect {
+                isolate = true;
                 break;
             }
         }
@@ -245,7 +252,7 @@ impl Worker {
             self.isolating = None;
         }
         if units.len() > 1 && !outcome.delivered() {
-            self.send_separately(units);
+            self.split_and_resend(units);
             return;
         }
         match outcome {
@@ -269,14 +276,19 @@ impl Worker {
         }
     }
 
-    /// Several users in one failed request: nobody is blamed yet; each user's events go
-    /// again on their own, without an attempt counted.
-    fn send_separately(&mut self, units: Vec<Unit>) {
+    /// Several users in one failed request: nobody is blamed yet; the users go again in
+    /// two halves, each a cohort of its own (`UserQueue::cohort`), without an attempt
+    /// counted. Made ready one half after the other, a cohort's users are neighbours in
+    /// the ready list, so each half goes in one request (or a few, past `batch_size`).
+    fn split_and_resend(&mut self, units: Vec<Unit>) {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        for unit in units {
+        let half = units.len().div_ceil(2);
+        let first = self.next_cohort;
+        self.next_cohort += 2;
+        for (i, unit) in units.into_iter().enumerate() {
             if let Some(uq) = self.users.get_mut(&unit.user) {
                 uq.landed();
-                uq.solo = true;
+                uq.cohort = Some(if i < half { first } else { first + 1 });
             }
             self.make_ready(&unit.user);
         }

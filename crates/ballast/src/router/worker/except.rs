@@ -26,7 +26,7 @@ impl Worker {
             }
             offset += n;
             if let Some(uq) = self.users.get_mut(&user) {
-                uq.solo = false;
+                uq.cohort = None;
             }
             let finished = if picked.is_empty() {
                 let (finished, replays) = self.finish(&user, n, false);

@@ -87,8 +87,8 @@ impl Worker {
             return false;
         }
         let overdue = f.overdue;
-        // Not waiting yet: is a full batch ready? Retries on their own (a user sent alone
-        // after a failed batch, a suspect) are not held back.
+        // Not waiting yet: is a full batch ready? Retries on their own (the users of a
+        // failed batch, split in cohorts; a suspect) are not held back.
         let mut ready = 0;
         for user in self.ready.iter().take(max) {
             let Some(uq) = self.users.get(user) else {
@@ -97,7 +97,7 @@ impl Worker {
             if uq.state != UserState::Idle {
                 continue;
             }
-            if uq.solo || self.head_is_suspect(user) {
+            if uq.cohort.is_some() || self.head_is_suspect(user) {
                 return false;
             }
             if uq

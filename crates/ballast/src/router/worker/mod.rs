@@ -168,6 +168,8 @@ pub(super) struct Worker {
     /// How far through the log one event goes, as the last read of many saw it (0:
     /// unknown); see `read.rs`, `head_read_pays`.
     span_per_event: u64,
+    /// The next cohort number (see `queue.rs`, `UserQueue::cohort`).
+    next_cohort: u64,
 }
 
 impl Worker {
@@ -251,6 +253,7 @@ impl Worker {
             bodiless: BTreeMap::new(),
             refill_from: start,
             span_per_event: 0,
+            next_cohort: 0,
         })
     }
 

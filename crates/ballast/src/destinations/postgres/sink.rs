@@ -88,12 +88,15 @@ fn ddl_err(e: tokio_postgres::Error) -> LoadError {
     }
 }
 
-/// Concurrent identical DDL (another loader creating the same table or column).
+/// Concurrent identical DDL (another loader creating the same table or column): a
+/// unique violation in the catalog, "relation", "column", "schema" or "type" already
+/// exists (`CREATE TABLE IF NOT EXISTS` racing another makes the table's row type first,
+/// 42710), or a deadlock between the two.
 fn ddl_race(e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some_and(|db| {
         matches!(
             db.code().code(),
-            "23505" | "42P07" | "42701" | "42P06" | "40P01"
+            "23505" | "42P07" | "42701" | "42P06" | "42710" | "40P01"
         )
     })
 }

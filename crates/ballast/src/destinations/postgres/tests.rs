@@ -544,6 +544,46 @@ async fn the_column_limit_holds() {
     assert_eq!(count(&c, "SELECT count(*) FROM w.wide").await, 1);
 }
 
+/// Loads that create the same new tables at once (a server's first loads, several
+/// replicas starting together): each commits on its first try, none fails over the race
+/// of `CREATE TABLE IF NOT EXISTS` (which PostgreSQL can lose with "type ... already
+/// exists", a unique violation in its catalog, or "relation ... already exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_loads_of_the_same_tables() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    for round in 0..6 {
+        let schema = format!("first{round}");
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let (url, schema) = (url.clone(), schema.clone());
+            tasks.push(tokio::spawn(async move {
+                let s = sink(&url, &schema);
+                let batch: Vec<Event> = ["Alpha", "Beta", "Gamma"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| {
+                        ev(with(
+                            base("track", &format!("w{w}-{i}"), "2026-11-29T08:00:00Z"),
+                            json!({"event": name, "properties": {"n": i}}),
+                        ))
+                    })
+                    .collect();
+                s.deliver(&batch).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Outcome::Delivered, "round {round}");
+        }
+        let c = admin(&url).await;
+        assert_eq!(
+            count(&c, &format!("SELECT count(*) FROM {schema}.tracks")).await,
+            8 * 3
+        );
+    }
+}
+
 /// Loads that add different columns to the same table at once (several sinks, as
 /// several replicas or partitions would): all commit, every column is there once.
 #[tokio::test]

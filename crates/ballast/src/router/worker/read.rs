@@ -129,6 +129,12 @@ impl Worker {
                 );
             }
             self.read_pos = self.read_pos.max(batch.next);
+            if read > 0 {
+                let oldest = self.unfinished.first().copied();
+                if let Some(f) = &mut self.filling {
+                    f.note_read(batch.next, oldest);
+                }
+            }
             self.copy_out_if_few(&kept, read);
         }
     }

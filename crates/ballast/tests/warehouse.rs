@@ -12,7 +12,9 @@ use ballast::pgtest::PgCluster;
 use common::{wait_for, Server, WRITE_KEY};
 use serde_json::{json, Value};
 
-fn warehouse_config(url: &str) -> String {
+/// A server config with one `postgres` destination "warehouse" of source "web" into
+/// `schema`, with the keys in `extra`.
+fn warehouse(url: &str, schema: &str, extra: &str) -> String {
     common::config(&format!(
         r#"
 [[destinations]]
@@ -20,12 +22,20 @@ id = "warehouse"
 type = "postgres"
 sources = ["web"]
 url = "{url}"
-schema = "web_prod"
-flush_interval = "5s"
-concurrency = 4
-retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "50ms", max_backoff = "500ms" }}
+schema = "{schema}"
+{extra}
 "#
     ))
+}
+
+fn warehouse_config(url: &str) -> String {
+    warehouse(
+        url,
+        "web_prod",
+        r#"flush_interval = "5s"
+concurrency = 4
+retry = { max_attempts = 1000000, retry_window = "1h", min_backoff = "50ms", max_backoff = "500ms" }"#,
+    )
 }
 
 struct Db {
@@ -281,19 +291,14 @@ fn an_event_left_behind_by_a_flush_goes_when_its_user_is_free() {
     cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
     let interval = Duration::from_secs(8);
-    let config = common::config(&format!(
-        r#"
-[[destinations]]
-id = "warehouse"
-type = "postgres"
-sources = ["web"]
-url = "{url}"
-schema = "held"
-batch_size = 2
-flush_interval = "{}s"
-"#,
-        interval.as_secs()
-    ));
+    let config = warehouse(
+        &url,
+        "held",
+        &format!(
+            "batch_size = 2\nflush_interval = \"{}s\"",
+            interval.as_secs()
+        ),
+    );
     let server = Server::start(&config);
     let db = Db::open(&url);
     let track = |user: &str, id: &str, event: &str| {
@@ -368,18 +373,11 @@ fn an_event_the_database_refuses_is_dead_lettered_alone() {
              received_at timestamptz, uuid_ts timestamptz, ref uuid)",
         ))
         .unwrap();
-    let config = common::config(&format!(
-        r#"
-[[destinations]]
-id = "warehouse"
-type = "postgres"
-sources = ["web"]
-url = "{url}"
-schema = "web_prod"
-batch_size = 8
-flush_interval = "200ms"
-"#
-    ));
+    let config = warehouse(
+        &url,
+        "web_prod",
+        "batch_size = 8\nflush_interval = \"200ms\"",
+    );
     let server = Server::start(&config);
     let good = "6f1c2f9e-8f3a-4a43-9a40-1d7a1f1a2b3c";
     let batch: Vec<Value> = (0..8)
@@ -443,18 +441,7 @@ fn a_hot_user_is_not_held_back_by_a_wait() {
     let cluster = PgCluster::start();
     cluster.create_db_blocking("analytics");
     let url = cluster.url("analytics");
-    let config = common::config(&format!(
-        r#"
-[[destinations]]
-id = "warehouse"
-type = "postgres"
-sources = ["web"]
-url = "{url}"
-schema = "web_prod"
-batch_size = 5
-flush_interval = "1h"
-"#
-    ));
+    let config = warehouse(&url, "web_prod", "batch_size = 5\nflush_interval = \"1h\"");
     let server = Server::start(&config);
     let db = Db::open(&url);
     // u1's 12 events, then u2's one: [u1 x5] goes at once; while it loads only u2's one

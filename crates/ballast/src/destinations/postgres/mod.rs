@@ -8,6 +8,7 @@
 //! columns in step and runs the statements, one transaction per `deliver`. See docs/DESTINATIONS.md, "postgres".
 
 pub mod config;
+pub mod json;
 pub mod load;
 pub mod names;
 pub mod schema;

@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use serde_json::{Map, Value};
+use super::json::{Map, Value};
 
 pub use super::names::{Cols, Name};
 use super::names::{FastSet, Names};
@@ -486,8 +486,8 @@ fn typed(v: &Value) -> Option<Val> {
             Some(i) => Val::Int(i),
             None => Val::Num(n.to_string()),
         }),
-        Value::String(s) if looks_like_timestamp(s) => Some(Val::Ts(s.clone())),
-        Value::String(s) => Some(Val::Text(s.clone())),
+        Value::String(s) if looks_like_timestamp(s) => Some(Val::Ts(s.to_string())),
+        Value::String(s) => Some(Val::Text(s.to_string())),
         Value::Array(_) | Value::Object(_) => Some(Val::Text(v.to_string())),
     }
 }
@@ -598,7 +598,7 @@ impl<'a> RowBuilder<'a> {
 
     /// Flattens `obj` into columns named `prefix` + key path joined by `_`. With
     /// `user_keys`, a name that is one of the row's own columns gets a leading `_`.
-    fn flatten(&mut self, prefix: &str, obj: &Map<String, Value>, user_keys: bool, depth: usize) {
+    fn flatten(&mut self, prefix: &str, obj: &Map<'_>, user_keys: bool, depth: usize) {
         self.flatten_but(prefix, obj, user_keys, depth, None)
     }
 
@@ -606,13 +606,13 @@ impl<'a> RowBuilder<'a> {
     fn flatten_but(
         &mut self,
         prefix: &str,
-        obj: &Map<String, Value>,
+        obj: &Map<'_>,
         user_keys: bool,
         depth: usize,
         skip: Option<&str>,
     ) {
         for (k, v) in obj {
-            if skip == Some(k.as_str()) {
+            if skip == Some(k) {
                 continue;
             }
             let key = self.names.key(prefix, k);
@@ -645,17 +645,17 @@ impl<'a> RowBuilder<'a> {
     }
 }
 
-fn text_of(e: &Map<String, Value>, key: &str) -> Option<String> {
+fn text_of(e: &Map<'_>, key: &str) -> Option<String> {
     match e.get(key)? {
         Value::Null => None,
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(s.to_string()),
         other => Some(other.to_string()),
     }
 }
 
 /// `receivedAt`-like fields: a timestamp when they look like one, else text (which a
 /// timestamp column refuses: a discard).
-fn time_of(e: &Map<String, Value>, key: &str) -> Option<Val> {
+fn time_of(e: &Map<'_>, key: &str) -> Option<Val> {
     text_of(e, key).map(|s| {
         if looks_like_timestamp(&s) {
             Val::Ts(s)
@@ -666,7 +666,7 @@ fn time_of(e: &Map<String, Value>, key: &str) -> Option<Val> {
 }
 
 /// The columns every table has, in the order RudderStack lists them.
-fn common(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
+fn common(b: &mut RowBuilder<'_>, e: &Map<'_>) {
     b.reserved("id", Some(Val::Text(b.row.id.clone())));
     b.reserved("anonymous_id", text_of(e, "anonymousId").map(Val::Text));
     b.reserved("user_id", text_of(e, "userId").map(Val::Text));
@@ -682,7 +682,7 @@ fn common(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
     b.reserved.push("uuid_ts");
 }
 
-fn context(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
+fn context(b: &mut RowBuilder<'_>, e: &Map<'_>) {
     if let Some(Value::Object(ctx)) = e.get("context") {
         // Its keys never clash with the row's own columns but for `request_ip`, which
         // the gateway's own value wins.
@@ -690,7 +690,7 @@ fn context(b: &mut RowBuilder<'_>, e: &Map<String, Value>) {
     }
 }
 
-fn object<'a>(e: &'a Map<String, Value>, key: &str) -> Option<&'a Map<String, Value>> {
+fn object<'m, 'a>(e: &'m Map<'a>, key: &str) -> Option<&'m Map<'a>> {
     match e.get(key) {
         Some(Value::Object(o)) => Some(o),
         _ => None,
@@ -698,7 +698,7 @@ fn object<'a>(e: &'a Map<String, Value>, key: &str) -> Option<&'a Map<String, Va
 }
 
 /// The common columns, `extra` and the context: what every row of an event starts with.
-fn begin(b: &mut RowBuilder<'_>, e: &Map<String, Value>, extra: &dyn Fn(&mut RowBuilder<'_>)) {
+fn begin(b: &mut RowBuilder<'_>, e: &Map<'_>, extra: &dyn Fn(&mut RowBuilder<'_>)) {
     common(b, e);
     extra(b);
     context(b, e);
@@ -706,7 +706,7 @@ fn begin(b: &mut RowBuilder<'_>, e: &Map<String, Value>, extra: &dyn Fn(&mut Row
 
 /// The user's own keys: the event's object `key` (`properties`, `traits`), after the
 /// row's own columns, which they give way to.
-fn user_columns(b: &mut RowBuilder<'_>, e: &Map<String, Value>, key: &str) {
+fn user_columns(b: &mut RowBuilder<'_>, e: &Map<'_>, key: &str) {
     if key == "traits" {
         // Traits sent in the context count too; top-level ones win.
         match object(e, "context").and_then(|c| object(c, "traits")) {

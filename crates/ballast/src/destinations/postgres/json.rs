@@ -1,0 +1,277 @@
+//! The loader's JSON tree: an event parsed once, its strings borrowed from the event's
+//! bytes where they hold no escapes (most), objects as members sorted by key in one
+//! vector. `serde_json::Value` made a `String` of every key and value and a B-tree node
+//! per few members, and the rows then copied the strings again; parsing was the largest
+//! piece of turning events into rows. Same answers as `serde_json::Value` where the
+//! loader asks: members in key order, the last of a repeated key wins, compact JSON text
+//! for a nested array or object kept as one value.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::Number;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    String(Cow<'a, str>),
+    Array(Vec<Value<'a>>),
+    Object(Map<'a>),
+}
+
+/// An object's members sorted by key, each key once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Map<'a> {
+    members: Vec<(Cow<'a, str>, Value<'a>)>,
+}
+
+impl<'a> Map<'a> {
+    /// Sorts `members` by key; of a repeated key the last wins (as a map inserting them in
+    /// order would keep).
+    fn from_members(mut members: Vec<(Cow<'a, str>, Value<'a>)>) -> Map<'a> {
+        // Stable: repeated keys stay in the order given.
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(Cow<'a, str>, Value<'a>)> = Vec::with_capacity(members.len());
+        for m in members {
+            match out.last_mut() {
+                Some(last) if last.0 == m.0 => *last = m,
+                _ => out.push(m),
+            }
+        }
+        Map { members: out }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value<'a>> {
+        self.members
+            .binary_search_by(|m| (*m.0).cmp(key))
+            .ok()
+            .map(|i| &self.members[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value<'a>)> {
+        self.members.iter().map(|(k, v)| (&**k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Adds `other`'s members; where both have a key, `other`'s value wins.
+    pub fn extend(&mut self, other: Map<'a>) {
+        let mine = std::mem::take(&mut self.members);
+        let mut all = mine;
+        all.extend(other.members);
+        *self = Map::from_members(all);
+    }
+}
+
+impl<'m, 'a> IntoIterator for &'m Map<'a> {
+    type Item = (&'m str, &'m Value<'a>);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'m, (Cow<'a, str>, Value<'a>)>,
+        fn(&'m (Cow<'a, str>, Value<'a>)) -> (&'m str, &'m Value<'a>),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        fn pair<'m, 'a>(m: &'m (Cow<'a, str>, Value<'a>)) -> (&'m str, &'m Value<'a>) {
+            (&*m.0, &m.1)
+        }
+        self.members.iter().map(pair)
+    }
+}
+
+/// A string that borrows from the input when it can.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Value<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Value<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value<'de>, E> {
+                Ok(Value::Bool(b))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Value<'de>, E> {
+                Ok(Value::Number(n.into()))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Value<'de>, E> {
+                Ok(Value::Number(n.into()))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Value<'de>, E> {
+                Ok(Number::from_f64(n).map_or(Value::Null, Value::Number))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Value<'de>, E> {
+                Ok(Value::String(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Value<'de>, E> {
+                Ok(Value::String(Cow::Owned(s.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Value<'de>, E> {
+                Ok(Value::String(Cow::Owned(s)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Value<'de>, E> {
+                Ok(Value::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Value<'de>, E> {
+                Ok(Value::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value<'de>, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(v) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(Value::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(Str(k)) = map.next_key()? {
+                    members.push((k, map.next_value()?));
+                }
+                Ok(Value::Object(Map::from_members(members)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Value<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Number(n) => n.serialize(s),
+            Value::String(t) => s.serialize_str(t),
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for v in items {
+                    seq.serialize_element(v)?;
+                }
+                seq.end()
+            }
+            Value::Object(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+/// Compact JSON, as `serde_json::Value` prints.
+impl fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON documents of every kind, nested, with escapes and repeated keys.
+    fn doc() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            (-1e12f64..1e12).prop_map(serde_json::Value::from),
+            "[a-z\"\\\\/\u{e9}\u{1F600}\n\t ]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::vec(("[a-c\"]{0,3}", inner), 0..6)
+                    .prop_map(|m| { serde_json::Value::Object(m.into_iter().collect()) }),
+            ]
+        })
+    }
+
+    proptest! {
+        /// What serde_json's own tree says of any document, this one says too: the text
+        /// of nested values, and each member's value.
+        #[test]
+        fn agrees_with_serde_json(doc in doc()) {
+            let text = serde_json::to_string(&doc).unwrap();
+            // Both read from the same text (serde_json's float parsing is its own).
+            let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let ours: Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(ours.to_string(), theirs.to_string());
+            if let (Value::Object(m), serde_json::Value::Object(theirs)) = (&ours, &theirs) {
+                prop_assert_eq!(m.len(), theirs.len());
+                for (k, v) in theirs {
+                    prop_assert_eq!(m.get(k).map(|v| v.to_string()), Some(v.to_string()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_keys_keep_the_last_and_strings_are_borrowed() {
+        let text = r#"{"b":1,"a":"plain","b":2,"c":"esc\"aped"}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        let Value::Object(m) = &v else { panic!("{v}") };
+        assert_eq!(
+            m.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert_eq!(m.get("b"), Some(&Value::Number(2.into())));
+        assert!(matches!(
+            m.get("a"),
+            Some(Value::String(Cow::Borrowed("plain")))
+        ));
+        assert!(matches!(m.get("c"), Some(Value::String(Cow::Owned(s))) if s == "esc\"aped"));
+        assert_eq!(v.to_string(), r#"{"a":"plain","b":2,"c":"esc\"aped"}"#);
+    }
+
+    #[test]
+    fn extend_lets_the_other_win() {
+        let mut a: Value = serde_json::from_str(r#"{"x":1,"y":1}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"y":2,"z":2}"#).unwrap();
+        let (Value::Object(a), Value::Object(b)) = (&mut a, b) else {
+            panic!()
+        };
+        a.extend(b);
+        assert_eq!(
+            Value::Object(a.clone()).to_string(),
+            r#"{"x":1,"y":2,"z":2}"#
+        );
+    }
+}

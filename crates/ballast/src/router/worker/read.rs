@@ -161,15 +161,15 @@ impl Worker {
         let Some(uq) = self.users.get(user) else {
             return true;
         };
+        // A head without a body must be read.
+        if uq.q.front().is_none_or(|p| p.event.is_none()) {
+            return true;
+        }
         let mut rest = uq.q.iter().take(want).skip_while(|p| p.event.is_some());
-        let start = match rest.next() {
-            // The head has no body, or every entry wanted has one (nothing is read).
-            _ if uq.q.front().is_some_and(|p| p.event.is_none()) => return true,
-            None => return true,
-            Some(p) => match p.origin {
-                Origin::Log(pos) => pos,
-                Origin::Replay(_) => return true,
-            },
+        let start = match rest.next().map(|p| p.origin) {
+            Some(Origin::Log(pos)) => pos,
+            // Every entry wanted has its body (nothing is read), or a replayed one.
+            _ => return true,
         };
         if self.span_per_event == 0 {
             return true;

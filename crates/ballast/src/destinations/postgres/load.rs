@@ -1,8 +1,10 @@
 //! The CPU side of a load, off the async threads (the sink runs it on a blocking thread):
 //! events → rows grouped per table (one row per id; `users` merged, the latest value of
 //! each column winning), then each table's rows → `INSERT ... SELECT ... FROM unnest(...)
-//! ON CONFLICT (id) ...` statements whose parameters are one binary `text[]` per column
-//! (the database reads each value with its column's own input function, as COPY would).
+//! ON CONFLICT (id) ...` statements whose parameters are one binary array per column:
+//! `bigint`, `boolean` and `timestamp with time zone` columns in their own binary form
+//! (nothing for the database to parse: timestamps were most of its input work), others
+//! as `text[]` the database reads with the column's own input function, as COPY would.
 //! No staging table: one statement per table per load (more for huge loads, see
 //! [`MAX_STATEMENT_BYTES`]), no catalog changes, each row written once.
 
@@ -10,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 
 use super::schema::{self, ColType, Discard, Name, Row, Val};
 use super::sink::{quote, MAX_COLUMNS};
@@ -42,6 +44,30 @@ pub struct Column {
     /// The cast from text to the column's type (`bigint`, an operator's `uuid`); None for
     /// text columns (character types: assigned, so a too-long value is refused, not cut).
     pub cast: Option<Arc<str>>,
+    /// The column's type when its values are sent in binary (exactly `bigint`, `boolean`
+    /// or `timestamp with time zone`; anything else, `integer` or a domain included,
+    /// goes as text through `cast`).
+    pub binary: Option<Elem>,
+}
+
+impl Column {
+    /// A column of the database type `base` (as `format_type` names it without its
+    /// modifier; `full` with it).
+    pub fn of_type(base: &str, full: &str) -> Column {
+        let (cast, binary) = match base {
+            // Assigned from text as they are: a value too long is refused, not cut.
+            "text" | "character varying" | "character" => (None, None),
+            "bigint" => (Some(full), Some(Elem::Int8)),
+            "boolean" => (Some(full), Some(Elem::Bool)),
+            "timestamp with time zone" => (Some(full), Some(Elem::Timestamptz)),
+            _ => (Some(full), None),
+        };
+        Column {
+            ty: ColType::from_information_schema(base),
+            cast: cast.map(Arc::from),
+            binary,
+        }
+    }
 }
 
 /// Columns whose type is fixed whatever the first value looks like.
@@ -168,21 +194,62 @@ fn merge_user(prev: &mut Row, row: Row) {
     }
 }
 
-/// A one-dimensional `text[]` in PostgreSQL's binary format, built value by value.
-#[derive(Debug, Default)]
-pub struct TextArray {
+/// The element type of a parameter array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    Text,
+    Int8,
+    Bool,
+    Timestamptz,
+}
+
+impl Elem {
+    /// The array type, as the statement names it.
+    fn array_sql(self) -> &'static str {
+        match self {
+            Elem::Text => "text[]",
+            Elem::Int8 => "int8[]",
+            Elem::Bool => "bool[]",
+            Elem::Timestamptz => "timestamptz[]",
+        }
+    }
+
+    fn element_type(self) -> Type {
+        match self {
+            Elem::Text => Type::TEXT,
+            Elem::Int8 => Type::INT8,
+            Elem::Bool => Type::BOOL,
+            Elem::Timestamptz => Type::TIMESTAMPTZ,
+        }
+    }
+}
+
+/// A one-dimensional array in PostgreSQL's binary format, built value by value.
+#[derive(Debug)]
+pub struct Array {
+    elem: Elem,
     elements: Vec<u8>,
     len: i32,
     has_null: bool,
 }
 
-impl TextArray {
+impl Array {
+    pub fn new(elem: Elem) -> Array {
+        Array {
+            elem,
+            elements: Vec::new(),
+            len: 0,
+            has_null: false,
+        }
+    }
+
     fn push_null(&mut self) {
         self.elements.put_i32(-1);
         self.len += 1;
         self.has_null = true;
     }
 
+    /// Adds `s` to a `text[]`.
     fn push(&mut self, s: &[u8]) {
         if s.contains(&0) {
             // PostgreSQL text cannot hold NUL.
@@ -194,8 +261,34 @@ impl TextArray {
         self.len += 1;
     }
 
+    /// Adds `v`; returns the bytes it took, or why it does not fit the array's type
+    /// (`v` has been made the column's type before: only a bug gets here).
+    pub fn push_val(&mut self, v: &Val) -> Result<usize, String> {
+        match (self.elem, v) {
+            (Elem::Text, v) => Ok(self.push_text(v)),
+            (Elem::Int8, Val::Int(i)) => Ok(self.push_fixed(&i.to_be_bytes())),
+            (Elem::Bool, Val::Bool(b)) => Ok(self.push_fixed(&[u8::from(*b)])),
+            (Elem::Timestamptz, Val::Ts(s)) => match schema::pg_timestamptz(s) {
+                Some(t) => Ok(self.push_fixed(&t.to_be_bytes())),
+                None => Err(format!("{s:?} is not a timestamp PostgreSQL can hold")),
+            },
+            (elem, v) => Err(format!(
+                "a {} value for a {} column",
+                v.natural().word(),
+                elem.element_type()
+            )),
+        }
+    }
+
+    fn push_fixed(&mut self, b: &[u8]) -> usize {
+        self.elements.put_i32(b.len() as i32);
+        self.elements.extend_from_slice(b);
+        self.len += 1;
+        b.len()
+    }
+
     /// Adds `v` as text; returns its length.
-    fn push_val(&mut self, v: &Val) -> usize {
+    fn push_text(&mut self, v: &Val) -> usize {
         let b: &[u8] = match v {
             Val::Int(i) => return self.push_int(*i),
             Val::Bool(b) => {
@@ -245,16 +338,20 @@ fn itoa(i: i64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[at..]
 }
 
-impl ToSql for TextArray {
+impl ToSql for Array {
     fn to_sql(
         &self,
-        _: &Type,
+        ty: &Type,
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let element = self.elem.element_type();
+        if !matches!(ty.kind(), Kind::Array(e) if *e == element) {
+            return Err(format!("a {element} array sent as {ty}").into());
+        }
         out.reserve(20 + self.elements.len());
         out.put_i32(1); // dimensions
         out.put_i32(i32::from(self.has_null));
-        out.put_u32(Type::TEXT.oid());
+        out.put_u32(element.oid());
         out.put_i32(self.len);
         out.put_i32(1); // lower bound
         out.extend_from_slice(&self.elements);
@@ -262,7 +359,13 @@ impl ToSql for TextArray {
     }
 
     fn accepts(ty: &Type) -> bool {
-        *ty == Type::TEXT_ARRAY
+        [
+            Type::TEXT_ARRAY,
+            Type::INT8_ARRAY,
+            Type::BOOL_ARRAY,
+            Type::TIMESTAMPTZ_ARRAY,
+        ]
+        .contains(ty)
     }
 
     to_sql_checked!();
@@ -271,7 +374,7 @@ impl ToSql for TextArray {
 /// One statement of a load and its parameters.
 pub struct Statement {
     pub sql: String,
-    pub params: Vec<TextArray>,
+    pub params: Vec<Array>,
     pub rows: usize,
 }
 
@@ -284,20 +387,26 @@ impl Statement {
     }
 }
 
-/// `SELECT` list and `FROM` of `columns` read from `$1..$n` (one `text[]` each, cast to
+/// How one column is read from its parameter: the array's element type and, for text,
+/// the cast to the column's type.
+type Source = (Elem, Option<Arc<str>>);
+
+/// `SELECT` list and `FROM` of `columns` read from `$1..$n` (one array each; text cast to
 /// the column's type).
-fn select_from(casts: &[Option<Arc<str>>]) -> String {
-    let list = casts
+fn select_from(columns: &[Source]) -> String {
+    let list = columns
         .iter()
         .enumerate()
-        .map(|(i, cast)| match cast {
-            Some(t) => format!("s.c{i}::{t}"),
-            None => format!("s.c{i}"),
+        .map(|(i, source)| match source {
+            (Elem::Text, Some(t)) => format!("s.c{i}::{t}"),
+            _ => format!("s.c{i}"),
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let unnest = (0..casts.len())
-        .map(|i| format!("unnest(${}::text[]) AS c{i}", i + 1))
+    let unnest = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (elem, _))| format!("unnest(${}::{}) AS c{i}", i + 1, elem.array_sql()))
         .collect::<Vec<_>>()
         .join(", ");
     // Set-returning functions in a select list: read in step, in array order, without
@@ -310,7 +419,7 @@ struct Chunk {
     names: Vec<String>,
     /// Column name → (its array, its type in the database).
     index: FastMap<String, (usize, ColType)>,
-    arrays: Vec<TextArray>,
+    arrays: Vec<Array>,
     rows: usize,
 }
 
@@ -322,16 +431,16 @@ impl Chunk {
             arrays: Vec::new(),
             rows: 0,
         };
-        c.column("id", ColType::Text);
+        c.column("id", ColType::Text, Elem::Text);
         c
     }
 
-    /// Adds a column of the table: its array and type.
-    fn column(&mut self, name: &str, ty: ColType) -> (usize, ColType) {
+    /// Adds a column of the table: its array (of `elem`) and type.
+    fn column(&mut self, name: &str, ty: ColType, elem: Elem) -> (usize, ColType) {
         let i = self.names.len();
         self.names.push(name.to_string());
         self.index.insert(name.to_string(), (i, ty));
-        let mut a = TextArray::default();
+        let mut a = Array::new(elem);
         for _ in 0..self.rows {
             a.push_null();
         }
@@ -379,7 +488,9 @@ pub fn encode(
                 _ => {
                     let found = match chunk.index.get(&*c) {
                         Some(&found) => Some(found),
-                        None => known.get(&*c).map(|k| chunk.column(&c, k.ty)),
+                        None => known
+                            .get(&*c)
+                            .map(|k| chunk.column(&c, k.ty, k.binary.unwrap_or(Elem::Text))),
                     };
                     if let Some((i, ty)) = found {
                         remember(&mut last, j, Some((c.clone(), i, ty)));
@@ -387,19 +498,20 @@ pub fn encode(
                     found
                 }
             };
-            let reason = match found {
-                None => format!("table has {MAX_COLUMNS} columns, the most it can"),
-                Some((i, ty)) if v.natural() == ty => {
-                    bytes += chunk.arrays[i].push_val(&v);
+            let pushed = match found {
+                None => Err(format!("table has {MAX_COLUMNS} columns, the most it can")),
+                Some((i, ty)) if v.natural() == ty => chunk.arrays[i].push_val(&v),
+                Some((i, ty)) => v
+                    .clone()
+                    .coerce(ty)
+                    .and_then(|v| chunk.arrays[i].push_val(&v)),
+            };
+            let reason = match pushed {
+                Ok(n) => {
+                    bytes += n;
                     continue;
                 }
-                Some((i, ty)) => match v.clone().coerce(ty) {
-                    Ok(v) => {
-                        bytes += chunk.arrays[i].push_val(&v);
-                        continue;
-                    }
-                    Err(reason) => reason,
-                },
+                Err(reason) => reason,
             };
             discards.push(Discard {
                 table: t.table.clone(),
@@ -431,10 +543,11 @@ pub fn encode(
 }
 
 fn insert(chunk: Chunk, known: &HashMap<String, Column>, target: &str, users: bool) -> Statement {
-    let casts: Vec<Option<Arc<str>>> = chunk
+    let sources: Vec<Source> = chunk
         .names
         .iter()
-        .map(|c| known.get(c).and_then(|k| k.cast.clone()))
+        .zip(&chunk.arrays)
+        .map(|(c, a)| (a.elem, known.get(c).and_then(|k| k.cast.clone())))
         .collect();
     let list = chunk
         .names
@@ -469,7 +582,7 @@ fn insert(chunk: Chunk, known: &HashMap<String, Column>, target: &str, users: bo
     Statement {
         sql: format!(
             "INSERT INTO {target} AS t ({list}, uuid_ts) SELECT {} ON CONFLICT (id) {conflict}",
-            select_from(&casts)
+            select_from(&sources)
         ),
         rows: chunk.rows,
         params: chunk.arrays,
@@ -480,7 +593,7 @@ fn insert(chunk: Chunk, known: &HashMap<String, Column>, target: &str, users: bo
 pub fn encode_discards(discards: &[Discard], target: &str) -> Vec<Statement> {
     let mut out = Vec::new();
     for part in discards.chunks(10_000) {
-        let mut a: Vec<TextArray> = (0..6).map(|_| TextArray::default()).collect();
+        let mut a: Vec<Array> = (0..6).map(|_| Array::new(Elem::Text)).collect();
         for d in part {
             let received = d
                 .received_at
@@ -494,14 +607,14 @@ pub fn encode_discards(discards: &[Discard], target: &str) -> Vec<Statement> {
             a[5].push(d.reason.as_bytes());
         }
         let ts: Option<Arc<str>> = Some(Arc::from("timestamp with time zone"));
-        let casts = [None, None, None, None, ts, None];
+        let sources = [None, None, None, None, ts, None].map(|cast| (Elem::Text, cast));
         out.push(Statement {
             sql: format!(
                 "INSERT INTO {target} (table_name, row_id, column_name, column_value, \
                  received_at, reason, uuid_ts) SELECT {} WHERE NOT EXISTS (SELECT 1 FROM \
                  {target} x WHERE x.row_id = s.c1 AND x.table_name = s.c0 \
                  AND x.column_name = s.c2)",
-                select_from(&casts)
+                select_from(&sources)
             ),
             rows: part.len(),
             params: a,
@@ -523,7 +636,7 @@ mod tests {
 
     #[test]
     fn text_arrays_in_binary() {
-        let mut a = TextArray::default();
+        let mut a = Array::new(Elem::Text);
         a.push(b"ab");
         a.push_null();
         a.push(b"c\0d");
@@ -557,37 +670,62 @@ mod tests {
         let t = TableRows {
             table: "x".into(),
             rows: vec![
-                row("a", &[("n", Val::Int(1))]),
+                row(
+                    "a",
+                    &[
+                        ("n", Val::Int(1)),
+                        ("t", Val::Ts("2026-11-29T10:00:00.5+01:00".into())),
+                        ("k", Val::Int(-3)),
+                    ],
+                ),
                 row("b", &[("s", Val::Text("x".into()))]),
                 row("c", &[("n", Val::Text("no".into())), ("z", Val::Int(2))]),
             ],
             wanted: BTreeMap::new(),
         };
         let known: HashMap<String, Column> = [
-            ("id", ColType::Text, None),
-            ("n", ColType::BigInt, Some("bigint")),
-            ("s", ColType::Text, None),
+            ("id", "text"),
+            ("n", "integer"),
+            ("s", "text"),
+            ("t", "timestamp with time zone"),
+            ("k", "bigint"),
         ]
         .into_iter()
-        .map(|(n, ty, cast)| {
-            (
-                n.to_string(),
-                Column {
-                    ty,
-                    cast: cast.map(Arc::from),
-                },
-            )
-        })
+        .map(|(n, ty)| (n.to_string(), Column::of_type(ty, ty)))
         .collect();
         let mut discards = Vec::new();
         let s = encode(t, &known, "\"w\".\"x\"", &mut discards);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].rows, 3);
         assert!(s[0].params.iter().all(|a| a.len == 3));
-        assert!(s[0].sql.contains("s.c1::bigint"), "{}", s[0].sql);
+        // An integer column: text, cast; bigint and timestamptz columns: binary.
+        assert!(s[0].sql.contains("s.c1::integer"), "{}", s[0].sql);
+        assert!(
+            s[0].sql.contains("unnest($2::text[]) AS c1"),
+            "{}",
+            s[0].sql
+        );
+        assert!(
+            s[0].sql.contains("unnest($3::timestamptz[]) AS c2"),
+            "{}",
+            s[0].sql
+        );
+        assert!(
+            s[0].sql.contains("unnest($4::int8[]) AS c3"),
+            "{}",
+            s[0].sql
+        );
+        assert!(!s[0].sql.contains("s.c2::"), "{}", s[0].sql);
+        // 2026-11-29 09:00:00.5 UTC, in microseconds since 2000-01-01.
+        let micros: i64 = (1_795_942_800 - 946_684_800) * 1_000_000 + 500_000;
+        let mut t = 8i32.to_be_bytes().to_vec();
+        t.extend_from_slice(&micros.to_be_bytes());
+        t.extend_from_slice(&(-1i32).to_be_bytes());
+        t.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(s[0].params[2].elements, t);
         // A column the table cannot have (it is full) is neither loaded nor named.
         assert!(!s[0].sql.contains("\"z\""), "{}", s[0].sql);
-        assert_eq!(s[0].params.len(), 3);
+        assert_eq!(s[0].params.len(), 5);
         assert_eq!(discards.len(), 2);
         assert_eq!(discards[0].row_id, "c");
         assert!(discards[0].reason.contains("string to int"));

@@ -424,9 +424,9 @@ pub fn looks_like_timestamp(s: &str) -> bool {
     }
 }
 
-/// A timestamp accepted by [`looks_like_timestamp`] as nanoseconds since 1970 (UTC; no
-/// zone means UTC), to order them.
-pub fn timestamp_key(s: &str) -> Option<i128> {
+/// A timestamp accepted by [`looks_like_timestamp`]: whole seconds since 1970 (UTC; no
+/// zone means UTC) and the digits of its fraction of a second (none, or 1 to 9).
+fn timestamp_parts(s: &str) -> Option<(i128, &str)> {
     if !looks_like_timestamp(s) {
         return None;
     }
@@ -446,7 +446,7 @@ pub fn timestamp_key(s: &str) -> Option<i128> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     let mut secs = days * 86_400;
-    let mut nanos = 0i128;
+    let mut fraction = "";
     let mut i = 10;
     if b.len() > 10 {
         secs += n(11..13) * 3600 + n(14..16) * 60;
@@ -460,8 +460,7 @@ pub fn timestamp_key(s: &str) -> Option<i128> {
                 while b.get(i).is_some_and(u8::is_ascii_digit) {
                     i += 1;
                 }
-                let digits = i - start;
-                nanos = n(start..i) * 10i128.pow(9 - digits as u32);
+                fraction = s.get(start..i)?;
             }
         }
     }
@@ -475,7 +474,43 @@ pub fn timestamp_key(s: &str) -> Option<i128> {
         let offset = hh * 3600 + mm * 60;
         secs -= if sign == b'+' { offset } else { -offset };
     }
+    Some((secs, fraction))
+}
+
+/// A timestamp accepted by [`looks_like_timestamp`] as nanoseconds since 1970 (UTC; no
+/// zone means UTC), to order them.
+pub fn timestamp_key(s: &str) -> Option<i128> {
+    let (secs, fraction) = timestamp_parts(s)?;
+    let nanos = match fraction.parse::<i128>() {
+        Ok(f) => f * 10i128.pow(9 - fraction.len() as u32),
+        Err(_) => 0,
+    };
     Some(secs * 1_000_000_000 + nanos)
+}
+
+/// Seconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
+const PG_EPOCH_SECS: i128 = 946_684_800;
+
+/// A timestamp accepted by [`looks_like_timestamp`] as the `timestamp with time zone` that
+/// PostgreSQL's own input function makes of the text in a session whose `TimeZone` is UTC
+/// (the destination's): microseconds since 2000-01-01 UTC. A fraction of more than six
+/// digits is rounded as PostgreSQL rounds it (read as a double, times 10^6, to the nearest
+/// integer, ties to even), so a value sent in binary is the value the text would give.
+pub fn pg_timestamptz(s: &str) -> Option<i64> {
+    let (secs, fraction) = timestamp_parts(s)?;
+    let micros: i128 = if fraction.len() <= 6 {
+        match fraction.parse::<i128>() {
+            Ok(f) => f * 10i128.pow(6 - fraction.len() as u32),
+            Err(_) => 0,
+        }
+    } else {
+        // The digits over a power of ten, both exact doubles: their quotient is the
+        // correctly rounded double of the decimal, as strtod reads it.
+        let digits = fraction.parse::<u64>().ok()? as f64;
+        let f = digits / [1e7, 1e8, 1e9].get(fraction.len() - 7)?;
+        (f * 1_000_000.0).round_ties_even() as i128
+    };
+    i64::try_from((secs - PG_EPOCH_SECS) * 1_000_000 + micros).ok()
 }
 
 fn typed(v: &Value) -> Option<Val> {

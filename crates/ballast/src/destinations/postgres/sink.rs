@@ -260,13 +260,7 @@ impl PostgresSink {
             let name: String = r.try_get(0).map_err(load_err)?;
             let base: String = r.try_get(1).map_err(load_err)?;
             let full: String = r.try_get(2).map_err(load_err)?;
-            let cast = match base.as_str() {
-                // Assigned from text as they are: a value too long is refused, not cut.
-                "text" | "character varying" | "character" => None,
-                _ => Some(Arc::from(full.as_str())),
-            };
-            let ty = ColType::from_information_schema(&base);
-            cols.insert(name, Column { ty, cast });
+            cols.insert(name, Column::of_type(&base, &full));
         }
         let cols = Arc::new(cols);
         self.tables
@@ -296,7 +290,7 @@ impl PostgresSink {
         };
         if known.is_empty() {
             let sql = format!(
-                "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, \
+                "CREATE TABLE IF NOT EXISTS {} (id text COLLATE \"C\" PRIMARY KEY, \
                  received_at timestamp with time zone, uuid_ts timestamp with time zone)",
                 self.table(table)
             );

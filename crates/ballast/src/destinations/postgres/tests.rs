@@ -544,6 +544,113 @@ async fn the_column_limit_holds() {
     assert_eq!(count(&c, "SELECT count(*) FROM w.wide").await, 1);
 }
 
+/// Timestamps go to `timestamp with time zone` columns in binary, converted by the loader:
+/// each must be the value PostgreSQL's own input function reads from the text (in the
+/// destination's UTC session), for every form the loader takes as a timestamp: dates
+/// alone, `T` or space, no seconds, no zone, `Z`/`z`, `±HH`, `±HHMM`, `±HH:MM`, and 1 to
+/// 9 digits of fraction, those past six rounded as PostgreSQL rounds them (ties to even
+/// on a double).
+#[tokio::test]
+async fn binary_timestamps_are_what_postgres_reads_from_the_text() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let c = admin(&pg.url("wh")).await;
+    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    let mut texts: Vec<String> = [
+        "2026-11-29",
+        "2026-11-29T10:00",
+        "2026-11-29 10:00:07",
+        "2026-11-29T10:00:07z",
+        "2026-11-29T10:00:07.5+01",
+        "2026-11-29T10:00:07.25-0130",
+        "2026-11-29T10:00:07.125-05:30",
+        "2026-11-29T23:59:59.9999995+15:59",
+        "0001-01-01T00:00:00-15:59",
+        "0001-01-01T00:00:00.000001+15:59",
+        "9999-12-31T23:59:59.999999999-15:59",
+        "1999-12-31T23:59:59.9999995Z",
+        "2000-02-29T12:00:00.0000005Z",
+        "2000-01-01T00:00:00.0000015Z",
+        "2000-01-01T00:00:00.0000025Z",
+        "1970-01-01T00:00:00.1234565Z",
+        "1970-01-01T00:00:00.99999949Z",
+        "1969-12-31T23:59:59.999999500Z",
+        "2100-02-28T00:00:00.000000001Z",
+    ]
+    .map(String::from)
+    .to_vec();
+    // And many more, from a fixed seed.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for _ in 0..5000 {
+        let (y, m) = (1 + next(9999), 1 + next(12));
+        let d = 1 + next(28);
+        let mut t = format!("{y:04}-{m:02}-{d:02}");
+        if next(8) > 0 {
+            let sep = if next(2) == 0 { 'T' } else { ' ' };
+            t.push_str(&format!("{sep}{:02}:{:02}", next(24), next(60)));
+            if next(6) > 0 {
+                t.push_str(&format!(":{:02}", next(60)));
+                let digits = next(10) as usize;
+                if digits > 0 {
+                    let f: String = (0..digits)
+                        .map(|_| char::from(b'0' + [0, 5, 9, next(10) as u8][next(4) as usize]))
+                        .collect();
+                    t.push('.');
+                    t.push_str(&f);
+                }
+            }
+            let (h, mi) = (next(16), next(60));
+            let sign = if next(2) == 0 { '+' } else { '-' };
+            match next(5) {
+                0 => {}
+                1 => t.push('Z'),
+                2 => t.push_str(&format!("{sign}{h:02}")),
+                3 => t.push_str(&format!("{sign}{h:02}{mi:02}")),
+                _ => t.push_str(&format!("{sign}{h:02}:{mi:02}")),
+            }
+        }
+        texts.push(t);
+    }
+    let mut binary = load::Array::new(load::Elem::Timestamptz);
+    for t in &texts {
+        assert!(schema::looks_like_timestamp(t), "{t}");
+        binary.push_val(&schema::Val::Ts(t.clone())).unwrap();
+    }
+    let rows = c
+        .query(
+            "SELECT t, t::timestamptz::text, b::text \
+             FROM unnest($1::text[], $2::timestamptz[]) AS x(t, b) \
+             WHERE t::timestamptz IS DISTINCT FROM b",
+            &[&texts, &binary],
+        )
+        .await
+        .unwrap();
+    let wrong: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "text, as PostgreSQL reads it, as sent: {wrong:#?}"
+    );
+    let same: i64 = c
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[], $2::timestamptz[]) AS x(t, b) \
+             WHERE t::timestamptz = b",
+            &[&texts, &binary],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(same, texts.len() as i64);
+}
+
 /// Loads that create the same new tables at once (a server's first loads, several
 /// replicas starting together): each commits on its first try, none fails over the race
 /// of `CREATE TABLE IF NOT EXISTS` (which PostgreSQL can lose with "type ... already

@@ -846,6 +846,7 @@ async fn bench_load_rate() {
     let s = Arc::new(sink(&url, "bench"));
     assert_eq!(s.deliver(&mix(2000, "warm")).await, Outcome::Delivered);
     let started = std::time::Instant::now();
+    let (cpu_before, pg_before) = (process_cpu(), postgres_cpu());
     let mut tasks = Vec::new();
     for w in 0..4 {
         let (s, events) = (s.clone(), events.clone());
@@ -861,12 +862,51 @@ async fn bench_load_rate() {
         t.await.unwrap();
     }
     let load = started.elapsed();
+    let per_event = |secs: f64| secs * 1e6 / total as f64;
+    let cpu = per_event(process_cpu() - cpu_before);
+    let pg = per_event(postgres_cpu() - pg_before);
     let transform_rate = total as f64 / transform.as_secs_f64();
     let load_rate = total as f64 / load.as_secs_f64();
     println!(
         "events {total}, rows {rows}: transform only {transform_rate:.0} events/s (one thread); \
-         loaded {load_rate:.0} events/s ({:.0} rows/s) in {load:.2?}: {:.2}x the transform alone",
+         loaded {load_rate:.0} events/s ({:.0} rows/s) in {load:.2?}: {:.2}x the transform alone; \
+         CPU per event loaded: this process {cpu:.1} µs, postgres processes {pg:.1} µs",
         rows as f64 / load.as_secs_f64(),
         load_rate / transform_rate,
     );
+}
+
+/// CPU seconds (user + system) this process has used.
+fn process_cpu() -> f64 {
+    cpu_of("/proc/self/stat", 12)
+}
+
+/// CPU seconds every process named `postgres` on this machine has used (with their
+/// waited-for children): the cluster under load, and any other running here.
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|p| {
+            std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|p| cpu_of(&p.path().join("stat").to_string_lossy(), 14))
+        .sum()
+}
+
+/// utime + stime (`upto` 12), and cutime + cstime (`upto` 14), of a `/proc/*/stat`, in
+/// seconds.
+fn cpu_of(stat: &str, upto: usize) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else {
+        return 0.0;
+    };
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    fields.get(11..=upto).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    }) / ticks
 }

@@ -89,6 +89,11 @@ pub fn group(events: &[Event]) -> Batch {
     let mut discards = Vec::new();
     // Per table: its rows and where each id is among them.
     let mut tables: BTreeMap<String, (Vec<Row>, FastMap<String, usize>)> = BTreeMap::new();
+    // Rows are made in id order (a row's id is its event's messageId; `users` aside), the
+    // order they are loaded in: encoding then reads their values in the order they were
+    // allocated, not scattered over the load's memory (a cache miss per value otherwise).
+    let mut events: Vec<&Event> = events.iter().collect();
+    events.sort_unstable_by(|a, b| a.message_id.cmp(&b.message_id));
     for e in events {
         let r = schema::rows_of(&e.json, &e.message_id);
         discards.extend(r.discards);

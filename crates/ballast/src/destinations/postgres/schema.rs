@@ -351,13 +351,9 @@ pub fn looks_like_timestamp(s: &str) -> bool {
     if b.len() < 10 || b.len() > 40 {
         return false;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let part = b.get(r)?;
-        if part.iter().all(u8::is_ascii_digit) {
-            std::str::from_utf8(part).ok()?.parse().ok()
-        } else {
-            None
-        }
+        part.iter().all(u8::is_ascii_digit).then(|| digits(part))
     };
     let (Some(y), Some(m), Some(d)) = (num(0..4), num(5..7), num(8..10)) else {
         return false;
@@ -426,17 +422,13 @@ pub fn looks_like_timestamp(s: &str) -> bool {
 
 /// A timestamp accepted by [`looks_like_timestamp`]: whole seconds since 1970 (UTC; no
 /// zone means UTC) and the digits of its fraction of a second (none, or 1 to 9).
-fn timestamp_parts(s: &str) -> Option<(i128, &str)> {
+fn timestamp_parts(s: &str) -> Option<(i64, &str)> {
     if !looks_like_timestamp(s) {
         return None;
     }
     let b = s.as_bytes();
-    let n = |r: std::ops::Range<usize>| -> i128 {
-        std::str::from_utf8(&b[r])
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(0)
-    };
+    // Fields checked above: ASCII digits.
+    let n = |r: std::ops::Range<usize>| -> i64 { b.get(r).map_or(0, digits) };
     let (y, m, d) = (n(0..4), n(5..7), n(8..10));
     // Days from the civil date (proleptic Gregorian).
     let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
@@ -481,15 +473,18 @@ fn timestamp_parts(s: &str) -> Option<(i128, &str)> {
 /// zone means UTC), to order them.
 pub fn timestamp_key(s: &str) -> Option<i128> {
     let (secs, fraction) = timestamp_parts(s)?;
-    let nanos = match fraction.parse::<i128>() {
-        Ok(f) => f * 10i128.pow(9 - fraction.len() as u32),
-        Err(_) => 0,
-    };
-    Some(secs * 1_000_000_000 + nanos)
+    let nanos = digits(fraction.as_bytes()) * 10i64.pow(9 - fraction.len() as u32);
+    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
+}
+
+/// The number ASCII digits `b` make (at most 18 of them: no overflow).
+fn digits(b: &[u8]) -> i64 {
+    b.iter()
+        .fold(0, |n, c| n * 10 + i64::from(c.wrapping_sub(b'0')))
 }
 
 /// Seconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
-const PG_EPOCH_SECS: i128 = 946_684_800;
+const PG_EPOCH_SECS: i64 = 946_684_800;
 
 /// A timestamp accepted by [`looks_like_timestamp`] as the `timestamp with time zone` that
 /// PostgreSQL's own input function makes of the text in a session whose `TimeZone` is UTC
@@ -498,19 +493,17 @@ const PG_EPOCH_SECS: i128 = 946_684_800;
 /// integer, ties to even), so a value sent in binary is the value the text would give.
 pub fn pg_timestamptz(s: &str) -> Option<i64> {
     let (secs, fraction) = timestamp_parts(s)?;
-    let micros: i128 = if fraction.len() <= 6 {
-        match fraction.parse::<i128>() {
-            Ok(f) => f * 10i128.pow(6 - fraction.len() as u32),
-            Err(_) => 0,
-        }
+    let micros = if fraction.len() <= 6 {
+        digits(fraction.as_bytes()) * 10i64.pow(6 - fraction.len() as u32)
     } else {
         // The digits over a power of ten, both exact doubles: their quotient is the
         // correctly rounded double of the decimal, as strtod reads it.
-        let digits = fraction.parse::<u64>().ok()? as f64;
-        let f = digits / [1e7, 1e8, 1e9].get(fraction.len() - 7)?;
-        (f * 1_000_000.0).round_ties_even() as i128
+        let f = digits(fraction.as_bytes()) as f64 / [1e7, 1e8, 1e9].get(fraction.len() - 7)?;
+        (f * 1_000_000.0).round_ties_even() as i64
     };
-    i64::try_from((secs - PG_EPOCH_SECS) * 1_000_000 + micros).ok()
+    (secs - PG_EPOCH_SECS)
+        .checked_mul(1_000_000)?
+        .checked_add(micros)
 }
 
 fn typed(v: &Value) -> Option<Val> {

@@ -361,13 +361,21 @@ async fn redelivery_and_users_keep_one_row_each() {
     let s = sink(&url, "w");
     let events = sample();
     assert_eq!(s.deliver(&events).await, Outcome::Delivered);
-    // Again, whole and in parts, and with a copy of an event inside one batch.
+    // New rows: loaded as plain inserts, nothing learnt.
+    assert_eq!(s.careful_loads(), 0);
+    // Again, whole and in parts, and with a copy of an event inside one batch: the plain
+    // insert meets ids the tables have, the load goes again with ON CONFLICT, and so do
+    // the next ones.
     assert_eq!(s.deliver(&events).await, Outcome::Delivered);
+    assert_eq!(s.careful_loads(), sink::CAREFUL_LOADS);
     let mut doubled = events[..3].to_vec();
     doubled.extend_from_slice(&events[..3]);
     assert_eq!(s.deliver(&doubled).await, Outcome::Delivered);
+    assert_eq!(s.careful_loads(), sink::CAREFUL_LOADS - 1);
     // A second sink (another replica) too.
-    assert_eq!(sink(&url, "w").deliver(&events).await, Outcome::Delivered);
+    let other = sink(&url, "w");
+    assert_eq!(other.deliver(&events).await, Outcome::Delivered);
+    assert_eq!(other.careful_loads(), sink::CAREFUL_LOADS);
     let c = admin(&url).await;
     for (t, n) in [
         ("tracks", 2),
@@ -434,6 +442,28 @@ async fn redelivery_and_users_keep_one_row_each() {
             "SELECT count(*) FROM w.rudder_discards WHERE row_id = 't9'"
         )
         .await,
+        1
+    );
+
+    // A plain insert of a load whose rows are partly in the tables already: rolled back
+    // whole, loaded again; the new row once, the old ones still once.
+    let mixed = ev(with(
+        base("track", "t-mixed", "2026-11-29T09:00:00Z"),
+        json!({"event": "Mixed Thing", "properties": {"n": 1}}),
+    ));
+    let third = sink(&url, "w");
+    assert_eq!(
+        third.deliver(&[events[0].clone(), mixed]).await,
+        Outcome::Delivered
+    );
+    assert_eq!(third.careful_loads(), sink::CAREFUL_LOADS);
+    assert_eq!(count(&c, "SELECT count(*) FROM w.mixed_thing").await, 1);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM w.tracks WHERE id = 't-mixed'").await,
+        1
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM w.tracks WHERE id = 't1'").await,
         1
     );
 }

@@ -3,6 +3,7 @@
 //! sink decides what the database already has.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use super::json::{Map, Value};
 
@@ -186,16 +187,20 @@ impl ColType {
     }
 }
 
+/// A value's text, shared: a track's `tracks` row and event-table row hold the same
+/// values, cloned by reference.
+pub type Str = Arc<str>;
+
 /// One value, typed by what it looks like.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Val {
     Int(i64),
     /// A number that is not an i64, as its decimal text.
-    Num(String),
+    Num(Str),
     Bool(bool),
     /// A timestamp-looking string, as sent.
-    Ts(String),
-    Text(String),
+    Ts(Str),
+    Text(Str),
 }
 
 impl Val {
@@ -212,7 +217,7 @@ impl Val {
     pub fn text(&self) -> String {
         match self {
             Val::Int(i) => i.to_string(),
-            Val::Num(s) | Val::Ts(s) | Val::Text(s) => s.clone(),
+            Val::Num(s) | Val::Ts(s) | Val::Text(s) => s.to_string(),
             Val::Bool(b) => b.to_string(),
         }
     }
@@ -224,7 +229,7 @@ impl Val {
             return Ok(self);
         }
         match (self, col) {
-            (Val::Int(i), ColType::Numeric) => Ok(Val::Num(i.to_string())),
+            (Val::Int(i), ColType::Numeric) => Ok(Val::Num(i.to_string().into())),
             (Val::Num(s), ColType::BigInt) => match s.parse::<f64>() {
                 Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Val::Int(f as i64)),
                 _ => Err(format!(
@@ -233,7 +238,8 @@ impl Val {
                     col.word()
                 )),
             },
-            (v, ColType::Text) => Ok(Val::Text(v.text())),
+            (Val::Num(s) | Val::Ts(s), ColType::Text) => Ok(Val::Text(s)),
+            (v, ColType::Text) => Ok(Val::Text(v.text().into())),
             _ => Err(format!(
                 "incompatible schema conversion from {} to {}",
                 from.word(),
@@ -512,11 +518,11 @@ fn typed(v: &Value) -> Option<Val> {
         Value::Bool(b) => Some(Val::Bool(*b)),
         Value::Number(n) => Some(match n.as_i64() {
             Some(i) => Val::Int(i),
-            None => Val::Num(n.to_string()),
+            None => Val::Num(n.to_string().into()),
         }),
-        Value::String(s) if looks_like_timestamp(s) => Some(Val::Ts(s.to_string())),
-        Value::String(s) => Some(Val::Text(s.to_string())),
-        Value::Array(_) | Value::Object(_) => Some(Val::Text(v.to_string())),
+        Value::String(s) if looks_like_timestamp(s) => Some(Val::Ts(Str::from(&**s))),
+        Value::String(s) => Some(Val::Text(Str::from(&**s))),
+        Value::Array(_) | Value::Object(_) => Some(Val::Text(v.to_string().into())),
     }
 }
 
@@ -614,7 +620,7 @@ impl<'a> RowBuilder<'a> {
                 self.discard(&column, &s, reason);
                 return;
             }
-            Val::Text(s) if s.contains('\0') => Val::Text(no_nul(&s)),
+            Val::Text(s) if s.contains('\0') => Val::Text(no_nul(&s).into()),
             v => v,
         };
         if self.taken.insert(column.clone()) {
@@ -673,11 +679,11 @@ impl<'a> RowBuilder<'a> {
     }
 }
 
-fn text_of(e: &Map<'_>, key: &str) -> Option<String> {
+fn text_of(e: &Map<'_>, key: &str) -> Option<Str> {
     match e.get(key)? {
         Value::Null => None,
-        Value::String(s) => Some(s.to_string()),
-        other => Some(other.to_string()),
+        Value::String(s) => Some(Str::from(&**s)),
+        other => Some(other.to_string().into()),
     }
 }
 
@@ -695,7 +701,7 @@ fn time_of(e: &Map<'_>, key: &str) -> Option<Val> {
 
 /// The columns every table has, in the order RudderStack lists them.
 fn common(b: &mut RowBuilder<'_>, e: &Map<'_>) {
-    b.reserved("id", Some(Val::Text(b.row.id.clone())));
+    b.reserved("id", Some(Val::Text(b.row.id.as_str().into())));
     b.reserved("anonymous_id", text_of(e, "anonymousId").map(Val::Text));
     b.reserved("user_id", text_of(e, "userId").map(Val::Text));
     b.reserved("received_at", time_of(e, "receivedAt"));
@@ -805,7 +811,7 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
         });
         return out;
     };
-    let id = text_of(&e, "messageId").unwrap_or_else(|| message_id.to_string());
+    let id = text_of(&e, "messageId").map_or_else(|| message_id.to_string(), |s| s.to_string());
     let received = text_of(&e, "receivedAt").filter(|s| looks_like_timestamp(s));
     let kind = text_of(&e, "type").unwrap_or_default().to_ascii_lowercase();
     let mut d = Vec::new();
@@ -823,7 +829,7 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
             let name = text_of(&e, "event").unwrap_or_default();
             let table = names.event_table(&name);
             let event_cols = |b: &mut RowBuilder<'_>| {
-                b.reserved("event", table.as_deref().map(|t| Val::Text(t.to_string())));
+                b.reserved("event", table.as_deref().map(|t| Val::Text(t.into())));
                 b.reserved("event_text", Some(Val::Text(name.clone())));
             };
             // `tracks` and the event's own table: the same columns but for the
@@ -853,7 +859,7 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
                     }
                     cols.insert(names.exact("id"), Val::Text(user.clone()));
                     let row = Row {
-                        id: user,
+                        id: user.to_string(),
                         received_at: identify.received_at.clone(),
                         cols,
                     };
@@ -885,7 +891,7 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
             row_id: id.clone(),
             column: "type".into(),
             value: cut(other, MAX_DISCARD_VALUE),
-            received_at: received.clone(),
+            received_at: received.as_deref().map(String::from),
             reason: format!("unknown event type {other:?}"),
         }),
     }

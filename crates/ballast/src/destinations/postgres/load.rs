@@ -671,6 +671,26 @@ mod tests {
     }
 
     #[test]
+    fn an_array_is_sent_only_as_its_own_type() {
+        let mut a = Array::new(Elem::Int8);
+        assert_eq!(a.push_val(&Val::Int(7)), Ok(8));
+        assert!(a.push_val(&Val::Text("7".into())).is_err());
+        let mut out = BytesMut::new();
+        assert!(a.to_sql(&Type::TEXT_ARRAY, &mut out).is_err());
+        assert!(a.to_sql(&Type::INT8_ARRAY, &mut out).is_ok());
+        let mut want = Vec::new();
+        for n in [1i32, 0] {
+            want.extend_from_slice(&n.to_be_bytes());
+        }
+        want.extend_from_slice(&20u32.to_be_bytes());
+        for n in [1i32, 1, 8] {
+            want.extend_from_slice(&n.to_be_bytes());
+        }
+        want.extend_from_slice(&7i64.to_be_bytes());
+        assert_eq!(&out[..], &want[..]);
+    }
+
+    #[test]
     fn rows_missing_a_column_get_null() {
         let row = |id: &str, cols: &[(&str, Val)]| Row {
             id: id.into(),

@@ -976,6 +976,24 @@ mod tests {
     }
 
     #[test]
+    fn postgres_microseconds() {
+        let t = |s: &str| pg_timestamptz(s).unwrap();
+        assert_eq!(t("2000-01-01T00:00:00Z"), 0);
+        assert_eq!(t("2000-01-01"), 0);
+        assert_eq!(t("1970-01-01T00:00:00Z"), -946_684_800_000_000);
+        assert_eq!(t("2000-01-01T01:00:00+01:00"), 0);
+        assert_eq!(t("2000-01-01T00:00:00.123456Z"), 123_456);
+        assert_eq!(t("2000-01-01T00:00:00.5Z"), 500_000);
+        // Past six digits, rounded as PostgreSQL rounds (a double, ties to even).
+        assert_eq!(t("2000-01-01T00:00:00.0000005Z"), 0);
+        assert_eq!(t("2000-01-01T00:00:00.0000015Z"), 2);
+        assert_eq!(t("2000-01-01T00:00:00.0000025Z"), 2);
+        assert_eq!(t("2000-01-01T00:00:00.9999999Z"), 1_000_000);
+        assert_eq!(t("1999-12-31T23:59:59.999999999Z"), 0);
+        assert!(pg_timestamptz("soon").is_none());
+    }
+
+    #[test]
     fn coercion() {
         assert_eq!(
             Val::Int(3).coerce(ColType::Numeric),

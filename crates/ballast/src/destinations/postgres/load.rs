@@ -647,6 +647,18 @@ mod tests {
         }
     }
 
+    /// A one-dimensional array's header in PostgreSQL's binary format: dimensions, whether
+    /// it has NULLs, the element type's oid, then the length and lower bound (1).
+    fn header(has_null: bool, oid: u32, len: i32) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&1i32.to_be_bytes());
+        h.extend_from_slice(&i32::from(has_null).to_be_bytes());
+        h.extend_from_slice(&oid.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(&1i32.to_be_bytes());
+        h
+    }
+
     #[test]
     fn text_arrays_in_binary() {
         let mut a = Array::new(Elem::Text);
@@ -655,14 +667,8 @@ mod tests {
         a.push(b"c\0d");
         let mut out = BytesMut::new();
         a.to_sql(&Type::TEXT_ARRAY, &mut out).unwrap();
-        let mut want = Vec::new();
-        for n in [1i32, 1] {
-            want.extend_from_slice(&n.to_be_bytes());
-        }
-        want.extend_from_slice(&25u32.to_be_bytes());
-        for n in [3i32, 1, 2] {
-            want.extend_from_slice(&n.to_be_bytes());
-        }
+        let mut want = header(true, 25, 3);
+        want.extend_from_slice(&2i32.to_be_bytes());
         want.extend_from_slice(b"ab");
         want.extend_from_slice(&(-1i32).to_be_bytes());
         want.extend_from_slice(&2i32.to_be_bytes());
@@ -678,14 +684,8 @@ mod tests {
         let mut out = BytesMut::new();
         assert!(a.to_sql(&Type::TEXT_ARRAY, &mut out).is_err());
         assert!(a.to_sql(&Type::INT8_ARRAY, &mut out).is_ok());
-        let mut want = Vec::new();
-        for n in [1i32, 0] {
-            want.extend_from_slice(&n.to_be_bytes());
-        }
-        want.extend_from_slice(&20u32.to_be_bytes());
-        for n in [1i32, 1, 8] {
-            want.extend_from_slice(&n.to_be_bytes());
-        }
+        let mut want = header(false, 20, 1);
+        want.extend_from_slice(&8i32.to_be_bytes());
         want.extend_from_slice(&7i64.to_be_bytes());
         assert_eq!(&out[..], &want[..]);
     }

@@ -83,6 +83,34 @@ async fn blocking<T: Send + 'static>(
         .map_err(map_err)
 }
 
+/// A read's records as events: source, ordering key and messageId out of each envelope,
+/// the event's JSON a slice of the chunk read (no copy).
+fn decode_records(batch: ballast_log::ReadBatch) -> Result<ReadEvents, StoreError> {
+    let mut events = Vec::with_capacity(batch.records.len());
+    // Runs of records share a source: one allocation a run.
+    let mut last_source: Option<Arc<str>> = None;
+    for r in batch.records {
+        let (source, meta, event) = envelope::decode(&r.payload)
+            .map_err(|e| StoreError::Other(format!("record at position {}: {e}", r.position)))?;
+        let source = match &last_source {
+            Some(s) if **s == *source => s.clone(),
+            _ => last_source.insert(Arc::from(source)).clone(),
+        };
+        let start = event.as_ptr() as usize - r.payload.as_ptr() as usize;
+        let event = r.payload.slice(start..start + event.len());
+        events.push(StoredEvent {
+            position: r.position,
+            source,
+            event,
+            ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
+        });
+    }
+    Ok(ReadEvents {
+        events,
+        next: batch.next,
+    })
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     fn partitions(&self) -> u32 {
@@ -161,31 +189,14 @@ impl Store for EmbeddedStore {
 
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
         let log = self.log.clone();
-        let batch = blocking(move || log.read(from, max_events, 4 << 20)).await?;
-        let mut events = Vec::with_capacity(batch.records.len());
-        // Runs of records share a source: one allocation a run.
-        let mut last_source: Option<Arc<str>> = None;
-        for r in batch.records {
-            let (source, meta, event) = envelope::decode(&r.payload).map_err(|e| {
-                StoreError::Other(format!("record at position {}: {e}", r.position))
-            })?;
-            let source = match &last_source {
-                Some(s) if **s == *source => s.clone(),
-                _ => last_source.insert(Arc::from(source)).clone(),
-            };
-            let start = event.as_ptr() as usize - r.payload.as_ptr() as usize;
-            let event = r.payload.slice(start..start + event.len());
-            events.push(StoredEvent {
-                position: r.position,
-                source,
-                event,
-                ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
-            });
-        }
-        Ok(ReadEvents {
-            events,
-            next: batch.next,
+        // The records are decoded on the blocking thread too, beside the read: off the
+        // thread of the router's loop that waits for them.
+        tokio::task::spawn_blocking(move || {
+            let batch = log.read(from, max_events, 4 << 20).map_err(map_err)?;
+            decode_records(batch)
         })
+        .await
+        .map_err(|e| StoreError::Other(format!("store task failed: {e}")))?
     }
 
     /// Keeps the cursor only: one process owns the log, so what it re-sends after a

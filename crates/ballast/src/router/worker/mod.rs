@@ -62,10 +62,16 @@ type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 const MAX_LOADED: usize = 20_000;
 /// Loads in flight a destination's body budget is sized for (with its batch size).
 const LOADS_IN_BUDGET: usize = 4;
-const PER_USER_LOADED: usize = 256;
+/// Bodies one user keeps at most, so that one user's backlog leaves the budget to the
+/// others. Large enough that a hundred users sharing a backlog never reach it (at 256
+/// they did, and every entry of theirs read after that went without a body).
+const PER_USER_LOADED: usize = 2048;
 /// Queue entries (with or without bodies) beyond which reading pauses.
 const MAX_ENTRIES: usize = 1_000_000;
 const READ_BATCH: usize = 1_000;
+/// Events one read of the log's tail brings at most (what is new, in order): larger than
+/// the reads for bodies, so a drain waits for fewer round trips to the reading thread.
+const TAIL_READ: usize = 4_000;
 const ACK_EVERY: Duration = Duration::from_millis(200);
 /// Finished ranges an acknowledgement records above the cursor at most (beyond them a
 /// takeover re-sends; the cost of an acknowledgement stays bounded whatever the backlog).
@@ -115,6 +121,9 @@ pub(super) struct Worker {
     /// What this loop last added to the destination's shared gauges.
     published: (u64, u64, u64),
     redelivered: metrics::Counter,
+    /// Events read from the log (new ones and bodies read again): over what is
+    /// delivered, what reading costs.
+    read_events: metrics::Counter,
     sink: Arc<dyn Destination>,
     store: Arc<dyn Store>,
     db: Arc<dyn RouterState>,
@@ -206,6 +215,7 @@ impl Worker {
         let request_seconds = metrics::histogram!("ballast_destination_request_seconds", "destination" => config.id.clone());
         let lag_seconds = metrics::histogram!("ballast_destination_lag_seconds", "destination" => config.id.clone());
         let redelivered = metrics::counter!("ballast_destination_redelivered_total", "destination" => config.id.clone());
+        let read_events = metrics::counter!("ballast_destination_read_events_total", "destination" => config.id.clone());
         let max_loaded = MAX_LOADED.max(config.batch_size * (concurrency.min(LOADS_IN_BUDGET) + 1));
         Ok(Worker {
             filling: flush::Filling::new(config.kind.settings().flush_interval()),
@@ -220,6 +230,7 @@ impl Worker {
             replays: false,
             published: (0, 0, 0),
             redelivered,
+            read_events,
             config,
             sink,
             store,

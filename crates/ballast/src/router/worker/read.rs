@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::poison::strike_key;
 use super::queue::{Origin, Pending, UserState};
-use super::{Worker, MAX_ENTRIES, PER_USER_LOADED, READ_BATCH};
+use super::{ReadFuture, Worker, MAX_ENTRIES, PER_USER_LOADED, READ_BATCH, TAIL_READ};
 use crate::destinations::Event;
 use crate::event::identify;
 use crate::router::state::from_ms;
@@ -58,13 +58,22 @@ impl Worker {
     /// to start it, and then the loop waited for its wake-up.
     pub(super) fn start_read(&mut self, from: Position) {
         let store = self.store.clone();
-        self.reading = Some(Box::pin(async move { store.read(from, READ_BATCH).await }));
+        let mut read: ReadFuture = Box::pin(async move { store.read(from, TAIL_READ).await });
+        // Futures are lazy: polled once now, the store hands the read to its blocking
+        // thread at once, so it overlaps this turn's queueing and dispatching instead of
+        // starting at the loop's next wait. The loop's own poll later registers its waker.
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        if let std::task::Poll::Ready(r) = read.as_mut().poll(&mut cx) {
+            read = Box::pin(std::future::ready(r));
+        }
+        self.reading = Some(read);
     }
 
     /// Queues the events of a read that came back (those of this destination's sources),
     /// and moves the read position past it.
     pub(super) fn take_read(&mut self, batch: ReadEvents) {
         self.note_span(&batch);
+        self.read_events.increment(batch.events.len() as u64);
         {
             let read = batch.events.len();
             // The queue entries given a body from this read: (user, index in its queue).
@@ -87,6 +96,11 @@ impl Worker {
                 let (user, event) = to_event(e);
                 // Only while every entry of the user's queue has its body: bodies stay the
                 // front of the queue (see `load_head`). One lookup of the user for both.
+                // Not judged against the body budget: the read was started under it (at
+                // most one read over). An entry left without a body for the budget's sake
+                // left every later entry of its user without one, and the tail read, still
+                // under the budget as deliveries freed it, queued the rest of a backlog of
+                // a hundred users as positions that every delivery then read again.
                 let (fits, at) = self.users.get(&user).map_or((true, 0), |u| {
                     (
                         u.loaded == u.q.len()
@@ -95,7 +109,7 @@ impl Worker {
                         u.q.len(),
                     )
                 });
-                let keep = self.loaded < self.max_loaded && fits;
+                let keep = fits;
                 if keep {
                     kept.push((user.clone(), at));
                 }
@@ -205,6 +219,7 @@ impl Worker {
             }
         };
         self.note_span(&read);
+        self.read_events.increment(read.events.len() as u64);
         let Some(uq) = self.users.get_mut(user) else {
             return 0;
         };
@@ -273,6 +288,7 @@ impl Worker {
             }
         };
         self.note_span(&read);
+        self.read_events.increment(read.events.len() as u64);
         let mut next = read.next.max(from + 1);
         let mut passed: super::FastSet<Arc<str>> = super::FastSet::default();
         let mut attached: Vec<(Arc<str>, usize)> = Vec::new();

@@ -30,6 +30,7 @@ const METRIC_PREFIXES: &[&str] = &[
     "ballast_log_events_total",
     "ballast_destination_delivered_total",
     "ballast_destination_retries_total",
+    "ballast_destination_read_events_total",
     "naive_fsyncs_total",
     "naive_requests_total",
 ];

@@ -8,7 +8,7 @@
 //! was unfinished (at least once).
 //!
 //! Memory: at most `MAX_LOADED` event bodies are kept (or enough for a few loads in flight
-//! of a destination with large batches: `max_loaded`), at most `PER_USER_LOADED` per user,
+//! of a destination with large batches: `max_loaded`), at most a quarter of that per user,
 //! and a user waiting for a retry keeps only its head's; other queue entries keep only
 //! their position and are re-read from the log (in bulk) when they come near the head.
 //! Reading stops while the body budget is used up: deliveries free it.
@@ -62,16 +62,14 @@ type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 const MAX_LOADED: usize = 20_000;
 /// Loads in flight a destination's body budget is sized for (with its batch size).
 const LOADS_IN_BUDGET: usize = 4;
-/// Bodies one user keeps at most, so that one user's backlog leaves the budget to the
-/// others. Large enough that a hundred users sharing a backlog never reach it (at 256
-/// they did, and every entry of theirs read after that went without a body).
-const PER_USER_LOADED: usize = 2048;
+/// The share of the body budget one user keeps at most (`per_user_loaded`), so that one
+/// user's backlog (a slow one) leaves the rest to the others: a quarter. Users who share
+/// a backlog do not reach it: at a fixed 256 a hundred users did, and ten did at 2,048;
+/// every entry of theirs read after that went without its body and was read again.
+const USER_SHARE: usize = 4;
 /// Queue entries (with or without bodies) beyond which reading pauses.
 const MAX_ENTRIES: usize = 1_000_000;
 const READ_BATCH: usize = 1_000;
-/// Events one read of the log's tail brings at most (what is new, in order): larger than
-/// the reads for bodies, so a drain waits for fewer round trips to the reading thread.
-const TAIL_READ: usize = 4_000;
 const ACK_EVERY: Duration = Duration::from_millis(200);
 /// Finished ranges an acknowledgement records above the cursor at most (beyond them a
 /// takeover re-sends; the cost of an acknowledgement stays bounded whatever the backlog).
@@ -167,6 +165,8 @@ pub(super) struct Worker {
     /// Event bodies kept in memory at most: `MAX_LOADED`, or for a destination with large
     /// batches (the warehouse: 10,000) what a few loads in flight and the next one need.
     max_loaded: usize,
+    /// Bodies one user keeps at most: `max_loaded / USER_SHARE`.
+    per_user_loaded: usize,
     /// Log entries queued without a body (past the body budget), by position: whose they
     /// are. `refill` gives them bodies in log order, many users' in one read.
     bodiless: BTreeMap<Position, Arc<str>>,
@@ -261,6 +261,7 @@ impl Worker {
             isolating: None,
             reading: None,
             max_loaded,
+            per_user_loaded: max_loaded / USER_SHARE,
             bodiless: BTreeMap::new(),
             refill_from: start,
             span_per_event: 0,

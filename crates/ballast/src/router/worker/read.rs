@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::poison::strike_key;
 use super::queue::{Origin, Pending, UserState};
-use super::{ReadFuture, Worker, MAX_ENTRIES, PER_USER_LOADED, READ_BATCH, TAIL_READ};
+use super::{ReadFuture, Worker, MAX_ENTRIES, READ_BATCH};
 use crate::destinations::Event;
 use crate::event::identify;
 use crate::router::state::from_ms;
@@ -27,10 +27,25 @@ pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
 }
 
 impl Worker {
-    /// May the loop read the log from `from` now: something new there, and room in the
-    /// body budget and under the cap on queue entries.
+    /// May the loop read the log from `from` now: something new there, room in the body
+    /// budget, under the cap on queue entries, and not far ahead of the bodies.
     pub(super) fn may_read(&self, from: Position, end: Position) -> bool {
-        from < end && self.loaded < self.max_loaded && self.unfinished.len() < MAX_ENTRIES
+        from < end
+            && self.loaded < self.max_loaded
+            && self.unfinished.len() < MAX_ENTRIES
+            && !self.ahead_of_bodies()
+    }
+
+    /// Has the tail read run ahead of the bodies: more than one read's worth of entries
+    /// queued without a body while no user waits for a retry? Those entries are read
+    /// again for their bodies, a few of one user's per read, so reading on would only
+    /// make more of them; while they are loaded (refills, heads) and delivered, the
+    /// others' bodies free the budget they need. A user at its share of the budget (one
+    /// user with most of a backlog) made them: its later entries go without a body to
+    /// keep its order. While a user waits for a retry, its entries go without a body so
+    /// that the others go on: reading does not pause for them.
+    pub(super) fn ahead_of_bodies(&self) -> bool {
+        self.waiting_users == 0 && self.bodiless.len() > READ_BATCH
     }
 
     /// Bodies are slices of the chunk they were read in: a few kept out of a large read
@@ -58,7 +73,7 @@ impl Worker {
     /// to start it, and then the loop waited for its wake-up.
     pub(super) fn start_read(&mut self, from: Position) {
         let store = self.store.clone();
-        let mut read: ReadFuture = Box::pin(async move { store.read(from, TAIL_READ).await });
+        let mut read: ReadFuture = Box::pin(async move { store.read(from, READ_BATCH).await });
         // Futures are lazy: polled once now, the store hands the read to its blocking
         // thread at once, so it overlaps this turn's queueing and dispatching instead of
         // starting at the loop's next wait. The loop's own poll later registers its waker.
@@ -104,7 +119,7 @@ impl Worker {
                 let (fits, at) = self.users.get(&user).map_or((true, 0), |u| {
                     (
                         u.loaded == u.q.len()
-                            && u.loaded < PER_USER_LOADED
+                            && u.loaded < self.per_user_loaded
                             && u.state != UserState::Waiting,
                         u.q.len(),
                     )
@@ -198,7 +213,7 @@ impl Worker {
 
     /// Makes sure the bodies of the user's first `want` queue entries are in memory, with
     /// one read of the log at most: from the first entry without a body, filling every
-    /// entry of this user found in what was read (up to `PER_USER_LOADED`, or `want`).
+    /// entry of this user found in what was read (up to `per_user_loaded`, or `want`).
     /// Returns how many entries at the front of the queue have their body (≤ `want`).
     pub(super) async fn load_head(&mut self, user: &Arc<str>, want: usize) -> usize {
         let Some(uq) = self.users.get(user) else {
@@ -223,7 +238,7 @@ impl Worker {
         let Some(uq) = self.users.get_mut(user) else {
             return 0;
         };
-        let cap = PER_USER_LOADED.max(want);
+        let cap = self.per_user_loaded.max(want);
         // Queue entries and the read are both in log order: walk them side by side.
         let mut found = read.events.iter().peekable();
         let mut attached: Vec<usize> = Vec::new();
@@ -309,7 +324,7 @@ impl Worker {
             // Bodies are the front of a queue: this must be the user's first entry
             // without one.
             let first = uq.q.iter().position(|p| p.event.is_none());
-            let fits = uq.loaded < PER_USER_LOADED && uq.state != UserState::Waiting;
+            let fits = uq.loaded < self.per_user_loaded && uq.state != UserState::Waiting;
             match first.and_then(|i| uq.q.get_mut(i).map(|p| (i, p))) {
                 Some((i, p)) if fits && p.origin == Origin::Log(e.position) => {
                     p.event = Some(to_event(e.clone()).1);

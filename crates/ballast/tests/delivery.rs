@@ -1159,9 +1159,14 @@ fn a_backlog_beyond_memory_is_delivered_in_order() {
 
 /// Builds a backlog of `n` events (whose user `user_of(i)` says) while the server is
 /// degraded (stored, not forwarded), returns to normal mode, checks that every event
-/// arrives once and in order per user, and returns how many events the router read from
-/// the log for them.
-fn read_for_a_backlog(n: usize, user_of: impl Fn(usize) -> String) -> f64 {
+/// arrives once and in order per user, and that the router read at most `per_event`
+/// events from the log for each (`what` names the case in the output).
+fn check_reads_for_a_backlog(
+    what: &str,
+    n: usize,
+    per_event: f64,
+    user_of: impl Fn(usize) -> String,
+) {
     let rx = Receiver::start(always(200));
     let extra = webhook("hook", &rx.url(), &format!("concurrency = 64\n{PATIENT}"));
     let server = Server::start(&common::config(&extra));
@@ -1200,11 +1205,16 @@ fn read_for_a_backlog(n: usize, user_of: impl Fn(usize) -> String) -> f64 {
     let delivered = rx.ok_events();
     assert_eq!(delivered.len(), n, "each event once");
     check_user_order(&events, &delivered).unwrap();
-    metric(
+    let read = metric(
         &server,
         r#"ballast_destination_read_events_total{destination="hook"}"#,
     )
-    .expect("the read-events counter")
+    .expect("the read-events counter");
+    eprintln!("{what}: {n} events delivered, {read} read from the log");
+    assert!(
+        read <= per_event * n as f64,
+        "{what}: {read} events read for {n} delivered"
+    );
 }
 
 /// A hundred users' backlog, larger than the router keeps in memory: the log is read
@@ -1216,13 +1226,9 @@ fn read_for_a_backlog(n: usize, user_of: impl Fn(usize) -> String) -> f64 {
 /// thousand users'.
 #[test]
 fn a_hundred_users_backlog_is_read_about_once() {
-    let n = 40_000;
-    let read = read_for_a_backlog(n, |i| format!("user-{}", i % 100));
-    eprintln!("a hundred users: {n} events delivered, {read} read from the log");
-    assert!(
-        read <= 1.25 * n as f64,
-        "{read} events read for {n} delivered"
-    );
+    check_reads_for_a_backlog("a hundred users", 40_000, 1.25, |i| {
+        format!("user-{}", i % 100)
+    });
 }
 
 /// One user of ten with two thirds of a backlog reaches its share of the body budget
@@ -1232,20 +1238,14 @@ fn a_hundred_users_backlog_is_read_about_once() {
 /// 60,000 here), not once more for every few of that user's events.
 #[test]
 fn a_user_with_most_of_a_backlog_costs_at_most_a_second_read() {
-    let n = 60_000;
     // user-0 has two events in three; users 1 to 9 share the rest.
-    let read = read_for_a_backlog(n, |i| {
+    check_reads_for_a_backlog("one user with most", 60_000, 2.5, |i| {
         if i % 3 < 2 {
             "user-0".to_string()
         } else {
             format!("user-{}", 1 + (i / 3) % 9)
         }
     });
-    eprintln!("one user with most: {n} events delivered, {read} read from the log");
-    assert!(
-        read <= 2.5 * n as f64,
-        "{read} events read for {n} delivered"
-    );
 }
 
 /// docs/OPERATIONS.md, "Alerts": a destination aborting events raises an alert, and its `resolve`

@@ -167,8 +167,9 @@ pub(super) struct Worker {
     max_loaded: usize,
     /// Bodies one user keeps at most: `max_loaded / USER_SHARE`.
     per_user_loaded: usize,
-    /// Log entries queued without a body (past the body budget), by position: whose they
-    /// are. `refill` gives them bodies in log order, many users' in one read.
+    /// Log entries queued without a body (their user past its share of the budget, or
+    /// waiting for a retry), by position: whose they are. `refill` gives them bodies in
+    /// log order, many users' in one read.
     bodiless: BTreeMap<Position, Arc<str>>,
     /// Where the next refill reads from (at least): refills move forward through the log,
     /// so the entries of a user they had to pass (at its cap, waiting) are never read

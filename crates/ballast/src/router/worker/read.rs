@@ -116,7 +116,7 @@ impl Worker {
                 // left every later entry of its user without one, and the tail read, still
                 // under the budget as deliveries freed it, queued the rest of a backlog of
                 // a hundred users as positions that every delivery then read again.
-                let (fits, at) = self.users.get(&user).map_or((true, 0), |u| {
+                let (keep, at) = self.users.get(&user).map_or((true, 0), |u| {
                     (
                         u.loaded == u.q.len()
                             && u.loaded < self.per_user_loaded
@@ -124,7 +124,6 @@ impl Worker {
                         u.q.len(),
                     )
                 });
-                let keep = fits;
                 if keep {
                     kept.push((user.clone(), at));
                 }

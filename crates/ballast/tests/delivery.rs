@@ -1101,6 +1101,22 @@ fn a_batch_that_fails_once_goes_again_in_halves() {
     assert_eq!(rx.ok_count(), events.len(), "each event once: {seen:?}");
 }
 
+/// Waits up to `secs` for every one of `events` to reach `rx`, then checks that each
+/// arrived once and in order per user.
+fn delivered_once_in_order(server: &Server, rx: &Receiver, events: &[Value], secs: u64) {
+    let n = events.len();
+    let want = ids(events);
+    assert!(
+        wait_for(secs, || rx.ok_count() >= n && rx.has_all(&want)),
+        "{} of {n} delivered; {}",
+        rx.ok_distinct(),
+        status(server)
+    );
+    let delivered = rx.ok_events();
+    assert_eq!(delivered.len(), n, "each event once");
+    check_user_order(events, &delivered).unwrap();
+}
+
 /// A backlog larger than the router keeps in memory (20 000 event bodies) while the
 /// webhook is down: once it is back, every event arrives once, in order per user.
 #[test]
@@ -1136,20 +1152,11 @@ fn a_backlog_beyond_memory_is_delivered_in_order() {
     );
     let started = Instant::now();
     let rx = Receiver::start_on(port, always(200));
-    let want = ids(&events);
-    assert!(
-        wait_for(120, || rx.ok_count() >= n && rx.has_all(&want)),
-        "{} of {n} delivered; {}",
-        rx.ok_distinct(),
-        status(&server)
-    );
+    delivered_once_in_order(&server, &rx, &events, 120);
     eprintln!(
         "backlog test: {n} events delivered in {} ms",
         started.elapsed().as_millis()
     );
-    let delivered = rx.ok_events();
-    assert_eq!(delivered.len(), n, "each event once");
-    check_user_order(&events, &delivered).unwrap();
     assert!(
         wait_for(5, || dest_status(&server, "hook")["backlog_bytes"] == 0),
         "{}",
@@ -1195,16 +1202,7 @@ fn check_reads_for_a_backlog(
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rx.ok_count(), 0, "degraded mode forwards nothing");
     set_mode("normal");
-    let want = ids(&events);
-    assert!(
-        wait_for(120, || rx.ok_count() >= n && rx.has_all(&want)),
-        "{} of {n} delivered; {}",
-        rx.ok_distinct(),
-        status(&server)
-    );
-    let delivered = rx.ok_events();
-    assert_eq!(delivered.len(), n, "each event once");
-    check_user_order(&events, &delivered).unwrap();
+    delivered_once_in_order(&server, &rx, &events, 120);
     let read = metric(
         &server,
         r#"ballast_destination_read_events_total{destination="hook"}"#,

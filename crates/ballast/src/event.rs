@@ -5,8 +5,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 
+use bytestring::ByteString;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -88,7 +88,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Shallow<'a> {
 }
 
 /// The ordering key and messageId of a stored event.
-pub fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
+pub fn identify(json: &[u8]) -> (ByteString, ByteString) {
     let mut user: Option<String> = None;
     let mut anon: Option<String> = None;
     let mut message_id = String::new();
@@ -119,7 +119,7 @@ pub fn identify(json: &[u8]) -> (Arc<str>, Arc<str>) {
         (None, Some(a)) => format!("a:{a}"),
         (None, None) => String::new(),
     };
-    (Arc::from(key), Arc::from(message_id))
+    (key.into(), message_id.into())
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub struct Event {
     /// The enriched event, as stored (a JSON object). Cheap to clone.
     pub json: bytes::Bytes,
     /// Its `messageId` (for idempotency headers); empty if it has none.
-    pub message_id: Arc<str>,
+    pub message_id: bytestring::ByteString,
     pub source: Arc<str>,
 }
 

@@ -102,7 +102,7 @@ fn decode_records(batch: ballast_log::ReadBatch) -> Result<ReadEvents, StoreErro
             position: r.position,
             source,
             event,
-            ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
+            ident: envelope::ident_of(&r.payload, meta),
         });
     }
     Ok(ReadEvents {

@@ -46,6 +46,24 @@ pub fn decode_meta(meta: &[u8]) -> Option<(&str, &str)> {
     ))
 }
 
+/// The ordering key and messageId of a meta block found in `record` (`meta` is a slice
+/// of it), as slices of the record's bytes: no allocation per event read (two per event
+/// were a tenth of a delivery's CPU).
+pub fn ident_of(
+    record: &bytes::Bytes,
+    meta: &[u8],
+) -> Option<(bytestring::ByteString, bytestring::ByteString)> {
+    let (key, message_id) = decode_meta(meta)?;
+    Some((text_in(record, key), text_in(record, message_id)))
+}
+
+/// `text`, a slice of `record`, as a string sharing the record's bytes.
+fn text_in(record: &bytes::Bytes, text: &str) -> bytestring::ByteString {
+    let bytes = record.slice_ref(text.as_bytes());
+    // Valid UTF-8 (it was a `str`): the conversion only checks it again.
+    bytestring::ByteString::try_from(bytes).unwrap_or_else(|_| text.into())
+}
+
 /// Appends the envelope of one event to `out`. `source` is at most 255 bytes
 /// (configuration validation guarantees it).
 pub fn encode_into(out: &mut Vec<u8>, source: &str, meta: &[u8], event: &[u8]) {
@@ -93,6 +111,21 @@ pub fn decode(record: &[u8]) -> Result<(&str, &[u8], &[u8]), EnvelopeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ident_of_shares_the_records_bytes() {
+        let mut meta = Vec::new();
+        encode_meta(&mut meta, "u:", "user-1", "m-1");
+        let mut out = Vec::new();
+        encode_into(&mut out, "web", &meta, br#"{"a":1}"#);
+        let record = bytes::Bytes::from(out);
+        let (_, meta, _) = decode(&record).unwrap();
+        let (key, message_id) = ident_of(&record, meta).unwrap();
+        assert_eq!((&*key, &*message_id), ("u:user-1", "m-1"));
+        let within = |s: &str| record.as_ptr_range().contains(&s.as_ptr());
+        assert!(within(&key) && within(&message_id), "slices, not copies");
+        assert_eq!(ident_of(&record, b""), None);
+    }
 
     #[test]
     fn roundtrip() {

@@ -245,7 +245,8 @@ pub struct StoredEvent {
     /// The event's JSON (a slice of what the store read; cheap to clone).
     pub event: bytes::Bytes,
     /// Ordering key and messageId recorded at ingest, when the record has them.
-    pub ident: Option<(Arc<str>, Arc<str>)>,
+    /// Slices of the record read (see `envelope::ident_of`).
+    pub ident: Option<(bytestring::ByteString, bytestring::ByteString)>,
 }
 
 /// Events read for a consumer, and where its next read starts.

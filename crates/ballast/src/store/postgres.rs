@@ -1211,7 +1211,7 @@ impl Store for PgStore {
                     position,
                     source,
                     event: record.slice(start..start + event.len()),
-                    ident: envelope::decode_meta(meta).map(|(k, m)| (Arc::from(k), Arc::from(m))),
+                    ident: envelope::ident_of(&record, meta),
                 });
                 next = position + 1;
                 if events.len() >= max_events {

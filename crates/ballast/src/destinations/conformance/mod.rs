@@ -55,7 +55,7 @@ pub fn event(tag: &str, n: usize) -> Event {
     });
     Event {
         json: bytes::Bytes::from(json.to_string()),
-        message_id: Arc::from(id.as_str()),
+        message_id: id.as_str().into(),
         source: Arc::from("web"),
     }
 }

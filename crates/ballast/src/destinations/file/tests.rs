@@ -5,7 +5,7 @@ use std::sync::Arc;
 fn ev(n: usize) -> Event {
     Event {
         json: bytes::Bytes::from(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(40)).into_bytes()),
-        message_id: Arc::from(format!("m{n}")),
+        message_id: format!("m{n}").into(),
         source: Arc::from("web"),
     }
 }

@@ -32,7 +32,7 @@ fn ev(v: Value) -> Event {
     let id = v["messageId"].as_str().unwrap().to_string();
     Event {
         json: bytes::Bytes::from(v.to_string()),
-        message_id: Arc::from(id.as_str()),
+        message_id: id.as_str().into(),
         source: Arc::from("web"),
     }
 }

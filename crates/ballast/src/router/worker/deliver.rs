@@ -27,9 +27,8 @@ const MAX_REFILLS: usize = 4;
 struct Request {
     units: Vec<Unit>,
     events: Vec<Event>,
-    /// The events' log positions (for the crash journal) and strike keys.
+    /// The events' log positions (for the crash journal).
     positions: Vec<Position>,
-    keys: Vec<Arc<str>>,
     /// It holds a suspect: nothing else starts until it finishes.
     isolate: bool,
 }
@@ -68,7 +67,6 @@ impl Worker {
         let mut units: Vec<Unit> = Vec::new();
         let mut events: Vec<Event> = Vec::new();
         let mut positions = Vec::new();
-        let mut keys = Vec::new();
         let mut isolate = false;
         // The cohort of the request (its first user's): a request holds users of one
         // cohort, or of none.
@@ -89,7 +87,7 @@ impl Worker {
             let (take, user_cohort, poison, suspect) = match self.users.get(&user) {
                 Some(uq) if uq.state == UserState::Idle => match uq.q.front() {
                     Some(head) => {
-                        let struck = strikes_of(&head.key);
+                        let struck = strikes_of(head.key());
                         (
                             (max - events.len()).min(uq.q.len()),
                             uq.cohort,
@@ -146,13 +144,12 @@ impl Worker {
                 for (i, p) in uq.q.iter_mut().take(loaded).enumerate() {
                     let struck = p.poison
                         || (!self.strikes.is_empty()
-                            && self.strikes.get(&*p.key).copied().unwrap_or(0) > 0);
+                            && self.strikes.get(p.key()).copied().unwrap_or(0) > 0);
                     if i > 0 && struck {
                         break;
                     }
                     let Some(e) = &p.event else { break };
                     events.push(e.clone());
-                    keys.push(p.key.clone());
                     if let Origin::Log(pos) = p.origin {
                         positions.push(pos);
                     }
@@ -184,7 +181,6 @@ impl Worker {
             units,
             events,
             positions,
-            keys,
             isolate,
         })
     }
@@ -195,7 +191,6 @@ impl Worker {
             units,
             events,
             positions,
-            keys,
             isolate,
         } = request;
         self.journal.begin(&self.config.id, &positions);
@@ -229,14 +224,8 @@ impl Worker {
         if isolate {
             self.isolating = Some(handle.id());
         }
-        self.inflight.insert(
-            handle.id(),
-            InFlight {
-                units,
-                positions,
-                keys,
-            },
-        );
+        self.inflight
+            .insert(handle.id(), InFlight { units, positions });
     }
 
     /// A delivery finished with `outcome`.
@@ -386,7 +375,7 @@ impl Worker {
             let mut freed = 0;
             for p in uq.q.iter_mut().skip(1) {
                 if let Origin::Log(pos) = p.origin {
-                    if p.event.take().is_none() {
+                    if p.drop_body().is_none() {
                         break;
                     }
                     self.bodiless.insert(pos, user.clone());

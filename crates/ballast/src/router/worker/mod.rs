@@ -93,8 +93,6 @@ struct InFlight {
     units: Vec<Unit>,
     /// Their log positions, as written to the crash journal.
     positions: Vec<Position>,
-    /// Their strike keys (a panic strikes them).
-    keys: Vec<Arc<str>>,
 }
 
 pub(super) struct Worker {

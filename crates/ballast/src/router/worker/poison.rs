@@ -35,17 +35,23 @@ impl Worker {
             .get(user)
             .and_then(|u| u.q.front())
             .is_some_and(|p| {
-                !self.strikes.is_empty() && self.strikes.get(&*p.key).copied().unwrap_or(0) > 0
+                !self.strikes.is_empty() && self.strikes.get(p.key()).copied().unwrap_or(0) > 0
             })
     }
 
     /// A worker panicked while holding these events: one strike each; at the threshold
     /// they are poison (quarantined when they reach the head again).
     pub(super) async fn strike(&mut self, id: tokio::task::Id) {
-        let Some(InFlight { keys, .. }) = self.inflight.get(&id) else {
+        let Some(InFlight { units, .. }) = self.inflight.get(&id) else {
             return;
         };
-        let keys = keys.clone();
+        // The events in flight are still the first of their users' queues.
+        let keys: Vec<String> = units
+            .iter()
+            .filter_map(|u| Some(self.users.get(&u.user)?.q.iter().take(u.count)))
+            .flatten()
+            .map(|p| p.key().to_string())
+            .collect();
         let events: Vec<(String, String)> = keys
             .iter()
             .map(|k| (self.config.id.clone(), k.to_string()))
@@ -60,7 +66,7 @@ impl Worker {
         // At the threshold an event is poison: judged when it reaches the head
         // (`next_request`), not marked over every queue here.
         for (key, n) in keys.into_iter().zip(counts) {
-            self.strikes.insert(key.to_string(), n);
+            self.strikes.insert(key, n);
         }
     }
 
@@ -86,7 +92,7 @@ impl Worker {
                     .as_ref()
                     .map(|e| e.message_id.to_string())
                     .unwrap_or_default();
-                (pos, mid, self.strikes.get(&*p.key).copied().unwrap_or(0))
+                (pos, mid, self.strikes.get(p.key()).copied().unwrap_or(0))
             }
             None => return,
         };

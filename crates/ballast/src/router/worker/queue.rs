@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytestring::ByteString;
+
 use super::Worker;
 use crate::destinations::Event;
 use crate::store::Position;
@@ -28,8 +30,51 @@ pub(super) struct Pending {
     pub(super) first_attempt: Option<SystemTime>,
     /// Struck out as a poison event: quarantined instead of delivered.
     pub(super) poison: bool,
-    /// Names the event's strikes: its messageId (so a resent copy shares them).
-    pub(super) key: Arc<str>,
+    /// Names the event's strikes (see [`Pending::key`]): `None` while it is the body's
+    /// messageId (nothing to copy or count per event); else a string of its own (no
+    /// messageId: `@position`; a replay; an entry without its body, which must not keep
+    /// the chunk it was read in, hundreds of events, alive for the few bytes of a key).
+    pub(super) own_key: Option<ByteString>,
+}
+
+impl Pending {
+    /// The key of the event's strikes: its messageId, so that a copy sent again shares
+    /// them.
+    pub(super) fn key(&self) -> &str {
+        match (&self.own_key, &self.event) {
+            (Some(k), _) => k,
+            (None, Some(e)) => &e.message_id,
+            (None, None) => "",
+        }
+    }
+
+    /// The key for an entry read from the log at `position` (`keep`: with its body).
+    pub(super) fn key_for(event: &Event, position: Position, keep: bool) -> Option<ByteString> {
+        if event.message_id.is_empty() {
+            Some(super::poison::strike_key("", position).into())
+        } else if keep {
+            None
+        } else {
+            Some(ByteString::from(&*event.message_id))
+        }
+    }
+
+    /// Drops the body (to be read again later), keeping its key.
+    pub(super) fn drop_body(&mut self) -> Option<Event> {
+        if self.own_key.is_none() {
+            self.own_key = Some(ByteString::from(self.key()));
+        }
+        self.event.take()
+    }
+
+    /// Copies the body out of the chunk it was read in, which a few kept events of a
+    /// large read would otherwise pin whole.
+    pub(super) fn copy_out(&mut self) {
+        if let Some(e) = &mut self.event {
+            e.json = bytes::Bytes::copy_from_slice(&e.json);
+            e.message_id = ByteString::from(&*e.message_id);
+        }
+    }
 }
 
 /// Where a user's queue stands.
@@ -124,9 +169,9 @@ impl Worker {
                     // again (same messageId) is quarantined without new crashes.
                     if !p.poison
                         && !self.strikes.is_empty()
-                        && self.strikes.remove(&*p.key).is_some()
+                        && self.strikes.remove(p.key()).is_some()
                     {
-                        self.strike_clears.push(p.key.to_string());
+                        self.strike_clears.push(p.key().to_string());
                     }
                 }
                 Origin::Replay(id) => {
@@ -180,5 +225,67 @@ impl Worker {
             }
             self.make_ready(&user);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_entry(chunk: &bytes::Bytes, message_id: &str) -> Pending {
+        let event = Event {
+            json: chunk.slice(0..chunk.len()),
+            message_id: ByteString::try_from(chunk.slice_ref(message_id.as_bytes())).unwrap(),
+            source: Arc::from("web"),
+        };
+        Pending {
+            origin: Origin::Log(7),
+            source: event.source.clone(),
+            own_key: Pending::key_for(&event, 7, true),
+            event: Some(event),
+            attempts: 0,
+            first_attempt: None,
+            poison: false,
+        }
+    }
+
+    #[test]
+    fn an_entry_without_its_body_keeps_its_key_but_not_the_chunk() {
+        let chunk = bytes::Bytes::from(br#"{"messageId":"m-1"}"#.to_vec());
+        let mut p = read_entry(&chunk, &std::str::from_utf8(&chunk).unwrap()[14..17]);
+        assert_eq!(p.key(), "m-1");
+        assert!(p.own_key.is_none(), "the body's messageId is the key");
+        assert!(p.drop_body().is_some());
+        assert_eq!(p.key(), "m-1");
+        assert!(
+            !chunk.as_ptr_range().contains(&p.key().as_ptr()),
+            "a copy of its own"
+        );
+    }
+
+    #[test]
+    fn an_event_without_message_id_is_named_by_its_position() {
+        let chunk = bytes::Bytes::from_static(b"{}");
+        let mut p = read_entry(&chunk, "");
+        assert_eq!(p.key(), "@7");
+        p.drop_body();
+        assert_eq!(p.key(), "@7");
+        let e = p.event.get_or_insert(Event {
+            json: chunk.clone(),
+            message_id: ByteString::new(),
+            source: Arc::from("web"),
+        });
+        assert_eq!(Pending::key_for(e, 9, false).as_deref(), Some("@9"));
+    }
+
+    #[test]
+    fn copied_out_bodies_leave_the_chunk() {
+        let chunk = bytes::Bytes::from(br#"{"messageId":"m-2"}"#.to_vec());
+        let mut p = read_entry(&chunk, &std::str::from_utf8(&chunk).unwrap()[14..17]);
+        p.copy_out();
+        let e = p.event.as_ref().unwrap();
+        let within = |ptr: *const u8| chunk.as_ptr_range().contains(&ptr);
+        assert!(!within(e.json.as_ptr()) && !within(e.message_id.as_ptr()));
+        assert_eq!(p.key(), "m-2");
     }
 }

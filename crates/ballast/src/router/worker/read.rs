@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use super::poison::strike_key;
+use bytestring::ByteString;
+
 use super::queue::{Origin, Pending, UserState};
 use super::{ReadFuture, Worker, MAX_ENTRIES, READ_BATCH};
 use crate::destinations::Event;
@@ -12,7 +13,7 @@ use crate::event::identify;
 use crate::router::state::from_ms;
 use crate::store::{Position, ReadEvents, StoredEvent};
 
-pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
+pub(super) fn to_event(e: StoredEvent) -> (ByteString, Event) {
     // Recorded at ingest when the record has it; else found in the JSON.
     let (user, message_id) = match e.ident {
         Some(ident) => ident,
@@ -27,6 +28,15 @@ pub(super) fn to_event(e: StoredEvent) -> (Arc<str>, Event) {
 }
 
 impl Worker {
+    /// The user's name as the queues key it: the key already there when the user has a
+    /// queue (no allocation for each event read), else a new one.
+    pub(super) fn user_key(&self, name: &str) -> Arc<str> {
+        match self.users.get_key_value(name) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(name),
+        }
+    }
+
     /// May the loop read the log from `from` now: something new there, room in the body
     /// budget, under the cap on queue entries, and not far ahead of the bodies.
     pub(super) fn may_read(&self, from: Position, end: Position) -> bool {
@@ -55,13 +65,8 @@ impl Worker {
             return;
         }
         for (user, i) in attached {
-            if let Some(e) = self
-                .users
-                .get_mut(user)
-                .and_then(|u| u.q.get_mut(*i))
-                .and_then(|p| p.event.as_mut())
-            {
-                e.json = bytes::Bytes::copy_from_slice(&e.json);
+            if let Some(p) = self.users.get_mut(user).and_then(|u| u.q.get_mut(*i)) {
+                p.copy_out();
             }
         }
     }
@@ -109,6 +114,7 @@ impl Worker {
                     self.redelivered.increment(1);
                 }
                 let (user, event) = to_event(e);
+                let user = self.user_key(&user);
                 // Only while every entry of the user's queue has its body: bodies stay the
                 // front of the queue (see `load_head`). One lookup of the user for both.
                 // Not judged against the body budget: the read was started under it (at
@@ -132,13 +138,11 @@ impl Worker {
                 } else {
                     self.known_retry.get(&position).copied()
                 };
-                let key: Arc<str> = if event.message_id.is_empty() {
-                    Arc::from(strike_key("", position))
-                } else {
-                    event.message_id.clone()
+                let own_key = Pending::key_for(&event, position, keep);
+                let poison = !self.strikes.is_empty() && {
+                    let key = own_key.as_deref().unwrap_or(&event.message_id);
+                    self.strikes.get(key).copied().unwrap_or(0) >= self.poison_threshold
                 };
-                let poison = !self.strikes.is_empty()
-                    && self.strikes.get(&*key).copied().unwrap_or(0) >= self.poison_threshold;
                 self.unfinished.insert(position);
                 if !keep {
                     self.bodiless.insert(position, user.clone());
@@ -152,7 +156,7 @@ impl Worker {
                         attempts: known.map(|k| k.attempts).unwrap_or(0),
                         first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
                         poison,
-                        key,
+                        own_key,
                     },
                 );
             }
@@ -263,8 +267,8 @@ impl Worker {
         // A few events of a large read: copy them out rather than pin the whole chunk.
         if attached.len() * 4 < read.events.len() {
             for &i in &attached {
-                if let Some(e) = uq.q.get_mut(i).and_then(|p| p.event.as_mut()) {
-                    e.json = bytes::Bytes::copy_from_slice(&e.json);
+                if let Some(p) = uq.q.get_mut(i) {
+                    p.copy_out();
                 }
             }
         }
@@ -356,6 +360,7 @@ impl Worker {
             }
             let json = l.event.get().as_bytes();
             let (user, message_id) = identify(json);
+            let user = self.user_key(&user);
             let source: Arc<str> = Arc::from(l.source.as_str());
             self.enqueue(
                 user,
@@ -370,7 +375,7 @@ impl Worker {
                     attempts: 0,
                     first_attempt: None,
                     poison: false,
-                    key: Arc::from(format!("replay:{}", l.id)),
+                    own_key: Some(format!("replay:{}", l.id).into()),
                 },
             );
         }

@@ -16,12 +16,25 @@ const BEGIN: u8 = 1;
 const END: u8 = 2;
 const COMPACT_AT: u64 = 8 << 20;
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 struct Inner {
     file: File,
     len: u64,
-    /// Per destination, the positions begun and not ended (foldhash: a delivery of 100
-    /// events inserts and removes 100 positions).
-    open: HashMap<String, HashSet<u64, foldhash::fast::RandomState>>,
+    /// Per destination, the deliveries begun and not ended: their positions, by ticket.
+    /// One insert and one removal a delivery, whatever its size (a set of positions cost
+    /// a hundred of each for a delivery of a hundred events).
+    open: HashMap<String, FastMap<u64, Vec<u64>>>,
+    next_ticket: u64,
+}
+
+/// A delivery begun in the journal, to be ended with [`Journal::end`] (not `Clone`: it
+/// ends once).
+#[derive(Debug)]
+#[must_use = "a delivery begun must be ended"]
+pub struct Begun {
+    /// None: nothing was begun (no positions).
+    ticket: Option<u64>,
 }
 
 pub struct Journal {
@@ -95,6 +108,7 @@ impl Journal {
                     file,
                     len,
                     open: HashMap::new(),
+                    next_ticket: 0,
                 }),
             },
             leftover,
@@ -110,31 +124,20 @@ impl Journal {
         Ok(())
     }
 
-    fn record(&self, op: u8, dest: &str, positions: &[u64]) {
+    /// Appends one record (under the lock held by the caller).
+    fn record(&self, g: &mut Inner, op: u8, dest: &str, positions: &[u64]) {
         if positions.is_empty() {
             return;
         }
         let mut buf = Vec::with_capacity(4 + dest.len() + positions.len() * 8);
         encode(&mut buf, op, dest, positions);
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if op == BEGIN {
-            let set = match g.open.get_mut(dest) {
-                Some(set) => set,
-                None => g.open.entry(dest.to_string()).or_default(),
-            };
-            set.extend(positions.iter().copied());
-        } else if let Some(set) = g.open.get_mut(dest) {
-            for p in positions {
-                set.remove(p);
-            }
-        }
         if let Err(e) = g.file.write_all(&buf) {
             tracing::warn!(error = %e, "writing the crash journal failed");
             return;
         }
         g.len += buf.len() as u64;
         if g.len >= COMPACT_AT {
-            if let Err(e) = self.compact(&mut g) {
+            if let Err(e) = self.compact(g) {
                 tracing::warn!(error = %e, "compacting the crash journal failed");
             }
         }
@@ -142,8 +145,8 @@ impl Journal {
 
     fn compact(&self, g: &mut Inner) -> std::io::Result<()> {
         let mut buf = Vec::new();
-        for (dest, set) in &g.open {
-            let positions: Vec<u64> = set.iter().copied().collect();
+        for (dest, begun) in &g.open {
+            let positions: Vec<u64> = begun.values().flatten().copied().collect();
             encode(&mut buf, BEGIN, dest, &positions);
         }
         let tmp = self.path.with_extension("tmp");
@@ -163,24 +166,55 @@ impl Journal {
     /// Like [`Journal::take_open`], for the positions `keep` selects (one partition's, when
     /// a destination has a delivery loop per partition).
     pub fn take_open_where(&self, dest: &str, keep: impl Fn(u64) -> bool) -> Vec<u64> {
-        let mut open: Vec<u64> = {
-            let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            g.open
-                .get(dest)
-                .map(|set| set.iter().copied().filter(|p| keep(*p)).collect())
-                .unwrap_or_default()
-        };
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = Vec::new();
+        if let Some(begun) = g.open.get_mut(dest) {
+            begun.retain(|_, positions| {
+                positions.retain(|&p| {
+                    let take = keep(p);
+                    if take {
+                        open.push(p);
+                    }
+                    !take
+                });
+                !positions.is_empty()
+            });
+        }
         open.sort_unstable();
-        self.end(dest, &open);
+        self.record(&mut g, END, dest, &open);
         open
     }
 
-    pub fn begin(&self, dest: &str, positions: &[u64]) {
-        self.record(BEGIN, dest, positions);
+    /// Records that `dest` is about to deliver the events at `positions`.
+    pub fn begin(&self, dest: &str, positions: Vec<u64>) -> Begun {
+        if positions.is_empty() {
+            return Begun { ticket: None };
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.record(&mut g, BEGIN, dest, &positions);
+        let ticket = g.next_ticket;
+        g.next_ticket += 1;
+        let begun = match g.open.get_mut(dest) {
+            Some(begun) => begun,
+            None => g.open.entry(dest.to_string()).or_default(),
+        };
+        begun.insert(ticket, positions);
+        Begun {
+            ticket: Some(ticket),
+        }
     }
 
-    pub fn end(&self, dest: &str, positions: &[u64]) {
-        self.record(END, dest, positions);
+    /// Records that a delivery begun is over (whatever its outcome): what of it
+    /// [`Journal::take_open`] did not take already.
+    pub fn end(&self, dest: &str, begun: Begun) {
+        let Some(ticket) = begun.ticket else {
+            return;
+        };
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let positions = g.open.get_mut(dest).and_then(|b| b.remove(&ticket));
+        if let Some(positions) = positions {
+            self.record(&mut g, END, dest, &positions);
+        }
     }
 }
 
@@ -195,9 +229,10 @@ mod tests {
         {
             let (j, left) = Journal::open(&path).unwrap();
             assert!(left.is_empty());
-            j.begin("a", &[1, 2, 3]);
-            j.end("a", &[1, 3]);
-            j.begin("b", &[7]);
+            let a = j.begin("a", vec![1, 3]);
+            let _ = j.begin("a", vec![2]);
+            j.end("a", a);
+            let _ = j.begin("b", vec![7]);
         }
         // A torn last record is ignored.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -215,11 +250,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let (j, _) = Journal::open(&path).unwrap();
-        j.begin("a", &[5, 1]);
-        j.begin("b", &[2]);
-        j.end("a", &[1]);
-        assert_eq!(j.take_open("a"), vec![5]);
+        let five = j.begin("a", vec![5, 6]);
+        let one = j.begin("a", vec![1]);
+        let _ = j.begin("b", vec![2]);
+        j.end("a", one);
+        assert_eq!(j.take_open("a"), vec![5, 6]);
         assert!(j.take_open("a").is_empty());
+        // Taken already: ending it records nothing more.
+        let len = std::fs::metadata(&path).unwrap().len();
+        j.end("a", five);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert!(j.begin("a", Vec::new()).ticket.is_none());
+        let mixed = j.begin("a", vec![10, 11, 12]);
+        assert_eq!(j.take_open_where("a", |p| p != 11), vec![10, 12]);
+        j.end("a", mixed);
         drop(j);
         let (_, left) = Journal::open(&path).unwrap();
         assert_eq!(left, vec![("b".to_string(), 2)]);
@@ -230,11 +274,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let (j, _) = Journal::open(&path).unwrap();
-        j.begin("keep", &[42]);
+        let _ = j.begin("keep", vec![42]);
         let many: Vec<u64> = (0..1000).collect();
         for _ in 0..1100 {
-            j.begin("x", &many);
-            j.end("x", &many);
+            let begun = j.begin("x", many.clone());
+            j.end("x", begun);
         }
         assert!(std::fs::metadata(&path).unwrap().len() < COMPACT_AT);
         drop(j);

@@ -193,7 +193,7 @@ impl Worker {
             positions,
             isolate,
         } = request;
-        self.journal.begin(&self.config.id, &positions);
+        let begun = self.journal.begin(&self.config.id, positions);
         #[cfg(feature = "failpoints")]
         if let Some(id) = fail::eval("router::loop_panic", |arg| arg.unwrap_or_default()) {
             if events.iter().any(|e| *e.message_id == id) {
@@ -224,19 +224,15 @@ impl Worker {
         if isolate {
             self.isolating = Some(handle.id());
         }
-        self.inflight
-            .insert(handle.id(), InFlight { units, positions });
+        self.inflight.insert(handle.id(), InFlight { units, begun });
     }
 
     /// A delivery finished with `outcome`.
     pub(super) async fn complete(&mut self, id: tokio::task::Id, outcome: Outcome) {
-        let Some(InFlight {
-            units, positions, ..
-        }) = self.inflight.remove(&id)
-        else {
+        let Some(InFlight { units, begun }) = self.inflight.remove(&id) else {
             return;
         };
-        self.journal.end(&self.config.id, &positions);
+        self.journal.end(&self.config.id, begun);
         if self.isolating == Some(id) {
             self.isolating = None;
         }

@@ -92,7 +92,7 @@ struct InFlight {
     /// The users whose heads it carries.
     units: Vec<Unit>,
     /// Their log positions, as written to the crash journal.
-    positions: Vec<Position>,
+    begun: crate::recovery::journal::Begun,
 }
 
 pub(super) struct Worker {

@@ -21,9 +21,10 @@
 //! head, not marked over every queue.
 //!
 //! Files: this one the loop (`run`), its state and the acknowledgements; `queue.rs` the
-//! per-user queues; `read.rs` reading the log into them; `deliver.rs` starting deliveries
-//! and judging their outcomes; `dead_letters.rs`; `poison.rs` strikes and quarantine;
-//! `abort_alert.rs` the "aborting events" alert.
+//! per-user queues; `read.rs` reading the log into them; `unfinished.rs` the positions
+//! read and not finished (the cursor and the ranges done above it); `deliver.rs` starting
+//! deliveries and judging their outcomes; `dead_letters.rs`; `poison.rs` strikes and
+//! quarantine; `abort_alert.rs` the "aborting events" alert.
 
 mod abort_alert;
 mod dead_letters;
@@ -33,9 +34,10 @@ mod flush;
 mod poison;
 mod queue;
 mod read;
+mod unfinished;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +54,7 @@ use crate::recovery::journal::Journal;
 use crate::store::{Position, Progress, ReadEvents, Store, StoreError};
 use abort_alert::{abort_alert_key, AbortAlert};
 use queue::UserQueue;
+use unfinished::Unfinished;
 
 pub(crate) use poison::strike_key_of;
 
@@ -128,7 +131,7 @@ pub(super) struct Worker {
     sources: FastSet<String>,
     read_pos: Position,
     acked: Position,
-    unfinished: BTreeSet<Position>,
+    unfinished: Unfinished,
     users: FastMap<Arc<str>, UserQueue>,
     ready: VecDeque<Arc<str>>,
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
@@ -238,7 +241,7 @@ impl Worker {
             replay,
             read_pos: start,
             acked: start,
-            unfinished: BTreeSet::new(),
+            unfinished: Unfinished::default(),
             users: FastMap::default(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
@@ -473,7 +476,7 @@ impl Worker {
     /// it (what lies between unfinished events, up to what was read, and what an earlier
     /// holder finished beyond that).
     fn progress(&self) -> Progress {
-        let mut unfinished = self.unfinished.iter().copied();
+        let mut unfinished = self.unfinished.iter();
         let Some(cursor) = unfinished.next() else {
             let mut done: Vec<_> = self
                 .skip

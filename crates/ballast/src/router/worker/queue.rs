@@ -158,7 +158,7 @@ impl Worker {
             }
             match p.origin {
                 Origin::Log(pos) => {
-                    self.unfinished.remove(&pos);
+                    self.unfinished.remove(pos);
                     if !self.bodiless.is_empty() {
                         self.bodiless.remove(&pos);
                     }

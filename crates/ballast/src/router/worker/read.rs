@@ -113,23 +113,25 @@ impl Worker {
                     }
                     self.redelivered.increment(1);
                 }
-                let (user, event) = to_event(e);
-                let user = self.user_key(&user);
+                let (name, event) = to_event(e);
                 // Only while every entry of the user's queue has its body: bodies stay the
-                // front of the queue (see `load_head`). One lookup of the user for both.
-                // Not judged against the body budget: the read was started under it (at
+                // front of the queue (see `load_head`). One lookup of the user for its key
+                // (the queue's own: no allocation per event), its body and where the entry
+                // goes. Not judged against the body budget: the read was started under it (at
                 // most one read over). An entry left without a body for the budget's sake
                 // left every later entry of its user without one, and the tail read, still
                 // under the budget as deliveries freed it, queued the rest of a backlog of
                 // a hundred users as positions that every delivery then read again.
-                let (keep, at) = self.users.get(&user).map_or((true, 0), |u| {
-                    (
+                let (user, keep, at) = match self.users.get_key_value(&*name) {
+                    Some((user, u)) => (
+                        user.clone(),
                         u.loaded == u.q.len()
                             && u.loaded < self.per_user_loaded
                             && u.state != UserState::Waiting,
                         u.q.len(),
-                    )
-                });
+                    ),
+                    None => (Arc::from(&*name), true, 0),
+                };
                 if keep {
                     kept.push((user.clone(), at));
                 }
@@ -162,7 +164,7 @@ impl Worker {
             }
             self.read_pos = self.read_pos.max(batch.next);
             if read > 0 {
-                let oldest = self.unfinished.first().copied();
+                let oldest = self.unfinished.first();
                 if let Some(f) = &mut self.filling {
                     f.note_read(batch.next, oldest);
                 }

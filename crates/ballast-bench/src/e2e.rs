@@ -415,6 +415,48 @@ fn phase_cpu(p: &PhaseCpu) -> String {
     )
 }
 
+/// What one e2e round spent, for [`delivery_cpu_us`].
+struct Spent<'a> {
+    /// ballast's CPU in its ingest-only run, and the events it accepted.
+    ingest_only: (Option<f64>, u64),
+    load: &'a PhaseCpu,
+    /// Accepted and delivered during the load.
+    accepted: u64,
+    delivered: u64,
+    drain: &'a PhaseCpu,
+    drained: u64,
+}
+
+/// CPU per event delivered, in µs (None where a figure is missing or a phase was too
+/// short to measure): ballast's while loading, less what its ingest-only run says
+/// ingesting the events accepted meanwhile costs; ballast's after the load; the sink's
+/// after the load. Process CPU per event is steadier than rates on a shared machine: it
+/// compares delivery paths where the end-to-end ratio mostly shows the noise.
+fn delivery_cpu_us(s: &Spent) -> [Option<f64>; 3] {
+    let per = |cpu_s: Option<f64>, events: u64, wall_s: f64| {
+        cpu_s
+            .filter(|_| events > 0 && wall_s >= 1.0)
+            .map(|c| c / events as f64 * 1e6)
+    };
+    let (ingest_cpu, ingest_events) = s.ingest_only;
+    let ingest_per_event = ingest_cpu
+        .filter(|_| ingest_events > 0)
+        .map(|c| c / ingest_events as f64);
+    let loading = match (s.load.ballast_s, ingest_per_event) {
+        (Some(all), Some(ingest)) => per(
+            Some((all - ingest * s.accepted as f64).max(0.0)),
+            s.delivered,
+            s.load.wall_s,
+        ),
+        _ => None,
+    };
+    [
+        loading,
+        per(s.drain.ballast_s, s.drained, s.drain.wall_s),
+        per(s.drain.sink_s, s.drained, s.drain.wall_s),
+    ]
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -557,6 +599,26 @@ pub(crate) fn markdown(s: &mut String, args: &RunArgs, outcomes: &[E2eOutcome]) 
                 .machine_cores
                 .map_or("n/a".into(), |m| format!("{m:.2}")),
         );
+        let us = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2} µs"));
+        let [loading, drain, sink_drain] = delivery_cpu_us(&Spent {
+            ingest_only: (
+                o.ingest_only.server_cpu_s,
+                o.ingest_only.report.accepted_events_total,
+            ),
+            load: &o.load_cpu,
+            accepted: o.accepted_events,
+            delivered: o.delivered_at_load_end,
+            drain: &o.drain_cpu,
+            drained: after,
+        });
+        let _ = writeln!(
+            s,
+            "{label}: CPU per event delivered: ballast {} while loading (less what ingest-only says ingest costs), \
+             {} after it; sink {} after it",
+            us(loading),
+            us(drain),
+            us(sink_drain),
+        );
         let _ = writeln!(
             s,
             "{label}: sink got {} events in {} requests ({:.1} events/request), lag (of {} events parsed) mean {:.1} ms, \
@@ -588,5 +650,47 @@ pub(crate) fn markdown(s: &mut String, args: &RunArgs, outcomes: &[E2eOutcome]) 
                 let _ = writeln!(s, "    {line}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(wall_s: f64, ballast_s: f64, sink_s: f64) -> PhaseCpu {
+        PhaseCpu {
+            wall_s,
+            ballast_s: Some(ballast_s),
+            sink_s: Some(sink_s),
+            ..PhaseCpu::default()
+        }
+    }
+
+    #[test]
+    fn delivery_cpu_is_what_is_left_after_ingest_per_event_delivered() {
+        // Ingest-only: 2 s of CPU for 1M events (2 µs each). With delivery: 1.5M accepted
+        // (3 s of ingest) and 1M delivered for 4.5 s of CPU: 1.5 µs each; then 0.5M
+        // drained for 0.6 s of ballast and 0.2 s of the sink.
+        let (load, drain) = (phase(10.0, 4.5, 1.0), phase(1.2, 0.6, 0.2));
+        let spent = Spent {
+            ingest_only: (Some(2.0), 1_000_000),
+            load: &load,
+            accepted: 1_500_000,
+            delivered: 1_000_000,
+            drain: &drain,
+            drained: 500_000,
+        };
+        let got = delivery_cpu_us(&spent).map(|v| v.map(|v| (v * 100.0).round() / 100.0));
+        assert_eq!(got, [Some(1.5), Some(1.2), Some(0.4)]);
+        // A drain too short to measure, nothing delivered while loading, no CPU figure.
+        let (load, drain) = (phase(10.0, 4.5, 1.0), phase(0.3, 0.1, 0.1));
+        let spent = Spent {
+            ingest_only: (None, 1_000_000),
+            delivered: 0,
+            load: &load,
+            drain: &drain,
+            ..spent
+        };
+        assert_eq!(delivery_cpu_us(&spent), [None, None, None]);
     }
 }

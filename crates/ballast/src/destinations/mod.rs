@@ -24,7 +24,6 @@ pub struct Event {
     pub json: bytes::Bytes,
     /// Its `messageId` (for idempotency headers); empty if it has none.
     pub message_id: bytestring::ByteString,
-    pub source: Arc<str>,
 }
 
 /// What became of one delivery attempt (of one event, or of one batch as a whole).

@@ -56,7 +56,6 @@ pub fn event(tag: &str, n: usize) -> Event {
     Event {
         json: bytes::Bytes::from(json.to_string()),
         message_id: id.as_str().into(),
-        source: Arc::from("web"),
     }
 }
 

@@ -6,7 +6,6 @@ fn ev(n: usize) -> Event {
     Event {
         json: bytes::Bytes::from(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(40)).into_bytes()),
         message_id: format!("m{n}").into(),
-        source: Arc::from("web"),
     }
 }
 

@@ -33,7 +33,6 @@ fn ev(v: Value) -> Event {
     Event {
         json: bytes::Bytes::from(v.to_string()),
         message_id: id.as_str().into(),
-        source: Arc::from("web"),
     }
 }
 

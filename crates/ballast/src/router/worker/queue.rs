@@ -236,11 +236,10 @@ mod tests {
         let event = Event {
             json: chunk.slice(0..chunk.len()),
             message_id: ByteString::try_from(chunk.slice_ref(message_id.as_bytes())).unwrap(),
-            source: Arc::from("web"),
         };
         Pending {
             origin: Origin::Log(7),
-            source: event.source.clone(),
+            source: Arc::from("web"),
             own_key: Pending::key_for(&event, 7, true),
             event: Some(event),
             attempts: 0,
@@ -273,7 +272,6 @@ mod tests {
         let e = p.event.get_or_insert(Event {
             json: chunk.clone(),
             message_id: ByteString::new(),
-            source: Arc::from("web"),
         });
         assert_eq!(Pending::key_for(e, 9, false).as_deref(), Some("@9"));
     }

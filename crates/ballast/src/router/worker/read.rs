@@ -13,7 +13,8 @@ use crate::event::identify;
 use crate::router::state::from_ms;
 use crate::store::{Position, ReadEvents, StoredEvent};
 
-pub(super) fn to_event(e: StoredEvent) -> (ByteString, Event) {
+/// A stored event's user (its ordering key), source and body.
+pub(super) fn to_event(e: StoredEvent) -> (ByteString, Arc<str>, Event) {
     // Recorded at ingest when the record has it; else found in the JSON.
     let (user, message_id) = match e.ident {
         Some(ident) => ident,
@@ -22,9 +23,19 @@ pub(super) fn to_event(e: StoredEvent) -> (ByteString, Event) {
     let event = Event {
         json: e.event,
         message_id,
-        source: e.source,
     };
-    (user, event)
+    (user, e.source, event)
+}
+
+/// The body of a stored event read again (for an entry queued without it).
+pub(super) fn body_of(e: &StoredEvent) -> Event {
+    Event {
+        json: e.event.clone(),
+        message_id: match &e.ident {
+            Some((_, message_id)) => message_id.clone(),
+            None => identify(&e.event).1,
+        },
+    }
 }
 
 impl Worker {
@@ -113,7 +124,7 @@ impl Worker {
                     }
                     self.redelivered.increment(1);
                 }
-                let (name, event) = to_event(e);
+                let (name, source, event) = to_event(e);
                 // Only while every entry of the user's queue has its body: bodies stay the
                 // front of the queue (see `load_head`). One lookup of the user for its key
                 // (the queue's own: no allocation per event), its body and where the entry
@@ -153,7 +164,7 @@ impl Worker {
                     user,
                     Pending {
                         origin: Origin::Log(position),
-                        source: event.source.clone(),
+                        source,
                         event: keep.then_some(event),
                         attempts: known.map(|k| k.attempts).unwrap_or(0),
                         first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
@@ -258,7 +269,7 @@ impl Worker {
             while found.next_if(|e| e.position < pos).is_some() {}
             match found.next_if(|e| e.position == pos) {
                 Some(e) => {
-                    p.event = Some(to_event(e.clone()).1);
+                    p.event = Some(body_of(e));
                     uq.loaded += 1;
                     attached.push(i);
                     self.bodiless.remove(&pos);
@@ -332,7 +343,7 @@ impl Worker {
             let fits = uq.loaded < self.per_user_loaded && uq.state != UserState::Waiting;
             match first.and_then(|i| uq.q.get_mut(i).map(|p| (i, p))) {
                 Some((i, p)) if fits && p.origin == Origin::Log(e.position) => {
-                    p.event = Some(to_event(e.clone()).1);
+                    p.event = Some(body_of(e));
                     uq.loaded += 1;
                     self.loaded += 1;
                     self.bodiless.remove(&e.position);
@@ -363,16 +374,14 @@ impl Worker {
             let json = l.event.get().as_bytes();
             let (user, message_id) = identify(json);
             let user = self.user_key(&user);
-            let source: Arc<str> = Arc::from(l.source.as_str());
             self.enqueue(
                 user,
                 Pending {
                     origin: Origin::Replay(l.id),
-                    source: source.clone(),
+                    source: Arc::from(l.source.as_str()),
                     event: Some(Event {
                         json: bytes::Bytes::copy_from_slice(json),
                         message_id,
-                        source,
                     }),
                     attempts: 0,
                     first_attempt: None,

@@ -151,27 +151,22 @@ impl Worker {
                 } else {
                     self.known_retry.get(&position).copied()
                 };
-                let own_key = Pending::key_for(&event, position, keep);
-                let poison = !self.strikes.is_empty() && {
-                    let key = own_key.as_deref().unwrap_or(&event.message_id);
-                    self.strikes.get(key).copied().unwrap_or(0) >= self.poison_threshold
+                let mut entry = Pending {
+                    origin: Origin::Log(position),
+                    source,
+                    own_key: Pending::key_for(&event, position, keep),
+                    event: keep.then_some(event),
+                    attempts: known.map(|k| k.attempts).unwrap_or(0),
+                    first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
+                    poison: false,
                 };
+                entry.poison = !self.strikes.is_empty()
+                    && self.strikes.get(entry.key()).copied().unwrap_or(0) >= self.poison_threshold;
                 self.unfinished.insert(position);
                 if !keep {
                     self.bodiless.insert(position, user.clone());
                 }
-                self.enqueue(
-                    user,
-                    Pending {
-                        origin: Origin::Log(position),
-                        source,
-                        event: keep.then_some(event),
-                        attempts: known.map(|k| k.attempts).unwrap_or(0),
-                        first_attempt: known.map(|k| from_ms(k.first_attempt_ms)),
-                        poison,
-                        own_key,
-                    },
-                );
+                self.enqueue(user, entry);
             }
             self.read_pos = self.read_pos.max(batch.next);
             if read > 0 {

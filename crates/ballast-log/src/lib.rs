@@ -18,17 +18,17 @@
 //! No HTTP, no configuration formats, no async runtime: the server wraps it, and an SDK's
 //! on-device queue can reuse it.
 
+mod cursor;
 mod error;
 pub mod frame;
 mod fs;
 mod prepare;
 mod recovery;
 mod shared;
+mod vfs;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
@@ -38,15 +38,18 @@ const FIRST_FRAME_LEN_HINT: usize = 2048;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use cursor::{ConsumerProgress, MAX_DONE_RANGES};
 pub use error::LogError;
 pub use frame::{Batch, PushError, HEADER_LEN, MAX_RECORD_BYTES};
 pub use fs::write_atomically;
 pub use recovery::SegmentRecovery;
 pub use shared::{Appended, LogConfig, Position};
 
+use cursor::valid_consumer_name;
 use error::io_err;
 use fs::{list_segments, segment_path, sync_dir};
 use shared::{lock, read_lock, write_lock, Counters, Segment, Shared, Submission};
+use vfs::Vfs;
 
 /// One record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +75,10 @@ pub struct RecoveryReport {
     pub corrupt_bytes: u64,
     pub torn_tail_bytes: u64,
     pub quarantine_files: Vec<PathBuf>,
+    /// Consumers whose saved cursor was past the end of what the log holds (records it
+    /// had made durable are missing); each was moved back to the end. Always 0 unless
+    /// the disk lost synced data.
+    pub cursors_past_end: u64,
 }
 
 /// Counters of a running log.
@@ -115,64 +122,56 @@ pub struct Log {
     shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<Submission>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    _lock: File,
-}
-
-fn valid_consumer_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    _lock: vfs::DirLock,
 }
 
 impl Log {
     /// Opens (or creates) the log in `config.dir`, recovering it first.
     pub fn open(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
+        Log::open_with(config, Arc::new(vfs::Real))
+    }
+
+    /// Opens the log on a given file system (the real one, or a simulated disk in tests).
+    pub(crate) fn open_with(
+        config: LogConfig,
+        fs: Arc<dyn Vfs>,
+    ) -> Result<(Log, RecoveryReport), LogError> {
         let dir = config.dir.clone();
-        std::fs::create_dir_all(&dir).map_err(io_err("creating log directory", &dir))?;
+        fs::create_dir_durably(&*fs, &dir)?;
         let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("opening lock file", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(LogError::Locked(dir)),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(io_err("locking", &lock_path)(e));
-            }
-        }
+        let lock = match fs.lock(&lock_path) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Err(LogError::Locked(dir)),
+            Err(e) => return Err(io_err("locking", &lock_path)(e)),
+        };
         // A segment that was being prepared when the last process stopped: never a
         // segment, never data.
         let stale = dir.join(prepare::PREPARED_NAME);
-        if stale.exists() {
-            std::fs::remove_file(&stale)
+        if fs.exists(&stale) {
+            fs.remove_file(&stale)
                 .map_err(io_err("deleting unused prepared segment", &stale))?;
         }
         let cursor_dir = dir.join("cursors");
-        std::fs::create_dir_all(&cursor_dir)
-            .map_err(io_err("creating cursor directory", &cursor_dir))?;
-        let cursors = load_cursors(&cursor_dir)?;
+        fs::create_dir_durably(&*fs, &cursor_dir)?;
+        let mut cursors = cursor::load(&*fs, &cursor_dir)?;
         let qdir = dir.join("quarantine");
 
-        let mut listed = list_segments(&dir)?;
+        let mut listed = list_segments(&*fs, &dir)?;
         // Segments every consumer is past are deleted without being read again.
-        let min_cursor = cursors.values().copied().min();
+        let min_cursor = cursors.values().map(|c| c.cursor).min();
         if let Some(min) = min_cursor {
             while listed.len() > 1 && listed[1].0 <= min {
                 let (_, path) = listed.remove(0);
-                std::fs::remove_file(&path).map_err(io_err("deleting consumed segment", &path))?;
+                fs.remove_file(&path)
+                    .map_err(io_err("deleting consumed segment", &path))?;
             }
         }
         let mut report = RecoveryReport::default();
         if listed.is_empty() {
             let path = segment_path(&dir, 0);
-            File::create(&path).map_err(io_err("creating segment", &path))?;
-            sync_dir(&dir)?;
+            fs.open(&path, vfs::Mode::CreateTruncate)
+                .map_err(io_err("creating segment", &path))?;
+            sync_dir(&*fs, &dir)?;
             listed.push((0, path));
         }
         let mut segments = Vec::with_capacity(listed.len());
@@ -185,28 +184,46 @@ impl Log {
                     path.display()
                 )));
             }
-            let r = recovery::recover_segment(&path, base, &qdir)?;
+            let r = recovery::recover_segment(&*fs, &path, base, &qdir)?;
             report.segments += 1;
             report.records += r.records;
             report.corrupt_records += r.corrupt_records;
             report.corrupt_bytes += r.corrupt_bytes;
             report.torn_tail_bytes += r.torn_tail_bytes;
             report.quarantine_files.extend(r.quarantine_files);
-            let file = File::open(&path).map_err(io_err("opening segment", &path))?;
+            let file = fs
+                .open(&path, vfs::Mode::Read)
+                .map_err(io_err("opening segment", &path))?;
             bytes_on_disk += r.valid_len;
             prev_end = base + r.valid_len;
             segments.push(Segment {
                 base,
                 end: prev_end,
                 records: r.records,
-                file: Arc::new(file),
+                file,
                 path,
             });
+        }
+        // A cursor is saved only for durable records, so none can be past the end; one
+        // that is (the log lost records it had made durable) would make the consumer skip
+        // every record appended from now on until the log grows past it: it is brought
+        // back to the end, and counted.
+        for (name, c) in cursors.iter_mut() {
+            if c.cursor > prev_end {
+                tracing::error!(
+                    consumer = %name, cursor = c.cursor, end = prev_end,
+                    "a consumer's cursor is past the end of the log; moved back to the end"
+                );
+                report.cursors_past_end += 1;
+                c.cursor = prev_end;
+            }
+            c.done.retain(|r| r.1 <= prev_end);
         }
         let durable_end = prev_end;
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             cursor_dir,
+            fs,
             segments: RwLock::new(segments),
             durable: Mutex::new(durable_end),
             durable_cv: Condvar::new(),
@@ -339,7 +356,9 @@ impl Log {
                     0 => ((seg_end - pos) as usize).min(budget),
                     frame_len => frame_len,
                 };
-                let buf = crate::fs::read_exact_at_new(&seg.file, want, pos - seg.base)
+                let buf = seg
+                    .file
+                    .read_exact_at(want, pos - seg.base)
                     .map_err(io_err("reading segment", &seg.path))?;
                 // The records are slices of this chunk: one allocation a chunk, no copy.
                 let chunk = bytes::Bytes::from(buf);
@@ -410,12 +429,24 @@ impl Log {
             return Err(LogError::BadConsumerName(name.to_string()));
         }
         let mut cursors = lock(&self.shared.cursors);
-        if let Some(p) = cursors.get(name) {
-            return Ok(*p);
+        if let Some(c) = cursors.get(name) {
+            return Ok(c.cursor);
         }
         let start = self.start();
-        write_cursor(&self.shared.cursor_dir, name, start)?;
-        cursors.insert(name.to_string(), start);
+        cursor::save(
+            &*self.shared.fs,
+            &self.shared.cursor_dir,
+            name,
+            Some(start),
+            None,
+        )?;
+        cursors.insert(
+            name.to_string(),
+            cursor::Consumer {
+                cursor: start,
+                ..Default::default()
+            },
+        );
         Ok(start)
     }
 
@@ -423,9 +454,7 @@ impl Log {
     pub fn remove_consumer(&self, name: &str) -> Result<(), LogError> {
         let mut cursors = lock(&self.shared.cursors);
         if cursors.remove(name).is_some() {
-            let path = self.shared.cursor_dir.join(name);
-            std::fs::remove_file(&path).map_err(io_err("removing cursor", &path))?;
-            sync_dir(&self.shared.cursor_dir)?;
+            cursor::remove(&*self.shared.fs, &self.shared.cursor_dir, name)?;
         }
         drop(cursors);
         self.delete_consumed_segments()
@@ -433,41 +462,101 @@ impl Log {
 
     /// The consumer's cursor, if registered.
     pub fn cursor(&self, name: &str) -> Option<Position> {
-        lock(&self.shared.cursors).get(name).copied()
+        lock(&self.shared.cursors).get(name).map(|c| c.cursor)
+    }
+
+    /// The consumer's cursor and the ranges finished above it (as last acknowledged,
+    /// across restarts), if registered.
+    pub fn progress(&self, name: &str) -> Option<ConsumerProgress> {
+        lock(&self.shared.cursors)
+            .get(name)
+            .map(|c| ConsumerProgress {
+                cursor: c.cursor,
+                done: c.done.clone(),
+            })
     }
 
     /// All consumers and their cursors.
     pub fn cursors(&self) -> BTreeMap<String, Position> {
-        lock(&self.shared.cursors).clone()
+        lock(&self.shared.cursors)
+            .iter()
+            .map(|(n, c)| (n.clone(), c.cursor))
+            .collect()
     }
 
     /// Moves the consumer's cursor to `upto` (everything before it is done), persists it
     /// atomically, and deletes segments every consumer is past. Moving backwards is
     /// ignored. Each call costs two fsyncs: call it for many records at a time.
     pub fn ack(&self, name: &str, upto: Position) -> Result<(), LogError> {
+        self.ack_progress(name, upto, &[])
+    }
+
+    /// Like [`Log::ack`], and records the ranges finished above the cursor (half-open,
+    /// ascending; at most [`MAX_DONE_RANGES`] are kept, the rest is dropped: handed out
+    /// again after a restart, never skipped). They replace the last ones, unless the
+    /// cursor is behind the saved one (then nothing changes). Ranges past the durable
+    /// end are refused like such a cursor. An empty list leaves the saved ranges file as
+    /// it is (what it says stays true) and costs nothing more than [`Log::ack`]; a
+    /// changed list costs one more file write and fsync. A position acknowledged as
+    /// finished must stay finished: after a restart, ranges saved earlier may come back.
+    pub fn ack_progress(
+        &self,
+        name: &str,
+        upto: Position,
+        done: &[(Position, Position)],
+    ) -> Result<(), LogError> {
         let durable = self.durable_end();
-        if upto > durable {
+        let furthest = done.iter().map(|r| r.1).max().unwrap_or(0).max(upto);
+        if furthest > durable {
             return Err(LogError::AckBeyondEnd {
-                requested: upto,
+                requested: furthest,
                 durable,
             });
         }
-        {
+        let moved = {
             let mut cursors = lock(&self.shared.cursors);
             let Some(cur) = cursors.get_mut(name) else {
                 return Err(LogError::UnknownConsumer(name.to_string()));
             };
-            if upto <= *cur {
+            if upto < cur.cursor {
                 return Ok(());
             }
-            write_cursor(&self.shared.cursor_dir, name, upto)?;
-            *cur = upto;
+            let done = cursor::sanitize(upto, done);
+            let new_cursor = (upto > cur.cursor).then_some(upto);
+            // The ranges file is rewritten when it would say something new: the saved
+            // ranges still above the cursor are not these.
+            let saved_above = cur
+                .saved
+                .as_ref()
+                .map(|(_, d)| cursor::above(upto, d))
+                .unwrap_or_default();
+            let new_done = (!done.is_empty() && done != saved_above).then_some((upto, &done[..]));
+            if new_cursor.is_none() && new_done.is_none() {
+                cur.done = done;
+                return Ok(());
+            }
+            cursor::save(
+                &*self.shared.fs,
+                &self.shared.cursor_dir,
+                name,
+                new_cursor,
+                new_done,
+            )?;
+            if new_done.is_some() {
+                cur.saved = Some((upto, done.clone()));
+            }
+            cur.cursor = upto;
+            cur.done = done;
+            new_cursor.is_some()
+        };
+        if moved {
+            self.delete_consumed_segments()?;
         }
-        self.delete_consumed_segments()
+        Ok(())
     }
 
     fn delete_consumed_segments(&self) -> Result<(), LogError> {
-        let Some(min) = lock(&self.shared.cursors).values().copied().min() else {
+        let Some(min) = lock(&self.shared.cursors).values().map(|c| c.cursor).min() else {
             return Ok(());
         };
         let mut doomed = Vec::new();
@@ -478,7 +567,10 @@ impl Log {
             }
         }
         for seg in doomed {
-            std::fs::remove_file(&seg.path).map_err(io_err("deleting segment", &seg.path))?;
+            self.shared
+                .fs
+                .remove_file(&seg.path)
+                .map_err(io_err("deleting segment", &seg.path))?;
             self.shared
                 .bytes_on_disk
                 .fetch_sub(seg.end - seg.base, Ordering::AcqRel);
@@ -543,36 +635,6 @@ impl Drop for Log {
     }
 }
 
-fn load_cursors(dir: &Path) -> Result<BTreeMap<String, Position>, LogError> {
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err("listing cursors", dir))? {
-        let entry = entry.map_err(io_err("listing cursors", dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !valid_consumer_name(&name) {
-            continue; // leftover temporary files
-        }
-        let text = std::fs::read_to_string(entry.path())
-            .map_err(io_err("reading cursor", &entry.path()))?;
-        let pos = text.trim().parse::<u64>().map_err(|e| {
-            LogError::Unrecoverable(format!("cursor file {}: {e}", entry.path().display()))
-        })?;
-        out.insert(name, pos);
-    }
-    Ok(out)
-}
-
-/// Write to a temporary file, fsync, rename over the old one, fsync the directory.
-fn write_cursor(dir: &Path, name: &str, pos: Position) -> Result<(), LogError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = File::create(&tmp).map_err(io_err("writing cursor", &tmp))?;
-    f.write_all(format!("{pos}\n").as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(io_err("writing cursor", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err("renaming cursor", &path))?;
-    sync_dir(dir)
-}
-
 /// Reads every record of a log directory without changing anything, for inspection
 /// while a server may be running: `visit(position, payload)` for each record, and
 /// `damaged(position, len)` for each damaged stretch. A partly written tail is ignored.
@@ -581,7 +643,7 @@ pub fn scan_dir(
     mut visit: impl FnMut(Position, &[u8]),
     mut damaged: impl FnMut(Position, usize),
 ) -> Result<(), LogError> {
-    for (base, path) in list_segments(dir)? {
+    for (base, path) in list_segments(&vfs::Real, dir)? {
         let buf = match std::fs::read(&path) {
             Ok(b) => b,
             // Deleted by a running server since the listing: it was fully consumed.

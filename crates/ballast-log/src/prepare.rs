@@ -20,11 +20,11 @@
 //! careful disk-full handling, and no prepared file can hold back space that the records
 //! need.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+
+use crate::vfs::{Mode, VFile, Vfs};
 
 /// File name of the segment being prepared.
 pub(crate) const PREPARED_NAME: &str = "next-segment.zeros";
@@ -46,7 +46,7 @@ static ZEROS: [u8; PIECE] = [0u8; PIECE];
 
 /// A zero-filled, synced file waiting under [`PREPARED_NAME`].
 pub(crate) struct Prepared {
-    pub(crate) file: File,
+    pub(crate) file: Arc<dyn VFile>,
     pub(crate) len: u64,
     pub(crate) path: PathBuf,
 }
@@ -59,6 +59,10 @@ pub(crate) struct Preparer {
     asked: bool,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
+    fs: Arc<dyn Vfs>,
+    /// Preparing on the caller's thread (a simulation that must replay exactly): the
+    /// length to prepare, and the answer to the last request.
+    inline: Option<(u64, Option<Option<Prepared>>)>,
 }
 
 /// Size of the file prepared for segments of `segment_bytes` bytes: the segment plus a
@@ -72,23 +76,28 @@ pub(crate) fn prepared_len(segment_bytes: u64) -> u64 {
 impl Preparer {
     /// Starts the thread; `None` if it cannot be started (the writer then extends every
     /// segment itself, as it does when a prepared file is not ready).
-    pub(crate) fn start(dir: &Path, len: u64) -> Option<Preparer> {
+    pub(crate) fn start(fs: Arc<dyn Vfs>, dir: &Path, len: u64) -> Option<Preparer> {
         let path = dir.join(PREPARED_NAME);
         let (req_tx, req_rx) = mpsc::channel::<()>();
         let (res_tx, res_rx) = mpsc::channel();
+        if fs.prepare_inline() {
+            return Some(Preparer {
+                requests: None,
+                results: res_rx,
+                asked: false,
+                thread: None,
+                path,
+                fs,
+                inline: Some((len, None)),
+            });
+        }
         let thread_path = path.clone();
+        let thread_fs = fs.clone();
         let thread = std::thread::Builder::new()
             .name("ballast-log-prep".into())
             .spawn(move || {
                 for () in req_rx {
-                    let prepared = match prepare(&thread_path, len) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "could not prepare the next segment; the writer extends it itself");
-                            let _ = std::fs::remove_file(&thread_path);
-                            None
-                        }
-                    };
+                    let prepared = prepare_or_not(&*thread_fs, &thread_path, len);
                     if res_tx.send(prepared).is_err() {
                         return;
                     }
@@ -101,6 +110,8 @@ impl Preparer {
                 asked: false,
                 thread: Some(t),
                 path,
+                fs,
+                inline: None,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "no thread to prepare segments ahead");
@@ -111,6 +122,12 @@ impl Preparer {
 
     /// Asks for the next segment unless a request is out already.
     pub(crate) fn ask(&mut self) {
+        if let Some((len, answer)) = &mut self.inline {
+            if answer.is_none() {
+                *answer = Some(prepare_or_not(&*self.fs, &self.path, *len));
+            }
+            return;
+        }
         if !self.asked {
             if let Some(tx) = &self.requests {
                 self.asked = tx.send(()).is_ok();
@@ -120,6 +137,9 @@ impl Preparer {
 
     /// The prepared segment if it is ready (never waits).
     pub(crate) fn take(&mut self) -> Option<Prepared> {
+        if let Some((_, answer)) = &mut self.inline {
+            return answer.take().flatten();
+        }
         if !self.asked {
             return None;
         }
@@ -142,7 +162,12 @@ impl Preparer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some((_, answer)) = &mut self.inline {
+            *answer = None;
+        }
+        if self.fs.exists(&self.path) {
+            let _ = self.fs.remove_file(&self.path);
+        }
     }
 }
 
@@ -152,64 +177,32 @@ impl Drop for Preparer {
     }
 }
 
-/// Free bytes on the file system of `dir` for an unprivileged writer.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path; statvfs only writes into `st`.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-/// Writes a piece of `file` out to the device and waits for it, without a journal
-/// commit or a cache flush (Linux `sync_file_range`): dirty zeros never pile up for one
-/// large flush. Where the call is not supported, the final `fdatasync` does it all.
-fn write_out(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-            | libc::SYNC_FILE_RANGE_WRITE
-            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: plain syscall on a descriptor this function borrows.
-        let r =
-            unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ESPIPE) => Ok(()),
-                _ => Err(e),
-            };
+/// [`prepare`], with a failure logged (the writer then extends the segment itself).
+fn prepare_or_not(fs: &dyn Vfs, path: &Path, len: u64) -> Option<Prepared> {
+    match prepare(fs, path, len) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not prepare the next segment; the writer extends it itself");
+            let _ = fs.remove_file(path);
+            None
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
-    Ok(())
 }
 
 /// Writes `len` zeros to a new file at `path`, written out piece by piece, then synced. `Ok(None)`: the
 /// disk has too little room to spare.
-fn prepare(path: &Path, len: u64) -> std::io::Result<Option<Prepared>> {
+fn prepare(fs: &dyn Vfs, path: &Path, len: u64) -> std::io::Result<Option<Prepared>> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    if free_bytes(dir)? < len.saturating_mul(FREE_FACTOR) {
+    if fs.free_bytes(dir)? < len.saturating_mul(FREE_FACTOR) {
         return Ok(None);
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)?;
+    let file = fs.open(path, Mode::CreateTruncate)?;
     let mut at = 0u64;
     while at < len {
         let n = ((len - at) as usize).min(PIECE);
         let started = std::time::Instant::now();
         file.write_all_at(&ZEROS[..n], at)?;
-        write_out(&file, at, n as u64)?;
+        file.write_out(at, n as u64)?;
         at += n as u64;
         // Leave the device to the writer a third of the time: its syncs queue behind
         // these writes.
@@ -232,7 +225,7 @@ mod tests {
     #[test]
     fn prepares_a_synced_file_of_zeros_on_request() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = Preparer::start(dir.path(), 10_000).unwrap();
+        let mut p = Preparer::start(Arc::new(crate::vfs::Real), dir.path(), 10_000).unwrap();
         assert!(p.take().is_none(), "nothing before a request");
         p.ask();
         let prepared = loop {

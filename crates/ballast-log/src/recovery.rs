@@ -8,14 +8,13 @@
 //! - bytes after the last valid record with no valid record after them (a torn tail: a write
 //!   the crash interrupted, never acknowledged) are truncated.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{io_err, LogError};
 use crate::frame::{self, Kind, Scan, HEADER_LEN};
-use crate::fs::sync_dir;
+use crate::fs::{create_dir_durably, sync_dir};
+use crate::vfs::{Mode, VFile, Vfs};
 
 /// What recovery found and did in one segment.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -98,41 +97,47 @@ fn plan(buf: &[u8]) -> Vec<Action> {
     actions
 }
 
+/// Copies damaged bytes to the quarantine directory, durably (the file, its directory
+/// entry, and the directory's own entry), before the segment is changed.
 fn quarantine(
+    fs: &dyn Vfs,
     qdir: &Path,
     base: u64,
     offset: usize,
     what: &str,
     bytes: &[u8],
 ) -> Result<PathBuf, LogError> {
-    std::fs::create_dir_all(qdir).map_err(io_err("creating quarantine directory", qdir))?;
+    create_dir_durably(fs, qdir)?;
     let path = qdir.join(format!("{:020}-{:020}.{what}", base, base + offset as u64));
-    let mut f = File::create(&path).map_err(io_err("creating quarantine file", &path))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
+    let f = fs
+        .open(&path, Mode::CreateTruncate)
+        .map_err(io_err("creating quarantine file", &path))?;
+    f.write_all_at(bytes, 0)
+        .and_then(|_| f.sync_data())
         .map_err(io_err("writing quarantine file", &path))?;
-    sync_dir(qdir)?;
+    sync_dir(fs, qdir)?;
     Ok(path)
 }
 
 /// Recovers one segment file in place (read-write mode).
 pub(crate) fn recover_segment(
+    fs: &dyn Vfs,
     path: &Path,
     base: u64,
     qdir: &Path,
 ) -> Result<SegmentRecovery, LogError> {
-    let buf = std::fs::read(path).map_err(io_err("reading segment", path))?;
+    let buf = fs.read(path).map_err(io_err("reading segment", path))?;
     let actions = plan(&buf);
     let mut out = SegmentRecovery {
         valid_len: buf.len() as u64,
         ..Default::default()
     };
-    let mut file: Option<File> = None;
+    let mut file: Option<Arc<dyn VFile>> = None;
     for action in actions {
         match action {
             Action::Keep { records } => out.records = records,
             Action::Pad { start, end } => {
-                let q = quarantine(qdir, base, start, "corrupt", &buf[start..end])?;
+                let q = quarantine(fs, qdir, base, start, "corrupt", &buf[start..end])?;
                 tracing::error!(
                     segment = %path.display(), position = base + start as u64, bytes = end - start,
                     quarantine = %q.display(),
@@ -147,19 +152,19 @@ pub(crate) fn recover_segment(
                     payload.len(),
                     crc32c::crc32c(payload),
                 );
-                let f = open_rw(path, &mut file)?;
+                let f = open_rw(fs, path, &mut file)?;
                 f.write_all_at(&header, start as u64)
                     .map_err(io_err("padding damaged record", path))?;
             }
             Action::Truncate { at } if buf[at..].iter().all(|&b| b == 0) => {
                 // Preallocated space that was never written: nothing to set aside.
                 out.valid_len = at as u64;
-                let f = open_rw(path, &mut file)?;
+                let f = open_rw(fs, path, &mut file)?;
                 f.set_len(at as u64)
                     .map_err(io_err("truncating segment", path))?;
             }
             Action::Truncate { at } => {
-                let q = quarantine(qdir, base, at, "torn", &buf[at..])?;
+                let q = quarantine(fs, qdir, base, at, "torn", &buf[at..])?;
                 tracing::warn!(
                     segment = %path.display(), position = base + at as u64, bytes = buf.len() - at,
                     quarantine = %q.display(),
@@ -168,30 +173,32 @@ pub(crate) fn recover_segment(
                 out.quarantine_files.push(q);
                 out.torn_tail_bytes += (buf.len() - at) as u64;
                 out.valid_len = at as u64;
-                let f = open_rw(path, &mut file)?;
+                let f = open_rw(fs, path, &mut file)?;
                 f.set_len(at as u64)
                     .map_err(io_err("truncating segment", path))?;
             }
         }
     }
     if let Some(f) = file {
-        f.sync_all()
+        f.sync_data()
             .map_err(io_err("syncing recovered segment", path))?;
     }
     Ok(out)
 }
 
-fn open_rw<'a>(path: &Path, slot: &'a mut Option<File>) -> Result<&'a File, LogError> {
+fn open_rw<'a>(
+    fs: &dyn Vfs,
+    path: &Path,
+    slot: &'a mut Option<Arc<dyn VFile>>,
+) -> Result<&'a dyn VFile, LogError> {
     if slot.is_none() {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+        let f = fs
+            .open(path, Mode::ReadWrite)
             .map_err(io_err("opening segment", path))?;
         *slot = Some(f);
     }
     match slot {
-        Some(f) => Ok(f),
+        Some(f) => Ok(&**f),
         None => unreachable!("slot was just filled"),
     }
 }
@@ -245,7 +252,8 @@ pub(crate) fn scan_segment_readonly(buf: &[u8], mut visit: impl FnMut(Found<'_>)
 /// Appends raw bytes to a file at its end (used by tests to build damaged segments).
 #[cfg(test)]
 pub(crate) fn append_raw(path: &Path, bytes: &[u8]) {
-    let mut f = OpenOptions::new().append(true).open(path).unwrap();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     f.write_all(bytes).unwrap();
 }
 
@@ -308,7 +316,7 @@ mod tests {
         let len = buf.len();
         buf.extend_from_slice(&[0u8; 4096]);
         std::fs::write(&seg, &buf).unwrap();
-        let r = recover_segment(&seg, 0, &dir.path().join("q")).unwrap();
+        let r = recover_segment(&crate::vfs::Real, &seg, 0, &dir.path().join("q")).unwrap();
         assert_eq!(
             (r.records, r.torn_tail_bytes, r.valid_len),
             (2, 0, len as u64)
@@ -357,7 +365,7 @@ mod tests {
         buf[starts[1] + HEADER_LEN] ^= 1;
         std::fs::write(&seg, &buf).unwrap();
         append_raw(&seg, &[1, 2, 3]);
-        let r = recover_segment(&seg, 100, &dir.path().join("q")).unwrap();
+        let r = recover_segment(&crate::vfs::Real, &seg, 100, &dir.path().join("q")).unwrap();
         assert_eq!(r.records, 2);
         assert_eq!(r.corrupt_records, 1);
         assert_eq!(r.torn_tail_bytes, 3);
@@ -366,7 +374,7 @@ mod tests {
         let q = std::fs::read(&r.quarantine_files[0]).unwrap();
         assert_eq!(q, buf[starts[1]..starts[2]]);
         // A second recovery finds a clean segment: the damage is counted once.
-        let again = recover_segment(&seg, 100, &dir.path().join("q")).unwrap();
+        let again = recover_segment(&crate::vfs::Real, &seg, 100, &dir.path().join("q")).unwrap();
         assert_eq!(again.corrupt_records, 0);
         assert_eq!(again.torn_tail_bytes, 0);
         assert_eq!(again.records, 2);

@@ -2,13 +2,14 @@
 //! the durable end, counters and flags, and the submissions the writer takes.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
+use crate::cursor::Consumer;
 use crate::error::LogError;
 use crate::frame::Batch;
+use crate::vfs::{VFile, Vfs};
 
 /// A byte offset in the whole log.
 pub type Position = u64;
@@ -73,13 +74,15 @@ pub(crate) struct Segment {
     pub(crate) end: Position,
     /// Data records in it (durable).
     pub(crate) records: u64,
-    pub(crate) file: Arc<File>,
+    pub(crate) file: Arc<dyn VFile>,
     pub(crate) path: PathBuf,
 }
 
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
     pub(crate) cursor_dir: PathBuf,
+    /// The file system under the log (the real one but in simulation tests).
+    pub(crate) fs: Arc<dyn Vfs>,
     pub(crate) segments: RwLock<Vec<Segment>>,
     pub(crate) durable: Mutex<Position>,
     pub(crate) durable_cv: Condvar,
@@ -95,7 +98,7 @@ pub(crate) struct Shared {
     pub(crate) failed: AtomicBool,
     pub(crate) failure: Mutex<Option<String>>,
     pub(crate) counters: Counters,
-    pub(crate) cursors: Mutex<BTreeMap<String, Position>>,
+    pub(crate) cursors: Mutex<BTreeMap<String, Consumer>>,
     pub(crate) quarantined_records: u64,
     pub(crate) torn_tail_bytes: u64,
     /// Bytes a frame took on average in the last read that returned any: sizes the next

@@ -290,7 +290,11 @@ fn scan_dir_reads_without_changing_anything() {
             log.append_wait(batch(&[payload(i)])).unwrap();
         }
     }
-    let seg = list_segments(dir.path()).unwrap().pop().unwrap().1;
+    let seg = list_segments(&vfs::Real, dir.path())
+        .unwrap()
+        .pop()
+        .unwrap()
+        .1;
     recovery::append_raw(&seg, &[0xB1, 0, 0]);
     let before = std::fs::read(&seg).unwrap();
     let mut seen = Vec::new();
@@ -436,7 +440,7 @@ fn a_roll_takes_the_prepared_segment_and_recovery_trims_its_zeros() {
             log.append_wait(batch(&[big(appended), big(appended + 1)]))
                 .unwrap();
             appended += 2;
-            let segs = list_segments(dir.path()).unwrap();
+            let segs = list_segments(&vfs::Real, dir.path()).unwrap();
             let (_, active) = segs.last().unwrap();
             if std::fs::metadata(active).unwrap().len() == len {
                 adopted += 1;
@@ -444,7 +448,7 @@ fn a_roll_takes_the_prepared_segment_and_recovery_trims_its_zeros() {
         }
         assert_eq!(adopted, 3, "prepared segments taken");
         // Sealed segments hold exactly their records.
-        let segs = list_segments(dir.path()).unwrap();
+        let segs = list_segments(&vfs::Real, dir.path()).unwrap();
         for (b, p) in &segs[..segs.len() - 1] {
             let n = std::fs::metadata(p).unwrap().len();
             assert!(n < len && n >= seg, "segment {b}: {n} bytes");
@@ -529,4 +533,103 @@ fn reads_sized_by_the_last_frames_seen_still_return_every_record_whole() {
     }
     // After the last (small) frames, the hint is small: a read of one record stays small.
     assert!(log.shared.frame_len_hint.load(Ordering::Relaxed) < 1024);
+}
+
+/// Finished ranges above a cursor survive a reopen; a cursor directory written by the
+/// releases before them (the cursor alone, as text) opens as it is; a damaged ranges
+/// file is ignored, never trusted; ranges past the durable end are refused.
+#[test]
+fn finished_ranges_survive_a_reopen_and_old_cursor_files_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ends = Vec::new();
+    {
+        let (log, _) = Log::open(cfg(dir.path(), 300)).unwrap();
+        log.register_consumer("dest.a").unwrap();
+        log.register_consumer("old").unwrap();
+        for i in 0..20 {
+            let a = log.append_wait(batch(&[payload(i)])).unwrap();
+            ends.push((a.first, a.end));
+        }
+        let done = vec![(ends[3].0, ends[5].1), (ends[9].0, ends[9].1)];
+        log.ack_progress("dest.a", ends[1].0, &done).unwrap();
+        assert!(matches!(
+            log.ack_progress("dest.a", ends[1].0, &[(ends[19].0, ends[19].1 + 1)]),
+            Err(LogError::AckBeyondEnd { .. })
+        ));
+        assert_eq!(log.progress("dest.a").unwrap().done, done);
+        log.ack("old", ends[4].0).unwrap();
+    }
+    // "old" as the previous release wrote it: a text cursor, nothing else.
+    let cursors = dir.path().join("cursors");
+    assert_eq!(
+        std::fs::read_to_string(cursors.join("old")).unwrap(),
+        format!("{}\n", ends[4].0)
+    );
+    assert!(!cursors.join("old+done").exists(), "no ranges, no file");
+    std::fs::write(cursors.join("legacy"), format!("{}\n", ends[2].1)).unwrap();
+    {
+        let (log, report) = Log::open(cfg(dir.path(), 300)).unwrap();
+        assert_eq!(report.cursors_past_end, 0);
+        let p = log.progress("dest.a").unwrap();
+        assert_eq!(p.cursor, ends[1].0);
+        assert_eq!(p.done, vec![(ends[3].0, ends[5].1), (ends[9].0, ends[9].1)]);
+        assert_eq!(
+            log.progress("old").unwrap(),
+            ConsumerProgress {
+                cursor: ends[4].0,
+                done: vec![]
+            }
+        );
+        assert_eq!(log.cursor("legacy"), Some(ends[2].1));
+        // The cursor passes the first range: what is left of them above it is kept.
+        log.ack("dest.a", ends[4].0).unwrap();
+        assert_eq!(log.progress("dest.a").unwrap().done, vec![]);
+    }
+    {
+        let (log, _) = Log::open(cfg(dir.path(), 300)).unwrap();
+        // The ranges file still says what was finished above the new cursor: true.
+        assert_eq!(
+            log.progress("dest.a").unwrap(),
+            ConsumerProgress {
+                cursor: ends[4].0,
+                done: vec![(ends[4].0, ends[5].1), (ends[9].0, ends[9].1)]
+            }
+        );
+    }
+    // A damaged ranges file is ignored: the cursor alone.
+    let f = cursors.join("dest.a+done");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 6] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    let (log, _) = Log::open(cfg(dir.path(), 300)).unwrap();
+    assert_eq!(
+        log.progress("dest.a").unwrap(),
+        ConsumerProgress {
+            cursor: ends[4].0,
+            done: vec![]
+        }
+    );
+    // Removing a consumer removes both of its files.
+    log.remove_consumer("dest.a").unwrap();
+    assert!(!f.exists() && !cursors.join("dest.a").exists());
+}
+
+/// A cursor past the end of what the log holds (records lost that it had made durable)
+/// is brought back to the end and counted, so that new records are not skipped.
+#[test]
+fn a_cursor_past_the_end_is_brought_back_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, _) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+        log.register_consumer("c").unwrap();
+        log.append_wait(batch(&[payload(1)])).unwrap();
+    }
+    std::fs::write(dir.path().join("cursors/c"), "999999\n").unwrap();
+    let (log, report) = Log::open(cfg(dir.path(), 1 << 20)).unwrap();
+    assert_eq!(report.cursors_past_end, 1);
+    let end = log.durable_end();
+    assert_eq!(log.cursor("c"), Some(end));
+    let a = log.append_wait(batch(&[payload(2)])).unwrap();
+    assert_eq!(a.first, end, "the next record is read by the consumer");
 }

@@ -15,9 +15,7 @@
 //! a time. Zeros past the last record are recognised as unused space by recovery, and
 //! trimmed on roll and on close.
 
-use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -26,6 +24,7 @@ use crate::error::{io_err, LogError};
 use crate::fs::segment_path;
 use crate::prepare::{prepared_len, Prepared, Preparer};
 use crate::shared::{lock, write_lock, Appended, LogConfig, Position, Segment, Shared, Submission};
+use crate::vfs::{Mode, VFile, Vfs};
 
 macro_rules! failpoint {
     ($name:literal) => {{
@@ -65,7 +64,7 @@ fn injected_disk_full() -> std::io::Result<()> {
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    file: File,
+    file: Arc<dyn VFile>,
     /// Base position of the active segment.
     base: Position,
     /// Bytes of records in the active segment (all synced).
@@ -90,15 +89,20 @@ pub(crate) struct Writer {
     probe_bytes: u64,
 }
 
-fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+fn write_at(file: &dyn VFile, buf: &[u8], offset: u64) -> std::io::Result<()> {
     failpoint!("ballast_log::write");
     injected_disk_full()?;
     file.write_all_at(buf, offset)
 }
 
-fn sync(file: &File) -> std::io::Result<()> {
+fn sync(file: &dyn VFile) -> std::io::Result<()> {
     failpoint!("ballast_log::fsync");
     file.sync_data()
+}
+
+fn sync_dir(fs: &dyn Vfs, dir: &std::path::Path) -> std::io::Result<()> {
+    failpoint!("ballast_log::fsync");
+    fs.sync_dir(dir)
 }
 
 /// A failure that ends the writer: nothing may be acknowledged after it.
@@ -113,23 +117,18 @@ enum RollError {
     Transient(std::io::Error, String),
 }
 
-fn create_segment(path: &std::path::Path) -> std::io::Result<File> {
+fn create_segment(fs: &dyn Vfs, path: &std::path::Path) -> std::io::Result<Arc<dyn VFile>> {
     failpoint!("ballast_log::create_segment");
     // Not `create_new`: an earlier attempt may have left the (empty) file behind; the
     // file's name is the end of the log, so nothing of value can be in it.
-    OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)
+    fs.open(path, Mode::CreateTruncate)
 }
 
 /// Puts a prepared (zero-filled, synced) segment under the name `path`; the caller
 /// syncs the directory.
-fn adopt_segment(prepared: &Prepared, path: &std::path::Path) -> std::io::Result<()> {
+fn adopt_segment(fs: &dyn Vfs, prepared: &Prepared, path: &std::path::Path) -> std::io::Result<()> {
     failpoint!("ballast_log::create_segment");
-    std::fs::rename(&prepared.path, path)
+    fs.rename(&prepared.path, path)
 }
 
 impl Writer {
@@ -141,19 +140,17 @@ impl Writer {
                 .ok_or_else(|| LogError::Unrecoverable("no segment".into()))?;
             (last.base, last.end - last.base, last.path.clone())
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let file = shared
+            .fs
+            .open(&path, Mode::ReadWrite)
             .map_err(io_err("opening active segment", &path))?;
         let allocated = file
-            .metadata()
-            .map_err(io_err("reading segment size", &path))?
             .len()
+            .map_err(io_err("reading segment size", &path))?
             .max(len);
         let segment_bytes = config.segment_bytes.max(1);
         let mut preparer = if config.preallocate {
-            Preparer::start(&shared.dir, prepared_len(segment_bytes))
+            Preparer::start(shared.fs.clone(), &shared.dir, prepared_len(segment_bytes))
         } else {
             None
         };
@@ -227,7 +224,7 @@ impl Writer {
             && self
                 .file
                 .set_len(self.len)
-                .and_then(|_| sync(&self.file))
+                .and_then(|_| sync(&*self.file))
                 .is_err()
         {
             tracing::warn!("could not trim the preallocated end of the active segment");
@@ -328,7 +325,7 @@ impl Writer {
                 }
             }
         }
-        if let Err(e) = write_at(&self.file, &self.buf, self.len) {
+        if let Err(e) = write_at(&*self.file, &self.buf, self.len) {
             if e.kind() == ErrorKind::StorageFull {
                 // Cut off what part of the group reached the file; the records before it
                 // are intact and synced. The group is refused, the writer goes on.
@@ -341,7 +338,7 @@ impl Writer {
             return Err(self.fatal(format!("write failed: {e}")));
         }
         let t = Instant::now();
-        if let Err(e) = sync(&self.file) {
+        if let Err(e) = sync(&*self.file) {
             return Err(self.fatal(format!("fdatasync failed: {e}")));
         }
         let took = t.elapsed();
@@ -389,7 +386,7 @@ impl Writer {
         let mut at = self.allocated;
         while at < target {
             let n = ((target - at) as usize).min(ZEROS.len());
-            write_at(&self.file, &ZEROS[..n], at)?;
+            write_at(&*self.file, &ZEROS[..n], at)?;
             at += n as u64;
         }
         self.allocated = target;
@@ -401,7 +398,7 @@ impl Writer {
     /// no space for the directory entry): that failure is transient and the active
     /// segment stays as it is (sealed, and still appendable).
     fn roll(&mut self) -> Result<(), RollError> {
-        if let Err(e) = self.file.set_len(self.len).and_then(|_| sync(&self.file)) {
+        if let Err(e) = self.file.set_len(self.len).and_then(|_| sync(&*self.file)) {
             return Err(RollError::Fatal(Fatal(format!(
                 "sealing the segment failed: {e}"
             ))));
@@ -416,8 +413,9 @@ impl Writer {
             .spare
             .take()
             .or_else(|| self.preparer.as_mut().and_then(Preparer::take));
+        let fs = &*self.shared.fs;
         let (file, allocated) = match prepared {
-            Some(p) => match adopt_segment(&p, &path) {
+            Some(p) => match adopt_segment(fs, &p, &path) {
                 Ok(()) => (p.file, p.len),
                 Err(e) => {
                     self.spare = Some(p);
@@ -425,18 +423,23 @@ impl Writer {
                 }
             },
             None => (
-                create_segment(&path)
+                create_segment(fs, &path)
                     .map_err(|e| transient(e, &format!("creating {}", path.display())))?,
                 0,
             ),
         };
-        let read =
-            File::open(&path).map_err(|e| transient(e, &format!("opening {}", path.display())))?;
+        let read = fs
+            .open(&path, Mode::Read)
+            .map_err(|e| transient(e, &format!("opening {}", path.display())))?;
         // Opening the directory can fail for want of a descriptor (transient); its fsync
         // failing is as fatal as any other.
-        let dir = File::open(&self.shared.dir)
-            .map_err(|e| transient(e, &format!("opening {}", self.shared.dir.display())))?;
-        if let Err(e) = sync(&dir) {
+        if let Err(e) = sync_dir(fs, &self.shared.dir) {
+            if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+                return Err(transient(
+                    e,
+                    &format!("opening {}", self.shared.dir.display()),
+                ));
+            }
             return Err(RollError::Fatal(Fatal(format!(
                 "syncing {} failed: {e}",
                 self.shared.dir.display()
@@ -446,7 +449,7 @@ impl Writer {
             base,
             end: base,
             records: 0,
-            file: Arc::new(read),
+            file: read,
             path,
         });
         self.file = file;
@@ -491,7 +494,7 @@ impl Writer {
                     break Ok(());
                 }
                 let len = ((self.allocated + n - at) as usize).min(ZEROS.len());
-                if let Err(e) = write_at(&self.file, &ZEROS[..len], at) {
+                if let Err(e) = write_at(&*self.file, &ZEROS[..len], at) {
                     break Err(e);
                 }
                 at += len as u64;

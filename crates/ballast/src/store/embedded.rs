@@ -182,9 +182,17 @@ impl Store for EmbeddedStore {
     ) -> Result<Progress, StoreError> {
         let log = self.log.clone();
         let name = consumer.to_string();
-        blocking(move || log.register_consumer(&name))
-            .await
-            .map(Progress::at)
+        blocking(move || {
+            let cursor = log.register_consumer(&name)?;
+            Ok(match log.progress(&name) {
+                Some(p) => Progress {
+                    cursor: p.cursor,
+                    done: p.done,
+                },
+                None => Progress::at(cursor),
+            })
+        })
+        .await
     }
 
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
@@ -199,14 +207,16 @@ impl Store for EmbeddedStore {
         .map_err(|e| StoreError::Other(format!("store task failed: {e}")))?
     }
 
-    /// Keeps the cursor only: one process owns the log, so what it re-sends after a
-    /// crash is what was unfinished since the last acknowledgement (at most 200 ms of
-    /// deliveries plus what was in flight, and a slow user's tail).
+    /// Keeps the cursor and the ranges finished above it (ballast-log's consumer files,
+    /// at most `ballast_log::MAX_DONE_RANGES` of them, as many as the router sends), so
+    /// a restart re-sends only what was in flight or finished since the last
+    /// acknowledgement (200 ms), not everything a slow user held the cursor back from.
     async fn ack(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
         let log = self.log.clone();
         let name = consumer.to_string();
         let upto = progress.cursor;
-        let saved = blocking(move || log.ack(&name, upto)).await;
+        let done = progress.done.clone();
+        let saved = blocking(move || log.ack_progress(&name, upto, &done)).await;
         if saved.is_err() {
             metrics::counter!("ballast_store_cursor_save_failures_total").increment(1);
         }

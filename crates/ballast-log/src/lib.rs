@@ -661,4 +661,8 @@ pub fn scan_dir(
 #[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
 mod tests;

@@ -879,6 +879,68 @@ fn a_restart_with_one_user_stuck_re_sends_nothing_already_delivered() {
     assert!(!done.is_empty(), "the finished ranges were saved");
 }
 
+/// The operator's scenario: ten users, a receiver that answers 200 to the first 8,000
+/// events and 503 from then on (users wait on their heads at different points), a
+/// restart (SIGTERM), the receiver healthy again: nothing delivered is sent again.
+#[test]
+fn a_restart_after_the_receiver_turned_unhealthy_re_sends_nothing_already_delivered() {
+    let rx = Receiver::start(always(200));
+    let extra = webhook("hook", &rx.url(), &format!("concurrency = 16\n{PATIENT}"));
+    let config = common::config(&extra);
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(dir.clone(), &config, &[]);
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    rx.set_rule(rule(move |h| {
+        let n = count.fetch_add(h.events.len(), std::sync::atomic::Ordering::SeqCst);
+        if n + h.events.len() <= 8_000 {
+            Reply::Status(200)
+        } else {
+            Reply::Status(503)
+        }
+    }));
+    let events: Vec<Value> = (0..16_000)
+        .map(|i| event_padded(&format!("user-{}", i % 10), &format!("k-{i}"), i % 40))
+        .collect();
+    for chunk in events.chunks(200) {
+        post(&server, "/v1/batch", &json!({ "batch": chunk }));
+    }
+    assert!(
+        wait_for(60, || rx.ok_distinct() >= 7_900),
+        "only {} delivered; {}",
+        rx.ok_distinct(),
+        status(&server)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let delivered_before = rx.ok_distinct();
+    assert!(server.terminate().success(), "{}", server.stderr());
+    let (cursor, done) = saved_progress(&server.data_dir(), "dest.hook");
+    rx.set_rule(always(200));
+    let server = Server::start_in(dir, &config, &[]);
+    let want = ids(&events);
+    assert!(
+        wait_for(90, || rx.has_all(&want)),
+        "after the restart only {} of {} delivered; {}",
+        rx.ok_distinct(),
+        want.len(),
+        status(&server)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let delivered = rx.ok_events();
+    let resent = duplicates(&delivered);
+    eprintln!(
+        "restart after the receiver turned unhealthy: {} events, {delivered_before} delivered \
+         before SIGTERM, saved cursor {cursor} with {} finished ranges, {resent} re-sent",
+        events.len(),
+        done.len()
+    );
+    check_user_order(&events, &delivered).unwrap();
+    assert_eq!(
+        resent, 0,
+        "events delivered before the restart were sent again"
+    );
+}
+
 /// A data directory as the previous release left it (each consumer's cursor alone, as
 /// text: no finished ranges beside it) opens and delivers everything, in order; what it
 /// re-sends is what that release would have (everything at or past its cursor that was

@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, LogError};
 use crate::fs::sync_dir;
-use crate::shared::Position;
+/// A byte offset in the whole log (`shared::Position`, which sits above this module).
+type Position = u64;
 use crate::vfs::{Mode, Vfs};
 
 /// Finished ranges kept per consumer at most (beyond them a restart re-delivers; a

@@ -5,7 +5,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, LogError};
-use crate::shared::Position;
+/// A byte offset in the whole log (`shared::Position`, which sits above this module).
+type Position = u64;
 use crate::vfs::Vfs;
 
 pub(crate) const SEGMENT_SUFFIX: &str = ".seg";

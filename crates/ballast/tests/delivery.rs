@@ -879,6 +879,67 @@ fn a_restart_with_one_user_stuck_re_sends_nothing_already_delivered() {
     assert!(!done.is_empty(), "the finished ranges were saved");
 }
 
+/// A user stuck behind 5,000 of its own events, stored before 2,000 events of nine
+/// other users that are delivered: the cursor stays at its first event, and the saved
+/// ranges must reach past its 5,000 waiting events (byte positions: two waiting events
+/// that follow each other have no finished range between them, so they do not use up
+/// the 4,096 ranges a save keeps). After SIGTERM and a restart nothing is re-sent.
+#[test]
+fn a_restart_with_a_user_stuck_behind_thousands_of_its_events_re_sends_nothing() {
+    let rx = Receiver::start(rule(|h| {
+        if h.events.iter().any(|e| e["userId"] == "user-0") {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    }));
+    let extra = webhook("hook", &rx.url(), &format!("concurrency = 8\n{PATIENT}"));
+    let config = common::config(&extra);
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(dir.clone(), &config, &[]);
+    let mut events: Vec<Value> = (0..5_000)
+        .map(|i| event_padded("user-0", &format!("s-{i}"), 0))
+        .collect();
+    events.extend(
+        (0..2_000).map(|i| event_padded(&format!("user-{}", 1 + i % 9), &format!("k-{i}"), i % 40)),
+    );
+    for chunk in events.chunks(250) {
+        post(&server, "/v1/batch", &json!({ "batch": chunk }));
+    }
+    let others = ids(&events[5_000..]);
+    assert!(
+        wait_for(60, || rx.has_all(&others)),
+        "the nine healthy users were not delivered: {}; {}",
+        rx.ok_distinct(),
+        status(&server)
+    );
+    assert!(server.terminate().success(), "{}", server.stderr());
+    let (cursor, done) = saved_progress(&server.data_dir(), "dest.hook");
+    rx.set_rule(always(200));
+    let server = Server::start_in(dir, &config, &[]);
+    let want = ids(&events);
+    assert!(
+        wait_for(90, || rx.has_all(&want)),
+        "after the restart only {} of {} delivered; {}",
+        rx.ok_distinct(),
+        want.len(),
+        status(&server)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let delivered = rx.ok_events();
+    let resent = duplicates(&delivered);
+    eprintln!(
+        "restart with a user stuck behind 5,000 events: 2,000 delivered before SIGTERM, \
+         saved cursor {cursor} with {} finished ranges, {resent} re-sent",
+        done.len()
+    );
+    check_user_order(&events, &delivered).unwrap();
+    assert_eq!(
+        resent, 0,
+        "events delivered before the restart were sent again"
+    );
+}
+
 /// The operator's scenario: ten users, a receiver that answers 200 to the first 8,000
 /// events and 503 from then on (users wait on their heads at different points), a
 /// restart (SIGTERM), the receiver healthy again: nothing delivered is sent again.

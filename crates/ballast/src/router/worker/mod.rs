@@ -476,8 +476,8 @@ impl Worker {
     /// it (what lies between unfinished events, up to what was read, and what an earlier
     /// holder finished beyond that).
     fn progress(&self) -> Progress {
-        let mut unfinished = self.unfinished.iter();
-        let Some(cursor) = unfinished.next() else {
+        let mut unfinished = self.unfinished.iter_with_previous();
+        let Some((cursor, _)) = unfinished.next() else {
             let mut done: Vec<_> = self
                 .skip
                 .iter()
@@ -495,12 +495,14 @@ impl Worker {
         let mut done = Vec::new();
         let mut prev = cursor;
         let mut complete = true;
-        for u in unfinished {
+        for (u, before) in unfinished {
             if done.len() >= MAX_DONE_RANGES {
                 complete = false;
                 break;
             }
-            if u > prev + 1 {
+            // Nothing lies between two unfinished records that follow each other in the
+            // log (with byte positions, the rest of `prev`'s own record would be a range).
+            if u > prev + 1 && before != Some(prev) {
                 done.push((prev + 1, u));
             }
             prev = u;

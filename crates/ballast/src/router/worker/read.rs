@@ -109,7 +109,11 @@ impl Worker {
             let read = batch.events.len();
             // The queue entries given a body from this read: (user, index in its queue).
             let mut kept: Vec<(Arc<str>, usize)> = Vec::new();
+            // Where the record before this one starts (whatever its source): no finished
+            // range lies between two unfinished records that follow each other.
+            let mut previous: Option<Position> = None;
             for e in batch.events {
+                let before = previous.replace(e.position);
                 if !self.sources.contains(&*e.source) {
                     continue;
                 }
@@ -162,7 +166,7 @@ impl Worker {
                 };
                 entry.poison = !self.strikes.is_empty()
                     && self.strikes.get(entry.key()).copied().unwrap_or(0) >= self.poison_threshold;
-                self.unfinished.insert(position);
+                self.unfinished.insert_after(position, before);
                 if !keep {
                     self.bodiless.insert(position, user.clone());
                 }

@@ -18,17 +18,30 @@ const SWEEP_AT_LEAST: usize = 1024;
 
 #[derive(Debug, Default)]
 pub(super) struct Unfinished {
-    /// Increasing positions, each with whether it is still unfinished; the front one is
-    /// (or the deque is empty).
-    slots: VecDeque<(Position, bool)>,
+    /// Increasing positions, each with whether it is still unfinished (the front one is,
+    /// or the deque is empty) and how far before it the record preceding it in the log
+    /// starts (0: not known).
+    slots: VecDeque<(Position, bool, u32)>,
     /// How many are unfinished.
     live: usize,
 }
 
 impl Unfinished {
+    #[cfg(test)]
     pub(super) fn insert(&mut self, pos: Position) {
+        self.insert_after(pos, None);
+    }
+
+    /// Inserts `pos`, knowing where the record just before it in the log starts (when
+    /// known): an acknowledgement then records no finished range between the two if that
+    /// record is unfinished too (with byte positions, `pos > previous + 1` says nothing).
+    pub(super) fn insert_after(&mut self, pos: Position, previous: Option<Position>) {
+        let after = previous
+            .filter(|&p| p < pos)
+            .and_then(|p| u32::try_from(pos - p).ok())
+            .unwrap_or(0);
         match self.slots.back() {
-            Some(&(last, _)) if last >= pos => {
+            Some(&(last, _, _)) if last >= pos => {
                 // Out of order (not done by the loop, which reads forward): keep the order.
                 match self.slots.binary_search_by_key(&pos, |s| s.0) {
                     Ok(i) if !self.slots[i].1 => {
@@ -37,13 +50,13 @@ impl Unfinished {
                     }
                     Ok(_) => {}
                     Err(i) => {
-                        self.slots.insert(i, (pos, true));
+                        self.slots.insert(i, (pos, true, 0));
                         self.live += 1;
                     }
                 }
             }
             _ => {
-                self.slots.push_back((pos, true));
+                self.slots.push_back((pos, true, after));
                 self.live += 1;
             }
         }
@@ -77,8 +90,20 @@ impl Unfinished {
     }
 
     /// The unfinished positions in increasing order.
+    #[cfg(test)]
     pub(super) fn iter(&self) -> impl Iterator<Item = Position> + '_ {
         self.slots.iter().filter(|s| s.1).map(|s| s.0)
+    }
+
+    /// The unfinished positions in increasing order, each with where the record just
+    /// before it in the log starts, when known.
+    pub(super) fn iter_with_previous(
+        &self,
+    ) -> impl Iterator<Item = (Position, Option<Position>)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.1)
+            .map(|s| (s.0, (s.2 > 0).then(|| s.0 - u64::from(s.2))))
     }
 
     pub(super) fn clear(&mut self) {
@@ -117,6 +142,25 @@ mod tests {
             1 => any::<u64>().prop_map(Op::Back),
             1 => Just(Op::Clear),
         ]
+    }
+
+    #[test]
+    fn knows_which_unfinished_records_follow_each_other() {
+        let mut u = Unfinished::default();
+        u.insert_after(100, None);
+        u.insert_after(130, Some(100));
+        u.insert_after(170, Some(150));
+        u.insert_after(90, Some(80)); // out of order: not kept
+        let got: Vec<_> = u.iter_with_previous().collect();
+        assert_eq!(
+            got,
+            vec![(90, None), (100, None), (130, Some(100)), (170, Some(150))]
+        );
+        assert!(u.remove(130));
+        assert_eq!(
+            u.iter_with_previous().map(|p| p.1).collect::<Vec<_>>(),
+            vec![None, None, Some(150)]
+        );
     }
 
     proptest! {

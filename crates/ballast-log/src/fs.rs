@@ -1,13 +1,12 @@
 //! File-system steps every part of the log shares: segment file names and listing,
 //! directory fsync, and atomic file replacement.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, LogError};
 /// A byte offset in the whole log (`shared::Position`, which sits above this module).
 type Position = u64;
-use crate::vfs::Vfs;
+use crate::vfs::{Mode, Vfs};
 
 pub(crate) const SEGMENT_SUFFIX: &str = ".seg";
 
@@ -62,14 +61,18 @@ pub(crate) fn list_segments(
 /// Write to a temporary file (`path` with the extension `tmp`), fsync it, rename it over
 /// `path`, fsync the directory: a reader sees the old contents or the new, never a part.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+    write_atomically_on(&crate::vfs::Real, path, bytes)
+}
+
+/// [`write_atomically`] on a given file system (the power-loss simulation checks it).
+pub(crate) fn write_atomically_on(fs: &dyn Vfs, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let f = fs.open(&tmp, Mode::CreateTruncate)?;
+    f.write_all_at(bytes, 0)?;
+    f.sync_data()?;
+    fs.rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
+        fs.sync_dir(dir)?;
     }
     Ok(())
 }

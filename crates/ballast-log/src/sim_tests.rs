@@ -11,7 +11,9 @@
 //!
 //! The workload: bursts of appends submitted together (group commit: completion
 //! callbacks), small segments (rolls, the prepared-segment rename when preallocating),
-//! two consumers' cursor and finished-range files, a consumer removed and added again.
+//! two consumers' cursor and finished-range files, a consumer removed and added again,
+//! and a state file replaced with `write_atomically` (the server's `state.json`), which
+//! must read as its last content written or the one being written, whole.
 //!
 //! `BALLAST_SIM_SEED` (first seed, default 1) and `BALLAST_SIM_RUNS` (runs of
 //! [`CYCLES`] crashes each, default 60) choose what runs; a failure prints its seed. A
@@ -68,7 +70,14 @@ struct Model {
     /// What c1 last saved (an acknowledgement that returned Ok, or what recovery found).
     c1: Option<ConsumerProgress>,
     c2: Second,
+    /// A state file replaced with `write_atomically` (as the server's `state.json`): its
+    /// last content written (Ok), and one whose write failed at the crash since.
+    state: Option<Vec<u8>>,
+    state_try: Option<Vec<u8>>,
+    state_writes: u64,
 }
+
+const STATE: &str = "/sim/data/state.json";
 
 fn covered(p: &ConsumerProgress, pos: Position) -> bool {
     pos < p.cursor || p.done.iter().any(|r| r.0 <= pos && pos < r.1)
@@ -102,6 +111,9 @@ impl Run {
                 finished: BTreeSet::new(),
                 c1: None,
                 c2: Second::Gone,
+                state: None,
+                state_try: None,
+                state_writes: 0,
             },
             crashes: 0,
         }
@@ -243,13 +255,23 @@ impl Run {
         }
         m.records = found;
         m.c1 = now;
+        // The state file: the last one written, or the one being written, whole.
+        let state = self.fs.file(Path::new(STATE));
+        let tried = m.state_try.take();
+        assert!(
+            state == m.state || (tried.is_some() && state == tried),
+            "the state file is {state:?}, written {:?}, being written {tried:?}",
+            m.state
+        );
+        m.state = state;
     }
 
     fn step(&mut self, log: &Log) {
         match self.rng.gen_range(0..100) {
             0..=54 => self.appends(log),
             55..=79 => self.ack_c1(log),
-            80..=91 => self.ack_c2(log),
+            80..=89 => self.ack_c2(log),
+            90..=94 => self.write_state(),
             _ => self.flip_c2(log),
         }
     }
@@ -368,6 +390,28 @@ impl Run {
             Err(e) => {
                 assert!(self.fs.crashed(), "saving c2 failed without a crash: {e}");
                 // The cursor file may be saved; the segment deletion after it failed.
+            }
+        }
+    }
+
+    /// Replaces the state file (of a length of its own each time).
+    fn write_state(&mut self) {
+        let m = &mut self.model;
+        m.state_writes += 1;
+        let content = format!(
+            "state {} {}",
+            m.state_writes,
+            "x".repeat((m.state_writes % 97) as usize)
+        )
+        .into_bytes();
+        match crate::fs::write_atomically_on(&self.fs, Path::new(STATE), &content) {
+            Ok(()) => m.state = Some(content),
+            Err(e) => {
+                assert!(
+                    self.fs.crashed(),
+                    "writing the state failed without a crash: {e}"
+                );
+                m.state_try = Some(content);
             }
         }
     }

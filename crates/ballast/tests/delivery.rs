@@ -769,6 +769,11 @@ fn kill_9_during_delivery_loses_nothing() {
         .map(|(_, e)| mid(e))
         .collect();
     let behind_cursor = stored.iter().filter(|(pos, _)| finished(*pos)).count();
+    // What the cursor alone (without the ranges) would have had sent again.
+    let cursor_only = stored
+        .iter()
+        .filter(|(pos, e)| *pos >= cursor && received_before.contains(mid(e)))
+        .count();
 
     let server = Server::start_in(dir, &config, &[]);
     let want = ids(&events);
@@ -783,7 +788,8 @@ fn kill_9_during_delivery_loses_nothing() {
     let dups = duplicates(&delivered);
     eprintln!(
         "delivery crash test: {n} events, {before_kill} delivered before kill -9 \
-         ({behind_cursor} behind the saved cursor or in its {} finished ranges), {dups} duplicates",
+         ({behind_cursor} behind the saved cursor or in its {} finished ranges), {dups} duplicates \
+         ({cursor_only} with the cursor alone)",
         done.len()
     );
     check_user_order(&events, &delivered).unwrap();

@@ -522,6 +522,10 @@ async fn connection(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        // A client that shuts its sending side after a whole request (shutdown(SHUT_WR))
+        // still reads the answer; without it hyper dropped the request at the EOF,
+        // after the events may have been stored.
+        .half_close(true)
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut closing = *stop.borrow();

@@ -1127,6 +1127,15 @@ retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", ma
         "not acknowledged after the flood:\n{}",
         server.stderr()
     );
+    // The log's refusal is cleared, not kept as a stale error.
+    assert!(
+        server
+            .stderr()
+            .contains("log segment created: accepting events again"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(readyz(&server), (200, "OK".into()));
     // The keep-alive client is acknowledged again too.
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);

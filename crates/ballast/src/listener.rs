@@ -126,6 +126,13 @@ pub struct FdBudget {
     /// True while the budget is spent: idle connections are closed to give their
     /// descriptors back.
     pressure: watch::Sender<bool>,
+    /// For the liveness watchdog: since when the accept loop has held new connections
+    /// back (budget spent, or `accept` failing), as milliseconds since `epoch` plus one
+    /// (0: it is not holding back).
+    epoch: Instant,
+    held_since: AtomicU64,
+    /// The listening socket (-1: not listening).
+    listen_fd: std::sync::atomic::AtomicI32,
 }
 
 /// Under descriptor pressure, connections idle at least this long are closed.
@@ -142,7 +149,40 @@ impl FdBudget {
             connections: AtomicU64::new(0),
             others: AtomicU64::new(0),
             pressure: watch::channel(false).0,
+            epoch: Instant::now(),
+            held_since: AtomicU64::new(0),
+            listen_fd: std::sync::atomic::AtomicI32::new(-1),
         })
+    }
+
+    /// The accept loop starts holding new connections back (kept from the first time).
+    fn hold(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let _ = self
+            .held_since
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The accept loop took a connection.
+    fn accepted(&self) {
+        self.held_since.store(0, Ordering::Release);
+    }
+
+    /// How long the accept loop has held new connections back while one waits in the
+    /// kernel's accept queue (None: it accepts, or nobody waits). Waiting at
+    /// `max_connections` is not holding back: that is the cap doing its job.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let since = self.held_since.load(Ordering::Acquire);
+        if since == 0 || !pending_connection(self.listen_fd.load(Ordering::Acquire)) {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        Some(Duration::from_millis(now.saturating_sub(since)))
+    }
+
+    /// The `RLIMIT_NOFILE` it keeps within (None: unknown, nothing held back).
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
     }
 
     /// A budget that never holds anything back (tests, admin).
@@ -191,6 +231,21 @@ impl FdBudget {
     }
 }
 
+/// True when a connection waits in the accept queue of the listening socket `fd`.
+fn pending_connection(fd: i32) -> bool {
+    if fd < 0 {
+        return false;
+    }
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd passed, and returns at once (timeout 0).
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
 /// Serves `app` on `listener` until `stop` turns true, then closes idle connections,
 /// lets in-flight requests finish and returns once every connection is closed.
 pub async fn serve(
@@ -210,6 +265,12 @@ pub async fn serve(
     let accept_errors = metrics::counter!("ballast_accept_errors_total", "listener" => name);
     let mut last_error_log: Option<Instant> = None;
     let mut stopped = stop.clone();
+    {
+        use std::os::fd::AsRawFd;
+        budget
+            .listen_fd
+            .store(listener.as_raw_fd(), Ordering::Release);
+    }
     loop {
         if *stopped.borrow() {
             break;
@@ -226,6 +287,7 @@ pub async fn serve(
         // Descriptors for the log first: wait while the budget is spent.
         let mut waited = false;
         while !budget.has_room() && !*stopped.borrow() {
+            budget.hold();
             if !waited {
                 waited = true;
                 tracing::warn!(
@@ -253,6 +315,7 @@ pub async fn serve(
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE/ENFILE/ECONNABORTED...: never fatal; back off a little.
+                    budget.hold();
                     accept_errors.increment(1);
                     if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!(listener = name, error = %e, "accepting a connection failed; retrying");
@@ -265,6 +328,7 @@ pub async fn serve(
             },
             r = stopped.changed() => if r.is_err() { break } else { continue },
         };
+        budget.accepted();
         let _ = tcp.set_nodelay(true);
         open.increment(1.0);
         budget.connections.fetch_add(1, Ordering::AcqRel);
@@ -280,6 +344,7 @@ pub async fn serve(
             drop(permit);
         });
     }
+    budget.listen_fd.store(-1, Ordering::Release);
     drop(listener);
     // Every connection gives its slot back when it closes.
     let _ = slots.acquire_many(permits as u32).await;
@@ -457,6 +522,10 @@ async fn connection(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        // A client that shuts its sending side after a whole request (shutdown(SHUT_WR))
+        // still reads the answer; without it hyper dropped the request at the EOF,
+        // after the events may have been stored.
+        .half_close(true)
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut closing = *stop.borrow();
@@ -693,6 +762,19 @@ mod tests {
         let body = TimedBody::new(trickle(60, Duration::from_millis(50)), &limits(1000, 100));
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(got.len(), 600);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_is_seen_in_the_accept_queue() {
+        use std::os::fd::AsRawFd;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fd = l.as_raw_fd();
+        assert!(!pending_connection(fd));
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(pending_connection(fd));
+        let _ = l.accept().await.unwrap();
+        assert!(!pending_connection(fd));
+        assert!(!pending_connection(-1));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the HTTP front ends share about the server's condition: stopping (readiness off
-//! from SIGTERM on), the running mode as last set, and whether events are being routed.
-//! Set by `server`, read by `gateway` (`/health`, `/readyz`) and `admin`.
+//! from SIGTERM on), the running mode as last set, whether events are being routed, and
+//! whether the process is wedged (liveness off). Set by `server`, read by `gateway`
+//! (`/health`, `/livez`, `/readyz`) and `admin`.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -13,6 +14,8 @@ pub struct ServerState {
     shutting_down: AtomicBool,
     mode: AtomicU8,
     routing: AtomicBool,
+    /// Why the process counts as wedged (`/livez` 503), if it does.
+    stalled: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for ServerState {
@@ -22,6 +25,7 @@ impl Default for ServerState {
             shutting_down: AtomicBool::new(false),
             mode: AtomicU8::new(Mode::Normal as u8),
             routing: AtomicBool::new(false),
+            stalled: std::sync::Mutex::new(None),
         }
     }
 }
@@ -60,5 +64,22 @@ impl ServerState {
     /// True while events are being forwarded to destinations.
     pub fn routing(&self) -> bool {
         self.routing.load(Ordering::Acquire)
+    }
+
+    /// Why the process counts as wedged: a part that has made no progress for
+    /// `server.liveness_timeout` while work waits (None: live).
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets (or clears) why the process counts as wedged; true if that changed.
+    pub fn set_stalled(&self, reason: Option<String>) -> bool {
+        let mut cur = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = cur.is_some() != reason.is_some();
+        *cur = reason;
+        changed
     }
 }

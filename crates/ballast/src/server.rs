@@ -121,9 +121,19 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         history,
     });
     let (public, admin) = bind(&config, &data_dir).await?;
+    let fd_budget =
+        crate::listener::FdBudget::new(crate::listener::raise_fd_limit(), config.server.fd_reserve);
+    tokio::spawn(watch_liveness(
+        config.server.liveness_timeout,
+        store.clone(),
+        fd_budget.clone(),
+        state.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(listen = %public.local_addr()?, admin = %admin.local_addr()?, mode = state.mode().as_health_str(), crashes_in_window = start.crashes_in_window, "ballast is accepting events");
     let servers = serve(
         &config,
+        fd_budget,
         public,
         gateway.router(),
         admin,
@@ -307,13 +317,14 @@ async fn bind(config: &Config, data_dir: &Path) -> anyhow::Result<(TcpListener, 
 /// the destinations; the future ends when both have closed (after `stop`).
 fn serve(
     config: &Config,
+    fd_budget: Arc<crate::listener::FdBudget>,
     public: TcpListener,
     public_app: axum::Router,
     admin: TcpListener,
     admin_app: axum::Router,
     stop_rx: &watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> {
-    let fd_limit = crate::listener::raise_fd_limit();
+    let fd_limit = fd_budget.limit();
     let (public_cap, admin_cap) =
         crate::listener::connection_caps(&config.server, fd_limit, crate::listener::open_fds());
     if public_cap < config.server.max_connections {
@@ -328,7 +339,6 @@ fn serve(
     let public_limits = crate::listener::Limits::from_config(&config.server, public_cap);
     let admin_limits = crate::listener::Limits::from_config(&config.server, admin_cap);
     // ... and that stop accepting while what opens later (segments, sockets) needs them.
-    let fd_budget = crate::listener::FdBudget::new(fd_limit, config.server.fd_reserve);
     tokio::spawn(fd_budget.clone().run_sampler(stop_rx.clone()));
     let public_server = tokio::spawn(crate::listener::serve(
         public,
@@ -351,6 +361,54 @@ fn serve(
     async move {
         let _ = public_server.await;
         let _ = admin_server.await;
+    }
+}
+
+/// How often the liveness watchdog looks.
+const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Fails liveness (`/livez` 503 with the reason) while the public accept loop or the
+/// store has made no progress for `timeout` with work waiting (a connection in the accept
+/// queue; appends submitted, or a segment that cannot be started), so that an
+/// orchestrator restarts a wedged process; clears it when they move again.
+async fn watch_liveness(
+    timeout: std::time::Duration,
+    store: Arc<dyn Store>,
+    budget: Arc<crate::listener::FdBudget>,
+    state: Arc<ServerState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if timeout.is_zero() {
+        return;
+    }
+    loop {
+        let accept = budget.stalled_for().filter(|d| *d >= timeout).map(|d| {
+            format!(
+                "no connection accepted for {} s while clients wait (file descriptors near the limit)",
+                d.as_secs()
+            )
+        });
+        let stored = store
+            .stalled()
+            .filter(|(d, _)| *d >= timeout)
+            .map(|(d, why)| format!("{why} for {} s", d.as_secs()));
+        let reason = match (accept, stored) {
+            (Some(a), Some(s)) => Some(format!("{a}; {s}")),
+            (a, s) => a.or(s),
+        };
+        if state.set_stalled(reason.clone()) {
+            match &reason {
+                Some(r) => {
+                    tracing::error!(reason = %r, "no progress: /livez fails (503) so that the process is restarted")
+                }
+                None => tracing::info!("progress again: /livez answers 200"),
+            }
+        }
+        metrics::gauge!("ballast_stalled").set(if reason.is_some() { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = tokio::time::sleep(LIVENESS_CHECK_EVERY) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -1493,3 +1493,110 @@ fn json_nested_deeper_than_100_levels_is_refused() {
         BTreeSet::from(["text".to_string(), "limit".to_string()])
     );
 }
+
+/// A `Content-Encoding` other than `gzip` or `identity` is refused with 415 from the
+/// head, never read as plain JSON (issue 29): a `deflate` or `br` body read as JSON was
+/// stored as garbage or refused as `invalid json`, and a plain body under an unknown
+/// encoding was stored as if it said nothing.
+#[test]
+fn an_unknown_content_encoding_gets_415_and_stores_nothing() {
+    let server = Server::start(&common::config(""));
+    let http = common::client();
+    let event = json!({"userId": "u", "messageId": "enc", "event": "E"}).to_string();
+    for encoding in [
+        "deflate",
+        "br",
+        "x-gzip",
+        "gzip, gzip",
+        "compress",
+        "zstd",
+        "",
+    ] {
+        for (path, body) in [
+            ("/v1/track", event.clone().into_bytes()),
+            (
+                "/v1/batch",
+                gzip(format!(r#"{{"batch":[{event}]}}"#).as_bytes()),
+            ),
+        ] {
+            let r = call(
+                http.post(server.url(path))
+                    .basic_auth(WRITE_KEY, Some(""))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::CONTENT_ENCODING, encoding)
+                    .body(body),
+            );
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (415, "unsupported content encoding (use gzip or none)"),
+                "{encoding:?} {path}"
+            );
+        }
+    }
+    // Two headers, each gzip.
+    let r = call(
+        http.post(server.url("/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header(header::CONTENT_ENCODING, "gzip")
+            .header(header::CONTENT_ENCODING, "gzip")
+            .body(gzip(format!(r#"{{"batch":[{event}]}}"#).as_bytes())),
+    );
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert_eq!(
+        server.dump(),
+        Vec::<Value>::new(),
+        "a refused body was stored"
+    );
+    // `identity` and `GZIP` are fine.
+    let r = call(
+        http.post(server.url("/v1/track"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header(header::CONTENT_ENCODING, "identity")
+            .body(event.clone()),
+    );
+    expect(&r, 200, "OK");
+    let r = call(
+        http.post(server.url("/v1/track"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header(header::CONTENT_ENCODING, "GZIP")
+            .body(gzip(event.as_bytes())),
+    );
+    expect(&r, 200, "OK");
+    assert_eq!(server.dump().len(), 2);
+}
+
+/// A client that shuts its sending side (`shutdown(SHUT_WR)`) once its whole request is
+/// written still reads the answer, and the event is stored once (issue 29: it got no
+/// answer, though its events were stored: a duplicate when it retried).
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    use std::io::Read;
+    let server = Server::start(&common::config(""));
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:"));
+    for i in 0..3 {
+        let body =
+            json!({"userId": "u", "messageId": format!("half-{i}"), "event": "E"}).to_string();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /v1/track HTTP/1.1\r\nHost: t\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("OK"),
+            "request {i}: {answer:?}"
+        );
+    }
+    let ids: Vec<String> = server
+        .dump()
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ids, ["half-0", "half-1", "half-2"]);
+}

@@ -1072,10 +1072,11 @@ fn retries_are_bounded_and_retry_after_is_honoured() {
     }));
     let extra = format!(
         "{}{}",
+        // `Retry-After` is honoured up to `max_backoff`: 2 s here, above the 1 s asked.
         webhook(
             "hook",
             &rx.url(),
-            r#"retry = { max_attempts = 3, retry_window = "0s", min_backoff = "20ms", max_backoff = "200ms" }"#,
+            r#"retry = { max_attempts = 3, retry_window = "0s", min_backoff = "20ms", max_backoff = "2s" }"#,
         ),
         webhook(
             "windowed",
@@ -1606,4 +1607,178 @@ fn the_aborting_alert_resolves_once_the_destination_delivers_again() {
         alerts()
     );
     assert_eq!(dead_letters(&server, "hook").len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile destinations (issue 29, item 2): nothing a destination answers may panic the
+// router, park a user past the retry rule, lose events or exhaust memory.
+// ---------------------------------------------------------------------------------------
+
+/// Quick retries within a test, `max_backoff` 1 s.
+const CAPPED: &str = r#"retry = { max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", max_backoff = "1s" }"#;
+
+/// `n` events each of `users` users, in one batch; returns them.
+fn post_users(server: &Server, prefix: &str, users: usize, n: usize) -> Vec<Value> {
+    let events: Vec<Value> = (0..n)
+        .flat_map(|i| (0..users).map(move |u| (u, i)))
+        .map(|(u, i)| event_padded(&format!("{prefix}-u{u}"), &format!("{prefix}-{u}-{i}"), 0))
+        .collect();
+    post(server, "/v1/batch", &json!({ "batch": events }));
+    events
+}
+
+fn loop_panics(server: &Server) -> f64 {
+    metric(
+        server,
+        "ballast_destination_loop_panics_total{destination=\"hook\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+/// `Retry-After: 18446744073709551615` (u64::MAX seconds) panicked the delivery loop on
+/// every retry (an `Instant` overflow); now it waits `max_backoff` and, once the
+/// receiver is healthy, everything arrives once, in order per user.
+#[test]
+fn a_retry_after_of_u64_max_panics_nothing_and_waits_max_backoff() {
+    let hostile = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let rx = {
+        let hostile = hostile.clone();
+        Receiver::start(rule(move |_| {
+            if hostile.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::RetryAfter(503, u64::MAX)
+            } else {
+                Reply::Status(200)
+            }
+        }))
+    };
+    let server = Server::start(&common::config(&webhook("hook", &rx.url(), CAPPED)));
+    let events = post_users(&server, "max", 5, 10);
+    // Several users' heads were refused with the hostile header, some more than once.
+    assert!(
+        wait_for(10, || rx.requests().len() >= 10),
+        "{:?}",
+        rx.requests().len()
+    );
+    hostile.store(false, std::sync::atomic::Ordering::Relaxed);
+    delivered_once_in_order(&server, &rx, &events, 15);
+    assert_eq!(loop_panics(&server), 0.0, "{}", server.stderr());
+    assert!(!server.stderr().contains("panicked"), "{}", server.stderr());
+    assert!(dead_letters(&server, "hook").is_empty());
+}
+
+/// `Retry-After: 99999999` (3 years) or an HTTP date in 9999 parked the user for years,
+/// past `retry_window` and `max_attempts`; now the retry comes within `max_backoff`.
+#[test]
+fn a_retry_after_of_years_is_capped_at_max_backoff() {
+    let rx = Receiver::start(rule(|h| match (h.attempt, h.events.first()) {
+        (1, Some(e)) if e["userId"] == "years-u0" => Reply::RetryAfter(503, 99_999_999),
+        (1, Some(e)) if e["userId"] == "years-u1" => {
+            Reply::RetryAfterText(429, "Fri, 31 Dec 9999 23:59:59 GMT")
+        }
+        _ => Reply::Status(200),
+    }));
+    let server = Server::start(&common::config(&webhook("hook", &rx.url(), CAPPED)));
+    let events = post_users(&server, "years", 2, 1);
+    delivered_once_in_order(&server, &rx, &events, 10);
+    for e in &events {
+        let tries = rx.attempts_of(mid(e));
+        assert_eq!(tries.len(), 2, "{}: {tries:?}", mid(e));
+        let gap = tries[1].at - tries[0].at;
+        // max_backoff is 1 s; the bound only catches a wait of years.
+        assert!(
+            gap < Duration::from_secs(30),
+            "{}: retried after {gap:?}",
+            mid(e)
+        );
+    }
+}
+
+/// A 301 was followed as a GET without the body, its target's 200 counted as delivered
+/// (the events lost). Now no redirect is followed: a 3xx is a failure that is retried,
+/// with the redirect in its reason, and the events arrive once it stops redirecting.
+#[test]
+fn a_redirect_is_not_followed_and_the_events_arrive_once_it_stops() {
+    let redirecting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let port = free_port();
+    let rx = {
+        let redirecting = redirecting.clone();
+        Receiver::start_on(
+            port,
+            rule(move |h| {
+                if h.path == "/redirected" {
+                    Reply::Status(200)
+                } else if redirecting.load(std::sync::atomic::Ordering::Relaxed) {
+                    Reply::Redirect(if h.attempt % 2 == 0 { 307 } else { 301 }, port)
+                } else {
+                    Reply::Status(200)
+                }
+            }),
+        )
+    };
+    let server = Server::start(&common::config(&webhook(
+        "hook",
+        &rx.url(),
+        &format!("{CAPPED}\nheaders = {{ X-Api-Key = \"secret\" }}"),
+    )));
+    let events = post_users(&server, "moved", 3, 3);
+    assert!(
+        wait_for(10, || rx.requests().len() >= 9),
+        "{:?}",
+        rx.requests()
+    );
+    let d = dest_status(&server, "hook");
+    assert_eq!(
+        d["delivered"], 0,
+        "redirected events counted delivered: {d}"
+    );
+    assert!(
+        rx.requests().iter().all(|r| r.path == "/ingest"),
+        "a redirect was followed: {:?}",
+        rx.requests()
+            .iter()
+            .map(|r| (&r.method, &r.path))
+            .collect::<Vec<_>>()
+    );
+    redirecting.store(false, std::sync::atomic::Ordering::Relaxed);
+    delivered_once_in_order(&server, &rx, &events, 15);
+    assert!(dead_letters(&server, "hook").is_empty());
+    assert_eq!(dest_status(&server, "hook")["delivered"], events.len());
+}
+
+/// The peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+        * 1024
+}
+
+/// A 500 whose body is 200 MiB was read whole (`resp.text()`) before being cut to
+/// 4 KiB: hundreds of MB of memory per delivery in flight. Now at most a few KiB of any
+/// answer are read; the process's peak memory stays small.
+#[test]
+fn a_huge_error_body_is_not_read_into_memory() {
+    const BODY: u64 = 200 << 20;
+    let rx = Receiver::start(rule(|h| {
+        if h.attempt <= 2 {
+            Reply::HugeBody(500, BODY)
+        } else {
+            Reply::Status(200)
+        }
+    }));
+    let server = Server::start(&common::config(&webhook("hook", &rx.url(), CAPPED)));
+    let events = post_users(&server, "huge", 4, 1);
+    delivered_once_in_order(&server, &rx, &events, 30);
+    let pid = server.child.as_ref().unwrap().id();
+    let peak = peak_rss(pid);
+    eprintln!("peak RSS {} MiB", peak >> 20);
+    assert!(
+        peak < 300 << 20,
+        "peak RSS {} MiB with 8 answers of {} MiB",
+        peak >> 20,
+        BODY >> 20
+    );
 }

@@ -3,6 +3,9 @@
 //! `RLIMIT_NOFILE` never stops the server; a full disk is visible in readiness, health,
 //! status, metrics, logs and alerts, and ingest resumes by itself; a client that writes
 //! its whole body before it reads gets the early answer (413, 401) instead of a reset.
+//! After a descriptor flood that left the log unable to start a segment, new connections
+//! are acknowledged within seconds of descriptors being free; a node left wedged fails
+//! `/livez` (issue 29).
 //!
 //! Every flood here is bounded in count and time, and every server is killed when its
 //! handle drops.
@@ -973,4 +976,287 @@ fn failing_cursor_saves_are_alerted_and_not_fatal() {
     let log = server.stderr();
     assert_eq!(log.matches("saving the cursor failed;").count(), 1, "{log}");
     assert_eq!(log.matches("the cursor is saved again").count(), 1, "{log}");
+}
+
+/// A `/v1/batch` body of `n` events with messageIds `<prefix>-0..n`.
+fn batch_body(prefix: &str, n: usize) -> (Vec<u8>, Vec<String>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let events: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"userId": "u", "messageId": id, "properties": {"pad": "p".repeat(300)}}))
+        .collect();
+    (json!({ "batch": events }).to_string().into_bytes(), ids)
+}
+
+/// Posts a 20-event batch on `s`; the answer, or why there was none.
+fn post_batch(s: &mut TcpStream, prefix: &str) -> (std::io::Result<Answer>, Vec<String>) {
+    let (body, ids) = batch_body(prefix, 20);
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        basic(WRITE_KEY),
+        body.len()
+    );
+    let answer = s
+        .write_all(head.as_bytes())
+        .and_then(|_| s.write_all(&body))
+        .and_then(|_| read_answer(s));
+    (answer, ids)
+}
+
+/// Issue 29, item 1, the scenario: `RLIMIT_NOFILE=512`, small segments, 700 idle
+/// connections for 15 s while a keep-alive client posts 20-event batches and the
+/// destination is down (its backlog keeps every segment, one descriptor each, until the
+/// log cannot start a new one); then the idle connections close and the destination comes
+/// back. Once its backlog is delivered the segments go, and within seconds new
+/// connections are accepted and their events acknowledged, and the keep-alive client's
+/// too; nothing acknowledged is lost, in order.
+#[test]
+fn after_a_descriptor_flood_new_connections_are_accepted_and_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let launcher = low_fd_launcher(dir.path(), 512);
+    let server_section = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+"#;
+    let down = Arc::new(AtomicBool::new(true));
+    let rx = {
+        let down = down.clone();
+        Receiver::start(common::receiver::rule(move |_| {
+            common::receiver::Reply::Status(if down.load(Ordering::Relaxed) {
+                503
+            } else {
+                200
+            })
+        }))
+    };
+    let dest = format!(
+        r#"
+[[destinations]]
+id = "hook"
+type = "webhook"
+sources = ["web"]
+url = "{}"
+batch_size = 100
+retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", max_backoff = "200ms" }}
+"#,
+        rx.url()
+    );
+    // 8 KiB segments: about one per batch, so that the backlog takes the descriptors.
+    let config = config_with_server(server_section, &dest).replace("1MiB", "8KiB");
+    let server = Server::start_with(&launcher, dir, &config, &[]);
+    let a = addr(&server);
+    let stop = Arc::new(AtomicBool::new(false));
+    // The keep-alive client, connected before the flood: batches one after another
+    // (reconnecting when its connection is closed) until stopped.
+    let first = connect(a);
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let keeper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked: Vec<String> = Vec::new();
+            let mut refused = 0usize;
+            let mut last_refused = None;
+            let mut s = Some(first);
+            let t = Instant::now();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(180) {
+                let conn = match s.as_mut() {
+                    Some(c) => c,
+                    None => match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                        Ok(c) => {
+                            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                            s.insert(c)
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                i += 1;
+                match post_batch(conn, &format!("k{i}")) {
+                    (Ok(r), ids) if r.status == 200 => acked.extend(ids),
+                    (Ok(r), _) => {
+                        refused += 1;
+                        last_refused = Some(t.elapsed());
+                        assert_eq!((r.status, r.body.as_str()), (503, "storage unavailable"));
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    (Err(_), _) => s = None,
+                }
+            }
+            (acked, refused, last_refused.map(|r| t.elapsed() - r))
+        })
+    };
+    let mut flood = Vec::new();
+    let t = Instant::now();
+    while flood.len() < 700 && t.elapsed() < Duration::from_secs(20) {
+        if let Ok(s) = TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
+            flood.push(s);
+        }
+    }
+    let flooded = flood.len();
+    // 15 s, and on (at most a minute) until the backlog has taken the descriptors.
+    std::thread::sleep(Duration::from_secs(15));
+    let exhausted = wait_for(20, || {
+        server.stderr().contains("cannot start a new log segment")
+    });
+    drop(flood);
+    down.store(false, Ordering::Relaxed);
+    let freed = Instant::now();
+    let mut fresh_acked = Vec::new();
+    let mut n = 0;
+    let recovered = wait_for(10, || {
+        n += 1;
+        let Ok(mut s) = TcpStream::connect_timeout(&a, Duration::from_secs(1)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        match post_batch(&mut s, &format!("fresh{n}")) {
+            (Ok(r), ids) if r.status == 200 => {
+                fresh_acked = ids;
+                true
+            }
+            _ => false,
+        }
+    });
+    let took = freed.elapsed();
+    assert!(
+        recovered,
+        "not acknowledged after the flood:\n{}",
+        server.stderr()
+    );
+    // The log's refusal is cleared, not kept as a stale error.
+    assert!(
+        server
+            .stderr()
+            .contains("log segment created: accepting events again"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(readyz(&server), (200, "OK".into()));
+    // The keep-alive client is acknowledged again too.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (acked, refused, quiet_for) = keeper.join().unwrap();
+    eprintln!(
+        "{flooded} idle connections; log out of descriptors: {exhausted}; a new connection acknowledged {took:?} after the flood closed; keep-alive: {} acknowledged, {refused} refused, none for the last {quiet_for:?}",
+        acked.len()
+    );
+    assert!(
+        exhausted,
+        "the log never ran out of descriptors:\n{}",
+        server.stderr()
+    );
+    assert!(refused > 0 && quiet_for.is_some_and(|q| q >= Duration::from_millis(500)));
+    // Every acknowledged event reaches the destination; the keep-alive client's (one
+    // client, one user) in the order they were acknowledged.
+    let mut all: std::collections::HashSet<String> = acked.iter().cloned().collect();
+    all.extend(fresh_acked);
+    assert!(
+        wait_for(30, || rx.has_all(&all)),
+        "{} of {} acknowledged events delivered",
+        rx.ok_ids().intersection(&all).count(),
+        all.len()
+    );
+    let keeper_ids: std::collections::HashSet<&String> = acked.iter().collect();
+    let mut seen = std::collections::HashSet::new();
+    let delivered: Vec<String> = rx
+        .ok_events()
+        .iter()
+        .map(|e| common::mid(e).to_string())
+        .filter(|id| keeper_ids.contains(id) && seen.insert(id.clone()))
+        .collect();
+    assert!(delivered == acked, "delivered out of order");
+    let mut server = server;
+    assert!(server.terminate().success(), "{}", server.stderr());
+}
+
+/// Sends `GET <path>` on a kept-alive connection and reads the answer.
+fn get_on(s: &mut TcpStream, path: &str) -> std::io::Result<Answer> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())?;
+    read_answer(s)
+}
+
+/// Issue 29, item 1: a node wedged for want of descriptors (a backlog of segments, no
+/// consumer, under a low `RLIMIT_NOFILE`: the log cannot start a segment, the listener
+/// holds new connections back) fails `/livez` after `server.liveness_timeout`, so that an
+/// orchestrator restarts it. Before, `/livez` stayed 200: a black hole.
+#[test]
+fn a_wedged_node_fails_livez() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let launcher = low_fd_launcher(dir.path(), 160);
+    let server_section = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+fd_reserve = 16
+liveness_timeout = "2s"
+"#;
+    // 4 KiB segments and no destination: every segment stays, one descriptor each.
+    let config = config_with_server(server_section, "").replace("1MiB", "4KiB");
+    let server = Server::start_with(&launcher, dir, &config, &[]);
+    let a = addr(&server);
+    let mut keep = connect(a);
+    let r = get_on(&mut keep, "/livez").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "OK"));
+    // Batches until the log cannot start a segment.
+    let mut refused = None;
+    for i in 0..2000 {
+        let (body, _) = batch_body(&format!("w{i}"), 20);
+        let r = roundtrip(&mut keep, "/v1/batch", Some(&basic(WRITE_KEY)), &body);
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("the descriptors never ran out");
+    assert_eq!(
+        (refused.status, refused.body.as_str()),
+        (503, "storage unavailable"),
+        "{}",
+        server.stderr()
+    );
+    // Clients wait in the accept queue (the listener holds back; it may have taken the
+    // first before it noticed).
+    let _waiting: Vec<_> = (0..3)
+        .filter_map(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()
+        })
+        .collect();
+    // Asked often enough that the kept-alive connection is never idle for a second (an
+    // idle one is closed to give its descriptor back).
+    let mut last = None;
+    let wedged = wait_for(10, || {
+        std::thread::sleep(Duration::from_millis(100));
+        last = get_on(&mut keep, "/livez").ok();
+        last.as_ref().is_some_and(|r| r.status == 503)
+    });
+    assert!(wedged, "{last:?}\n{}", server.stderr());
+    let body = last.unwrap().body;
+    assert!(
+        body.starts_with("stalled: ") && body.contains("cannot start a new log segment"),
+        "{body}"
+    );
+    // The accept loop, holding the waiting client back, is named too.
+    let mut body = String::new();
+    assert!(
+        wait_for(10, || {
+            std::thread::sleep(Duration::from_millis(100));
+            body = get_on(&mut keep, "/livez")
+                .map(|r| r.body)
+                .unwrap_or_default();
+            body.contains("no connection accepted")
+        }),
+        "{body}\n{}",
+        server.stderr()
+    );
+    eprintln!("livez: {body}");
+    assert!(
+        server.stderr().contains("/livez fails (503)"),
+        "{}",
+        server.stderr()
+    );
 }

@@ -107,6 +107,10 @@ pub struct ServerConfig {
     /// How often the status page's history (the last hour, in memory) is sampled.
     #[serde(deserialize_with = "duration")]
     pub history_interval: Duration,
+    /// `/livez` answers 503 once the accept loop or the log writer has made no progress
+    /// for this long while work waits (0: never).
+    #[serde(deserialize_with = "duration")]
+    pub liveness_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -129,6 +133,7 @@ impl Default for ServerConfig {
             admin_max_connections: 64,
             fd_reserve: 256,
             history_interval: Duration::from_secs(10),
+            liveness_timeout: Duration::from_secs(60),
         }
     }
 }

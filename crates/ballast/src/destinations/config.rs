@@ -44,7 +44,7 @@ impl DestinationKind {
 
 /// When to give up on an event: after at least `max_attempts` failures *and* once its
 /// first attempt is older than `retry_window`. Backoff doubles from `min_backoff` to
-/// `max_backoff`, with jitter; a `Retry-After` answer is honoured.
+/// `max_backoff`, with jitter; a `Retry-After` answer is honoured up to `max_backoff`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 
-use super::{ApiError, BODY_TIMEOUT, INVALID_GZIP, TOO_LARGE};
+use super::{ApiError, BODY_TIMEOUT, INVALID_GZIP, TOO_LARGE, UNSUPPORTED_ENCODING};
 
 /// A lingering close reads at most this many times the request limit ...
 const LINGER_LIMIT_FACTOR: usize = 8;
@@ -45,6 +45,24 @@ pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Ap
     match declared_length(headers) {
         Some(len) if len > limit as u64 => Err(TOO_LARGE),
         _ => Ok(()),
+    }
+}
+
+/// Whether the body is gzip (`Content-Encoding: gzip`) or plain (no `Content-Encoding`, or
+/// `identity`). Any other (`deflate`, `br`, `x-gzip`, `gzip, gzip`, two headers, ...) is
+/// refused (415) from the head, never guessed or read as plain JSON.
+pub fn gzipped(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
+    let Some(value) = values.next() else {
+        return Ok(false);
+    };
+    if values.next().is_some() {
+        return Err(UNSUPPORTED_ENCODING);
+    }
+    match value.to_str().map(str::trim) {
+        Ok(v) if v.eq_ignore_ascii_case("gzip") => Ok(true),
+        Ok(v) if v.eq_ignore_ascii_case("identity") => Ok(false),
+        _ => Err(UNSUPPORTED_ENCODING),
     }
 }
 
@@ -94,12 +112,7 @@ pub async fn read(
             Bytes::from(all)
         }
     };
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().eq_ignore_ascii_case("gzip"))
-        .unwrap_or(false);
-    if !gzip {
+    if !gzipped(headers).map_err(Refused::Decoded)? {
         return Ok(raw);
     }
     gunzip(&raw, limit).map_err(Refused::Decoded)
@@ -161,6 +174,34 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(data).unwrap();
         e.finish().unwrap()
+    }
+
+    #[test]
+    fn only_gzip_and_identity_are_decoded() {
+        use axum::http::HeaderValue;
+        let with = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_ENCODING, HeaderValue::from_static(v));
+            }
+            gzipped(&h).map_err(|e| e.status.as_u16())
+        };
+        assert_eq!(with(&[]), Ok(false));
+        assert_eq!(with(&["identity"]), Ok(false));
+        assert_eq!(with(&["gzip"]), Ok(true));
+        assert_eq!(with(&[" GZIP "]), Ok(true));
+        for bad in [
+            "deflate",
+            "br",
+            "x-gzip",
+            "gzip, gzip",
+            "gzip,identity",
+            "",
+            "zstd",
+        ] {
+            assert_eq!(with(&[bad]), Err(415), "{bad:?}");
+        }
+        assert_eq!(with(&["gzip", "gzip"]), Err(415));
     }
 
     #[test]

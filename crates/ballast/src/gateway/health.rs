@@ -29,14 +29,25 @@ pub async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     axum::Json(body).into_response()
 }
 
-pub async fn livez() -> Response {
-    (StatusCode::OK, "OK").into_response()
+/// Live unless the server's watchdog found a part wedged (no progress for
+/// `server.liveness_timeout` while work waits: the accept loop, the log writer): then 503
+/// with the reason, so that an orchestrator restarts the process. A storage or database
+/// outage, a full disk or the quota do not count: those are readiness.
+pub async fn livez(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.state.stalled() {
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stalled: {reason}"),
+        )
+            .into_response(),
+        None => (StatusCode::OK, "OK").into_response(),
+    }
 }
 
 /// Ready while it can accept and persist events (also in degraded mode); else 503 with
 /// the reason (`disk full`, `storage quota exceeded`, `storage failed`, `shutting down`,
-/// ...). Liveness (`livez`) depends on nothing: a storage or database outage must not get
-/// the process restarted.
+/// ...). Liveness (`livez`) fails only for a wedged process (see [`livez`]): a storage or
+/// database outage must not get the process restarted.
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     if gw.state.stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();

@@ -95,6 +95,11 @@ pub const TOO_DEEP: ApiError = ApiError::new(
     "json nested deeper than 100 levels",
 );
 pub const INVALID_GZIP: ApiError = ApiError::new(StatusCode::BAD_REQUEST, "invalid gzip body");
+/// A `Content-Encoding` other than `gzip` or `identity`.
+pub const UNSUPPORTED_ENCODING: ApiError = ApiError::new(
+    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    "unsupported content encoding (use gzip or none)",
+);
 pub const RATE_LIMITED: ApiError = ApiError {
     status: StatusCode::TOO_MANY_REQUESTS,
     body: "max requests limit reached",
@@ -515,7 +520,8 @@ async fn post_events(
     let (peer, headers) = (peer_of(&parts), &parts.headers);
     let limit = gw.max_request_bytes;
     // What the head alone decides: a malformed or unknown write key (a wrong key is a
-    // 401 whatever the body holds), a declared length over the limit.
+    // 401 whatever the body holds), a declared length over the limit, an encoding it
+    // cannot decode.
     let head = (|| {
         let key = match query_key.filter(|k| !k.is_empty()) {
             Some(k) => Some(k),
@@ -526,6 +532,7 @@ async fn post_events(
             None => None,
         };
         body::check_declared_length(headers, limit)?;
+        body::gzipped(headers)?;
         Ok::<_, ApiError>((key, source))
     })();
     let result = match head {

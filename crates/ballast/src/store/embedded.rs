@@ -20,6 +20,50 @@ pub struct EmbeddedStore {
     fatal: watch::Sender<Option<String>>,
     /// Saving cursors fails (a cursor file that cannot be written: EMFILE, ENOSPC).
     cursor_failure: super::Failing,
+    /// Appends submitted to the log writer and not completed yet, for [`Store::stalled`].
+    pending: Arc<Pending>,
+    /// Since when the log has been unable to start a new segment (as last looked at).
+    unavailable_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Appends in the writer's hands, and when it last completed one (or got the first of a
+/// new run of work): milliseconds since `epoch`.
+struct Pending {
+    epoch: std::time::Instant,
+    count: std::sync::atomic::AtomicU64,
+    progress_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Pending {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn submitted(&self) {
+        use std::sync::atomic::Ordering;
+        // Work arriving at an idle writer starts its clock now.
+        if self.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.progress_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    fn completed(&self) {
+        use std::sync::atomic::Ordering;
+        self.progress_ms.store(self.now_ms(), Ordering::Release);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// How long appends have waited with none completed.
+    fn stuck_for(&self) -> Option<std::time::Duration> {
+        use std::sync::atomic::Ordering;
+        if self.count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let since = self.progress_ms.load(Ordering::Acquire);
+        Some(std::time::Duration::from_millis(
+            self.now_ms().saturating_sub(since),
+        ))
+    }
 }
 
 impl EmbeddedStore {
@@ -46,6 +90,12 @@ impl EmbeddedStore {
                 durable,
                 fatal,
                 cursor_failure: super::Failing::default(),
+                pending: Arc::new(Pending {
+                    epoch: std::time::Instant::now(),
+                    count: Default::default(),
+                    progress_ms: Default::default(),
+                }),
+                unavailable_since: std::sync::Mutex::new(None),
             },
             report,
         ))
@@ -134,7 +184,10 @@ impl Store for EmbeddedStore {
         let (tx, rx) = oneshot::channel();
         let durable = self.durable.clone();
         let fatal = self.fatal.clone();
+        let pending = self.pending.clone();
+        pending.submitted();
         self.log.append(records, move |result| {
+            pending.completed();
             match &result {
                 Ok(a) => {
                     // The whole group is durable when its first batch completes: publish
@@ -226,6 +279,29 @@ impl Store for EmbeddedStore {
 
     fn cursor_failure(&self) -> Option<(std::time::Duration, String)> {
         self.cursor_failure.since()
+    }
+
+    fn stalled(&self) -> Option<(std::time::Duration, String)> {
+        if let Some(d) = self.pending.stuck_for() {
+            if d >= std::time::Duration::from_secs(1) {
+                return Some((d, "the log writer completed no append".into()));
+            }
+        }
+        let reason = self.log.stats().unavailable;
+        let mut since = self
+            .unavailable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match reason {
+            Some(r) => {
+                let at = *since.get_or_insert_with(std::time::Instant::now);
+                Some((at.elapsed(), format!("cannot start a new log segment: {r}")))
+            }
+            None => {
+                *since = None;
+                None
+            }
+        }
     }
 
     fn cursor(&self, consumer: &str, _partition: u32) -> Option<Position> {

@@ -454,6 +454,15 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// How long the store has made no progress while work waits, and why: a log writer
+    /// that completes none of the appends submitted to it, or that cannot start a new
+    /// segment (embedded). Not an outage that passes by itself elsewhere (a database
+    /// down, a full disk, the quota): those are readiness, not liveness. The server's
+    /// liveness watchdog fails `/livez` past `server.liveness_timeout`.
+    fn stalled(&self) -> Option<(std::time::Duration, String)> {
+        None
+    }
+
     /// What a consumer has not passed yet, summed over the partitions: bytes of the log
     /// (embedded) or events (PostgreSQL).
     fn backlog(&self, consumer: &str) -> u64 {

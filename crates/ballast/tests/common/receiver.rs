@@ -78,10 +78,17 @@ pub enum Reply {
     Status(u16),
     /// The status with `Retry-After: <secs>`.
     RetryAfter(u16, u64),
+    /// The status with `Retry-After: <text>` (an HTTP date, garbage, ...).
+    RetryAfterText(u16, &'static str),
     /// Waits, then answers the status (keep it below the webhook's timeout).
     Delay(Duration, u16),
     /// Waits, then answers 503; meant to outlast the webhook's timeout (recorded as 0).
     Hang(Duration),
+    /// The status (a 3xx) with `Location: http://127.0.0.1:<port>/redirected`.
+    Redirect(u16, u16),
+    /// The status with a body of this many bytes, made as it is sent (64 KiB pieces of
+    /// `x`), never held whole in memory.
+    HugeBody(u16, u64),
 }
 
 /// One request as the rule sees it.
@@ -170,7 +177,12 @@ pub async fn handle(
             attempt,
         });
         let status = match reply {
-            Reply::Status(s) | Reply::RetryAfter(s, _) | Reply::Delay(_, s) => s,
+            Reply::Status(s)
+            | Reply::RetryAfter(s, _)
+            | Reply::RetryAfterText(s, _)
+            | Reply::Delay(_, s)
+            | Reply::Redirect(s, _)
+            | Reply::HugeBody(s, _) => s,
             Reply::Hang(_) => 0,
         };
         if status == 200 {
@@ -210,6 +222,12 @@ pub async fn handle(
             text(s),
         )
             .into_response(),
+        Reply::RetryAfterText(s, text) => (
+            code(s),
+            [(axum::http::header::RETRY_AFTER, text)],
+            "unavailable",
+        )
+            .into_response(),
         Reply::Delay(d, s) => {
             tokio::time::sleep(d).await;
             (code(s), text(s)).into_response()
@@ -217,6 +235,27 @@ pub async fn handle(
         Reply::Hang(d) => {
             tokio::time::sleep(d).await;
             (code(503), "hung").into_response()
+        }
+        Reply::Redirect(s, port) => (
+            code(s),
+            [(
+                axum::http::header::LOCATION,
+                format!("http://127.0.0.1:{port}/redirected"),
+            )],
+            "moved",
+        )
+            .into_response(),
+        Reply::HugeBody(s, len) => {
+            static PIECE: [u8; 64 << 10] = [b'x'; 64 << 10];
+            let pieces = futures::stream::unfold(len, |left| async move {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(PIECE.len() as u64);
+                let piece = bytes::Bytes::from_static(&PIECE[..n as usize]);
+                Some((Ok::<_, std::convert::Infallible>(piece), left - n))
+            });
+            (code(s), axum::body::Body::from_stream(pieces)).into_response()
         }
     }
 }

@@ -10,6 +10,13 @@ fn retry_after_forms() {
         Some(Duration::ZERO)
     );
     assert!(parse_retry_after("soon").is_none());
+    // Hostile values parse (the router caps them at max_backoff) or are ignored.
+    assert_eq!(
+        parse_retry_after("18446744073709551615"),
+        Some(Duration::from_secs(u64::MAX))
+    );
+    assert!(parse_retry_after("99999999999999999999999").is_none());
+    assert!(parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT").is_some());
 }
 
 #[test]

@@ -381,7 +381,10 @@ impl Worker {
             uq.loaded -= freed;
             self.loaded -= freed;
         }
-        self.timers.push(Reverse((Instant::now() + delay, user)));
+        // Never an overflow, whatever the delay (a destination's `Retry-After` is already
+        // capped at `max_backoff`, which the configuration may set to anything).
+        let at = retry::deadline_after(Instant::now(), delay);
+        self.timers.push(Reverse((at, user)));
     }
 }
 

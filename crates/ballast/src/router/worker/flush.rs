@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::queue::{Origin, UserState};
 use super::Worker;
+use crate::router::retry::deadline_after;
 use crate::store::Position;
 
 pub(super) struct Filling {
@@ -82,7 +83,7 @@ impl Filling {
 
     /// When the current wait ends, if waiting.
     pub(super) fn deadline(&self) -> Option<Instant> {
-        self.since.map(|t| t + self.interval)
+        self.since.map(|t| deadline_after(t, self.interval))
     }
 
     /// Whether the router should read more of the log now (to fill the batch).
@@ -100,7 +101,7 @@ impl Worker {
         };
         let now = Instant::now();
         if let Some(since) = f.since {
-            if f.ready < max && now < since + f.interval {
+            if f.ready < max && now < deadline_after(since, f.interval) {
                 return true;
             }
             if let Some(f) = &mut self.filling {

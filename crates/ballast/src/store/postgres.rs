@@ -146,6 +146,8 @@ struct Shared {
     /// Stored bytes when an append was last refused for the quota.
     bytes_at_refusal: AtomicU64,
     leases: Leases,
+    /// When the poll loop last read the partitions' rows (the status figures' age).
+    polled_at: Mutex<Instant>,
 }
 
 impl Shared {
@@ -164,9 +166,10 @@ impl Shared {
 
 pub struct PgStore {
     shared: Arc<Shared>,
-    /// Reads and acknowledgements (the writers have their own connections).
-    readers: Vec<tokio::sync::RwLock<Option<Arc<Client>>>>,
-    next_reader: AtomicUsize,
+    /// Reads (the writers have their own connections).
+    readers: Arc<Pool>,
+    /// Acknowledgements and consumer registration: never behind a read.
+    control: Arc<Pool>,
     writers: Mutex<Option<Vec<mpsc::Sender<Piece>>>>,
     writer_tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
@@ -174,6 +177,108 @@ pub struct PgStore {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A query's future, owning what it uses (it runs on a task of its own).
+type QueryFuture<T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static>,
+>;
+
+/// Counts a store call that ran out of time (`ballast_storage_timeouts_total`, by
+/// operation): on a database that answers, it stays 0.
+fn timed_out(op: &'static str) {
+    metrics::counter!("ballast_storage_timeouts_total", "operation" => op).increment(1);
+}
+
+/// The operations `ballast_storage_timeouts_total` counts (registered at 0 when the store
+/// opens, so that a scrape shows them before the first timeout).
+const TIMED_OPERATIONS: [&str; 6] = ["read", "ack", "consumer", "append", "poll", "lease"];
+
+/// Connections of one use (reads; acknowledgements and consumers), each shared by the
+/// queries of that use, which tokio-postgres pipelines on it.
+///
+/// A shared connection reads its socket only while the query at the head of its pipeline
+/// takes its rows: tokio-postgres hands a query's rows over a channel of one message, so
+/// a query whose future is not being polled stops every query behind it on that
+/// connection. The router's loop starts a read ahead of need and polls it only between
+/// its other awaits (an acknowledgement, a retry-state save…); with the read and the
+/// acknowledgement on one connection, the acknowledgement waited for the read's rows to
+/// be taken and the read for the loop to come back from the acknowledgement, until the
+/// 30-second timeout failed both (the stalls of issue 27). Here every query runs on a
+/// task of its own, which takes its rows whatever its caller does (polled, dropped or
+/// busy), no lock is held across an await, and acknowledgements have their own
+/// connection, so one never queues behind megabytes of a read.
+struct Pool {
+    url: String,
+    slots: Vec<Mutex<Option<Arc<Client>>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    fn new(url: &str, size: usize, first: Option<Client>) -> Pool {
+        let mut first = first.map(Arc::new);
+        Pool {
+            url: url.to_string(),
+            slots: (0..size.max(1)).map(|_| Mutex::new(first.take())).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Slot `i`'s connection, made again when there is none or it closed. Connecting
+    /// happens outside the slot's lock: two callers may both connect, the later one's
+    /// connection stays, the other serves its one query and goes.
+    async fn client(&self, i: usize) -> Result<Arc<Client>, StoreError> {
+        if let Some(c) = lock(&self.slots[i]).as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(connect(&self.url).await?);
+        *lock(&self.slots[i]) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets slot `i`'s connection if it is still `client` (it hung).
+    fn forget(&self, i: usize, client: &Arc<Client>) {
+        let mut slot = lock(&self.slots[i]);
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            *slot = None;
+        }
+    }
+
+    /// Runs `f` on one of the connections (in turn), on a task of its own, within
+    /// `deadline` (connecting included). On a timeout the connection is dropped (a new
+    /// session next time) and the timeout counted.
+    async fn run<T: Send + 'static>(
+        self: Arc<Self>,
+        op: &'static str,
+        deadline: Duration,
+        f: impl FnOnce(Arc<Client>) -> QueryFuture<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let task = tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + deadline;
+            let client = match tokio::time::timeout_at(until, self.client(i)).await {
+                Ok(c) => c?,
+                Err(_) => {
+                    timed_out(op);
+                    return Err(StoreError::Other(format!(
+                        "postgres: connecting for the {op} timed out"
+                    )));
+                }
+            };
+            match tokio::time::timeout_at(until, f(client.clone())).await {
+                Ok(r) => r.map_err(pg_err),
+                Err(_) => {
+                    self.forget(i, &client);
+                    timed_out(op);
+                    Err(StoreError::Other(format!(
+                        "postgres: the {op} query timed out"
+                    )))
+                }
+            }
+        });
+        task.await
+            .map_err(|e| StoreError::Other(format!("postgres: the {op} query failed: {e}")))?
+    }
 }
 
 pub(crate) use crate::pg::{SCHEMA_LOCK, STATEMENT_TIMEOUT};
@@ -485,6 +590,7 @@ impl PgStore {
             cursors: Mutex::new(cursors),
             bytes_at_refusal: AtomicU64::new(0),
             leases: Leases::default(),
+            polled_at: Mutex::new(Instant::now()),
         });
         shared
             .counters
@@ -500,15 +606,13 @@ impl PgStore {
         }
         tokio::spawn(poll_loop(shared.clone(), stop_rx.clone()));
         tokio::spawn(lease_keeper(shared.clone(), stop_rx));
-        let mut readers = Vec::with_capacity(READERS);
-        readers.push(tokio::sync::RwLock::new(Some(Arc::new(client))));
-        while readers.len() < READERS {
-            readers.push(tokio::sync::RwLock::new(None));
+        for op in TIMED_OPERATIONS {
+            metrics::counter!("ballast_storage_timeouts_total", "operation" => op).increment(0);
         }
         Ok(PgStore {
             shared,
-            readers,
-            next_reader: AtomicUsize::new(0),
+            readers: Arc::new(Pool::new(url, READERS, None)),
+            control: Arc::new(Pool::new(url, 1, Some(client))),
             writers: Mutex::new(Some(senders)),
             writer_tasks: tokio::sync::Mutex::new(tasks),
             stop,
@@ -520,38 +624,16 @@ impl PgStore {
         self.shared.leases.live.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on one of the reader connections (made again when it was lost).
-    async fn with_reader<T>(
+    /// Runs `f` on a connection of `pool` (made again when it was lost), bounded by
+    /// `deadline`. See [`Pool::run`].
+    async fn on<T: Send + 'static>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c Client,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
-        >,
+        pool: &Arc<Pool>,
+        op: &'static str,
+        deadline: Duration,
+        f: impl FnOnce(Arc<Client>) -> QueryFuture<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let slot = &self.readers[self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS];
-        let current = slot.read().await.clone();
-        let client = match current {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                let mut w = slot.write().await;
-                match w.as_ref() {
-                    Some(c) if !c.is_closed() => c.clone(),
-                    _ => {
-                        let c = Arc::new(connect(&self.shared.url).await?);
-                        *w = Some(c.clone());
-                        c
-                    }
-                }
-            }
-        };
-        match tokio::time::timeout(STATEMENT_TIMEOUT, f(&client)).await {
-            Ok(r) => r.map_err(pg_err),
-            Err(_) => {
-                *slot.write().await = None;
-                Err(StoreError::Other("postgres: the query timed out".into()))
-            }
-        }
+        pool.clone().run(op, deadline, f).await
     }
 
     fn writer_for(&self, partition: u32) -> Option<mpsc::Sender<Piece>> {
@@ -1005,6 +1087,7 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         };
         backoff = POLL_EVERY;
+        *lock(&shared.polled_at) = Instant::now();
         // The database answers again: let the next append try (readiness follows).
         *lock(&shared.failure) = None;
         let mut bytes = 0u64;
@@ -1141,7 +1224,7 @@ impl Store for PgStore {
         let name = consumer.to_string();
         let part = partition as i32;
         let (cursor, done): (i64, Vec<u8>) = self
-            .with_reader(|c| {
+            .on(&self.control, "consumer", STATEMENT_TIMEOUT, move |c| {
                 Box::pin(async move {
                     c.execute(
                         "INSERT INTO ballast_cursor (name, part, cursor)
@@ -1174,7 +1257,7 @@ impl Store for PgStore {
         let part = partition as i32;
         let from_seq = seq_of(from);
         let rows = self
-            .with_reader(|c| {
+            .on(&self.readers, "read", STATEMENT_TIMEOUT, move |c| {
                 Box::pin(async move {
                     c.query(
                         "SELECT first_seq, data, codec FROM ballast_chunk
@@ -1241,7 +1324,7 @@ impl Store for PgStore {
         }
         let class = lease_class(consumer) as u32;
         let updated = self
-            .with_reader(|c| {
+            .on(&self.control, "ack", STATEMENT_TIMEOUT, move |c| {
                 Box::pin(async move {
                     match fence {
                         None => {
@@ -1359,6 +1442,10 @@ impl Store for PgStore {
     fn subscribe(&self, partition: u32) -> watch::Receiver<Position> {
         let i = (partition as usize).min(self.shared.ends.len() - 1);
         self.shared.ends[i].subscribe()
+    }
+
+    fn figures_age(&self) -> Option<Duration> {
+        Some(lock(&self.shared.polled_at).elapsed())
     }
 
     fn status(&self) -> StoreStatus {
@@ -1554,6 +1641,67 @@ mod tests {
         for s in [&*a, &*b, &follower] {
             s.close().await;
         }
+    }
+
+    /// Issue 27: the router's loop starts a read ahead of need and polls it only between
+    /// its other awaits. A read started and then left unpolled while the loop saves its
+    /// cursor must hold up neither that acknowledgement nor anything else: with both on
+    /// one pipelined connection, the connection stopped taking the read's rows (nobody
+    /// took them) and so never reached the acknowledgement's answer, until the 30-second
+    /// timeout failed both. Two acknowledgements in a row, so that with queries shared
+    /// out over the connections in turn one of them would meet the read.
+    #[tokio::test]
+    async fn a_read_left_unpolled_holds_up_no_acknowledgement() {
+        let cluster = PgCluster::start();
+        cluster.create_db("unpolled").await;
+        let url = cluster.url("unpolled");
+        let s = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        // Eight chunks of ~200 KB that LZ4 cannot shrink much: a read's answer is far
+        // more than the connection buffers for a query nobody reads.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for c in 0..8 {
+            let mut b = EventBatch::new(Arc::from("web"), 0);
+            for i in 0..200 {
+                let noise: String = (0..1000)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        char::from(b'a' + (x % 26) as u8)
+                    })
+                    .collect();
+                b.push_with::<()>(|json, meta| {
+                    json.extend_from_slice(format!(r#"{{"i":{i},"p":"{noise}"}}"#).as_bytes());
+                    envelope::encode_meta(meta, "u:", "u", &format!("{c}-{i}"));
+                    Ok(())
+                })
+                .unwrap();
+            }
+            s.append(b).await.unwrap();
+        }
+        s.register_consumer("dest.x", 0).await.unwrap();
+        let mut read = Box::pin(s.read(0, 1000));
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        assert!(std::future::Future::poll(read.as_mut(), &mut cx).is_pending());
+        // The read's answer arrives meanwhile; nobody polls it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for cursor in [1, 2] {
+            let acked = tokio::time::timeout(
+                Duration::from_secs(5),
+                s.ack("dest.x", &Progress::at(cursor)),
+            )
+            .await;
+            assert!(
+                matches!(acked, Ok(Ok(()))),
+                "acknowledgement {cursor} behind an unpolled read: {acked:?}"
+            );
+        }
+        let r = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the read came back")
+            .unwrap();
+        assert_eq!(r.events.len(), 1000);
+        s.close().await;
     }
 
     /// The finished ranges above a cursor survive in the database for the next holder.

@@ -119,7 +119,14 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
         .arg("--listen")
         .arg(sink_addr.to_string());
     let mut sink = ServerProcess::spawn("sink".into(), cmd, root.path().join("sink.log"))?;
-    wait_ready(&mut sink, sink_addr, "/stats", true, Duration::from_secs(30)).await?;
+    wait_ready(
+        &mut sink,
+        sink_addr,
+        "/stats",
+        true,
+        Duration::from_secs(30),
+    )
+    .await?;
 
     let mut stores = vec![Store::Embedded];
     if args.postgres_url.is_some() {
@@ -228,12 +235,14 @@ impl Database {
     }
 
     async fn drop_it(self) {
-        if let Ok((c, conn)) =
-            tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await
+        if let Ok((c, conn)) = tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await
         {
             let driver = tokio::spawn(conn);
             let _ = c
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
                 .await;
             drop(c);
             let _ = driver.await;
@@ -363,12 +372,7 @@ async fn wait_drained(
             next_sample += Duration::from_secs(1);
         }
         if d >= want {
-            return Ok((
-                (now - started).as_secs_f64(),
-                true,
-                longest,
-                samples,
-            ));
+            return Ok(((now - started).as_secs_f64(), true, longest, samples));
         }
         if now - started > limit {
             longest = longest.max((now - last.0).as_secs_f64());
@@ -415,7 +419,10 @@ async fn one_store(
     };
 
     // 1. The burst, ingest only.
-    eprintln!("[{name}] burst: {} of load", humantime::format_duration(args.duration));
+    eprintln!(
+        "[{name}] burst: {} of load",
+        humantime::format_duration(args.duration)
+    );
     let mut b = start(args, &dir, "burst", &burst_storage, None).await?;
     let report = load::run(&load_config(args, b.addr)).await?;
     b.proc.check_alive()?;
@@ -440,7 +447,11 @@ async fn one_store(
     d.proc.stop();
     out.drained = drained;
     out.drain_seconds = secs;
-    out.drain_events_per_sec = if secs > 0.0 { events as f64 / secs } else { 0.0 };
+    out.drain_events_per_sec = if secs > 0.0 {
+        events as f64 / secs
+    } else {
+        0.0
+    };
     out.longest_stall_s = stall;
     out.samples = samples;
     eprintln!(

@@ -270,7 +270,11 @@ impl PgCluster {
         };
         let mut pids = vec![postmaster];
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             // `pid (comm) state ppid …`: the fields after the last ')'.

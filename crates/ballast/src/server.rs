@@ -161,7 +161,9 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         tracing::warn!("in-flight requests did not finish within shutdown_timeout");
     }
     state.set_routing(false);
-    let waiting = std::sync::Mutex::new("delivery (destinations finishing what is in flight, saving cursors)");
+    let waiting = std::sync::Mutex::new(
+        "delivery (destinations finishing what is in flight, saving cursors)",
+    );
     let rest = async {
         router.join().await;
         *waiting.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -175,7 +177,12 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
             .status()
             .iter()
             .filter(|d| d.in_flight > 0 || d.buffered_events > 0)
-            .map(|d| format!("{}: {} in flight, {} read", d.id, d.in_flight, d.buffered_events))
+            .map(|d| {
+                format!(
+                    "{}: {} in flight, {} read",
+                    d.id, d.in_flight, d.buffered_events
+                )
+            })
             .collect();
         tracing::error!(
             waiting_for = still,

@@ -99,11 +99,28 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Chunks one read fetches at most.
 const READ_CHUNKS: i64 = 8;
 const POLL_EVERY: Duration = Duration::from_millis(100);
+/// How long a request waits for its events' commit before it is answered 503 (not
+/// acknowledged: a commit that lands later only stores a retried event twice). A database
+/// that stops answering (SIGSTOP, a partition without a reset) gives fast 503s, not
+/// requests hanging for the 30-second statement timeout.
+const APPEND_DEADLINE: Duration = Duration::from_secs(3);
+/// The poll of the partitions' rows (every 100 ms) fails after this long: the store is
+/// then not writable, so readiness follows a database that stopped answering within
+/// about this.
+const POLL_DEADLINE: Duration = Duration::from_millis(1500);
+/// How often a full tablespace is probed for room while appends are refused for it.
+const FULL_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Reads, acknowledgements and consumer registration give up after this long (the
+/// connection is made again): a read of eight chunks answers in milliseconds on a
+/// database that answers at all.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
 const CURSORS_EVERY: Duration = Duration::from_secs(1);
 const CLEANUP_EVERY: Duration = Duration::from_secs(2);
 /// How often the lease session is checked, shares recomputed, and a replica waiting for
 /// a lease tries again.
 const LEASE_TICK: Duration = Duration::from_secs(1);
+/// How often a lease request looks again while the lease session is not open yet.
+const SESSION_WAIT: Duration = Duration::from_millis(50);
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // The database's own message (with its detail), not only the driver's summary.
@@ -138,6 +155,10 @@ struct Shared {
     partitions: u32,
     counters: Counters,
     quota_blocked: AtomicBool,
+    /// The last append failed for lack of space in the database (SQLSTATE 53100, a full
+    /// tablespace): refused as "disk full" until an append or a probe finds room again
+    /// (the poll's success does not clear it: the database answers, it is just full).
+    disk_full: AtomicBool,
     /// The durable end of each partition.
     ends: Vec<watch::Sender<Position>>,
     failure: Mutex<Option<String>>,
@@ -148,6 +169,11 @@ struct Shared {
     leases: Leases,
     /// When the poll loop last read the partitions' rows (the status figures' age).
     polled_at: Mutex<Instant>,
+    /// Progress whose acknowledgement failed (the database went away, the lease with
+    /// it), per (consumer, partition): what was delivered meanwhile stays known, and is
+    /// saved as soon as this process holds that lease again (on the new primary after a
+    /// failover, fenced by the new lease), so that only what was in flight is sent again.
+    pending: Mutex<HashMap<(String, u32), Progress>>,
 }
 
 impl Shared {
@@ -585,12 +611,14 @@ impl PgStore {
             partitions,
             counters: Counters::default(),
             quota_blocked: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
             ends,
             failure: Mutex::new(None),
             cursors: Mutex::new(cursors),
             bytes_at_refusal: AtomicU64::new(0),
             leases: Leases::default(),
             polled_at: Mutex::new(Instant::now()),
+            pending: Mutex::new(HashMap::new()),
         });
         shared
             .counters
@@ -634,6 +662,72 @@ impl PgStore {
         f: impl FnOnce(Arc<Client>) -> QueryFuture<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         pool.clone().run(op, deadline, f).await
+    }
+
+    /// Saves `progress` (fenced by the lease when this process ever held one).
+    async fn ack_once(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
+        let partition = partition_of(progress.cursor);
+        let name = consumer.to_string();
+        let part = partition as i32;
+        let cursor = seq_of(progress.cursor);
+        let done = progress.encode_done();
+        let key = (name.clone(), partition);
+        let fence = match lock(&self.shared.leases.held).get(&key) {
+            Some(h) if *h.state.borrow() != LeaseState::Lost => Some(h.pid),
+            Some(_) => None,
+            None => None,
+        };
+        if fence.is_none() && lock(&self.shared.leases.ever).contains(&key) {
+            return Err(StoreError::Other(format!(
+                "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
+            )));
+        }
+        let class = lease_class(consumer) as u32;
+        let updated = self
+            .on(&self.control, "ack", CALL_DEADLINE, move |c| {
+                Box::pin(async move {
+                    match fence {
+                        None => {
+                            c.execute(
+                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
+                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
+                                 WHERE name = $1 AND part = $2",
+                                &[&name, &part, &cursor, &done],
+                            )
+                            .await
+                        }
+                        Some(pid) => {
+                            // Fenced: counts only while the lease's session holds its lock.
+                            c.execute(
+                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
+                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
+                                 WHERE name = $1 AND part = $2 AND EXISTS (
+                                     SELECT 1 FROM pg_locks
+                                     WHERE locktype = 'advisory' AND classid = $5::oid
+                                       AND objid = $6::oid AND objsubid = 2 AND pid = $7
+                                       AND granted)",
+                                &[&name, &part, &cursor, &done, &class, &(partition), &pid],
+                            )
+                            .await
+                        }
+                    }
+                })
+            })
+            .await?;
+        if updated == 0 {
+            return Err(match fence {
+                Some(_) => StoreError::Other(format!(
+                    "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
+                )),
+                None => StoreError::Other(format!("unknown consumer {consumer:?}")),
+            });
+        }
+        let mut cursors = lock(&self.shared.cursors);
+        let c = cursors
+            .entry((consumer.to_string(), partition))
+            .or_insert(progress.cursor);
+        *c = (*c).max(progress.cursor);
+        Ok(())
     }
 
     fn writer_for(&self, partition: u32) -> Option<mpsc::Sender<Piece>> {
@@ -848,6 +942,7 @@ struct WriterConn {
 async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
     let mut conn: Option<WriterConn> = None;
     let mut backoff = Duration::from_millis(100);
+    let mut last_logged: Option<Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         let mut bytes = group[0].data.len();
@@ -922,17 +1017,33 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 // The outcome may be unknown: nothing is acknowledged (the server rolls
                 // back what did not commit; a retried event is at worst stored twice).
                 let err = match outcome {
+                    Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL) => {
+                        StoreError::DiskFull
+                    }
                     Ok(Err(e)) => pg_err(e),
                     _ => {
                         conn = None; // hung: a new session next time
+                        timed_out("append");
                         StoreError::Other("postgres: the append timed out".into())
                     }
                 };
                 if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
                     conn = None;
                 }
-                tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
-                fail_all(&shared, by_part.into_values().flatten(), &err);
+                // Once a second at most: under load every group fails alike.
+                if last_logged.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                    last_logged = Some(Instant::now());
+                    tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
+                }
+                if matches!(err, StoreError::DiskFull) {
+                    // Full, not failed: refused steadily as such until there is room.
+                    shared.disk_full.store(true, Ordering::Release);
+                    for p in by_part.into_values().flatten() {
+                        let _ = p.done.send(Err(StoreError::DiskFull));
+                    }
+                } else {
+                    fail_all(&shared, by_part.into_values().flatten(), &err);
+                }
                 continue;
             }
         };
@@ -958,6 +1069,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
             shared.advance(part, partition_base(part) + first_seq as u64 + n as u64);
         }
         *lock(&shared.failure) = None;
+        shared.disk_full.store(false, Ordering::Release);
     }
 }
 
@@ -1044,6 +1156,27 @@ async fn cleanup(client: &mut Client) -> Result<(), tokio_postgres::Error> {
     tx.commit().await
 }
 
+/// Whether a chunk fits in the database again after it was full: a chunk-sized row of
+/// noise (it cannot be compressed away) inserted where chunks go and rolled back.
+async fn probe_room(client: &mut Client) -> Result<(), tokio_postgres::Error> {
+    let mut x = rand::random::<u64>() | 1;
+    let noise: Vec<u8> = (0..256 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO ballast_chunk (part, end_seq, first_seq, data, codec) VALUES (-1, -1, -1, $1, 0)",
+        &[&noise],
+    )
+    .await?;
+    tx.rollback().await
+}
+
 /// Follows what other replicas commit (and the bytes they add), refreshes the cursors
 /// (for status) and deletes what every consumer is past. Its failures are the store's
 /// readiness while nothing is appended.
@@ -1051,6 +1184,7 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut client: Option<Client> = None;
     let mut last_cursors = Instant::now();
     let mut last_cleanup = Instant::now();
+    let mut last_probe = Instant::now();
     let mut backoff = POLL_EVERY;
     loop {
         tokio::select! {
@@ -1069,7 +1203,7 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let Some(c) = client.as_mut() else { continue };
         let polled = tokio::time::timeout(
-            STATEMENT_TIMEOUT,
+            POLL_DEADLINE,
             c.query("SELECT part, next_seq, bytes FROM ballast_partition", &[]),
         )
         .await;
@@ -1081,6 +1215,7 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             Err(_) => {
+                timed_out("poll");
                 *lock(&shared.failure) = Some("postgres: the database does not answer".into());
                 client = None; // hung: a new session next time
                 continue;
@@ -1121,6 +1256,21 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
+        if shared.disk_full.load(Ordering::Acquire) && last_probe.elapsed() >= FULL_PROBE_EVERY {
+            last_probe = Instant::now();
+            match tokio::time::timeout(STATEMENT_TIMEOUT, probe_room(c)).await {
+                Ok(Ok(())) => {
+                    tracing::info!("the database has room for events again");
+                    shared.disk_full.store(false, Ordering::Release);
+                }
+                Ok(Err(e)) => tracing::debug!(error = %pg_err(e), "still no room in the database"),
+                Err(_) => client = None,
+            }
+        }
+        if client.is_none() {
+            continue;
+        }
+        let Some(c) = client.as_mut() else { continue };
         if last_cleanup.elapsed() >= CLEANUP_EVERY {
             last_cleanup = Instant::now();
             match tokio::time::timeout(STATEMENT_TIMEOUT, cleanup(c)).await {
@@ -1159,20 +1309,39 @@ impl Store for PgStore {
             frame_into(buf, &batch.source, meta, event);
             *n += 1;
         }
+        if self.shared.disk_full.load(Ordering::Acquire) {
+            return Err(StoreError::DiskFull);
+        }
+        // Bounded: a database that stopped answering gets the request a 503 in
+        // APPEND_DEADLINE, not when the statement times out.
+        let until = tokio::time::Instant::now() + APPEND_DEADLINE;
+        let late = || {
+            timed_out("append");
+            *lock(&self.shared.failure) = Some(format!(
+                "postgres: no commit within {} s",
+                APPEND_DEADLINE.as_secs()
+            ));
+            StoreError::Other(format!(
+                "postgres: the events were not committed within {} s (not acknowledged)",
+                APPEND_DEADLINE.as_secs()
+            ))
+        };
         let mut waits = Vec::with_capacity(pieces.len());
         for (partition, (data, events)) in pieces {
             let tx = self
                 .writer_for(partition)
                 .ok_or(StoreError::Other("the store is closed".into()))?;
             let (done, wait) = oneshot::channel();
-            tx.send(Piece {
+            let piece = Piece {
                 partition,
                 data,
                 events,
                 done,
-            })
-            .await
-            .map_err(|_| StoreError::Other("the store is closed".into()))?;
+            };
+            tokio::time::timeout_at(until, tx.send(piece))
+                .await
+                .map_err(|_| late())?
+                .map_err(|_| StoreError::Other("the store is closed".into()))?;
             waits.push((partition, events, wait));
         }
         // Acknowledged only once every piece committed.
@@ -1180,7 +1349,10 @@ impl Store for PgStore {
         let mut total = 0usize;
         let mut error = None;
         for (partition, events, wait) in waits {
-            match wait.await {
+            let Ok(outcome) = tokio::time::timeout_at(until, wait).await else {
+                return Err(late());
+            };
+            match outcome {
                 Ok(Ok(first_seq)) => {
                     total += events as usize;
                     if Some(partition) == first_partition {
@@ -1224,7 +1396,7 @@ impl Store for PgStore {
         let name = consumer.to_string();
         let part = partition as i32;
         let (cursor, done): (i64, Vec<u8>) = self
-            .on(&self.control, "consumer", STATEMENT_TIMEOUT, move |c| {
+            .on(&self.control, "consumer", CALL_DEADLINE, move |c| {
                 Box::pin(async move {
                     c.execute(
                         "INSERT INTO ballast_cursor (name, part, cursor)
@@ -1248,7 +1420,31 @@ impl Store for PgStore {
             .await?;
         let cursor = partition_base(partition) + cursor.max(0) as u64;
         lock(&self.shared.cursors).insert((consumer.to_string(), partition), cursor);
-        Ok(Progress::decode_done(cursor, &done))
+        let stored = Progress::decode_done(cursor, &done);
+        // What this process delivered while its acknowledgements failed (a failover): saved
+        // now, under the lease it holds again, and resumed from.
+        let pending = lock(&self.shared.pending)
+            .get(&(consumer.to_string(), partition))
+            .cloned();
+        if let Some(p) = pending.filter(|p| p.cursor >= stored.cursor) {
+            match self.ack_once(consumer, &p).await {
+                Ok(()) => {
+                    lock(&self.shared.pending).remove(&(consumer.to_string(), partition));
+                    tracing::info!(
+                        consumer,
+                        partition,
+                        from = stored.cursor,
+                        to = p.cursor,
+                        "saved the delivery progress kept while the database was away"
+                    );
+                    return Ok(p);
+                }
+                Err(e) => {
+                    tracing::warn!(consumer, partition, error = %e, "saving the delivery progress kept while the database was away failed")
+                }
+            }
+        }
+        Ok(stored)
     }
 
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
@@ -1257,7 +1453,7 @@ impl Store for PgStore {
         let part = partition as i32;
         let from_seq = seq_of(from);
         let rows = self
-            .on(&self.readers, "read", STATEMENT_TIMEOUT, move |c| {
+            .on(&self.readers, "read", CALL_DEADLINE, move |c| {
                 Box::pin(async move {
                     c.query(
                         "SELECT first_seq, data, codec FROM ballast_chunk
@@ -1306,68 +1502,28 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
-        let partition = partition_of(progress.cursor);
-        let name = consumer.to_string();
-        let part = partition as i32;
-        let cursor = seq_of(progress.cursor);
-        let done = progress.encode_done();
-        let key = (name.clone(), partition);
-        let fence = match lock(&self.shared.leases.held).get(&key) {
-            Some(h) if *h.state.borrow() != LeaseState::Lost => Some(h.pid),
-            Some(_) => None,
-            None => None,
-        };
-        if fence.is_none() && lock(&self.shared.leases.ever).contains(&key) {
-            return Err(StoreError::Other(format!(
-                "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
-            )));
+        let acked = self.ack_once(consumer, progress).await;
+        let key = (consumer.to_string(), partition_of(progress.cursor));
+        let mut pending = lock(&self.shared.pending);
+        match &acked {
+            Ok(()) => {
+                if pending
+                    .get(&key)
+                    .is_some_and(|p| p.cursor <= progress.cursor)
+                {
+                    pending.remove(&key);
+                }
+            }
+            Err(_) => {
+                if pending
+                    .get(&key)
+                    .is_none_or(|p| p.cursor <= progress.cursor)
+                {
+                    pending.insert(key, progress.clone());
+                }
+            }
         }
-        let class = lease_class(consumer) as u32;
-        let updated = self
-            .on(&self.control, "ack", STATEMENT_TIMEOUT, move |c| {
-                Box::pin(async move {
-                    match fence {
-                        None => {
-                            c.execute(
-                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
-                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
-                                 WHERE name = $1 AND part = $2",
-                                &[&name, &part, &cursor, &done],
-                            )
-                            .await
-                        }
-                        Some(pid) => {
-                            // Fenced: counts only while the lease's session holds its lock.
-                            c.execute(
-                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
-                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
-                                 WHERE name = $1 AND part = $2 AND EXISTS (
-                                     SELECT 1 FROM pg_locks
-                                     WHERE locktype = 'advisory' AND classid = $5::oid
-                                       AND objid = $6::oid AND objsubid = 2 AND pid = $7
-                                       AND granted)",
-                                &[&name, &part, &cursor, &done, &class, &(partition), &pid],
-                            )
-                            .await
-                        }
-                    }
-                })
-            })
-            .await?;
-        if updated == 0 {
-            return Err(match fence {
-                Some(_) => StoreError::Other(format!(
-                    "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
-                )),
-                None => StoreError::Other(format!("unknown consumer {consumer:?}")),
-            });
-        }
-        let mut cursors = lock(&self.shared.cursors);
-        let c = cursors
-            .entry((consumer.to_string(), partition))
-            .or_insert(progress.cursor);
-        *c = (*c).max(progress.cursor);
-        Ok(())
+        acked
     }
 
     async fn lease(&self, consumer: &str, partition: u32) -> Result<super::Lease, StoreError> {
@@ -1427,6 +1583,13 @@ impl Store for PgStore {
                     }
                 }
             }
+            if leases.session.read().await.is_none() {
+                // The lease session is being opened (at the first lease asked for, or
+                // again after it failed): try as soon as it is there, not a tick later
+                // (a start spent its first second with every partition waiting).
+                tokio::time::sleep(SESSION_WAIT).await;
+                continue;
+            }
             // Spread the replicas' attempts a little.
             let jitter = Duration::from_millis(rand::random::<u64>() % 250);
             tokio::time::sleep(LEASE_TICK + jitter).await;
@@ -1442,6 +1605,24 @@ impl Store for PgStore {
     fn subscribe(&self, partition: u32) -> watch::Receiver<Position> {
         let i = (partition as usize).min(self.shared.ends.len() - 1);
         self.shared.ends[i].subscribe()
+    }
+
+    /// A database that does not answer is unavailable (transient: it comes back, or a
+    /// failover finds the new primary), not the fatal "storage failed" of a failed fsync;
+    /// a full tablespace is "disk full" until there is room.
+    fn refusal(&self) -> Option<super::Refusal> {
+        let st = self.status();
+        if st.full() {
+            Some(super::Refusal::Quota)
+        } else if self.shared.disk_full.load(Ordering::Acquire) {
+            Some(super::Refusal::DiskFull)
+        } else if !st.writable {
+            Some(super::Refusal::Unavailable(
+                st.failure.unwrap_or_else(|| "the store is closed".into()),
+            ))
+        } else {
+            None
+        }
     }
 
     fn figures_age(&self) -> Option<Duration> {
@@ -1461,7 +1642,9 @@ impl Store for PgStore {
             .map(|(p, e)| e.borrow().saturating_sub(partition_base(p as u32)))
             .sum();
         StoreStatus {
-            writable: !closed && failure.is_none(),
+            writable: !closed
+                && failure.is_none()
+                && !self.shared.disk_full.load(Ordering::Acquire),
             failure,
             bytes_used: c.bytes_used.load(Ordering::Relaxed),
             quota_bytes: self.shared.quota,

@@ -517,7 +517,8 @@ fn pg_storage(config: &str, db_url: &str, partitions: u32) -> String {
 }
 
 /// A webhook receiver that only counts: distinct messageIds, and first arrivals that came
-/// before an earlier event of their user (events are `m{user}-{n}`, n rising per user).
+/// before an earlier event of their user from the same sender (events are
+/// `m{user}_{thread}-{n}`, n rising per user and sending thread).
 struct Counter {
     seen: Arc<Mutex<(HashSet<String>, std::collections::HashMap<String, u64>, u64)>>,
     server: common::receiver::Background,
@@ -587,10 +588,10 @@ impl Counter {
     }
 }
 
-/// Posts `total` events of `users` users in `/v1/batch` requests of 100 from 4 threads;
-/// every request must be acknowledged.
-fn ingest(server: &Server, total: usize, users: usize) {
-    let threads = 4;
+/// Posts `total` events of `users` users in `/v1/batch` requests of 100 from `threads`
+/// threads; every request must be acknowledged. Each event carries ~200 bytes that
+/// compress poorly, as real properties do.
+fn ingest(server: &Server, total: usize, users: usize, threads: usize) {
     let per_thread = total / threads;
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -602,13 +603,19 @@ fn ingest(server: &Server, total: usize, users: usize) {
                     let n = 100.min(end - i);
                     let batch: Vec<Value> = (i..i + n)
                         .map(|k| {
-                            // User k % users; its events numbered in the order sent.
+                            // User k % users; numbered in the order this thread sent
+                            // them (the threads' requests interleave).
                             json!({
                                 "type": "track",
                                 "userId": format!("u{}", k % users),
-                                "messageId": format!("m{}-{k:09}", k % users),
+                                "messageId": format!("m{}_{t}-{k:09}", k % users),
                                 "event": "Order Completed",
-                                "properties": { "revenue": k, "sku": "ABC-123-XYZ", "note": "a burst of traffic, then the backlog drains" }
+                                "properties": {
+                                    "revenue": k,
+                                    "sku": format!("{:x}", (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                                    "session": format!("{:x}{:x}", (k as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f), (k as u64).wrapping_mul(0x1656_67b1_9e37_79f9)),
+                                    "note": "a burst of traffic, then the backlog drains"
+                                }
                             })
                         })
                         .collect();
@@ -636,19 +643,31 @@ fn a_large_backlog_on_postgres_drains_with_no_store_timeout() {
     const EVENTS: usize = 300_000;
     let cluster = database();
     let counter = Counter::start();
-    let base = pg_storage(&common::config(""), &cluster.url("ballast"), 8);
+    // Few partitions and many concurrent requests: large chunks, so that a read's answer
+    // is far more than a connection buffers (as after a real burst).
+    let base = pg_storage(&common::config(""), &cluster.url("ballast"), 2);
     // The burst, with no destination yet: all of it becomes the backlog.
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let mut server = Server::start_in(dir.clone(), &base, &[]);
-    ingest(&server, EVENTS, 100);
+    ingest(&server, EVENTS, 100, 16);
     assert!(server.terminate().success(), "{}", server.stderr());
     let with_hook = format!(
         "{base}\n[[destinations]]\nid = \"hook\"\ntype = \"webhook\"\nsources = [\"web\"]\nurl = \"{}\"\nbatch_size = 100\nconcurrency = 32\n",
         counter.url()
     );
     let mut server = Server::start_in(dir, &with_hook, &[]);
-    let drained = wait_for(600, || counter.distinct() >= EVENTS);
+    // Until drained, or a store call timed out (then the assertions below fail at once).
+    let drained = wait_for(600, || {
+        counter.distinct() >= EVENTS || server.stderr().contains("timed out")
+    }) && counter.distinct() >= EVENTS;
     let log = server.stderr();
+    let timeouts: Vec<&str> = log.lines().filter(|l| l.contains("timed out")).collect();
+    assert!(
+        timeouts.is_empty(),
+        "store calls timed out:\n{}",
+        timeouts.join("\n")
+    );
+
     assert!(
         drained,
         "{} of {EVENTS} delivered\n{}",
@@ -661,12 +680,6 @@ fn a_large_backlog_on_postgres_drains_with_no_store_timeout() {
     );
     assert_eq!(counter.distinct(), EVENTS);
     assert_eq!(counter.out_of_order(), 0, "a user's events out of order");
-    let timeouts: Vec<&str> = log.lines().filter(|l| l.contains("timed out")).collect();
-    assert!(
-        timeouts.is_empty(),
-        "store calls timed out:\n{}",
-        timeouts.join("\n")
-    );
     let text = common::client()
         .get(format!("{}/metrics", server.admin))
         .send()
@@ -708,7 +721,7 @@ fn shutdown_is_bounded_while_the_database_hangs() {
         counter.url()
     );
     let mut server = Server::start(&config);
-    ingest(&server, 400, 4);
+    ingest(&server, 400, 4, 4);
     assert!(
         wait_for(30, || counter.distinct() >= 400),
         "{}",
@@ -924,11 +937,14 @@ fn a_full_tablespace_is_reported_full_steadily_until_there_is_room() {
             .unwrap();
         tokio::spawn(conn);
         c.batch_execute(&format!(
-            "CREATE TABLESPACE small LOCATION '{}'; ALTER TABLE ballast_chunk SET TABLESPACE small",
+            "CREATE TABLESPACE small LOCATION '{}'",
             ts.display()
         ))
         .await
         .unwrap();
+        c.batch_execute("ALTER TABLE ballast_chunk SET TABLESPACE small")
+            .await
+            .unwrap();
     });
     // Fill the file system but for ~1 MB.
     let filler = space.join("filler");

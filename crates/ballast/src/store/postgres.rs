@@ -955,6 +955,9 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 Err(_) => break,
             }
         }
+        // A request that stopped waiting (answered 503 at its deadline while this writer
+        // was stuck) is not written late: its client retries it.
+        group.retain(|p| !p.done.is_closed());
         // The quota, per piece in order: what does not fit is refused, the rest goes.
         let mut used = shared.counters.bytes_used.load(Ordering::Relaxed);
         let mut by_part: BTreeMap<u32, Vec<Piece>> = BTreeMap::new();

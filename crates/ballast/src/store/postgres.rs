@@ -174,6 +174,8 @@ struct Shared {
     /// saved as soon as this process holds that lease again (on the new primary after a
     /// failover, fenced by the new lease), so that only what was in flight is sent again.
     pending: Mutex<HashMap<(String, u32), Progress>>,
+    /// What this process committed last (see [`TailCache`]).
+    tail: Mutex<TailCache>,
 }
 
 impl Shared {
@@ -619,6 +621,7 @@ impl PgStore {
             leases: Leases::default(),
             polled_at: Mutex::new(Instant::now()),
             pending: Mutex::new(HashMap::new()),
+            tail: Mutex::new(TailCache::default()),
         });
         shared
             .counters
@@ -880,6 +883,8 @@ struct Chunk {
     bytes: i64,
     data: Vec<u8>,
     codec: i16,
+    /// The records as written (uncompressed), for the tail cache.
+    raw: bytes::Bytes,
 }
 
 /// `codec` of a chunk stored as written.
@@ -892,6 +897,7 @@ const COMPRESS_FROM: usize = 512;
 /// Compresses a chunk's records with LZ4 when that makes it smaller. Events are JSON
 /// with repeated keys (a 100-event batch shrinks to about a quarter): fewer bytes to
 /// send, to write to the WAL and to TOAST, for about a millisecond of CPU per megabyte.
+#[cfg(test)]
 fn compress(data: Vec<u8>) -> (i16, Vec<u8>) {
     if data.len() < COMPRESS_FROM {
         return (CODEC_NONE, data);
@@ -901,6 +907,88 @@ fn compress(data: Vec<u8>) -> (i16, Vec<u8>) {
         (CODEC_LZ4, packed)
     } else {
         (CODEC_NONE, data)
+    }
+}
+
+/// [`compress`] from a slice: the chunk's bytes to store (a copy when not compressed).
+fn compress_slice(data: &[u8]) -> (i16, Vec<u8>) {
+    if data.len() < COMPRESS_FROM {
+        return (CODEC_NONE, data.to_vec());
+    }
+    let packed = lz4_flex::block::compress_prepend_size(data);
+    if packed.len() < data.len() {
+        (CODEC_LZ4, packed)
+    } else {
+        (CODEC_NONE, data.to_vec())
+    }
+}
+
+/// The chunks this process committed last, per partition, as written (uncompressed),
+/// bounded in bytes. A delivery loop that follows the end of its partition reads what was
+/// just appended: served from here, PostgreSQL neither reads, de-TOASTs nor sends it again
+/// and ballast does not decompress it. Only a run of chunks that follow each other is
+/// served (a chunk another replica committed in between is not here: the read goes to the
+/// database from there), so nothing is ever stepped over.
+#[derive(Default)]
+struct TailCache {
+    /// partition → (end_seq → (first_seq, records)).
+    parts: HashMap<u32, BTreeMap<i64, (i64, bytes::Bytes)>>,
+    bytes: usize,
+}
+
+/// Bytes the tail cache holds at most (all partitions together).
+const TAIL_CACHE_BYTES: usize = 64 << 20;
+
+impl TailCache {
+    fn insert(&mut self, part: u32, first_seq: i64, end_seq: i64, raw: bytes::Bytes) {
+        self.bytes += raw.len();
+        if let Some(old) = self
+            .parts
+            .entry(part)
+            .or_default()
+            .insert(end_seq, (first_seq, raw))
+        {
+            self.bytes -= old.1.len();
+        }
+        // Over the bound: drop the oldest chunk of the partition holding the most.
+        while self.bytes > TAIL_CACHE_BYTES {
+            let Some((&p, _)) = self
+                .parts
+                .iter()
+                .max_by_key(|(_, m)| m.values().map(|(_, b)| b.len()).sum::<usize>())
+            else {
+                break;
+            };
+            let Some(m) = self.parts.get_mut(&p) else {
+                break;
+            };
+            match m.pop_first() {
+                Some((_, (_, b))) => self.bytes -= b.len(),
+                None => {
+                    self.parts.remove(&p);
+                }
+            }
+        }
+    }
+
+    /// The cached chunks holding `from_seq` and those following it without a gap, up to
+    /// `max_events` events: (first_seq, records).
+    fn get(&self, part: u32, from_seq: i64, max_events: usize) -> Vec<(i64, bytes::Bytes)> {
+        let mut out = Vec::new();
+        let Some(m) = self.parts.get(&part) else {
+            return out;
+        };
+        let mut at = from_seq;
+        let mut events = 0usize;
+        for (&end, (first, raw)) in m.range(from_seq + 1..) {
+            if *first > at || events >= max_events {
+                break;
+            }
+            out.push((*first, raw.clone()));
+            events += (end - at.max(*first)) as usize;
+            at = end;
+        }
+        out
     }
 }
 
@@ -1002,13 +1090,15 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 for p in pieces {
                     data.extend_from_slice(&p.data);
                 }
-                let (codec, data) = compress(data);
+                let raw = bytes::Bytes::from(data);
+                let (codec, data) = compress_slice(&raw);
                 Chunk {
                     part: *part,
                     events: n as i64,
                     bytes: data.len() as i64,
                     data,
                     codec,
+                    raw,
                 }
             })
             .collect();
@@ -1069,6 +1159,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 let _ = p.done.send(Ok(seq));
                 seq += p.events;
             }
+            lock(&shared.tail).insert(part, first_seq, first_seq + n, chunk.raw.clone());
             shared.advance(part, partition_base(part) + first_seq as u64 + n as u64);
         }
         *lock(&shared.failure) = None;
@@ -1455,25 +1546,36 @@ impl Store for PgStore {
         let base = partition_base(partition);
         let part = partition as i32;
         let from_seq = seq_of(from);
-        let rows = self
-            .on(&self.readers, "read", CALL_DEADLINE, move |c| {
-                Box::pin(async move {
-                    c.query(
-                        "SELECT first_seq, data, codec FROM ballast_chunk
-                         WHERE part = $1 AND end_seq > $2 ORDER BY end_seq LIMIT $3",
-                        &[&part, &from_seq, &READ_CHUNKS],
-                    )
-                    .await
-                })
-            })
-            .await?;
         let max_events = max_events.max(1);
+        let cached = lock(&self.shared.tail).get(partition, from_seq, max_events);
+        let chunks: Vec<(i64, bytes::Bytes)> = if !cached.is_empty() {
+            metrics::counter!("ballast_storage_tail_reads_total").increment(1);
+            cached
+        } else {
+            let rows = self
+                .on(&self.readers, "read", CALL_DEADLINE, move |c| {
+                    Box::pin(async move {
+                        c.query(
+                            "SELECT first_seq, data, codec FROM ballast_chunk
+                             WHERE part = $1 AND end_seq > $2 ORDER BY end_seq LIMIT $3",
+                            &[&part, &from_seq, &READ_CHUNKS],
+                        )
+                        .await
+                    })
+                })
+                .await?;
+            let mut chunks = Vec::with_capacity(rows.len());
+            for r in rows {
+                let first_seq: i64 = r.get(0);
+                let data = decompress(r.get(2), r.get::<_, Vec<u8>>(1))?;
+                chunks.push((first_seq, bytes::Bytes::from(data)));
+            }
+            chunks
+        };
         let mut events = Vec::new();
         let mut next = from;
         let mut last_source: Option<Arc<str>> = None;
-        'chunks: for r in rows {
-            let first_seq: i64 = r.get(0);
-            let data = bytes::Bytes::from(decompress(r.get(2), r.get::<_, Vec<u8>>(1))?);
+        'chunks: for (first_seq, data) in chunks {
             for (i, record) in unframe(&data).enumerate() {
                 let seq = first_seq + i as i64;
                 if seq < from_seq {
@@ -1779,6 +1881,10 @@ mod tests {
         }
         let mut seen: Vec<Vec<u64>> = vec![Vec::new(); 4];
         let mut from: Vec<u64> = (0..4).map(partition_base).collect();
+        // `a` follows too: what it wrote comes from its tail cache, b's chunks in between
+        // from the database.
+        let mut seen_a: Vec<Vec<u64>> = vec![Vec::new(); 4];
+        let mut from_a: Vec<u64> = (0..4).map(partition_base).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut expected = None;
         loop {
@@ -1795,6 +1901,9 @@ mod tests {
                     seen[p].push(e.position);
                 }
                 from[p] = r.next;
+                let r = a.read(from_a[p], 37).await.unwrap();
+                seen_a[p].extend(r.events.iter().map(|e| e.position));
+                from_a[p] = r.next;
             }
             if expected.is_none() && writers.iter().all(|w| w.is_finished()) {
                 let mut total = 0;
@@ -1804,14 +1913,17 @@ mod tests {
                 expected = Some(total as u64);
             }
             let got: usize = seen.iter().map(Vec::len).sum();
+            let got_a: usize = seen_a.iter().map(Vec::len).sum();
             if let Some(total) = expected {
-                if got as u64 >= total {
+                if got as u64 >= total && got_a as u64 >= total {
                     assert_eq!(got as u64, total);
+                    assert_eq!(got_a as u64, total);
                     break;
                 }
             }
             assert!(Instant::now() < deadline, "follower stuck at {from:?}");
         }
+        assert_eq!(seen_a, seen, "the writer's own follower saw the same");
         for (p, positions) in seen.iter().enumerate() {
             let base = partition_base(p as u32);
             let want: Vec<u64> = (base..base + positions.len() as u64).collect();
@@ -1865,6 +1977,10 @@ mod tests {
             }
             s.append(b).await.unwrap();
         }
+        // Another replica reads and acknowledges (this one would serve the read from
+        // what it just wrote, without a query).
+        let s2 = s;
+        let s = PgStore::open(&url, u64::MAX, 1).await.unwrap();
         s.register_consumer("dest.x", 0).await.unwrap();
         let mut read = Box::pin(s.read(0, 1000));
         let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
@@ -1888,6 +2004,7 @@ mod tests {
             .unwrap();
         assert_eq!(r.events.len(), 1000);
         s.close().await;
+        s2.close().await;
     }
 
     /// The finished ranges above a cursor survive in the database for the next holder.

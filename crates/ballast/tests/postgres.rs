@@ -519,8 +519,11 @@ fn pg_storage(config: &str, db_url: &str, partitions: u32) -> String {
 /// A webhook receiver that only counts: distinct messageIds, and first arrivals that came
 /// before an earlier event of their user from the same sender (events are
 /// `m{user}_{thread}-{n}`, n rising per user and sending thread).
+/// (distinct messageIds, last number per user and sender, first arrivals out of order).
+type Seen = Arc<Mutex<(HashSet<String>, std::collections::HashMap<String, u64>, u64)>>;
+
 struct Counter {
-    seen: Arc<Mutex<(HashSet<String>, std::collections::HashMap<String, u64>, u64)>>,
+    seen: Seen,
     server: common::receiver::Background,
 }
 
@@ -531,7 +534,6 @@ impl Counter {
             #[serde(rename = "messageId")]
             message_id: String,
         }
-        type Seen = Arc<Mutex<(HashSet<String>, std::collections::HashMap<String, u64>, u64)>>;
         let seen: Seen = Arc::default();
         let state = seen.clone();
         let app = axum::Router::new().route(

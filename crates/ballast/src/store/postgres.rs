@@ -2094,6 +2094,66 @@ mod tests {
         b.close().await;
     }
 
+    /// Issue 29 (3): progress made while the database (and the lease with it) was away is
+    /// not thrown away: the acknowledgement that failed is kept, and saved under the
+    /// lease when this process holds it again, so the next loop resumes from it and
+    /// re-sends only what was in flight.
+    #[tokio::test]
+    async fn progress_whose_acknowledgement_failed_is_saved_under_the_next_lease() {
+        let cluster = PgCluster::start();
+        cluster.create_db("kept").await;
+        let url = cluster.url("kept");
+        let a = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        a.append(batch("x", 50, 3)).await.unwrap();
+        let lease = a.lease("dest.hook", 0).await.unwrap();
+        assert_eq!(
+            a.register_consumer("dest.hook", 0).await.unwrap(),
+            Progress::at(0)
+        );
+        a.ack("dest.hook", &Progress::at(10)).await.unwrap();
+        // The lease session dies (as with the primary in a failover).
+        admin(&url)
+            .await
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend({})",
+                a.shared.leases.pid.load(Ordering::Relaxed)
+            ))
+            .await
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), lease.ended())
+            .await
+            .expect("the holder learns it lost the lease");
+        assert_eq!(ended, LeaseState::Lost);
+        // Delivered meanwhile: up to 30, and 35..40 above it. Not saved: no lease.
+        let delivered = Progress {
+            cursor: 30,
+            done: vec![(35, 40)],
+        };
+        assert!(a.ack("dest.hook", &delivered).await.is_err());
+        drop(lease);
+        let again = tokio::time::timeout(Duration::from_secs(15), a.lease("dest.hook", 0))
+            .await
+            .expect("the lease again, on a new session")
+            .unwrap();
+        assert_eq!(
+            a.register_consumer("dest.hook", 0).await.unwrap(),
+            delivered,
+            "the next loop resumes from what was delivered"
+        );
+        let cursor: i64 = admin(&url)
+            .await
+            .query_one(
+                "SELECT cursor FROM ballast_cursor WHERE name = 'dest.hook'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(cursor, 30, "saved in the database under the new lease");
+        drop(again);
+        a.close().await;
+    }
+
     /// Holds whatever leases of `consumer` a store is given, giving back what it is asked
     /// to, until `stop`; reports how many it holds.
     fn hold_all(

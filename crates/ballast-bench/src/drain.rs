@@ -447,11 +447,13 @@ async fn one_store(
     d.proc.stop();
     out.drained = drained;
     out.drain_seconds = secs;
-    out.drain_events_per_sec = if secs > 0.0 {
-        events as f64 / secs
+    // Not drained in time: the rate of what was delivered.
+    let got = if drained {
+        events
     } else {
-        0.0
+        samples.last().map_or(0, |s| s.1)
     };
+    out.drain_events_per_sec = if secs > 0.0 { got as f64 / secs } else { 0.0 };
     out.longest_stall_s = stall;
     out.samples = samples;
     eprintln!(

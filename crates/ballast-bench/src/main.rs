@@ -11,6 +11,7 @@
 //!   also measures ballast's end-to-end delivery to the sink.
 
 mod args;
+mod drain;
 mod e2e;
 mod events;
 mod harness;
@@ -70,6 +71,10 @@ enum Command {
     /// Benchmark null, naive and ballast one after another and compare (and,
     /// with --e2e, ballast's end-to-end delivery).
     Run(args::RunArgs),
+    /// A burst of load, then the drain of its backlog, for the embedded store and (with
+    /// --postgres-url) the PostgreSQL store in one run; with --e2e also delivery under
+    /// load.
+    Drain(drain::DrainArgs),
 }
 
 #[tokio::main]
@@ -99,5 +104,6 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run::run(args).await,
+        Command::Drain(args) => drain::run(args).await,
     }
 }

@@ -33,6 +33,14 @@ pub struct Addresses {
     pub admin_listen: SocketAddr,
 }
 
+/// What a shutdown may take beyond `server.shutdown_timeout`: the listeners get the timeout
+/// itself, delivery and the store what is left of it plus this margin (delivery loops
+/// finish what is in flight and save their cursors; the store commits what it took).
+pub const SHUTDOWN_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The exit code when a shutdown ran past `server.shutdown_timeout` + [`SHUTDOWN_MARGIN`].
+pub const EXIT_SHUTDOWN_TIMEOUT: i32 = 3;
+
 pub fn addresses_path(data_dir: &Path) -> PathBuf {
     data_dir.join("server.json")
 }
@@ -109,6 +117,12 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         Some(prometheus.clone()),
         stop_rx.clone(),
     ));
+    let oldest = Arc::new(crate::admin::OldestEvents::default());
+    tokio::spawn(
+        oldest
+            .clone()
+            .run(store.clone(), router.clone(), stop_rx.clone()),
+    );
     let admin_app = crate::admin::router(crate::admin::AdminState {
         store: store.clone(),
         state: state.clone(),
@@ -119,6 +133,7 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         recovery: recovery.clone(),
         alerts: alerts.clone(),
         history,
+        oldest,
     });
     let (public, admin) = bind(&config, &data_dir).await?;
     let fd_budget =
@@ -144,9 +159,11 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
     let exit_code = wait_for_stop(&config, &state, &alerts, fatal.as_mut()).await;
 
     // Shutting down: listeners first (in-flight requests finish), then delivery, then the
-    // store (the writer flushes).
+    // store (the writer flushes). The whole is bounded by shutdown_timeout plus
+    // SHUTDOWN_MARGIN, whatever the store, the destinations or clients do.
     state.set_shutting_down();
     let _ = stop_tx.send(true);
+    let shutdown_started = tokio::time::Instant::now();
     if tokio::time::timeout(config.server.shutdown_timeout, servers)
         .await
         .is_err()
@@ -154,8 +171,39 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         tracing::warn!("in-flight requests did not finish within shutdown_timeout");
     }
     state.set_routing(false);
-    router.join().await;
-    store.close().await;
+    let waiting = std::sync::Mutex::new(
+        "delivery (destinations finishing what is in flight, saving cursors)",
+    );
+    let rest = async {
+        router.join().await;
+        *waiting.lock().unwrap_or_else(|p| p.into_inner()) =
+            "the store (committing appends, closing connections)";
+        store.close().await;
+    };
+    let until = shutdown_started + config.server.shutdown_timeout + SHUTDOWN_MARGIN;
+    if tokio::time::timeout_at(until, rest).await.is_err() {
+        let still = *waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let in_flight: Vec<String> = router
+            .status()
+            .iter()
+            .filter(|d| d.in_flight > 0 || d.buffered_events > 0)
+            .map(|d| {
+                format!(
+                    "{}: {} in flight, {} read",
+                    d.id, d.in_flight, d.buffered_events
+                )
+            })
+            .collect();
+        tracing::error!(
+            waiting_for = still,
+            destinations = ?in_flight,
+            limit = ?(config.server.shutdown_timeout + SHUTDOWN_MARGIN),
+            "shutdown did not finish within server.shutdown_timeout plus its margin; exiting \
+             anyway (acknowledged events are in the store; what was in flight is sent again)"
+        );
+        let _ = std::fs::remove_file(addresses_path(&data_dir));
+        return Ok(EXIT_SHUTDOWN_TIMEOUT);
+    }
     let _ = std::fs::remove_file(addresses_path(&data_dir));
     if exit_code == 0 {
         recovery

@@ -506,3 +506,492 @@ fn an_alert_raised_by_a_killed_replica_is_sent_by_another() {
     let mut b = b;
     assert!(b.terminate().success());
 }
+
+/// The storage config of a single replica on `db_url` with `partitions` partitions.
+fn pg_storage(config: &str, db_url: &str, partitions: u32) -> String {
+    config.replacen(
+        "backend = \"embedded\"",
+        &format!("backend = \"postgres\"\npostgres_url = \"{db_url}\"\npartitions = {partitions}"),
+        1,
+    )
+}
+
+/// A webhook receiver that only counts: distinct messageIds, and first arrivals that came
+/// before an earlier event of their user from the same sender (events are
+/// `m{user}_{thread}-{n}`, n rising per user and sending thread).
+/// (distinct messageIds, last number per user and sender, first arrivals out of order).
+type Seen = Arc<Mutex<(HashSet<String>, std::collections::HashMap<String, u64>, u64)>>;
+
+struct Counter {
+    seen: Seen,
+    server: common::receiver::Background,
+}
+
+impl Counter {
+    fn start() -> Counter {
+        #[derive(serde::Deserialize)]
+        struct Ev {
+            #[serde(rename = "messageId")]
+            message_id: String,
+        }
+        let seen: Seen = Arc::default();
+        let state = seen.clone();
+        let app = axum::Router::new().route(
+            "/in",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    // A batch is an array, a single event an object.
+                    let events = match serde_json::from_slice::<Vec<Ev>>(&body) {
+                        Ok(events) => events,
+                        Err(_) => match serde_json::from_slice::<Ev>(&body) {
+                            Ok(one) => vec![one],
+                            Err(_) => return axum::http::StatusCode::BAD_REQUEST,
+                        },
+                    };
+                    let mut guard = state.lock().unwrap();
+                    let s = &mut *guard;
+                    for e in events {
+                        if !s.0.insert(e.message_id.clone()) {
+                            continue;
+                        }
+                        let Some((user, n)) = e.message_id[1..]
+                            .split_once('-')
+                            .and_then(|(u, n)| Some((u.to_string(), n.parse::<u64>().ok()?)))
+                        else {
+                            continue;
+                        };
+                        let last = s.1.entry(user).or_insert(0);
+                        if n < *last {
+                            s.2 += 1;
+                        }
+                        *last = n.max(*last);
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        Counter {
+            seen,
+            server: common::receiver::Background::start(app),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/in", self.server.port())
+    }
+
+    fn distinct(&self) -> usize {
+        self.seen.lock().unwrap().0.len()
+    }
+
+    fn out_of_order(&self) -> u64 {
+        self.seen.lock().unwrap().2
+    }
+}
+
+/// Posts `total` events of `users` users in `/v1/batch` requests of 100 from `threads`
+/// threads; every request must be acknowledged. Each event carries ~200 bytes that
+/// compress poorly, as real properties do.
+fn ingest(server: &Server, total: usize, users: usize, threads: usize) {
+    let per_thread = total / threads;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let http = common::client();
+                let mut i = t * per_thread;
+                let end = i + per_thread;
+                while i < end {
+                    let n = 100.min(end - i);
+                    let batch: Vec<Value> = (i..i + n)
+                        .map(|k| {
+                            // User k % users; numbered in the order this thread sent
+                            // them (the threads' requests interleave).
+                            json!({
+                                "type": "track",
+                                "userId": format!("u{}", k % users),
+                                "messageId": format!("m{}_{t}-{k:09}", k % users),
+                                "event": "Order Completed",
+                                "properties": {
+                                    "revenue": k,
+                                    "sku": format!("{:x}", (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                                    "session": format!("{:x}{:x}", (k as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f), (k as u64).wrapping_mul(0x1656_67b1_9e37_79f9)),
+                                    "note": "a burst of traffic, then the backlog drains"
+                                }
+                            })
+                        })
+                        .collect();
+                    let r = http
+                        .post(server.url("/v1/batch"))
+                        .basic_auth(WRITE_KEY, Some(""))
+                        .timeout(Duration::from_secs(60))
+                        .json(&json!({ "batch": batch }))
+                        .send()
+                        .expect("post");
+                    assert_eq!(r.status(), 200, "{}", server.stderr());
+                    i += n;
+                }
+            });
+        }
+    });
+}
+
+/// Issue 27: after a burst, the backlog on the PostgreSQL store drains completely, in each
+/// user's order, without a single store call timing out (the old code stalled for 30 s at
+/// a time: reads and acknowledgements timed out in waves; a wait on an idle database is a
+/// wait on ballast itself). Bounded in time, not a speed assertion.
+#[test]
+fn a_large_backlog_on_postgres_drains_with_no_store_timeout() {
+    const EVENTS: usize = 300_000;
+    let cluster = database();
+    let counter = Counter::start();
+    // Few partitions and many concurrent requests: large chunks, so that a read's answer
+    // is far more than a connection buffers (as after a real burst).
+    let base = pg_storage(&common::config(""), &cluster.url("ballast"), 2);
+    // The burst, with no destination yet: all of it becomes the backlog.
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut server = Server::start_in(dir.clone(), &base, &[]);
+    ingest(&server, EVENTS, 100, 16);
+    assert!(server.terminate().success(), "{}", server.stderr());
+    let with_hook = format!(
+        "{base}\n[[destinations]]\nid = \"hook\"\ntype = \"webhook\"\nsources = [\"web\"]\nurl = \"{}\"\nbatch_size = 100\nconcurrency = 32\n",
+        counter.url()
+    );
+    let mut server = Server::start_in(dir, &with_hook, &[]);
+    // Until drained, or a store call timed out (then the assertions below fail at once).
+    let drained = wait_for(600, || {
+        counter.distinct() >= EVENTS || server.stderr().contains("timed out")
+    }) && counter.distinct() >= EVENTS;
+    let log = server.stderr();
+    let timeouts: Vec<&str> = log.lines().filter(|l| l.contains("timed out")).collect();
+    assert!(
+        timeouts.is_empty(),
+        "store calls timed out:\n{}",
+        timeouts.join("\n")
+    );
+
+    assert!(
+        drained,
+        "{} of {EVENTS} delivered\n{}",
+        counter.distinct(),
+        log.lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(counter.distinct(), EVENTS);
+    assert_eq!(counter.out_of_order(), 0, "a user's events out of order");
+    let text = common::client()
+        .get(format!("{}/metrics", server.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("ballast_storage_timeouts_total"))
+        .collect();
+    assert!(
+        !counted.is_empty(),
+        "no ballast_storage_timeouts_total in /metrics"
+    );
+    for l in counted {
+        assert!(l.ends_with(" 0"), "{l}");
+    }
+    // Status is answered from memory at once, with the age of the store's figures.
+    let status = common::admin_get(&server, "/v1/status");
+    assert!(
+        status["storage"]["figures_age_s"].as_f64().is_some(),
+        "{status}"
+    );
+    assert!(server.terminate().success(), "{}", server.stderr());
+}
+
+/// Issue 27: shutdown is bounded by `server.shutdown_timeout` plus its margin (5 s)
+/// whatever the store does: with the database frozen (SIGSTOP: connections open, nothing
+/// answers) and a request waiting for its commit, SIGTERM ends the process within the
+/// bound; past `shutdown_timeout` it says what it was still waiting for and exits 3.
+#[test]
+fn shutdown_is_bounded_while_the_database_hangs() {
+    let cluster = database();
+    let counter = Counter::start();
+    let config = pg_storage(&common::config(""), &cluster.url("ballast"), 4)
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"2s\"");
+    let config = format!(
+        "{config}\n[[destinations]]\nid = \"hook\"\ntype = \"webhook\"\nsources = [\"web\"]\nurl = \"{}\"\nbatch_size = 10\n",
+        counter.url()
+    );
+    let mut server = Server::start(&config);
+    ingest(&server, 400, 4, 4);
+    assert!(
+        wait_for(30, || counter.distinct() >= 400),
+        "{}",
+        server.stderr()
+    );
+
+    cluster.freeze();
+    // A request now waits for a commit that does not come.
+    let url = server.url("/v1/track");
+    let waiting = std::thread::spawn(move || {
+        common::client()
+            .post(url)
+            .basic_auth(WRITE_KEY, Some(""))
+            .timeout(Duration::from_secs(60))
+            .json(&json!({ "userId": "u", "messageId": "frozen", "event": "E" }))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let mut child = server.child.take().unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let bound = Duration::from_secs(2 + 5 + 4);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            cluster.thaw();
+            panic!("still running 60 s after SIGTERM\n{}", server.stderr());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    cluster.thaw();
+    let log = server.stderr();
+    assert!(
+        took <= bound,
+        "shutdown took {took:?} (bound {bound:?})\n{log}"
+    );
+    // The request was not acknowledged (its commit never came).
+    assert_ne!(waiting.join().unwrap(), 200);
+    match status.code() {
+        Some(0) => assert!(log.contains("stopped cleanly"), "{log}"),
+        Some(3) => assert!(log.contains("shutdown did not finish"), "{log}"),
+        other => panic!("exit {other:?}\n{log}"),
+    }
+}
+
+/// `/readyz` as (status, text).
+fn readyz_of(server: &Server) -> (u16, String) {
+    match common::client()
+        .get(server.url("/readyz"))
+        .timeout(Duration::from_secs(10))
+        .send()
+    {
+        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// One event of `pad` bytes LZ4 cannot shrink; (status, text, seconds it took).
+fn post_noise(server: &Server, id: &str, pad: usize, seed: &mut u64) -> (u16, String, f64) {
+    let noise: String = (0..pad)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            char::from(b'a' + (*seed % 26) as u8)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let r = common::client()
+        .post(server.url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .timeout(Duration::from_secs(60))
+        .json(&json!({ "userId": "u", "messageId": id, "event": "E", "properties": { "pad": noise } }))
+        .send();
+    let took = started.elapsed().as_secs_f64();
+    match r {
+        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default(), took),
+        Err(_) => (0, String::new(), took),
+    }
+}
+
+/// Issue 29 (3): with the database frozen (SIGSTOP: connections open, nothing answers) a
+/// request is answered 503 within seconds (not after the 30-second statement timeout),
+/// `/readyz` turns 503 within about two seconds while `/livez` stays 200, and all comes
+/// back when the database runs again.
+#[test]
+fn a_frozen_database_gives_fast_503s_and_readiness_follows() {
+    let cluster = database();
+    let server = Server::start(&pg_storage(&common::config(""), &cluster.url("ballast"), 4));
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    assert!(
+        wait_for(10, || readyz_of(&server).0 == 200),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(post_noise(&server, "before", 100, &mut seed).0, 200);
+
+    cluster.freeze();
+    let frozen = std::time::Instant::now();
+    let (status, _, took) = post_noise(&server, "during", 100, &mut seed);
+    let ready_after = loop {
+        if readyz_of(&server).0 == 503 {
+            break frozen.elapsed();
+        }
+        if frozen.elapsed() > Duration::from_secs(40) {
+            cluster.thaw();
+            panic!(
+                "/readyz stayed 200 with the database frozen\n{}",
+                server.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let live = common::client()
+        .get(server.url("/livez"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    cluster.thaw();
+    assert_eq!(status, 503, "an event acknowledged without its commit");
+    assert!(
+        took < 8.0,
+        "the request waited {took:.1} s for a frozen database"
+    );
+    assert!(
+        ready_after <= Duration::from_secs(5),
+        "/readyz turned 503 only after {ready_after:?}"
+    );
+    assert_eq!(live, 200);
+    assert!(
+        wait_for(30, || readyz_of(&server).0 == 200),
+        "not ready again after the database runs again\n{}",
+        server.stderr()
+    );
+    assert!(
+        wait_for(10, || post_noise(&server, "after", 100, &mut seed).0 == 200),
+        "{}",
+        server.stderr()
+    );
+}
+
+/// A tmpfs for one test (needs root; `None` where mounting is not allowed).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0777"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Issue 29 (3): with the event table's tablespace full, appends are refused as "disk
+/// full", and `/readyz` says so steadily (not flapping to 200, not "storage failed")
+/// until there is room again; then it is ready by itself (a probe finds the room) and
+/// takes events. Skipped where a tmpfs cannot be mounted.
+#[test]
+fn a_full_tablespace_is_reported_full_steadily_until_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let space = dir.path().join("space");
+    let Some(_tmpfs) = Tmpfs::mount(&space, "6m") else {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    };
+    let ts = space.join("ts");
+    std::fs::create_dir_all(&ts).unwrap();
+    // The tablespace's directory belongs to the server's user.
+    let _ = std::process::Command::new("chown")
+        .args(["postgres"])
+        .arg(&ts)
+        .status();
+    let cluster = database();
+    let server = Server::start(&pg_storage(&common::config(""), &cluster.url("ballast"), 1));
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    assert_eq!(post_noise(&server, "first", 100, &mut seed).0, 200);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&cluster.url("ballast"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.batch_execute(&format!(
+            "CREATE TABLESPACE small LOCATION '{}'",
+            ts.display()
+        ))
+        .await
+        .unwrap();
+        c.batch_execute("ALTER TABLE ballast_chunk SET TABLESPACE small")
+            .await
+            .unwrap();
+    });
+    // Fill the file system but for ~1 MB.
+    let filler = space.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(1 << 20)).unwrap();
+    }
+    let mut acked = 0;
+    let mut full = 0;
+    for i in 0..400 {
+        match post_noise(&server, &format!("f-{i}"), 20_000, &mut seed) {
+            (200, _, _) => acked += 1,
+            (503, text, _) if text == "disk full" => {
+                full += 1;
+                if full == 3 {
+                    break;
+                }
+            }
+            other => panic!("{other:?}\n{}", server.stderr()),
+        }
+    }
+    assert_eq!(full, 3, "never full ({acked} acknowledged)");
+    // Steadily full for 4 s: never ready, never "storage failed".
+    for _ in 0..20 {
+        assert_eq!(
+            readyz_of(&server),
+            (503, "disk full".into()),
+            "{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = common::admin_get(&server, "/v1/status");
+    assert_eq!(status["storage"]["refusing"], "disk_full", "{status}");
+
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_for(15, || readyz_of(&server).0 == 200),
+        "not ready again once there is room: {:?}\n{}",
+        readyz_of(&server),
+        server.stderr()
+    );
+    assert_eq!(post_noise(&server, "after", 20_000, &mut seed).0, 200);
+}

@@ -47,6 +47,72 @@ pub struct AdminState {
     pub alerts: Arc<crate::alerts::Alerts>,
     /// The last hour, sampled in memory (`/v1/history`).
     pub history: Arc<history::History>,
+    /// When each destination's oldest waiting event was received, read in the background
+    /// (`/v1/status` never waits for the store).
+    pub oldest: Arc<OldestEvents>,
+}
+
+/// How often the oldest waiting event of each destination is looked up for the status.
+const OLDEST_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// When each destination's oldest waiting event was received (`None`: none waits or it
+/// could not be told), and when that was last looked up. Filled by
+/// [`OldestEvents::run`]; `/v1/status` reads only this.
+#[derive(Default)]
+pub struct OldestEvents {
+    by_destination: std::sync::Mutex<
+        std::collections::HashMap<String, (Option<std::time::SystemTime>, std::time::Instant)>,
+    >,
+}
+
+impl OldestEvents {
+    /// Looks the oldest events up every `OLDEST_EVERY` (each round within
+    /// `OLDEST_AGE_BUDGET`) until `stop`.
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        router: Arc<EventRouter>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let deadline = tokio::time::Instant::now() + OLDEST_AGE_BUDGET;
+            for d in router.status() {
+                let oldest = if d.backlog_bytes > 0 {
+                    tokio::time::timeout_at(deadline, oldest_received(&*store, &d.id))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
+                self.by_destination
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(d.id.clone(), (oldest, std::time::Instant::now()));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(OLDEST_EVERY) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// (age of the oldest waiting event in seconds, seconds since it was looked up).
+    fn get(&self, destination: &str) -> (Option<f64>, Option<f64>) {
+        let by = self
+            .by_destination
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match by.get(destination) {
+            Some((oldest, at)) => (
+                oldest
+                    .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                    .map(|a| a.as_secs_f64()),
+                Some(at.elapsed().as_secs_f64()),
+            ),
+            None => (None, None),
+        }
+    }
 }
 
 /// Buckets of the delivery lag (accepted → delivered): 10 ms to 6 h, as a backlog can be.
@@ -217,6 +283,8 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn status(State(s): State<AdminState>) -> Response {
+    // Everything here is in memory: nothing waits for the store (figures the store
+    // refreshes in the background carry their age).
     let st = s.store.status();
     let refusal = s.store.refusal();
     axum::Json(serde_json::json!({
@@ -241,38 +309,36 @@ async fn status(State(s): State<AdminState>) -> Response {
             "appends": st.appends,
             "fsyncs": st.fsyncs,
             "quarantined_records": st.quarantined_records,
+            // Seconds since the store last confirmed these figures (the PostgreSQL store
+            // polls the database; null: the embedded store's own counters, always current).
+            "figures_age_s": s.store.figures_age().map(|a| a.as_secs_f64()),
         },
-        "destinations": destinations_with_age(&s).await,
+        "destinations": destinations_with_age(&s),
     }))
     .into_response()
 }
 
 /// How long the reads for the age of the oldest event may take, all destinations
-/// together (a slow database must not hold the status up).
+/// together (a slow database must not hold the lookup up).
 const OLDEST_AGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The router's destination status, each with `oldest_age_s`: how long ago the oldest
 /// event the destination has not passed was received (its `receivedAt`), over the
-/// partitions; null when there is none or it cannot be told in time. One read of one
-/// event per partition with a backlog: the cost does not depend on the backlog's size.
-async fn destinations_with_age(s: &AdminState) -> Vec<serde_json::Value> {
+/// partitions; null when there is none or it could not be told in time; and
+/// `oldest_checked_s`, how long ago that was looked up (every 2 s in the background).
+fn destinations_with_age(s: &AdminState) -> Vec<serde_json::Value> {
     let status = s.router.status();
-    let deadline = tokio::time::Instant::now() + OLDEST_AGE_BUDGET;
     let mut out = Vec::with_capacity(status.len());
     for d in status {
-        let age = if d.backlog_bytes > 0 {
-            tokio::time::timeout_at(deadline, oldest_received(&*s.store, &d.id))
-                .await
-                .ok()
-                .flatten()
-                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
-                .map(|a| a.as_secs_f64())
+        let (age, checked) = if d.backlog_bytes > 0 {
+            s.oldest.get(&d.id)
         } else {
-            None
+            (None, None)
         };
         let mut v = serde_json::to_value(&d).unwrap_or(serde_json::Value::Null);
         if let Some(o) = v.as_object_mut() {
             o.insert("oldest_age_s".into(), serde_json::json!(age));
+            o.insert("oldest_checked_s".into(), serde_json::json!(checked));
         }
         out.push(v);
     }

@@ -193,7 +193,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 .as_deref()
                 .map(str::parse::<crate::recovery::Mode>)
                 .transpose()?;
-            runtime()?.block_on(crate::server::run(cfg, forced))
+            let rt = runtime()?;
+            let code = rt.block_on(crate::server::run(cfg, forced));
+            // Blocking work still running (a hung database call of a blocking client)
+            // must not hold the exit up: the shutdown already waited what it may.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;

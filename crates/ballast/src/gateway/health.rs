@@ -11,7 +11,12 @@ use super::Gateway;
 pub async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let refusal = gw.store.refusal();
     let accepting = refusal.is_none() && !gw.state.shutting_down();
-    let failed = matches!(refusal, Some(crate::store::Refusal::Failed(_)));
+    // The store cannot write: failed for good, or unavailable (a database that does not
+    // answer); a full disk or the quota is not "down".
+    let failed = matches!(
+        refusal,
+        Some(crate::store::Refusal::Failed(_) | crate::store::Refusal::Unavailable(_))
+    );
     let flag = |b: bool| if b { "TRUE" } else { "FALSE" };
     let body = serde_json::json!({
         "appType": "EMBEDDED",

@@ -434,6 +434,13 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// How long ago the figures of [`Store::status`] were last confirmed by the backend
+    /// (the PostgreSQL store polls its database; None: they are the process's own,
+    /// always current).
+    fn figures_age(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Why the store refuses new events right now, if it does. Backends that know more
     /// than [`StoreStatus`] tells (a full disk) say so.
     fn refusal(&self) -> Option<Refusal> {

@@ -99,11 +99,28 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Chunks one read fetches at most.
 const READ_CHUNKS: i64 = 8;
 const POLL_EVERY: Duration = Duration::from_millis(100);
+/// How long a request waits for its events' commit before it is answered 503 (not
+/// acknowledged: a commit that lands later only stores a retried event twice). A database
+/// that stops answering (SIGSTOP, a partition without a reset) gives fast 503s, not
+/// requests hanging for the 30-second statement timeout.
+const APPEND_DEADLINE: Duration = Duration::from_secs(3);
+/// The poll of the partitions' rows (every 100 ms) fails after this long: the store is
+/// then not writable, so readiness follows a database that stopped answering within
+/// about this.
+const POLL_DEADLINE: Duration = Duration::from_millis(1500);
+/// How often a full tablespace is probed for room while appends are refused for it.
+const FULL_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Reads, acknowledgements and consumer registration give up after this long (the
+/// connection is made again): a read of eight chunks answers in milliseconds on a
+/// database that answers at all.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
 const CURSORS_EVERY: Duration = Duration::from_secs(1);
 const CLEANUP_EVERY: Duration = Duration::from_secs(2);
 /// How often the lease session is checked, shares recomputed, and a replica waiting for
 /// a lease tries again.
 const LEASE_TICK: Duration = Duration::from_secs(1);
+/// How often a lease request looks again while the lease session is not open yet.
+const SESSION_WAIT: Duration = Duration::from_millis(50);
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // The database's own message (with its detail), not only the driver's summary.
@@ -138,6 +155,10 @@ struct Shared {
     partitions: u32,
     counters: Counters,
     quota_blocked: AtomicBool,
+    /// The last append failed for lack of space in the database (SQLSTATE 53100, a full
+    /// tablespace): refused as "disk full" until an append or a probe finds room again
+    /// (the poll's success does not clear it: the database answers, it is just full).
+    disk_full: AtomicBool,
     /// The durable end of each partition.
     ends: Vec<watch::Sender<Position>>,
     failure: Mutex<Option<String>>,
@@ -146,6 +167,15 @@ struct Shared {
     /// Stored bytes when an append was last refused for the quota.
     bytes_at_refusal: AtomicU64,
     leases: Leases,
+    /// When the poll loop last read the partitions' rows (the status figures' age).
+    polled_at: Mutex<Instant>,
+    /// Progress whose acknowledgement failed (the database went away, the lease with
+    /// it), per (consumer, partition): what was delivered meanwhile stays known, and is
+    /// saved as soon as this process holds that lease again (on the new primary after a
+    /// failover, fenced by the new lease), so that only what was in flight is sent again.
+    pending: Mutex<HashMap<(String, u32), Progress>>,
+    /// What this process committed last (see [`TailCache`]).
+    tail: Mutex<TailCache>,
 }
 
 impl Shared {
@@ -164,9 +194,10 @@ impl Shared {
 
 pub struct PgStore {
     shared: Arc<Shared>,
-    /// Reads and acknowledgements (the writers have their own connections).
-    readers: Vec<tokio::sync::RwLock<Option<Arc<Client>>>>,
-    next_reader: AtomicUsize,
+    /// Reads (the writers have their own connections).
+    readers: Arc<Pool>,
+    /// Acknowledgements and consumer registration: never behind a read.
+    control: Arc<Pool>,
     writers: Mutex<Option<Vec<mpsc::Sender<Piece>>>>,
     writer_tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
@@ -174,6 +205,108 @@ pub struct PgStore {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A query's future, owning what it uses (it runs on a task of its own).
+type QueryFuture<T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static>,
+>;
+
+/// Counts a store call that ran out of time (`ballast_storage_timeouts_total`, by
+/// operation): on a database that answers, it stays 0.
+fn timed_out(op: &'static str) {
+    metrics::counter!("ballast_storage_timeouts_total", "operation" => op).increment(1);
+}
+
+/// The operations `ballast_storage_timeouts_total` counts (registered at 0 when the store
+/// opens, so that a scrape shows them before the first timeout).
+const TIMED_OPERATIONS: [&str; 6] = ["read", "ack", "consumer", "append", "poll", "lease"];
+
+/// Connections of one use (reads; acknowledgements and consumers), each shared by the
+/// queries of that use, which tokio-postgres pipelines on it.
+///
+/// A shared connection reads its socket only while the query at the head of its pipeline
+/// takes its rows: tokio-postgres hands a query's rows over a channel of one message, so
+/// a query whose future is not being polled stops every query behind it on that
+/// connection. The router's loop starts a read ahead of need and polls it only between
+/// its other awaits (an acknowledgement, a retry-state save…); with the read and the
+/// acknowledgement on one connection, the acknowledgement waited for the read's rows to
+/// be taken and the read for the loop to come back from the acknowledgement, until the
+/// 30-second timeout failed both (the stalls of issue 27). Here every query runs on a
+/// task of its own, which takes its rows whatever its caller does (polled, dropped or
+/// busy), no lock is held across an await, and acknowledgements have their own
+/// connection, so one never queues behind megabytes of a read.
+struct Pool {
+    url: String,
+    slots: Vec<Mutex<Option<Arc<Client>>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    fn new(url: &str, size: usize, first: Option<Client>) -> Pool {
+        let mut first = first.map(Arc::new);
+        Pool {
+            url: url.to_string(),
+            slots: (0..size.max(1)).map(|_| Mutex::new(first.take())).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Slot `i`'s connection, made again when there is none or it closed. Connecting
+    /// happens outside the slot's lock: two callers may both connect, the later one's
+    /// connection stays, the other serves its one query and goes.
+    async fn client(&self, i: usize) -> Result<Arc<Client>, StoreError> {
+        if let Some(c) = lock(&self.slots[i]).as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(connect(&self.url).await?);
+        *lock(&self.slots[i]) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets slot `i`'s connection if it is still `client` (it hung).
+    fn forget(&self, i: usize, client: &Arc<Client>) {
+        let mut slot = lock(&self.slots[i]);
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            *slot = None;
+        }
+    }
+
+    /// Runs `f` on one of the connections (in turn), on a task of its own, within
+    /// `deadline` (connecting included). On a timeout the connection is dropped (a new
+    /// session next time) and the timeout counted.
+    async fn run<T: Send + 'static>(
+        self: Arc<Self>,
+        op: &'static str,
+        deadline: Duration,
+        f: impl FnOnce(Arc<Client>) -> QueryFuture<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let task = tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + deadline;
+            let client = match tokio::time::timeout_at(until, self.client(i)).await {
+                Ok(c) => c?,
+                Err(_) => {
+                    timed_out(op);
+                    return Err(StoreError::Other(format!(
+                        "postgres: connecting for the {op} timed out"
+                    )));
+                }
+            };
+            match tokio::time::timeout_at(until, f(client.clone())).await {
+                Ok(r) => r.map_err(pg_err),
+                Err(_) => {
+                    self.forget(i, &client);
+                    timed_out(op);
+                    Err(StoreError::Other(format!(
+                        "postgres: the {op} query timed out"
+                    )))
+                }
+            }
+        });
+        task.await
+            .map_err(|e| StoreError::Other(format!("postgres: the {op} query failed: {e}")))?
+    }
 }
 
 pub(crate) use crate::pg::{SCHEMA_LOCK, STATEMENT_TIMEOUT};
@@ -480,11 +613,15 @@ impl PgStore {
             partitions,
             counters: Counters::default(),
             quota_blocked: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
             ends,
             failure: Mutex::new(None),
             cursors: Mutex::new(cursors),
             bytes_at_refusal: AtomicU64::new(0),
             leases: Leases::default(),
+            polled_at: Mutex::new(Instant::now()),
+            pending: Mutex::new(HashMap::new()),
+            tail: Mutex::new(TailCache::default()),
         });
         shared
             .counters
@@ -500,15 +637,13 @@ impl PgStore {
         }
         tokio::spawn(poll_loop(shared.clone(), stop_rx.clone()));
         tokio::spawn(lease_keeper(shared.clone(), stop_rx));
-        let mut readers = Vec::with_capacity(READERS);
-        readers.push(tokio::sync::RwLock::new(Some(Arc::new(client))));
-        while readers.len() < READERS {
-            readers.push(tokio::sync::RwLock::new(None));
+        for op in TIMED_OPERATIONS {
+            metrics::counter!("ballast_storage_timeouts_total", "operation" => op).increment(0);
         }
         Ok(PgStore {
             shared,
-            readers,
-            next_reader: AtomicUsize::new(0),
+            readers: Arc::new(Pool::new(url, READERS, None)),
+            control: Arc::new(Pool::new(url, 1, Some(client))),
             writers: Mutex::new(Some(senders)),
             writer_tasks: tokio::sync::Mutex::new(tasks),
             stop,
@@ -520,38 +655,82 @@ impl PgStore {
         self.shared.leases.live.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on one of the reader connections (made again when it was lost).
-    async fn with_reader<T>(
+    /// Runs `f` on a connection of `pool` (made again when it was lost), bounded by
+    /// `deadline`. See [`Pool::run`].
+    async fn on<T: Send + 'static>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c Client,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
-        >,
+        pool: &Arc<Pool>,
+        op: &'static str,
+        deadline: Duration,
+        f: impl FnOnce(Arc<Client>) -> QueryFuture<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let slot = &self.readers[self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS];
-        let current = slot.read().await.clone();
-        let client = match current {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                let mut w = slot.write().await;
-                match w.as_ref() {
-                    Some(c) if !c.is_closed() => c.clone(),
-                    _ => {
-                        let c = Arc::new(connect(&self.shared.url).await?);
-                        *w = Some(c.clone());
-                        c
-                    }
-                }
-            }
+        pool.clone().run(op, deadline, f).await
+    }
+
+    /// Saves `progress` (fenced by the lease when this process ever held one).
+    async fn ack_once(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
+        let partition = partition_of(progress.cursor);
+        let name = consumer.to_string();
+        let part = partition as i32;
+        let cursor = seq_of(progress.cursor);
+        let done = progress.encode_done();
+        let key = (name.clone(), partition);
+        let fence = match lock(&self.shared.leases.held).get(&key) {
+            Some(h) if *h.state.borrow() != LeaseState::Lost => Some(h.pid),
+            Some(_) => None,
+            None => None,
         };
-        match tokio::time::timeout(STATEMENT_TIMEOUT, f(&client)).await {
-            Ok(r) => r.map_err(pg_err),
-            Err(_) => {
-                *slot.write().await = None;
-                Err(StoreError::Other("postgres: the query timed out".into()))
-            }
+        if fence.is_none() && lock(&self.shared.leases.ever).contains(&key) {
+            return Err(StoreError::Other(format!(
+                "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
+            )));
         }
+        let class = lease_class(consumer) as u32;
+        let updated = self
+            .on(&self.control, "ack", CALL_DEADLINE, move |c| {
+                Box::pin(async move {
+                    match fence {
+                        None => {
+                            c.execute(
+                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
+                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
+                                 WHERE name = $1 AND part = $2",
+                                &[&name, &part, &cursor, &done],
+                            )
+                            .await
+                        }
+                        Some(pid) => {
+                            // Fenced: counts only while the lease's session holds its lock.
+                            c.execute(
+                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
+                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
+                                 WHERE name = $1 AND part = $2 AND EXISTS (
+                                     SELECT 1 FROM pg_locks
+                                     WHERE locktype = 'advisory' AND classid = $5::oid
+                                       AND objid = $6::oid AND objsubid = 2 AND pid = $7
+                                       AND granted)",
+                                &[&name, &part, &cursor, &done, &class, &(partition), &pid],
+                            )
+                            .await
+                        }
+                    }
+                })
+            })
+            .await?;
+        if updated == 0 {
+            return Err(match fence {
+                Some(_) => StoreError::Other(format!(
+                    "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
+                )),
+                None => StoreError::Other(format!("unknown consumer {consumer:?}")),
+            });
+        }
+        let mut cursors = lock(&self.shared.cursors);
+        let c = cursors
+            .entry((consumer.to_string(), partition))
+            .or_insert(progress.cursor);
+        *c = (*c).max(progress.cursor);
+        Ok(())
     }
 
     fn writer_for(&self, partition: u32) -> Option<mpsc::Sender<Piece>> {
@@ -704,6 +883,8 @@ struct Chunk {
     bytes: i64,
     data: Vec<u8>,
     codec: i16,
+    /// The records as written (uncompressed), for the tail cache.
+    raw: bytes::Bytes,
 }
 
 /// `codec` of a chunk stored as written.
@@ -716,6 +897,7 @@ const COMPRESS_FROM: usize = 512;
 /// Compresses a chunk's records with LZ4 when that makes it smaller. Events are JSON
 /// with repeated keys (a 100-event batch shrinks to about a quarter): fewer bytes to
 /// send, to write to the WAL and to TOAST, for about a millisecond of CPU per megabyte.
+#[cfg(test)]
 fn compress(data: Vec<u8>) -> (i16, Vec<u8>) {
     if data.len() < COMPRESS_FROM {
         return (CODEC_NONE, data);
@@ -725,6 +907,88 @@ fn compress(data: Vec<u8>) -> (i16, Vec<u8>) {
         (CODEC_LZ4, packed)
     } else {
         (CODEC_NONE, data)
+    }
+}
+
+/// [`compress`] from a slice: the chunk's bytes to store (a copy when not compressed).
+fn compress_slice(data: &[u8]) -> (i16, Vec<u8>) {
+    if data.len() < COMPRESS_FROM {
+        return (CODEC_NONE, data.to_vec());
+    }
+    let packed = lz4_flex::block::compress_prepend_size(data);
+    if packed.len() < data.len() {
+        (CODEC_LZ4, packed)
+    } else {
+        (CODEC_NONE, data.to_vec())
+    }
+}
+
+/// The chunks this process committed last, per partition, as written (uncompressed),
+/// bounded in bytes. A delivery loop that follows the end of its partition reads what was
+/// just appended: served from here, PostgreSQL neither reads, de-TOASTs nor sends it again
+/// and ballast does not decompress it. Only a run of chunks that follow each other is
+/// served (a chunk another replica committed in between is not here: the read goes to the
+/// database from there), so nothing is ever stepped over.
+#[derive(Default)]
+struct TailCache {
+    /// partition → (end_seq → (first_seq, records)).
+    parts: HashMap<u32, BTreeMap<i64, (i64, bytes::Bytes)>>,
+    bytes: usize,
+}
+
+/// Bytes the tail cache holds at most (all partitions together).
+const TAIL_CACHE_BYTES: usize = 64 << 20;
+
+impl TailCache {
+    fn insert(&mut self, part: u32, first_seq: i64, end_seq: i64, raw: bytes::Bytes) {
+        self.bytes += raw.len();
+        if let Some(old) = self
+            .parts
+            .entry(part)
+            .or_default()
+            .insert(end_seq, (first_seq, raw))
+        {
+            self.bytes -= old.1.len();
+        }
+        // Over the bound: drop the oldest chunk of the partition holding the most.
+        while self.bytes > TAIL_CACHE_BYTES {
+            let Some((&p, _)) = self
+                .parts
+                .iter()
+                .max_by_key(|(_, m)| m.values().map(|(_, b)| b.len()).sum::<usize>())
+            else {
+                break;
+            };
+            let Some(m) = self.parts.get_mut(&p) else {
+                break;
+            };
+            match m.pop_first() {
+                Some((_, (_, b))) => self.bytes -= b.len(),
+                None => {
+                    self.parts.remove(&p);
+                }
+            }
+        }
+    }
+
+    /// The cached chunks holding `from_seq` and those following it without a gap, up to
+    /// `max_events` events: (first_seq, records).
+    fn get(&self, part: u32, from_seq: i64, max_events: usize) -> Vec<(i64, bytes::Bytes)> {
+        let mut out = Vec::new();
+        let Some(m) = self.parts.get(&part) else {
+            return out;
+        };
+        let mut at = from_seq;
+        let mut events = 0usize;
+        for (&end, (first, raw)) in m.range(from_seq + 1..) {
+            if *first > at || events >= max_events {
+                break;
+            }
+            out.push((*first, raw.clone()));
+            events += (end - at.max(*first)) as usize;
+            at = end;
+        }
+        out
     }
 }
 
@@ -766,6 +1030,7 @@ struct WriterConn {
 async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
     let mut conn: Option<WriterConn> = None;
     let mut backoff = Duration::from_millis(100);
+    let mut last_logged: Option<Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         let mut bytes = group[0].data.len();
@@ -778,6 +1043,9 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 Err(_) => break,
             }
         }
+        // A request that stopped waiting (answered 503 at its deadline while this writer
+        // was stuck) is not written late: its client retries it.
+        group.retain(|p| !p.done.is_closed());
         // The quota, per piece in order: what does not fit is refused, the rest goes.
         let mut used = shared.counters.bytes_used.load(Ordering::Relaxed);
         let mut by_part: BTreeMap<u32, Vec<Piece>> = BTreeMap::new();
@@ -822,13 +1090,15 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 for p in pieces {
                     data.extend_from_slice(&p.data);
                 }
-                let (codec, data) = compress(data);
+                let raw = bytes::Bytes::from(data);
+                let (codec, data) = compress_slice(&raw);
                 Chunk {
                     part: *part,
                     events: n as i64,
                     bytes: data.len() as i64,
                     data,
                     codec,
+                    raw,
                 }
             })
             .collect();
@@ -840,17 +1110,33 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 // The outcome may be unknown: nothing is acknowledged (the server rolls
                 // back what did not commit; a retried event is at worst stored twice).
                 let err = match outcome {
+                    Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL) => {
+                        StoreError::DiskFull
+                    }
                     Ok(Err(e)) => pg_err(e),
                     _ => {
                         conn = None; // hung: a new session next time
+                        timed_out("append");
                         StoreError::Other("postgres: the append timed out".into())
                     }
                 };
                 if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
                     conn = None;
                 }
-                tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
-                fail_all(&shared, by_part.into_values().flatten(), &err);
+                // Once a second at most: under load every group fails alike.
+                if last_logged.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                    last_logged = Some(Instant::now());
+                    tracing::error!(error = %err, "storing events in postgres failed; nothing of this group is acknowledged");
+                }
+                if matches!(err, StoreError::DiskFull) {
+                    // Full, not failed: refused steadily as such until there is room.
+                    shared.disk_full.store(true, Ordering::Release);
+                    for p in by_part.into_values().flatten() {
+                        let _ = p.done.send(Err(StoreError::DiskFull));
+                    }
+                } else {
+                    fail_all(&shared, by_part.into_values().flatten(), &err);
+                }
                 continue;
             }
         };
@@ -873,9 +1159,11 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Piece>) {
                 let _ = p.done.send(Ok(seq));
                 seq += p.events;
             }
+            lock(&shared.tail).insert(part, first_seq, first_seq + n, chunk.raw.clone());
             shared.advance(part, partition_base(part) + first_seq as u64 + n as u64);
         }
         *lock(&shared.failure) = None;
+        shared.disk_full.store(false, Ordering::Release);
     }
 }
 
@@ -962,6 +1250,27 @@ async fn cleanup(client: &mut Client) -> Result<(), tokio_postgres::Error> {
     tx.commit().await
 }
 
+/// Whether a chunk fits in the database again after it was full: a chunk-sized row of
+/// noise (it cannot be compressed away) inserted where chunks go and rolled back.
+async fn probe_room(client: &mut Client) -> Result<(), tokio_postgres::Error> {
+    let mut x = rand::random::<u64>() | 1;
+    let noise: Vec<u8> = (0..256 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO ballast_chunk (part, end_seq, first_seq, data, codec) VALUES (-1, -1, -1, $1, 0)",
+        &[&noise],
+    )
+    .await?;
+    tx.rollback().await
+}
+
 /// Follows what other replicas commit (and the bytes they add), refreshes the cursors
 /// (for status) and deletes what every consumer is past. Its failures are the store's
 /// readiness while nothing is appended.
@@ -969,6 +1278,7 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut client: Option<Client> = None;
     let mut last_cursors = Instant::now();
     let mut last_cleanup = Instant::now();
+    let mut last_probe = Instant::now();
     let mut backoff = POLL_EVERY;
     loop {
         tokio::select! {
@@ -987,7 +1297,7 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let Some(c) = client.as_mut() else { continue };
         let polled = tokio::time::timeout(
-            STATEMENT_TIMEOUT,
+            POLL_DEADLINE,
             c.query("SELECT part, next_seq, bytes FROM ballast_partition", &[]),
         )
         .await;
@@ -999,12 +1309,14 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             Err(_) => {
+                timed_out("poll");
                 *lock(&shared.failure) = Some("postgres: the database does not answer".into());
                 client = None; // hung: a new session next time
                 continue;
             }
         };
         backoff = POLL_EVERY;
+        *lock(&shared.polled_at) = Instant::now();
         // The database answers again: let the next append try (readiness follows).
         *lock(&shared.failure) = None;
         let mut bytes = 0u64;
@@ -1038,6 +1350,21 @@ async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
+        if shared.disk_full.load(Ordering::Acquire) && last_probe.elapsed() >= FULL_PROBE_EVERY {
+            last_probe = Instant::now();
+            match tokio::time::timeout(STATEMENT_TIMEOUT, probe_room(c)).await {
+                Ok(Ok(())) => {
+                    tracing::info!("the database has room for events again");
+                    shared.disk_full.store(false, Ordering::Release);
+                }
+                Ok(Err(e)) => tracing::debug!(error = %pg_err(e), "still no room in the database"),
+                Err(_) => client = None,
+            }
+        }
+        if client.is_none() {
+            continue;
+        }
+        let Some(c) = client.as_mut() else { continue };
         if last_cleanup.elapsed() >= CLEANUP_EVERY {
             last_cleanup = Instant::now();
             match tokio::time::timeout(STATEMENT_TIMEOUT, cleanup(c)).await {
@@ -1076,20 +1403,39 @@ impl Store for PgStore {
             frame_into(buf, &batch.source, meta, event);
             *n += 1;
         }
+        if self.shared.disk_full.load(Ordering::Acquire) {
+            return Err(StoreError::DiskFull);
+        }
+        // Bounded: a database that stopped answering gets the request a 503 in
+        // APPEND_DEADLINE, not when the statement times out.
+        let until = tokio::time::Instant::now() + APPEND_DEADLINE;
+        let late = || {
+            timed_out("append");
+            *lock(&self.shared.failure) = Some(format!(
+                "postgres: no commit within {} s",
+                APPEND_DEADLINE.as_secs()
+            ));
+            StoreError::Other(format!(
+                "postgres: the events were not committed within {} s (not acknowledged)",
+                APPEND_DEADLINE.as_secs()
+            ))
+        };
         let mut waits = Vec::with_capacity(pieces.len());
         for (partition, (data, events)) in pieces {
             let tx = self
                 .writer_for(partition)
                 .ok_or(StoreError::Other("the store is closed".into()))?;
             let (done, wait) = oneshot::channel();
-            tx.send(Piece {
+            let piece = Piece {
                 partition,
                 data,
                 events,
                 done,
-            })
-            .await
-            .map_err(|_| StoreError::Other("the store is closed".into()))?;
+            };
+            tokio::time::timeout_at(until, tx.send(piece))
+                .await
+                .map_err(|_| late())?
+                .map_err(|_| StoreError::Other("the store is closed".into()))?;
             waits.push((partition, events, wait));
         }
         // Acknowledged only once every piece committed.
@@ -1097,7 +1443,10 @@ impl Store for PgStore {
         let mut total = 0usize;
         let mut error = None;
         for (partition, events, wait) in waits {
-            match wait.await {
+            let Ok(outcome) = tokio::time::timeout_at(until, wait).await else {
+                return Err(late());
+            };
+            match outcome {
                 Ok(Ok(first_seq)) => {
                     total += events as usize;
                     if Some(partition) == first_partition {
@@ -1141,7 +1490,7 @@ impl Store for PgStore {
         let name = consumer.to_string();
         let part = partition as i32;
         let (cursor, done): (i64, Vec<u8>) = self
-            .with_reader(|c| {
+            .on(&self.control, "consumer", CALL_DEADLINE, move |c| {
                 Box::pin(async move {
                     c.execute(
                         "INSERT INTO ballast_cursor (name, part, cursor)
@@ -1165,7 +1514,31 @@ impl Store for PgStore {
             .await?;
         let cursor = partition_base(partition) + cursor.max(0) as u64;
         lock(&self.shared.cursors).insert((consumer.to_string(), partition), cursor);
-        Ok(Progress::decode_done(cursor, &done))
+        let stored = Progress::decode_done(cursor, &done);
+        // What this process delivered while its acknowledgements failed (a failover): saved
+        // now, under the lease it holds again, and resumed from.
+        let pending = lock(&self.shared.pending)
+            .get(&(consumer.to_string(), partition))
+            .cloned();
+        if let Some(p) = pending.filter(|p| p.cursor >= stored.cursor) {
+            match self.ack_once(consumer, &p).await {
+                Ok(()) => {
+                    lock(&self.shared.pending).remove(&(consumer.to_string(), partition));
+                    tracing::info!(
+                        consumer,
+                        partition,
+                        from = stored.cursor,
+                        to = p.cursor,
+                        "saved the delivery progress kept while the database was away"
+                    );
+                    return Ok(p);
+                }
+                Err(e) => {
+                    tracing::warn!(consumer, partition, error = %e, "saving the delivery progress kept while the database was away failed")
+                }
+            }
+        }
+        Ok(stored)
     }
 
     async fn read(&self, from: Position, max_events: usize) -> Result<ReadEvents, StoreError> {
@@ -1173,25 +1546,36 @@ impl Store for PgStore {
         let base = partition_base(partition);
         let part = partition as i32;
         let from_seq = seq_of(from);
-        let rows = self
-            .with_reader(|c| {
-                Box::pin(async move {
-                    c.query(
-                        "SELECT first_seq, data, codec FROM ballast_chunk
-                         WHERE part = $1 AND end_seq > $2 ORDER BY end_seq LIMIT $3",
-                        &[&part, &from_seq, &READ_CHUNKS],
-                    )
-                    .await
-                })
-            })
-            .await?;
         let max_events = max_events.max(1);
+        let cached = lock(&self.shared.tail).get(partition, from_seq, max_events);
+        let chunks: Vec<(i64, bytes::Bytes)> = if !cached.is_empty() {
+            metrics::counter!("ballast_storage_tail_reads_total").increment(1);
+            cached
+        } else {
+            let rows = self
+                .on(&self.readers, "read", CALL_DEADLINE, move |c| {
+                    Box::pin(async move {
+                        c.query(
+                            "SELECT first_seq, data, codec FROM ballast_chunk
+                             WHERE part = $1 AND end_seq > $2 ORDER BY end_seq LIMIT $3",
+                            &[&part, &from_seq, &READ_CHUNKS],
+                        )
+                        .await
+                    })
+                })
+                .await?;
+            let mut chunks = Vec::with_capacity(rows.len());
+            for r in rows {
+                let first_seq: i64 = r.get(0);
+                let data = decompress(r.get(2), r.get::<_, Vec<u8>>(1))?;
+                chunks.push((first_seq, bytes::Bytes::from(data)));
+            }
+            chunks
+        };
         let mut events = Vec::new();
         let mut next = from;
         let mut last_source: Option<Arc<str>> = None;
-        'chunks: for r in rows {
-            let first_seq: i64 = r.get(0);
-            let data = bytes::Bytes::from(decompress(r.get(2), r.get::<_, Vec<u8>>(1))?);
+        'chunks: for (first_seq, data) in chunks {
             for (i, record) in unframe(&data).enumerate() {
                 let seq = first_seq + i as i64;
                 if seq < from_seq {
@@ -1223,68 +1607,28 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, consumer: &str, progress: &Progress) -> Result<(), StoreError> {
-        let partition = partition_of(progress.cursor);
-        let name = consumer.to_string();
-        let part = partition as i32;
-        let cursor = seq_of(progress.cursor);
-        let done = progress.encode_done();
-        let key = (name.clone(), partition);
-        let fence = match lock(&self.shared.leases.held).get(&key) {
-            Some(h) if *h.state.borrow() != LeaseState::Lost => Some(h.pid),
-            Some(_) => None,
-            None => None,
-        };
-        if fence.is_none() && lock(&self.shared.leases.ever).contains(&key) {
-            return Err(StoreError::Other(format!(
-                "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
-            )));
+        let acked = self.ack_once(consumer, progress).await;
+        let key = (consumer.to_string(), partition_of(progress.cursor));
+        let mut pending = lock(&self.shared.pending);
+        match &acked {
+            Ok(()) => {
+                if pending
+                    .get(&key)
+                    .is_some_and(|p| p.cursor <= progress.cursor)
+                {
+                    pending.remove(&key);
+                }
+            }
+            Err(_) => {
+                if pending
+                    .get(&key)
+                    .is_none_or(|p| p.cursor <= progress.cursor)
+                {
+                    pending.insert(key, progress.clone());
+                }
+            }
         }
-        let class = lease_class(consumer) as u32;
-        let updated = self
-            .with_reader(|c| {
-                Box::pin(async move {
-                    match fence {
-                        None => {
-                            c.execute(
-                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
-                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
-                                 WHERE name = $1 AND part = $2",
-                                &[&name, &part, &cursor, &done],
-                            )
-                            .await
-                        }
-                        Some(pid) => {
-                            // Fenced: counts only while the lease's session holds its lock.
-                            c.execute(
-                                "UPDATE ballast_cursor SET cursor = greatest(cursor, $3),
-                                     done = CASE WHEN $3 >= cursor THEN $4 ELSE done END
-                                 WHERE name = $1 AND part = $2 AND EXISTS (
-                                     SELECT 1 FROM pg_locks
-                                     WHERE locktype = 'advisory' AND classid = $5::oid
-                                       AND objid = $6::oid AND objsubid = 2 AND pid = $7
-                                       AND granted)",
-                                &[&name, &part, &cursor, &done, &class, &(partition), &pid],
-                            )
-                            .await
-                        }
-                    }
-                })
-            })
-            .await?;
-        if updated == 0 {
-            return Err(match fence {
-                Some(_) => StoreError::Other(format!(
-                    "consumer {consumer:?}: this process no longer holds the lease of partition {partition}"
-                )),
-                None => StoreError::Other(format!("unknown consumer {consumer:?}")),
-            });
-        }
-        let mut cursors = lock(&self.shared.cursors);
-        let c = cursors
-            .entry((consumer.to_string(), partition))
-            .or_insert(progress.cursor);
-        *c = (*c).max(progress.cursor);
-        Ok(())
+        acked
     }
 
     async fn lease(&self, consumer: &str, partition: u32) -> Result<super::Lease, StoreError> {
@@ -1344,6 +1688,13 @@ impl Store for PgStore {
                     }
                 }
             }
+            if leases.session.read().await.is_none() {
+                // The lease session is being opened (at the first lease asked for, or
+                // again after it failed): try as soon as it is there, not a tick later
+                // (a start spent its first second with every partition waiting).
+                tokio::time::sleep(SESSION_WAIT).await;
+                continue;
+            }
             // Spread the replicas' attempts a little.
             let jitter = Duration::from_millis(rand::random::<u64>() % 250);
             tokio::time::sleep(LEASE_TICK + jitter).await;
@@ -1361,6 +1712,28 @@ impl Store for PgStore {
         self.shared.ends[i].subscribe()
     }
 
+    /// A database that does not answer is unavailable (transient: it comes back, or a
+    /// failover finds the new primary), not the fatal "storage failed" of a failed fsync;
+    /// a full tablespace is "disk full" until there is room.
+    fn refusal(&self) -> Option<super::Refusal> {
+        let st = self.status();
+        if st.full() {
+            Some(super::Refusal::Quota)
+        } else if self.shared.disk_full.load(Ordering::Acquire) {
+            Some(super::Refusal::DiskFull)
+        } else if !st.writable {
+            Some(super::Refusal::Unavailable(
+                st.failure.unwrap_or_else(|| "the store is closed".into()),
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn figures_age(&self) -> Option<Duration> {
+        Some(lock(&self.shared.polled_at).elapsed())
+    }
+
     fn status(&self) -> StoreStatus {
         let c = &self.shared.counters;
         let failure = lock(&self.shared.failure).clone();
@@ -1374,7 +1747,9 @@ impl Store for PgStore {
             .map(|(p, e)| e.borrow().saturating_sub(partition_base(p as u32)))
             .sum();
         StoreStatus {
-            writable: !closed && failure.is_none(),
+            writable: !closed
+                && failure.is_none()
+                && !self.shared.disk_full.load(Ordering::Acquire),
             failure,
             bytes_used: c.bytes_used.load(Ordering::Relaxed),
             quota_bytes: self.shared.quota,
@@ -1506,6 +1881,10 @@ mod tests {
         }
         let mut seen: Vec<Vec<u64>> = vec![Vec::new(); 4];
         let mut from: Vec<u64> = (0..4).map(partition_base).collect();
+        // `a` follows too: what it wrote comes from its tail cache, b's chunks in between
+        // from the database.
+        let mut seen_a: Vec<Vec<u64>> = vec![Vec::new(); 4];
+        let mut from_a: Vec<u64> = (0..4).map(partition_base).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut expected = None;
         loop {
@@ -1522,6 +1901,9 @@ mod tests {
                     seen[p].push(e.position);
                 }
                 from[p] = r.next;
+                let r = a.read(from_a[p], 37).await.unwrap();
+                seen_a[p].extend(r.events.iter().map(|e| e.position));
+                from_a[p] = r.next;
             }
             if expected.is_none() && writers.iter().all(|w| w.is_finished()) {
                 let mut total = 0;
@@ -1531,14 +1913,17 @@ mod tests {
                 expected = Some(total as u64);
             }
             let got: usize = seen.iter().map(Vec::len).sum();
+            let got_a: usize = seen_a.iter().map(Vec::len).sum();
             if let Some(total) = expected {
-                if got as u64 >= total {
+                if got as u64 >= total && got_a as u64 >= total {
                     assert_eq!(got as u64, total);
+                    assert_eq!(got_a as u64, total);
                     break;
                 }
             }
             assert!(Instant::now() < deadline, "follower stuck at {from:?}");
         }
+        assert_eq!(seen_a, seen, "the writer's own follower saw the same");
         for (p, positions) in seen.iter().enumerate() {
             let base = partition_base(p as u32);
             let want: Vec<u64> = (base..base + positions.len() as u64).collect();
@@ -1554,6 +1939,72 @@ mod tests {
         for s in [&*a, &*b, &follower] {
             s.close().await;
         }
+    }
+
+    /// Issue 27: the router's loop starts a read ahead of need and polls it only between
+    /// its other awaits. A read started and then left unpolled while the loop saves its
+    /// cursor must hold up neither that acknowledgement nor anything else: with both on
+    /// one pipelined connection, the connection stopped taking the read's rows (nobody
+    /// took them) and so never reached the acknowledgement's answer, until the 30-second
+    /// timeout failed both. Two acknowledgements in a row, so that with queries shared
+    /// out over the connections in turn one of them would meet the read.
+    #[tokio::test]
+    async fn a_read_left_unpolled_holds_up_no_acknowledgement() {
+        let cluster = PgCluster::start();
+        cluster.create_db("unpolled").await;
+        let url = cluster.url("unpolled");
+        let s = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        // Eight chunks of ~200 KB that LZ4 cannot shrink much: a read's answer is far
+        // more than the connection buffers for a query nobody reads.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for c in 0..8 {
+            let mut b = EventBatch::new(Arc::from("web"), 0);
+            for i in 0..200 {
+                let noise: String = (0..1000)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        char::from(b'a' + (x % 26) as u8)
+                    })
+                    .collect();
+                b.push_with::<()>(|json, meta| {
+                    json.extend_from_slice(format!(r#"{{"i":{i},"p":"{noise}"}}"#).as_bytes());
+                    envelope::encode_meta(meta, "u:", "u", &format!("{c}-{i}"));
+                    Ok(())
+                })
+                .unwrap();
+            }
+            s.append(b).await.unwrap();
+        }
+        // Another replica reads and acknowledges (this one would serve the read from
+        // what it just wrote, without a query).
+        let s2 = s;
+        let s = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        s.register_consumer("dest.x", 0).await.unwrap();
+        let mut read = Box::pin(s.read(0, 1000));
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        assert!(std::future::Future::poll(read.as_mut(), &mut cx).is_pending());
+        // The read's answer arrives meanwhile; nobody polls it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for cursor in [1, 2] {
+            let acked = tokio::time::timeout(
+                Duration::from_secs(5),
+                s.ack("dest.x", &Progress::at(cursor)),
+            )
+            .await;
+            assert!(
+                matches!(acked, Ok(Ok(()))),
+                "acknowledgement {cursor} behind an unpolled read: {acked:?}"
+            );
+        }
+        let r = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the read came back")
+            .unwrap();
+        assert_eq!(r.events.len(), 1000);
+        s.close().await;
+        s2.close().await;
     }
 
     /// The finished ranges above a cursor survive in the database for the next holder.
@@ -1641,6 +2092,66 @@ mod tests {
         assert!(again.is_ok());
         a.close().await;
         b.close().await;
+    }
+
+    /// Issue 29 (3): progress made while the database (and the lease with it) was away is
+    /// not thrown away: the acknowledgement that failed is kept, and saved under the
+    /// lease when this process holds it again, so the next loop resumes from it and
+    /// re-sends only what was in flight.
+    #[tokio::test]
+    async fn progress_whose_acknowledgement_failed_is_saved_under_the_next_lease() {
+        let cluster = PgCluster::start();
+        cluster.create_db("kept").await;
+        let url = cluster.url("kept");
+        let a = PgStore::open(&url, u64::MAX, 1).await.unwrap();
+        a.append(batch("x", 50, 3)).await.unwrap();
+        let lease = a.lease("dest.hook", 0).await.unwrap();
+        assert_eq!(
+            a.register_consumer("dest.hook", 0).await.unwrap(),
+            Progress::at(0)
+        );
+        a.ack("dest.hook", &Progress::at(10)).await.unwrap();
+        // The lease session dies (as with the primary in a failover).
+        admin(&url)
+            .await
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend({})",
+                a.shared.leases.pid.load(Ordering::Relaxed)
+            ))
+            .await
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), lease.ended())
+            .await
+            .expect("the holder learns it lost the lease");
+        assert_eq!(ended, LeaseState::Lost);
+        // Delivered meanwhile: up to 30, and 35..40 above it. Not saved: no lease.
+        let delivered = Progress {
+            cursor: 30,
+            done: vec![(35, 40)],
+        };
+        assert!(a.ack("dest.hook", &delivered).await.is_err());
+        drop(lease);
+        let again = tokio::time::timeout(Duration::from_secs(15), a.lease("dest.hook", 0))
+            .await
+            .expect("the lease again, on a new session")
+            .unwrap();
+        assert_eq!(
+            a.register_consumer("dest.hook", 0).await.unwrap(),
+            delivered,
+            "the next loop resumes from what was delivered"
+        );
+        let cursor: i64 = admin(&url)
+            .await
+            .query_one(
+                "SELECT cursor FROM ballast_cursor WHERE name = 'dest.hook'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(cursor, 30, "saved in the database under the new lease");
+        drop(again);
+        a.close().await;
     }
 
     /// Holds whatever leases of `consumer` a store is given, giving back what it is asked

@@ -265,7 +265,7 @@ def assert_properties(objs: list[dict], values: dict, f: Failures, label: str) -
     shutdown = int(str(server.get("shutdown_timeout", "30s")).rstrip("s"))
     delay = int(str(server.get("shutdown_delay", "0s")).rstrip("s"))
     grace = pod["terminationGracePeriodSeconds"]
-    f.check(grace > shutdown + delay + sleep, f"{label}: terminationGracePeriodSeconds {grace} > preStop {sleep} + shutdown_delay {delay} + shutdown_timeout {shutdown}")
+    f.check(grace >= shutdown + delay + sleep + 6, f"{label}: terminationGracePeriodSeconds {grace} >= preStop {sleep} + shutdown_delay {delay} + shutdown_timeout {shutdown} + 6 (ballast's shutdown margin)")
     checksum = w["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/config", "")
     f.check(checksum in {hashlib.sha256(t.encode()).hexdigest() for t in (text, text.rstrip("\n"))}, f"{label}: checksum/config is the ConfigMap's sha256")
     env = c.get("env", [])
@@ -553,6 +553,7 @@ def must_not_render(f: Failures) -> None:
         "several replicas on the embedded store": ({"replicaCount": 2}, "postgres"),
         "grace period not above preStop + shutdown": ({"terminationGracePeriodSeconds": 40}, "terminationGracePeriodSeconds"),
         "grace period not above preStop + delay + shutdown": ({"shutdownDelaySeconds": 20}, "terminationGracePeriodSeconds"),
+        "grace period without ballast's 6 s shutdown margin": ({"terminationGracePeriodSeconds": 45}, "terminationGracePeriodSeconds"),
         "admin_listen set in config": ({"config": {"server": {"admin_listen": "127.0.0.1:8081"}}}, ""),
         "an unknown top-level value": ({"replicas": 3}, ""),
         "a source id unfit for a Secret key": ({"config": {"sources": [{"id": "a b"}]}}, ""),

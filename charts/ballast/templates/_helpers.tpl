@@ -70,8 +70,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not $pg) .Values.autoscaling.enabled -}}
 {{- fail "autoscaling needs storage.backend=postgres: the embedded store runs exactly one pod" -}}
 {{- end -}}
-{{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) (int .Values.shutdownDelaySeconds) (int .Values.shutdownTimeoutSeconds)) -}}
-{{- fail "terminationGracePeriodSeconds must be above preStopSleepSeconds + shutdownDelaySeconds + shutdownTimeoutSeconds, or the kubelet kills ballast before it has drained" -}}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) (int .Values.shutdownDelaySeconds) (int .Values.shutdownTimeoutSeconds) 6) -}}
+{{- fail "terminationGracePeriodSeconds must be at least preStopSleepSeconds + shutdownDelaySeconds + shutdownTimeoutSeconds + 6 (ballast ends its shutdown at most 6 s after its timeout), or the kubelet kills ballast before it has drained" -}}
 {{- end -}}
 {{- range (.Values.config.sources | default list) -}}
 {{- if not (regexMatch "^[-._a-zA-Z0-9]+$" (toString .id)) -}}

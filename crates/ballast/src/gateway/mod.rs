@@ -10,6 +10,7 @@ mod fuzz_tests;
 mod health;
 mod pixel;
 mod ratelimit;
+mod sdk;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -180,6 +181,8 @@ impl Gateway {
                 ]
                 .map(HeaderName::from_static),
             )
+            // The browser SDK honours Retry-After, which a cross-origin page reads only if exposed.
+            .expose_headers([header::RETRY_AFTER])
             .max_age(Duration::from_secs(900));
         Router::new()
             .route("/v1/batch", post(batch))
@@ -194,6 +197,7 @@ impl Gateway {
             .route("/livez", get(health::livez))
             .route("/readyz", get(health::readyz))
             .route("/version", get(health::version))
+            .route("/sdk/v1/ballast.min.js", get(sdk::bundle))
             .layer(cors)
             .with_state(self)
     }

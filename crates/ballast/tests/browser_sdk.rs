@@ -476,6 +476,120 @@ fn a_full_queue_refuses_new_events_and_evicts_none() {
     drop(server);
 }
 
+/// In front of ballast: serves the page and the SDK (one origin) and forwards
+/// `/v1/batch` to ballast, holding the first answer until released (ballast has stored
+/// the events, the page has not heard so).
+struct HoldingProxy {
+    forwarded: std::sync::atomic::AtomicUsize,
+    released: std::sync::atomic::AtomicBool,
+}
+
+#[test]
+fn a_tab_closed_mid_flight_has_its_events_delivered_by_another_tab_once() {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering;
+
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let out: PathBuf = dir.path().join("out").join("events.jsonl");
+    let port = free_port();
+    let server = Server::start_in(dir.clone(), &config_with_file(port, &out), &[]);
+    let target = format!("http://127.0.0.1:{port}/v1/batch");
+
+    let proxy = Arc::new(HoldingProxy {
+        forwarded: Default::default(),
+        released: Default::default(),
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let html = page(&origin, "");
+    let sdk = bundle();
+    let p = proxy.clone();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(move || {
+                let html = html.clone();
+                async move { ([("content-type", "text/html")], html).into_response() }
+            }),
+        )
+        .route(
+            "/ballast.min.js",
+            axum::routing::get(move || {
+                let sdk = sdk.clone();
+                async move { ([("content-type", "application/javascript")], sdk).into_response() }
+            }),
+        )
+        .route(
+            "/v1/batch",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (p, http, target) = (p.clone(), http.clone(), target.clone());
+                async move {
+                    let n = p.forwarded.fetch_add(1, Ordering::SeqCst) + 1;
+                    let mut req = http.post(&target).body(body);
+                    for h in ["authorization", "content-type"] {
+                        if let Some(v) = headers.get(h) {
+                            req = req.header(h, v.clone());
+                        }
+                    }
+                    let (status, text) = match req.send().await {
+                        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                        Err(_) => (502, String::new()),
+                    };
+                    if n == 1 {
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        while !p.released.load(Ordering::SeqCst) && Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    (StatusCode::from_u16(status).unwrap(), text).into_response()
+                }
+            }),
+        );
+    let _proxy_server = Background::serve(listener, app);
+
+    let browser = Browser::start();
+    let first = browser.get("window").as_str().unwrap().to_string();
+    browser.goto(&format!("{origin}/?tab=0"));
+    assert_eq!(browser.js("return window.send(0, 50)"), true);
+    // ballast stores the batch; its answer is held.
+    assert!(wait_for(30, || delivered(&out).len() >= 50));
+    assert_eq!(proxy.forwarded.load(Ordering::SeqCst), 1);
+    assert_eq!(browser.js("return ballast.stats().sender"), true);
+
+    // A second tab waits for the lock; the sending tab is closed mid-flight.
+    let second = new_tab(&browser);
+    switch_to(&browser, &second);
+    browser.goto(&format!("{origin}/?tab=1"));
+    assert_eq!(browser.js("return ballast.stats().sender"), false);
+    switch_to(&browser, &first);
+    browser.close_window();
+    switch_to(&browser, &second);
+    // The second tab takes over, sends the rows the first never saw answered (ballast keeps
+    // one copy of each), then its own.
+    assert!(wait_for(30, || browser.js("return ballast.stats().sender") == true));
+    assert_eq!(browser.js("return window.send(0, 10)"), true);
+    assert!(wait_for(30, || browser
+        .js("return ballast.queueSize().then((s) => s.events)")
+        .as_i64()
+        == Some(0)));
+    proxy.released.store(true, Ordering::SeqCst);
+    let got = wait_until_delivered(&out, 60, 30);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(delivered(&out).len(), 60, "copies were stored");
+    let want: BTreeMap<i64, Vec<i64>> = [(0, (0..50).collect()), (1, (0..10).collect())]
+        .into_iter()
+        .collect();
+    assert_eq!(seqs_by_tab(&got), want);
+    assert!(proxy.forwarded.load(Ordering::SeqCst) >= 2);
+    let dups = common::metric(&server, "ballast_ingest_duplicates_total{source=\"web\"}");
+    assert!(
+        dups.unwrap_or(0.0) >= 50.0,
+        "the first tab's rows were sent again and dropped as copies: {dups:?}"
+    );
+}
+
 const RUDDER_PACKAGE: &str = "@rudderstack/analytics-js@3.34.1";
 const RUDDER_FILE: &str =
     "node_modules/@rudderstack/analytics-js/dist/npm/modern/bundled/umd/index.js";

@@ -684,3 +684,204 @@ fn an_analytics_js_user_keeps_their_anonymous_id_and_user_id() {
         Value::Null
     );
 }
+
+/// One SDK's page for the side-by-side run: `send(from, to)` tracks `Seq` events
+/// `{tab, seq}` (each SDK with its defaults); `window.loaded` once it can track.
+fn side_by_side_page(rudder: bool, data_plane: &str, site: &str) -> Vec<u8> {
+    let body = if rudder {
+        format!(
+            r#"<script src="/rudder.js"></script><script>
+  const ra = new rudderanalytics.RudderAnalytics();
+  ra.load("{WRITE_KEY}", "{data_plane}", {{ configUrl: "{site}", logLevel: "NONE", loadIntegration: false,
+    onLoaded: () => {{ window.loaded = true; }} }});
+  window.send = (from, to) => {{ for (let i = from; i < to; i++) ra.track('Seq', {{ tab, seq: i }}); return true; }};
+</script>"#
+        )
+    } else {
+        format!(
+            r#"<script src="/ballast.min.js"></script><script>
+  ballast.load("{WRITE_KEY}", "{data_plane}");
+  ballast.ready(() => {{ window.loaded = true; }});
+  window.send = (from, to) => {{
+    const ps = [];
+    for (let i = from; i < to; i++) ps.push(ballast.track('Seq', {{ tab, seq: i }}));
+    return Promise.allSettled(ps).then(() => true);
+  }};
+</script>"#
+        )
+    };
+    format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><script>
+  window.loaded = false;
+  const tab = Number(new URLSearchParams(location.search).get('tab') || 0);
+</script>{body}</head><body>side by side</body></html>"#
+    )
+    .into_bytes()
+}
+
+/// What one SDK lost, duplicated and reordered in the outage scenario.
+struct Outcome {
+    tracked: usize,
+    delivered: usize,
+    lost: usize,
+    duplicated: usize,
+    reordered: usize,
+}
+
+/// The outage scenario, with each SDK's defaults and server-side de-duplication off (what
+/// the SDK itself does): ballast is stopped; `tabs` tabs each track `bursts` bursts of
+/// `per_burst` events, each tab reloaded after each burst when `reload`; ballast starts
+/// again; whatever has arrived after `wait` is counted.
+fn outage_run(
+    rudder: bool,
+    tabs: usize,
+    bursts: usize,
+    per_burst: usize,
+    reload: bool,
+    wait: Duration,
+) -> Outcome {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let out: PathBuf = dir.path().join("out").join("events.jsonl");
+    let port = free_port();
+    let config = config_with_file(port, &out).replacen(
+        "write_key = \"test-write-key\"",
+        "write_key = \"test-write-key\"\ndedup_window = \"0s\"",
+        1,
+    );
+    let mut server = Server::start_in(dir.clone(), &config, &[]);
+    let source_config = client()
+        .get(server.url("/sourceConfig/"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    let data_plane = format!("http://127.0.0.1:{port}");
+    let site_port = free_port();
+    let site_url = format!("http://127.0.0.1:{site_port}");
+    let html = side_by_side_page(rudder, &data_plane, &site_url);
+    let files: Files = vec![
+        ("/", "text/html", html),
+        ("/sourceConfig/", "application/json", source_config.clone()),
+        ("/sourceConfig", "application/json", source_config),
+        (
+            "/rudder.js",
+            "application/javascript",
+            std::fs::read(rudder_js()).unwrap(),
+        ),
+        ("/ballast.min.js", "application/javascript", bundle()),
+    ];
+    let _site = {
+        use axum::response::IntoResponse;
+        let files = Arc::new(files);
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let files = files.clone();
+            async move {
+                match files.iter().find(|(p, _, _)| *p == uri.path()) {
+                    Some((_, ctype, body)) => (
+                        [
+                            (axum::http::header::CONTENT_TYPE, *ctype),
+                            (axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+                        ],
+                        body.clone(),
+                    )
+                        .into_response(),
+                    None => (axum::http::StatusCode::NOT_FOUND, "not found").into_response(),
+                }
+            }
+        });
+        Background::serve(
+            std::net::TcpListener::bind(("127.0.0.1", site_port)).unwrap(),
+            app,
+        )
+    };
+    let browser = Browser::start();
+    let mut handles = vec![browser.get("window").as_str().unwrap().to_string()];
+    while handles.len() < tabs {
+        handles.push(new_tab(&browser));
+    }
+    for (i, h) in handles.iter().enumerate() {
+        switch_to(&browser, h);
+        browser.goto(&format!("{site_url}/?tab={i}"));
+        assert!(wait_for(20, || browser.js("return window.loaded") == true));
+    }
+    assert!(server.terminate().success());
+    drop(server);
+    for b in 0..bursts {
+        for h in &handles {
+            switch_to(&browser, h);
+            assert!(wait_for(20, || browser.js("return window.loaded") == true));
+            let from = b * per_burst;
+            browser.js(&format!("return window.send({from}, {})", from + per_burst));
+            std::thread::sleep(Duration::from_millis(300));
+            if reload {
+                browser.cmd("refresh", json!({}));
+            }
+        }
+    }
+    let server = Server::start_in(dir.clone(), &config, &[]);
+    std::thread::sleep(wait);
+    let got = delivered(&out);
+    drop(server);
+    let tracked = tabs * bursts * per_burst;
+    let mut distinct = std::collections::HashSet::new();
+    let mut reordered = 0;
+    let mut highest: BTreeMap<i64, i64> = BTreeMap::new();
+    for e in &got {
+        let (tab, seq) = (
+            e["properties"]["tab"].as_i64().unwrap_or(-1),
+            e["properties"]["seq"].as_i64().unwrap_or(-1),
+        );
+        if !distinct.insert((tab, seq)) {
+            continue;
+        }
+        let top = highest.entry(tab).or_insert(-1);
+        if seq < *top {
+            reordered += 1;
+        }
+        *top = (*top).max(seq);
+    }
+    Outcome {
+        tracked,
+        delivered: got.len(),
+        lost: tracked - distinct.len(),
+        duplicated: got.len() - distinct.len(),
+        reordered,
+    }
+}
+
+/// Not a test: the issue's side-by-side comparison (docs/SDK-JS.md, "Side by side").
+/// `cargo test -p ballast --all-features --test browser_sdk side_by_side -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn side_by_side_outage_report() {
+    let wait = Duration::from_secs(90);
+    let mut rows = Vec::new();
+    for (scenario, tabs, bursts, per_burst, reload) in [
+        (
+            "2 tabs, 3 bursts of 50 each, reload after each",
+            2,
+            3,
+            50,
+            true,
+        ),
+        ("1 tab, 250 events, no reload", 1, 1, 250, false),
+    ] {
+        for (name, rudder) in [
+            ("@rudderstack/analytics-js 3.34.1", true),
+            ("ballast browser SDK", false),
+        ] {
+            let o = outage_run(rudder, tabs, bursts, per_burst, reload, wait);
+            rows.push((scenario, name, o));
+        }
+    }
+    println!("| scenario (server down while tracking) | SDK (defaults) | tracked | arrived | missing 90 s after the restart | duplicated | out of order |");
+    println!("|---|---|---|---|---|---|---|");
+    for (scenario, name, o) in rows {
+        println!(
+            "| {scenario} | {name} | {} | {} | {} | {} | {} |",
+            o.tracked, o.delivered, o.lost, o.duplicated, o.reordered
+        );
+    }
+}

@@ -476,6 +476,41 @@ fn a_full_queue_refuses_new_events_and_evicts_none() {
     drop(server);
 }
 
+#[test]
+fn without_indexeddb_the_queue_falls_back_to_local_storage_visibly() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let out: PathBuf = dir.path().join("out").join("events.jsonl");
+    let port = free_port();
+    let ballast = format!("http://127.0.0.1:{port}");
+    // IndexedDB is taken away before the SDK loads (as in some private modes).
+    let html = String::from_utf8(page(&ballast, "")).unwrap().replacen(
+        "<script src=\"/ballast.min.js\">",
+        "<script>Object.defineProperty(window, 'indexedDB', { value: undefined });</script>\n<script src=\"/ballast.min.js\">",
+        1,
+    );
+    let site = static_site(vec![
+        ("/", "text/html", html.into_bytes()),
+        ("/ballast.min.js", "application/javascript", bundle()),
+    ]);
+    let browser = Browser::start();
+    browser.goto(&format!("http://127.0.0.1:{}/", site.port()));
+    // Tracked while the server is down, across a reload.
+    assert_eq!(browser.js("return window.send(0, 20)"), true);
+    assert_eq!(browser.js("return ballast.stats().storage"), "localStorage");
+    let errs = browser.js("return window.errs");
+    assert_eq!(errs.as_array().map(Vec::len), Some(1), "{errs}");
+    assert_eq!(errs[0]["code"], "storage");
+    browser.cmd("refresh", json!({}));
+    assert_eq!(browser.js("return window.send(20, 30)"), true);
+    let server = Server::start_in(dir.clone(), &config_with_file(port, &out), &[]);
+    let got = wait_until_delivered(&out, 30, 30);
+    assert_eq!(
+        seqs_by_tab(&got).get(&0).cloned().unwrap_or_default(),
+        (0..30).collect::<Vec<_>>()
+    );
+    drop(server);
+}
+
 /// In front of ballast: serves the page and the SDK (one origin) and forwards
 /// `/v1/batch` to ballast, holding the first answer until released (ballast has stored
 /// the events, the page has not heard so).

@@ -176,7 +176,7 @@ pub struct SourceConfig {
     /// and not stored again (`"0s"`: off). Default 1 h.
     #[serde(default = "dedup_window", deserialize_with = "duration")]
     pub dedup_window: Duration,
-    /// At most this many messageIds remembered for the window (about 100 bytes each);
+    /// At most this many messageIds remembered for the window (about 170 bytes each);
     /// beyond it the oldest are forgotten early. Default 1,000,000.
     #[serde(default = "dedup_max_ids")]
     pub dedup_max_ids: usize,

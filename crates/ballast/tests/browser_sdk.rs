@@ -718,6 +718,23 @@ fn an_analytics_js_user_keeps_their_anonymous_id_and_user_id() {
         browser.js("return ballast.getUserId() ?? null"),
         Value::Null
     );
+    // Each event carries the identity as of its call, however quickly the calls follow.
+    browser.js(
+        "ballast.identify('quick-user'); ballast.track('Quick A'); ballast.reset(); \
+         return ballast.track('Quick B').then(() => true)",
+    );
+    assert!(wait_for(20, || server
+        .dump()
+        .iter()
+        .any(|e| e["event"] == "Quick B")));
+    let dump = server.dump();
+    let quick = |name: &str| dump.iter().find(|e| e["event"] == name).cloned().unwrap();
+    assert_eq!(quick("Quick A")["userId"], "quick-user");
+    assert!(
+        quick("Quick B").get("userId").is_none(),
+        "{}",
+        quick("Quick B")
+    );
 }
 
 /// One SDK's page for the side-by-side run: `send(from, to)` tracks `Seq` events

@@ -170,27 +170,26 @@ export class Ballast {
     return e;
   }
 
-  /** Builds the event when its turn comes (after load, in call order) and queues it. */
+  /** Builds the event now (the identity as of this call) and queues it once loaded, in call order. */
   private send(type: string, build: () => ApiObject, options: ApiOptions | undefined, done?: Callback): Promise<void> {
-    const ts = new Date().toISOString();
+    const id = this.id();
+    const fields = build();
+    const ev: ApiObject = {
+      type,
+      channel: "web",
+      anonymousId: options?.anonymousId || id.anonymousId(),
+      ...fields,
+      context: { ...context(id.get("traits")), ...obj(options?.context) },
+      integrations: obj(options?.integrations) || { All: true },
+      messageId: uuid(),
+      originalTimestamp: options?.originalTimestamp || new Date().toISOString(),
+    };
+    const uid = id.get("userId");
+    if (uid && !("userId" in ev)) ev.userId = uid;
+    const b = JSON.stringify(ev);
     const p = this.loaded.then(
       () =>
         new Promise<void>((res, rej) => {
-          const id = this.id();
-          const fields = build();
-          const ev: ApiObject = {
-            type,
-            channel: "web",
-            anonymousId: options?.anonymousId || id.anonymousId(),
-            ...fields,
-            context: { ...context(id.get("traits")), ...obj(options?.context) },
-            integrations: obj(options?.integrations) || { All: true },
-            messageId: uuid(),
-            originalTimestamp: options?.originalTimestamp || ts,
-          };
-          const uid = id.get("userId");
-          if (uid && !("userId" in ev)) ev.userId = uid;
-          const b = JSON.stringify(ev);
           this.pend.push({ b, n: utf8.encode(b).length, ev, res, rej });
           this.schedule();
         }),

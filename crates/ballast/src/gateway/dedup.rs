@@ -265,10 +265,11 @@ impl Dedup {
         }
         let now = now_ms();
         let mut text = String::with_capacity(reserved.len() * 52);
+        let at = now.to_string();
         let mut inner = self.lock();
         for id in reserved {
             inner.pending.remove(&id);
-            text.push_str(&now.to_string());
+            text.push_str(&at);
             text.push(' ');
             text.push_str(&id);
             text.push('\n');

@@ -105,7 +105,10 @@ pub async fn run(config: Config, forced_mode: Option<Mode>) -> anyhow::Result<i3
         stop_rx.clone(),
     ));
 
-    let gateway = Arc::new(Gateway::new(&config, store.clone(), state.clone()));
+    let gateway = Arc::new(
+        Gateway::new(&config, store.clone(), state.clone())
+            .context("opening the de-duplication journals")?,
+    );
     let history = Arc::new(crate::admin::history::History::new(
         config.server.history_interval,
         router.status().into_iter().map(|d| d.id).collect(),

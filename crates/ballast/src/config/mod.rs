@@ -177,6 +177,22 @@ pub struct SourceConfig {
     pub name: Option<String>,
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// An event whose messageId this source stored within this window is answered 200
+    /// and not stored again (`"0s"`: off). Default 1 h.
+    #[serde(default = "dedup_window", deserialize_with = "duration")]
+    pub dedup_window: Duration,
+    /// At most this many messageIds remembered for the window (about 170 bytes each);
+    /// beyond it the oldest are forgotten early. Default 1,000,000.
+    #[serde(default = "dedup_max_ids")]
+    pub dedup_max_ids: usize,
+}
+
+fn dedup_window() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn dedup_max_ids() -> usize {
+    1_000_000
 }
 
 /// Token bucket per source: requests beyond it get 429.

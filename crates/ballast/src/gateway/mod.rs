@@ -4,12 +4,14 @@
 
 mod auth;
 mod body;
+mod dedup;
 pub mod enrich;
 #[cfg(test)]
 mod fuzz_tests;
 mod health;
 mod pixel;
 mod ratelimit;
+mod sdk;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,6 +37,8 @@ pub struct Source {
     pub config: SourceConfig,
     limiter: Option<ratelimit::TokenBucket>,
     events: metrics::Counter,
+    /// messageIds stored within `dedup_window` (none when it is `0s`).
+    dedup: Option<dedup::Dedup>,
 }
 
 pub struct Gateway {
@@ -139,7 +143,12 @@ fn ok() -> Response {
 const SINGLE_ROUTES: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
 
 impl Gateway {
-    pub fn new(config: &Config, store: Arc<dyn Store>, state: Arc<ServerState>) -> Gateway {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        state: Arc<ServerState>,
+    ) -> Result<Gateway, dedup::DedupError> {
+        let dedup_root = config.server.data_dir.join("dedup");
         let sources = config
             .sources
             .iter()
@@ -150,11 +159,12 @@ impl Gateway {
                     config: s.clone(),
                     limiter: s.rate_limit.map(ratelimit::TokenBucket::new),
                     events: metrics::counter!("ballast_ingest_events_total", "source" => s.id.clone()),
+                    dedup: dedup::Dedup::open(&dedup_root, &s.id, s.dedup_window, s.dedup_max_ids)?,
                 };
-                (s.write_key.clone(), Arc::new(source))
+                Ok((s.write_key.clone(), Arc::new(source)))
             })
-            .collect();
-        Gateway {
+            .collect::<Result<_, dedup::DedupError>>()?;
+        Ok(Gateway {
             sources,
             store,
             state,
@@ -162,7 +172,7 @@ impl Gateway {
             requests: RequestCounters::default(),
             rejections: StorageRejections::new(),
             latency: metrics::histogram!("ballast_ingest_request_seconds"),
-        }
+        })
     }
 
     pub fn router(self: Arc<Self>) -> Router {
@@ -185,6 +195,8 @@ impl Gateway {
                 ]
                 .map(HeaderName::from_static),
             )
+            // The browser SDK honours Retry-After, which a cross-origin page reads only if exposed.
+            .expose_headers([header::RETRY_AFTER])
             .max_age(Duration::from_secs(900));
         Router::new()
             .route("/v1/batch", post(batch))
@@ -199,6 +211,7 @@ impl Gateway {
             .route("/livez", get(health::livez))
             .route("/readyz", get(health::readyz))
             .route("/version", get(health::version))
+            .route("/sdk/v1/ballast.min.js", get(sdk::bundle))
             .layer(cors)
             .with_state(self)
     }
@@ -256,8 +269,30 @@ impl Gateway {
                 return Err(RATE_LIMITED);
             }
         }
+        let (batch, reserved) = match &source.dedup {
+            Some(d) => {
+                let f = d.filter(batch);
+                (f.batch, Some((d, f.reserved)))
+            }
+            None => (batch, None),
+        };
+        if batch.is_empty() {
+            // Every event is a copy of one stored within the window.
+            return Ok(ok());
+        }
         let n = batch.len() as u64;
-        match self.store.append(batch).await {
+        let appended = self.store.append(batch).await;
+        if let Some((d, ids)) = reserved {
+            if appended.is_ok() {
+                if let Err(e) = d.commit(ids) {
+                    // Stored: answered 200 all the same; copies of these may be stored again.
+                    tracing::error!(error = %e, "could not record messageIds for de-duplication");
+                }
+            } else {
+                d.release(ids);
+            }
+        }
+        match appended {
             Ok(_) => {
                 source.events.increment(n);
                 Ok(ok())

@@ -137,6 +137,14 @@ impl Browser {
         r["value"].clone()
     }
 
+    /// Closes the current window (tab), as a user would; switch to another one after.
+    pub fn close_window(&self) {
+        let _ = self
+            .http
+            .delete(format!("{}/session/{}/window", self.base, self.session))
+            .send();
+    }
+
     pub fn goto(&self, url: &str) {
         self.cmd("url", json!({ "url": url }));
     }

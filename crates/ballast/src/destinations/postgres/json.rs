@@ -273,7 +273,10 @@ mod tests {
             ["a", "b", "c"]
         );
         // As sent; the repeated key at its first place, with its last value.
-        assert_eq!(m.iter().map(|(k, _)| k).collect::<Vec<_>>(), ["b", "a", "c"]);
+        assert_eq!(
+            m.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["b", "a", "c"]
+        );
         assert_eq!(m.get("b"), Some(&Value::Number(2.into())));
         assert!(matches!(
             m.get("a"),

@@ -602,7 +602,9 @@ pub fn encode(
             let pushed = match found {
                 None => Err((
                     Why::ColumnLimit,
-                    format!("no room for a new column: the table is at its limit of {limit} columns"),
+                    format!(
+                        "no room for a new column: the table is at its limit of {limit} columns"
+                    ),
                 )),
                 Some((i, ty)) => {
                     let fits = |v: Val, width: &mut Width| {
@@ -620,7 +622,9 @@ pub fn encode(
                     };
                     if v.natural() == ty {
                         fits(v.clone(), &mut width).and_then(|v| {
-                            chunk.arrays[i].push_val(&v).map_err(|e| (Why::Conversion, e))
+                            chunk.arrays[i]
+                                .push_val(&v)
+                                .map_err(|e| (Why::Conversion, e))
                         })
                     } else {
                         v.clone()
@@ -628,7 +632,9 @@ pub fn encode(
                             .map_err(|e| (Why::Conversion, e))
                             .and_then(|v| fits(v, &mut width))
                             .and_then(|v| {
-                                chunk.arrays[i].push_val(&v).map_err(|e| (Why::Conversion, e))
+                                chunk.arrays[i]
+                                    .push_val(&v)
+                                    .map_err(|e| (Why::Conversion, e))
                             })
                     }
                 }

@@ -874,7 +874,10 @@ fn common(b: &mut RowBuilder<'_>, e: &Map<'_>) {
         "anonymous_id",
         text_of(e, "anonymousId").map(|s| Val::Text(id_val(s))),
     );
-    b.reserved("user_id", text_of(e, "userId").map(|s| Val::Text(id_val(s))));
+    b.reserved(
+        "user_id",
+        text_of(e, "userId").map(|s| Val::Text(id_val(s))),
+    );
     b.reserved("received_at", time_of(e, "receivedAt"));
     b.reserved("sent_at", time_of(e, "sentAt"));
     b.reserved("timestamp", time_of(e, "timestamp"));
@@ -983,8 +986,10 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
                 Some(v) => v,
                 None => {
                     let reason = format!("not JSON: {e}");
-                    out.discards
-                        .push(not_an_event(String::from_utf8_lossy(json).into_owned(), reason));
+                    out.discards.push(not_an_event(
+                        String::from_utf8_lossy(json).into_owned(),
+                        reason,
+                    ));
                     return out;
                 }
             }
@@ -1005,7 +1010,14 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
     let mut rows = Vec::with_capacity(2);
     let repairs = &repairs;
     let mut standard = |table: &str, extra: &dyn Fn(&mut RowBuilder<'_>), user: Option<&str>| {
-        let mut b = RowBuilder::new(table, &id, received.as_deref(), &mut *names, &mut d, repairs);
+        let mut b = RowBuilder::new(
+            table,
+            &id,
+            received.as_deref(),
+            &mut *names,
+            &mut d,
+            repairs,
+        );
         begin(&mut b, &e, extra);
         if let Some(key) = user {
             user_columns(&mut b, &e, key);
@@ -1023,8 +1035,7 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
             // `tracks` and the event's own table: the same columns but for the
             // properties (and the same discards but for the table), built once.
             let before = d.len();
-            let mut b =
-                RowBuilder::new("tracks", &id, received.as_deref(), names, &mut d, repairs);
+            let mut b = RowBuilder::new("tracks", &id, received.as_deref(), names, &mut d, repairs);
             begin(&mut b, &e, &event_cols);
             match table.as_deref() {
                 None => {
@@ -1239,6 +1250,18 @@ mod tests {
     }
 
     #[test]
+    fn a_track_without_a_name_discards_its_properties() {
+        let e =
+            r#"{"type":"track","event":"","messageId":"m","properties":{"":{"-":1.5},"a":"x"}}"#;
+        let r = rows_of(e.as_bytes(), "m");
+        assert_eq!(r.rows.len(), 1);
+        let mut lost: Vec<&str> = r.discards.iter().map(|d| d.value.as_str()).collect();
+        lost.sort();
+        assert_eq!(lost, ["1.5", "x"], "{:?}", r.discards);
+        assert!(r.discards.iter().all(|d| d.why == Why::NoEventName));
+    }
+
+    #[test]
     fn ids_are_stored_reversibly() {
         assert_eq!(stored_id("m-1"), "m-1");
         assert_eq!(stored_id("a\0x"), "~esc:a\\0x");
@@ -1266,7 +1289,8 @@ mod tests {
         assert_eq!(&*repairs["\u{fffd}k"], r#""\udc00k""#);
         assert!(repair_surrogates(br#"{"a":"fine"}"#, &mut Repairs::default()).is_none());
         // The row lands, with a discard keeping the string as sent.
-        let e = br#"{"type":"track","event":"Cut","messageId":"m","properties":{"title":"x \ud83d"}}"#;
+        let e =
+            br#"{"type":"track","event":"Cut","messageId":"m","properties":{"title":"x \ud83d"}}"#;
         let r = rows_of(e, "m");
         assert_eq!(r.rows.len(), 2);
         assert_eq!(r.rows[1].1.cols["title"], Val::Text("x \u{fffd}".into()));
@@ -1285,7 +1309,11 @@ mod tests {
         lost.sort();
         assert_eq!(lost, ["2", "3", "4", "5"]);
         assert!(r.discards.iter().all(|d| d.why == Why::NameClash));
-        assert!(r.discards[1].reason.contains("Product ID"), "{}", r.discards[1].reason);
+        assert!(
+            r.discards[1].reason.contains("Product ID"),
+            "{}",
+            r.discards[1].reason
+        );
     }
 
     #[test]

@@ -385,16 +385,23 @@ impl PostgresSink {
             known = self.read_columns(client, table).await?;
         }
         let room = self.column_limit(table).saturating_sub(known.len());
-        // The row's own columns first: they are never the ones left out.
+        // The row's own columns first: they are never the ones left out; then the
+        // context's, then properties and traits.
         let mut new: Vec<_> = wanted
             .iter()
             .filter(|(c, _)| !known.contains_key(*c))
             .collect();
         new.sort_by_key(|(c, _)| {
-            (
-                load::fixed_type(c).is_none() && !c.starts_with("context_"),
-                *c,
-            )
+            let own = load::fixed_type(c).is_some()
+                || matches!(c.as_str(), "name" | "group_id" | "previous_id");
+            let rank = if own {
+                0
+            } else if c.starts_with("context_") {
+                1
+            } else {
+                2
+            };
+            (rank, *c)
         });
         new.truncate(room);
         if new.is_empty() {
@@ -452,7 +459,11 @@ impl PostgresSink {
                 capped += t.rows.len();
                 for row in t.rows {
                     let in_tracks = tracks.and_then(|((tracks, _), _)| {
-                        tracks.rows.binary_search_by(|r| r.id.cmp(&row.id)).ok().map(|i| &tracks.rows[i])
+                        tracks
+                            .rows
+                            .binary_search_by(|r| r.id.cmp(&row.id))
+                            .ok()
+                            .map(|i| &tracks.rows[i])
                     });
                     for (c, v) in row.cols.iter() {
                         if in_tracks.is_some_and(|r| r.cols.contains_key(c)) {

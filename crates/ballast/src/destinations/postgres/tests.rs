@@ -24,7 +24,11 @@ pub(crate) fn sink(url: &str, schema: &str) -> PostgresSink {
 }
 
 /// A sink with settings changed by `f`.
-pub(crate) fn sink_with(url: &str, schema: &str, f: impl FnOnce(&mut PostgresConfig)) -> PostgresSink {
+pub(crate) fn sink_with(
+    url: &str,
+    schema: &str,
+    f: impl FnOnce(&mut PostgresConfig),
+) -> PostgresSink {
     let mut c = PostgresConfig {
         url: url.to_string(),
         schema: schema.to_string(),
@@ -983,8 +987,7 @@ fn stored_forms(v: &Value, out: &mut std::collections::HashSet<String>) {
             if let Ok(f) = s.parse::<f64>() {
                 out.insert(format!("num:{f:?}"));
             }
-            if let Ok(j @ (Value::Array(_) | Value::Object(_))) = serde_json::from_str::<Value>(s)
-            {
+            if let Ok(j @ (Value::Array(_) | Value::Object(_))) = serde_json::from_str::<Value>(s) {
                 out.insert(format!("json:{j}"));
             }
         }
@@ -1118,7 +1121,8 @@ fn kept(v: &Value, f: &Found, path: &str, lost: &mut Vec<String>) {
         return;
     }
     match v {
-        Value::Object(o) if !o.is_empty() => {
+        // An object is its members (an empty one holds nothing).
+        Value::Object(o) => {
             for (k, inner) in o {
                 kept(inner, f, &format!("{path}.{k}"), lost);
             }
@@ -1191,12 +1195,19 @@ fn hostile() -> Vec<String> {
                    "é": "v-e-acute", "\u{0}": "v-nul-key", "": "v-empty-key"}}),
         ),
         track("emoji-event", json!({"event": "😀", "properties": {"x": "v-emoji-event"}})),
+        track(
+            "no-name",
+            json!({"event": "", "properties": {"": {"-": 973_768_989.586_180_3}, "z": "v-no-name"}}),
+        ),
         track("e-acute", json!({"event": "é", "properties": {"y": "v-e-event"}})),
+        // In this order (a `json!` object would sort them).
         track(
             "clash",
-            json!({"event": "Clash", "properties": {"productID": 200_001,
-                   "product_id": 200_002, "Product ID": 200_003, "product-id": 200_004,
-                   "PRODUCT_ID": 200_005}}),
+            json!({"event": "Clash", "properties": {"CLASH": 0}}),
+        )
+        .replace(
+            r#""CLASH":0"#,
+            r#""productID":200001,"product_id":200002,"Product ID":200003,"product-id":200004,"PRODUCT_ID":200005"#,
         ),
         track(
             "scripts",
@@ -1240,8 +1251,11 @@ fn hostile() -> Vec<String> {
         .to_string(),
     ];
     // messageIds that differ only by a NUL: two events.
-    let mut a = with(base("track", "ax", t), json!({"event": "Nul",
-        "properties": {"n": 400_002}}));
+    let mut a = with(
+        base("track", "ax", t),
+        json!({"event": "Nul",
+        "properties": {"n": 400_002}}),
+    );
     out.push(a.to_string());
     a["messageId"] = json!("a\u{0}x");
     a["properties"]["n"] = json!(400_003);
@@ -1261,7 +1275,10 @@ fn hostile() -> Vec<String> {
     for i in 0..5000 {
         wide.insert(format!("k{i:04}"), json!(1_000_000 + i));
     }
-    out.push(track("wide-ints", json!({"event": "Wide", "properties": wide})));
+    out.push(track(
+        "wide-ints",
+        json!({"event": "Wide", "properties": wide}),
+    ));
     let mut ctx = base("track", "wide-context", t)["context"].clone();
     for i in 0..5000 {
         ctx[format!("c{i:04}")] = json!(format!("v-ctx-{i}"));
@@ -1272,16 +1289,23 @@ fn hostile() -> Vec<String> {
     ));
     // A track after those: its new context key still gets somewhere.
     let mut later = base("track", "after-wide", t)["context"].clone();
-    later["brandNew"] = json!("v-brand-new");
-    out.push(track("after-wide", json!({"event": "Later", "context": later})));
+    later["zzBrandNew"] = json!("v-brand-new");
+    out.push(track(
+        "after-wide",
+        json!({"event": "Later", "context": later}),
+    ));
     out
 }
 
 /// The event as the walker reads it: a lone surrogate escape as U+FFFD (what the loader
 /// keeps of it in the column; the discard keeps the escape as sent).
 fn as_walked(text: &str) -> Value {
-    serde_json::from_str(&text.replace("\\ud83d", "\\ufffd").replace("\\udc00", "\\ufffd"))
-        .unwrap()
+    serde_json::from_str(
+        &text
+            .replace("\\ud83d", "\\ufffd")
+            .replace("\\udc00", "\\ufffd"),
+    )
+    .unwrap()
 }
 
 fn raw_event(text: &str) -> Event {
@@ -1320,4 +1344,208 @@ async fn nothing_in_the_hostile_corpus_is_lost() {
     )
     .await;
     assert_eq!(twice, 0);
+}
+
+/// The discards of the corpus carry the reasons the docs name.
+#[tokio::test]
+async fn the_corpus_discards_say_why() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let events: Vec<Event> = hostile().iter().map(|t| raw_event(t)).collect();
+    assert_eq!(s.deliver(&events).await, Outcome::Delivered);
+    let c = admin(&url).await;
+    let n = |id: &str, like: &str| {
+        format!(
+            "SELECT count(*) FROM w.rudder_discards WHERE row_id = '{id}' AND reason LIKE '{like}'"
+        )
+    };
+    // Four colliding keys, four discards (and the first sent has the column).
+    assert_eq!(count(&c, &n("clash", "column name clash%")).await, 4);
+    assert_eq!(
+        count(&c, "SELECT product_id FROM w.clash WHERE id = 'clash'").await,
+        200_001
+    );
+    assert_eq!(count(&c, &n("surrogate", "%lone surrogate%")).await, 2);
+    assert_eq!(count(&c, &n("nul-value", "%NUL%")).await, 1);
+    assert!(count(&c, &n("wide-ints", "%8160 bytes%")).await > 0);
+    assert!(count(&c, &n("wide-context", "%limit of 1000 columns%")).await > 0);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.rudder_discards WHERE row_id = 'after-wide' \
+             AND column_name = 'context_zz_brand_new' AND reason LIKE '%limit of 1000 columns%'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(columns(&c, "w", "tracks").await.len(), 1000);
+    // The two messageIds that differ by a NUL are two rows.
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.nul WHERE id IN ('ax', '~esc:a\\0x')"
+        )
+        .await,
+        2
+    );
+    // Names: transliterated, or a hash when nothing is left.
+    let cjk = columns(&c, "w", "zhu_wen_wan_liao").await;
+    assert!(
+        cjk.contains_key("jin_e") && cjk.contains_key("ok"),
+        "{cjk:?}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.tracks WHERE event = 'zhu_wen_wan_liao'"
+        )
+        .await,
+        1
+    );
+    let bang = schema::name_part("!!!");
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM w.tracks WHERE event = '{bang}'")
+        )
+        .await,
+        1
+    );
+}
+
+/// `max_tables`: event names past it make no table; their tracks are in `tracks` and their
+/// properties in the discards.
+#[tokio::test]
+async fn the_table_limit_holds() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink_with(&url, "w", |c| c.max_tables = 3);
+    let t = "2026-11-29T08:00:00Z";
+    let events: Vec<Value> = (0..6)
+        .map(|i| {
+            with(
+                base("track", &format!("e{i}"), t),
+                json!({"event": format!("Event {i}"), "properties": {"v": format!("v-{i}")}}),
+            )
+        })
+        .collect();
+    for e in &events {
+        assert_eq!(s.deliver(&[ev(e.clone())]).await, Outcome::Delivered);
+    }
+    let c = admin(&url).await;
+    let tables = count(
+        &c,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'w' \
+         AND table_name LIKE 'event_%'",
+    )
+    .await;
+    assert_eq!(tables, 3);
+    assert_eq!(count(&c, "SELECT count(*) FROM w.tracks").await, 6);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.rudder_discards WHERE reason LIKE '%max_tables (3)%' \
+             AND column_name = 'v'"
+        )
+        .await,
+        3
+    );
+    let lost = walk(&c, "w", &events).await;
+    assert!(lost.is_empty(), "{lost:#?}");
+}
+
+/// Generated names (every script, emoji, combining marks, NUL, reserved words, long,
+/// colliding) and values: the walker finds every value.
+#[test]
+fn generated_events_lose_nothing() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = PgCluster::start();
+    rt.block_on(pg.create_db("wh"));
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let c = rt.block_on(admin(&url));
+    let name = prop_oneof![
+        "[a-zA-Z _-]{0,12}",
+        "[\u{4e00}-\u{4e40}]{1,4}",
+        "[\u{0627}-\u{064a} ]{1,6}",
+        "[\u{1F600}-\u{1F640}]{1,3}",
+        "[a-e][\u{0300}-\u{0310}]{1,2}",
+        "[\u{0}!?. ]{1,3}",
+        prop::sample::select(vec![
+            "select", "order", "id", "user_id", "uuid_ts", "event", "Event", "EVENT"
+        ])
+        .prop_map(String::from),
+        "[a-c]{60,90}",
+    ];
+    let leaf = prop_oneof![
+        any::<i32>().prop_map(|_| json!(null)),
+        "[a-z\u{4e00}-\u{4e10}\u{1F600}\u{0}]{0,8}".prop_map(Value::from),
+        any::<bool>().prop_map(Value::from),
+        (-1e9f64..1e9).prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+    ];
+    let props = prop::collection::vec((name.clone(), leaf, prop::option::of(name.clone())), 0..12);
+    let event = (
+        name.clone(),
+        props,
+        prop::collection::vec((name, "[a-z]{1,5}"), 0..4),
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let cases = std::cell::Cell::new(0usize);
+    let t = "2026-11-29T08:00:00Z";
+    runner
+        .run(&prop::collection::vec(event, 1..4), |events| {
+            cases.set(cases.get() + 1);
+            let case = cases.get();
+            let mut walked = Vec::new();
+            for (i, (event, props, ctx)) in events.into_iter().enumerate() {
+                // Values made unique (a suffix, or an offset), so finding one is finding it.
+                let mut p = serde_json::Map::new();
+                for (j, (k, v, nested)) in props.into_iter().enumerate() {
+                    let tag = format!("{case}.{i}.{j}");
+                    let v = match v {
+                        Value::String(s) => json!(format!("{s}#{tag}")),
+                        Value::Number(n) if n.is_i64() => {
+                            json!(n.as_i64().unwrap_or(0) / 4096 * 4096 + (case * 64 + j) as i64)
+                        }
+                        other => other,
+                    };
+                    match nested {
+                        Some(inner) => {
+                            p.insert(k, json!({ inner: v }));
+                        }
+                        None => {
+                            p.insert(k, v);
+                        }
+                    }
+                }
+                let mut e = with(
+                    base("track", &format!("g{case}-{i}"), t),
+                    json!({"event": event, "properties": p}),
+                );
+                for (k, v) in ctx {
+                    e["context"][k] = json!(format!("{v}#{case}.{i}"));
+                }
+                walked.push(e);
+            }
+            let batch: Vec<Event> = walked.iter().map(|e| ev(e.clone())).collect();
+            let outcome = rt.block_on(s.deliver(&batch));
+            prop_assert_eq!(outcome, Outcome::Delivered);
+            let lost = rt.block_on(walk(&c, "w", &walked));
+            prop_assert!(lost.is_empty(), "{:#?}", lost);
+            Ok(())
+        })
+        .unwrap();
 }

@@ -548,7 +548,7 @@ impl Width {
 
 /// Bytes a varlena value of `n` bytes takes in a row at least (see [`Width`]).
 fn varlena(n: usize) -> usize {
-    if n + 1 <= 24 {
+    if n < 24 {
         n + 1
     } else {
         18

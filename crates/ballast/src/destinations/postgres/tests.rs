@@ -1549,3 +1549,42 @@ fn generated_events_lose_nothing() {
         })
         .unwrap();
 }
+
+/// How fast event tables are created: `BALLAST_BENCH_TABLES` (2,000) distinct event names
+/// in loads of 500 events, one table each; prints tables/s. `max_tables` is raised to let
+/// all of them be made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_table_creation() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let n: usize = std::env::var("BALLAST_BENCH_TABLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let s = sink_with(&url, "w", |c| c.max_tables = 100_000);
+    let events: Vec<Event> = (0..n)
+        .map(|i| {
+            ev(with(
+                base("track", &format!("t{i}"), "2026-11-29T08:00:00Z"),
+                json!({"event": format!("Event {i}"), "properties": {"v": i}}),
+            ))
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for chunk in events.chunks(500) {
+        assert_eq!(s.deliver(chunk).await, Outcome::Delivered);
+    }
+    let took = started.elapsed();
+    let c = admin(&url).await;
+    let tables = count(
+        &c,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'w'",
+    )
+    .await;
+    println!(
+        "{n} event names: {tables} tables in {took:.2?}, {:.0} tables/s",
+        n as f64 / took.as_secs_f64()
+    );
+}

@@ -1061,14 +1061,15 @@ async fn find(c: &Client, schema: &str, id: &str) -> Found {
         let rows = c
             .query(
                 &format!(
-                    "SELECT row_to_json(t)::text FROM {}.{} t WHERE id = $1",
+                    // `r.*`: the row, even when the table has a column named `r`.
+                    "SELECT row_to_json(r.*)::text FROM {}.{} r WHERE id = $1",
                     sink::quote(schema),
                     sink::quote(&t)
                 ),
                 &[&id],
             )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("reading {t:?} for {id:?}: {e:?}"));
         for r in rows {
             let row: Value = serde_json::from_str(&r.get::<_, String>(0)).unwrap();
             if let Value::Object(cols) = row {

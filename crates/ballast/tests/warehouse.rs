@@ -533,6 +533,17 @@ fn unusual_names_lone_surrogates_and_nul_ids_land() {
         })
     };
     assert!(wait_for(10, counted));
+    // `/v1/status` shows them per destination and reason.
+    let status = common::admin_get(&server, "/v1/status");
+    let wh = status["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["id"] == "warehouse"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        wh["warehouse_discards"]["invalid_unicode"].as_f64() >= Some(1.0),
+        "{status}"
+    );
     let dead = common::admin_get(&server, "/v1/dead-letters?destination=warehouse");
     assert_eq!(dead, json!([]), "{dead}");
 }

@@ -466,3 +466,84 @@ fn a_hot_user_is_not_held_back_by_a_wait() {
         "u1's last three wait, in order"
     );
 }
+
+/// Events real sites send, over HTTP: a Japanese event name, a lone surrogate (a string cut
+/// mid-emoji), two messageIds that differ by a NUL. Each lands (nothing in the dead
+/// letters), the changed value is in `rudder_discards` with its reason, and
+/// `ballast_warehouse_discards_total` counts it for the destination.
+#[test]
+fn unusual_names_lone_surrogates_and_nul_ids_land() {
+    let cluster = PgCluster::start();
+    cluster.create_db_blocking("analytics");
+    let url = cluster.url("analytics");
+    let server = Server::start(&warehouse_config(&url));
+    // Raw text: a JSON library would not write a lone surrogate.
+    let body = r#"{"batch": [
+        {"type": "track", "userId": "u1", "messageId": "jp", "event": "注文完了",
+         "properties": {"金額": 100, "ok": 1}},
+        {"type": "track", "userId": "u2", "messageId": "cut", "event": "Page Read",
+         "properties": {"title": "x \ud83d"}},
+        {"type": "track", "userId": "u3", "messageId": "ax", "event": "Nul", "properties": {"n": 1}},
+        {"type": "track", "userId": "u3", "messageId": "a\u0000x", "event": "Nul", "properties": {"n": 2}}
+    ]}"#;
+    let status = common::client()
+        .post(server.url("/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let db = Db::open(&url);
+    let landed = || {
+        db.count("SELECT count(*) FROM web_prod.tracks")
+            .is_some_and(|n| n == 4)
+    };
+    assert!(wait_for(30, landed), "{}", server.stderr());
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.zhu_wen_wan_liao WHERE jin_e = 100 AND ok = 1"),
+        Some(1)
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.page_read WHERE title = E'x \\uFFFD'"),
+        Some(1)
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM web_prod.rudder_discards WHERE row_id = 'cut' \
+             AND column_value = '\"x \\ud83d\"' AND reason LIKE '%lone surrogate%'"
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM web_prod.nul WHERE id IN ('ax', '~esc:a\\0x')"),
+        Some(2)
+    );
+    let counted = || {
+        let text = common::client()
+            .get(format!("{}/metrics", server.admin))
+            .send()
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        text.lines().any(|l| {
+            l.starts_with("ballast_warehouse_discards_total{")
+                && l.contains(r#"destination="warehouse""#)
+                && l.contains(r#"reason="invalid_unicode""#)
+        })
+    };
+    assert!(wait_for(10, counted));
+    // `/v1/status` shows them per destination and reason.
+    let status = common::admin_get(&server, "/v1/status");
+    let wh = status["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["id"] == "warehouse"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        wh["warehouse_discards"]["invalid_unicode"].as_f64() >= Some(1.0),
+        "{status}"
+    );
+    let dead = common::admin_get(&server, "/v1/dead-letters?destination=warehouse");
+    assert_eq!(dead, json!([]), "{dead}");
+}

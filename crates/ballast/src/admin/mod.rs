@@ -328,6 +328,7 @@ const OLDEST_AGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(1)
 /// `oldest_checked_s`, how long ago that was looked up (every 2 s in the background).
 fn destinations_with_age(s: &AdminState) -> Vec<serde_json::Value> {
     let status = s.router.status();
+    let discards = warehouse_discards(&s.prometheus.render());
     let mut out = Vec::with_capacity(status.len());
     for d in status {
         let (age, checked) = if d.backlog_bytes > 0 {
@@ -339,8 +340,45 @@ fn destinations_with_age(s: &AdminState) -> Vec<serde_json::Value> {
         if let Some(o) = v.as_object_mut() {
             o.insert("oldest_age_s".into(), serde_json::json!(age));
             o.insert("oldest_checked_s".into(), serde_json::json!(checked));
+            if let Some(d) = discards.get(&d.id) {
+                o.insert("warehouse_discards".into(), serde_json::json!(d));
+            }
         }
         out.push(v);
+    }
+    out
+}
+
+/// Values a warehouse destination loaded into `rudder_discards`, per destination and
+/// reason, from `ballast_warehouse_discards_total` in the metrics' text.
+fn warehouse_discards(
+    metrics: &str,
+) -> std::collections::HashMap<String, std::collections::BTreeMap<String, f64>> {
+    let mut out: std::collections::HashMap<String, std::collections::BTreeMap<String, f64>> =
+        Default::default();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("ballast_warehouse_discards_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                kv.strip_prefix(name)
+                    .and_then(|v| v.strip_prefix("=\""))
+                    .and_then(|v| v.strip_suffix('"'))
+            })
+        };
+        if let (Some(d), Some(r), Ok(n)) = (
+            label("destination"),
+            label("reason"),
+            value.trim().parse::<f64>(),
+        ) {
+            out.entry(d.to_string())
+                .or_default()
+                .insert(r.to_string(), n);
+        }
     }
     out
 }

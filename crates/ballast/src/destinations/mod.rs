@@ -94,7 +94,7 @@ pub fn build(config: &DestinationConfig) -> Result<Arc<dyn Destination>, BuildEr
     };
     let settings = config.kind.settings();
     settings.check().map_err(invalid)?;
-    settings.build().map_err(invalid)
+    settings.build_named(&config.id).map_err(invalid)
 }
 
 #[cfg(test)]

@@ -21,6 +21,11 @@ pub trait TypeConfig: Debug + Send + Sync + 'static {
     /// The sink. Must not need the target to be reachable (a target that is down at start
     /// is a delivery failure to retry, not a configuration error).
     fn build(&self) -> Result<Arc<dyn Destination>, String>;
+    /// [`Self::build`] for the destination `id` (a type may label its metrics with it).
+    fn build_named(&self, id: &str) -> Result<Arc<dyn Destination>, String> {
+        let _ = id;
+        self.build()
+    }
     /// How long the router may hold the oldest ready event back to hand `deliver` a
     /// fuller batch (up to `batch_size`); None (the default): never, each batch is what
     /// is ready.

@@ -18,10 +18,28 @@ pub struct PostgresConfig {
         deserialize_with = "crate::units::duration"
     )]
     pub flush_interval: Duration,
+    /// Event tables (one per track event name) the loader creates in the schema at most;
+    /// the tracks of further names go to `tracks` only, their properties to the discards.
+    #[serde(default = "max_tables")]
+    pub max_tables: usize,
+    /// Columns the loader lets the shared tables (`tracks`, `identifies`, `users`,
+    /// `pages`, `screens`, `groups`, `aliases`) grow to, below PostgreSQL's 1,600 (which
+    /// stays the limit of event tables): one event with thousands of context keys must
+    /// not fill `tracks` for good. Values for columns past it go to the discards.
+    #[serde(default = "max_shared_columns")]
+    pub max_shared_columns: usize,
 }
 
 fn flush_interval() -> Duration {
     Duration::from_secs(30)
+}
+
+fn max_tables() -> usize {
+    1000
+}
+
+fn max_shared_columns() -> usize {
+    1000
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +50,10 @@ pub enum PostgresConfigError {
     Schema(String),
     #[error("flush_interval must be between 1ms and 24h")]
     FlushInterval,
+    #[error("max_shared_columns must be between 50 and 1600")]
+    MaxSharedColumns,
+    #[error("max_tables must be at most 100000")]
+    MaxTables,
 }
 
 impl PostgresConfig {
@@ -55,6 +77,12 @@ impl PostgresConfig {
         if self.flush_interval.is_zero() || self.flush_interval > Duration::from_secs(86_400) {
             return Err(PostgresConfigError::FlushInterval);
         }
+        if !(50..=super::sink::MAX_COLUMNS).contains(&self.max_shared_columns) {
+            return Err(PostgresConfigError::MaxSharedColumns);
+        }
+        if self.max_tables > 100_000 {
+            return Err(PostgresConfigError::MaxTables);
+        }
         Ok(config)
     }
 }
@@ -67,8 +95,15 @@ impl crate::destinations::registry::TypeConfig for PostgresConfig {
     }
 
     fn build(&self) -> Result<std::sync::Arc<dyn crate::destinations::Destination>, String> {
+        self.build_named("")
+    }
+
+    fn build_named(
+        &self,
+        id: &str,
+    ) -> Result<std::sync::Arc<dyn crate::destinations::Destination>, String> {
         Ok(std::sync::Arc::new(
-            super::PostgresSink::new(self).map_err(|e| e.to_string())?,
+            super::PostgresSink::named(self, id).map_err(|e| e.to_string())?,
         ))
     }
 

@@ -1,10 +1,11 @@
 //! The loader's JSON tree: an event parsed once, its strings borrowed from the event's
-//! bytes where they hold no escapes (most), objects as members sorted by key in one
-//! vector. `serde_json::Value` made a `String` of every key and value and a B-tree node
+//! bytes where they hold no escapes (most), objects as members in the order sent in one
+//! vector (with an index by key). `serde_json::Value` made a `String` of every key and value and a B-tree node
 //! per few members, and the rows then copied the strings again; parsing was the largest
 //! piece of turning events into rows. Same answers as `serde_json::Value` where the
-//! loader asks: members in key order, the last of a repeated key wins, compact JSON text
-//! for a nested array or object kept as one value.
+//! loader asks: a member by key, the last of a repeated key wins, compact JSON text (keys
+//! in order) for a nested array or object kept as one value. Unlike it, the members can be
+//! walked in the order sent: of two keys that make the same column, the first sent wins.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -25,37 +26,71 @@ pub enum Value<'a> {
     Object(Map<'a>),
 }
 
-/// An object's members sorted by key, each key once.
+/// An object's members in the order sent, each key once, with an index sorted by key
+/// to look one up. A repeated key keeps the place it was first sent at and the value it
+/// was last sent with (as `JSON.parse` does).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Map<'a> {
     members: Vec<(Cow<'a, str>, Value<'a>)>,
+    /// Indices of `members`, sorted by key.
+    sorted: Vec<u32>,
 }
 
 impl<'a> Map<'a> {
-    /// Sorts `members` by key; of a repeated key the last wins (as a map inserting them in
-    /// order would keep).
     fn from_members(mut members: Vec<(Cow<'a, str>, Value<'a>)>) -> Map<'a> {
-        // Stable: repeated keys stay in the order given.
-        members.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out: Vec<(Cow<'a, str>, Value<'a>)> = Vec::with_capacity(members.len());
-        for m in members {
-            match out.last_mut() {
-                Some(last) if last.0 == m.0 => *last = m,
-                _ => out.push(m),
+        let mut sorted = by_key(&members);
+        if sorted
+            .windows(2)
+            .any(|w| members[w[0] as usize].0 == members[w[1] as usize].0)
+        {
+            // Stable sort: a repeated key's indices are in the order sent.
+            let mut gone = vec![false; members.len()];
+            let mut i = 0;
+            while i < sorted.len() {
+                let mut j = i;
+                while j + 1 < sorted.len()
+                    && members[sorted[j + 1] as usize].0 == members[sorted[i] as usize].0
+                {
+                    j += 1;
+                }
+                if j > i {
+                    let (first, last) = (sorted[i] as usize, sorted[j] as usize);
+                    let v = std::mem::replace(&mut members[last].1, Value::Null);
+                    members[first].1 = v;
+                    for k in &sorted[i + 1..=j] {
+                        gone[*k as usize] = true;
+                    }
+                }
+                i = j + 1;
             }
+            let mut n = 0;
+            members.retain(|_| {
+                n += 1;
+                !gone[n - 1]
+            });
+            sorted = by_key(&members);
         }
-        Map { members: out }
+        Map { members, sorted }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value<'a>> {
-        self.members
-            .binary_search_by(|m| (*m.0).cmp(key))
+        self.sorted
+            .binary_search_by(|&i| (*self.members[i as usize].0).cmp(key))
             .ok()
-            .map(|i| &self.members[i].1)
+            .map(|i| &self.members[self.sorted[i] as usize].1)
     }
 
+    /// The members in the order sent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value<'a>)> {
         self.members.iter().map(|(k, v)| (&**k, v))
+    }
+
+    /// The members in key order.
+    pub fn iter_sorted(&self) -> impl Iterator<Item = (&str, &Value<'a>)> {
+        self.sorted.iter().map(|&i| {
+            let (k, v) = &self.members[i as usize];
+            (&**k, v)
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -66,13 +101,20 @@ impl<'a> Map<'a> {
         self.members.is_empty()
     }
 
-    /// Adds `other`'s members; where both have a key, `other`'s value wins.
+    /// Adds `other`'s members after its own; where both have a key, `other`'s value wins
+    /// (at the place the key has here).
     pub fn extend(&mut self, other: Map<'a>) {
-        let mine = std::mem::take(&mut self.members);
-        let mut all = mine;
+        let mut all = std::mem::take(&mut self.members);
         all.extend(other.members);
         *self = Map::from_members(all);
     }
+}
+
+/// Indices of `members` sorted by key (stable: equal keys in the order given).
+fn by_key(members: &[(Cow<'_, str>, Value<'_>)]) -> Vec<u32> {
+    let mut sorted: Vec<u32> = (0..members.len() as u32).collect();
+    sorted.sort_by(|&a, &b| members[a as usize].0.cmp(&members[b as usize].0));
+    sorted
 }
 
 impl<'m, 'a> IntoIterator for &'m Map<'a> {
@@ -159,8 +201,9 @@ impl Serialize for Value<'_> {
                 seq.end()
             }
             Value::Object(m) => {
+                // In key order, as `serde_json::Value` prints.
                 let mut map = s.serialize_map(Some(m.len()))?;
-                for (k, v) in m {
+                for (k, v) in m.iter_sorted() {
                     map.serialize_entry(k, v)?;
                 }
                 map.end()
@@ -226,8 +269,13 @@ mod tests {
         let v: Value = serde_json::from_str(text).unwrap();
         let Value::Object(m) = &v else { panic!("{v}") };
         assert_eq!(
-            m.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            m.iter_sorted().map(|(k, _)| k).collect::<Vec<_>>(),
             ["a", "b", "c"]
+        );
+        // As sent; the repeated key at its first place, with its last value.
+        assert_eq!(
+            m.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["b", "a", "c"]
         );
         assert_eq!(m.get("b"), Some(&Value::Number(2.into())));
         assert!(matches!(

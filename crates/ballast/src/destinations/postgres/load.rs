@@ -14,8 +14,8 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 
-use super::schema::{self, ColType, Discard, Name, Row, Val};
-use super::sink::{quote, MAX_COLUMNS};
+use super::schema::{self, ColType, Discard, Name, Row, Val, Why};
+use super::sink::quote;
 use crate::destinations::Event;
 
 /// Encoded parameters of one statement at most (a table with more is loaded by several
@@ -169,10 +169,24 @@ pub fn group(events: &[Event]) -> Batch {
             }
         })
         .collect();
-    let mut seen = HashSet::new();
-    discards
-        .retain(|d: &Discard| seen.insert((d.table.clone(), d.row_id.clone(), d.column.clone())));
+    dedup_discards(&mut discards);
     Batch { tables, discards }
+}
+
+/// Keeps each discard once (the same event twice in a load, or a track's discards for
+/// `tracks` and its event table... which differ by table): two values of one column of
+/// one row (colliding keys) both stay.
+pub fn dedup_discards(discards: &mut Vec<Discard>) {
+    let mut seen = HashSet::new();
+    discards.retain(|d: &Discard| {
+        seen.insert((
+            d.table.clone(),
+            d.row_id.clone(),
+            d.column.clone(),
+            d.value.clone(),
+            d.reason.clone(),
+        ))
+    });
 }
 
 /// Sets `cache[j]` (growing it as needed).
@@ -469,11 +483,87 @@ impl Chunk {
     }
 }
 
+/// PostgreSQL's largest row (a heap tuple in an 8 KiB page: `MaxHeapTupleSize`).
+pub const MAX_ROW_BYTES: usize = 8160;
+
+/// What one row takes on disk at least, counted value by value as it is encoded: the
+/// tuple header and null bitmap, then each value as PostgreSQL stores it once it has
+/// moved every long one out of line (TOAST): a varlena value of `n` bytes takes `n + 1`
+/// bytes while that is at most 24 (short values stay inline), else an 18-byte pointer;
+/// `bigint` and timestamps 8 bytes, aligned to 8 (at most 7 bytes of padding each, and
+/// padding only after a value that leaves the row unaligned), `boolean` 1.
+struct Width {
+    bytes: usize,
+    eights: usize,
+    others: usize,
+}
+
+impl Width {
+    /// A row of a table with `columns` columns (its id and `uuid_ts` counted).
+    fn new(columns: usize, id: &str) -> Width {
+        let header = (23 + columns.div_ceil(8)).next_multiple_of(8);
+        let mut w = Width {
+            bytes: header,
+            eights: 1, // uuid_ts
+            others: 0,
+        };
+        w.bytes += 8 + varlena(id.len());
+        w.others += 1;
+        w
+    }
+
+    fn bound(&self) -> usize {
+        self.bytes + 7 * self.eights.min(self.others + 1)
+    }
+
+    /// Adds `v` (in a column of type `ty`) if the row stays under PostgreSQL's limit.
+    fn fits(&mut self, ty: ColType, v: &Val) -> bool {
+        let (bytes, eight) = match ty {
+            ColType::BigInt | ColType::Timestamp => (8, true),
+            ColType::Boolean => (1, false),
+            ColType::Numeric | ColType::Text => {
+                let n = match v {
+                    Val::Int(_) => 20,
+                    Val::Bool(_) => 5,
+                    Val::Num(s) | Val::Ts(s) | Val::Text(s) => s.len(),
+                };
+                (varlena(n), false)
+            }
+        };
+        let mut next = Width { ..*self };
+        next.bytes += bytes;
+        if eight {
+            next.eights += 1;
+        } else {
+            next.others += 1;
+        }
+        // A margin for what this count leaves out (a numeric's own header).
+        if next.bound() + 64 > MAX_ROW_BYTES {
+            return false;
+        }
+        *self = next;
+        true
+    }
+}
+
+/// Bytes a varlena value of `n` bytes takes in a row at least (see [`Width`]).
+fn varlena(n: usize) -> usize {
+    if n < 24 {
+        n + 1
+    } else {
+        18
+    }
+}
+
 /// The statements loading `t` into `target` (a quoted, schema-qualified name), given the
-/// table's columns as the database has them; values that do not fit go to `discards`.
+/// table's columns as the database has them (at most `limit` of them: a column the table
+/// does not have is at that limit); values that do not fit go to `discards`, as do those
+/// that would make a row larger than PostgreSQL takes ([`MAX_ROW_BYTES`]; the row's own
+/// columns come first, so the ones left out are the last properties or traits).
 pub fn encode(
     t: TableRows,
     known: &HashMap<String, Column>,
+    limit: usize,
     target: &str,
     discards: &mut Vec<Discard>,
 ) -> Vec<Statement> {
@@ -489,6 +579,7 @@ pub fn encode(
     for r in t.rows {
         chunk.arrays[0].push(r.id.as_bytes());
         bytes += r.id.len();
+        let mut width = Width::new(known.len(), &r.id);
         for (j, (c, v)) in r.cols.into_iter().enumerate() {
             if &*c == "id" {
                 continue;
@@ -509,27 +600,60 @@ pub fn encode(
                 }
             };
             let pushed = match found {
-                None => Err(format!("table has {MAX_COLUMNS} columns, the most it can")),
-                Some((i, ty)) if v.natural() == ty => chunk.arrays[i].push_val(&v),
-                Some((i, ty)) => v
-                    .clone()
-                    .coerce(ty)
-                    .and_then(|v| chunk.arrays[i].push_val(&v)),
+                None => Err((
+                    Why::ColumnLimit,
+                    format!(
+                        "no room for a new column: the table is at its limit of {limit} columns"
+                    ),
+                )),
+                Some((i, ty)) => {
+                    let fits = |v: Val, width: &mut Width| {
+                        if width.fits(ty, &v) {
+                            Ok(v)
+                        } else {
+                            Err((
+                                Why::RowWidth,
+                                format!(
+                                    "the row would pass PostgreSQL's limit of {MAX_ROW_BYTES} \
+                                     bytes"
+                                ),
+                            ))
+                        }
+                    };
+                    if v.natural() == ty {
+                        fits(v.clone(), &mut width).and_then(|v| {
+                            chunk.arrays[i]
+                                .push_val(&v)
+                                .map_err(|e| (Why::Conversion, e))
+                        })
+                    } else {
+                        v.clone()
+                            .coerce(ty)
+                            .map_err(|e| (Why::Conversion, e))
+                            .and_then(|v| fits(v, &mut width))
+                            .and_then(|v| {
+                                chunk.arrays[i]
+                                    .push_val(&v)
+                                    .map_err(|e| (Why::Conversion, e))
+                            })
+                    }
+                }
             };
-            let reason = match pushed {
+            let (why, reason) = match pushed {
                 Ok(n) => {
                     bytes += n;
                     continue;
                 }
-                Err(reason) => reason,
+                Err(e) => e,
             };
             discards.push(Discard {
                 table: t.table.clone(),
                 row_id: r.id.clone(),
                 column: c.to_string(),
-                value: schema::cut(&v.text(), schema::MAX_DISCARD_VALUE),
+                value: schema::discard_text(&v.text()),
                 received_at: r.received_at.clone(),
                 reason,
+                why,
             });
         }
         chunk.end_row();
@@ -601,7 +725,8 @@ fn insert(chunk: Chunk, known: &HashMap<String, Column>, target: &str, users: bo
     }
 }
 
-/// The statements recording `discards` into `target` (`rudder_discards`), each once.
+/// The statements recording `discards` into `target` (`rudder_discards`), each once (a
+/// re-delivered load records none again: same table, row, column, value and reason).
 pub fn encode_discards(discards: &[Discard], target: &str) -> Vec<Statement> {
     let mut out = Vec::new();
     for part in discards.chunks(10_000) {
@@ -625,7 +750,7 @@ pub fn encode_discards(discards: &[Discard], target: &str) -> Vec<Statement> {
                 "INSERT INTO {target} (table_name, row_id, column_name, column_value, \
                  received_at, reason, uuid_ts) SELECT {} WHERE NOT EXISTS (SELECT 1 FROM \
                  {target} x WHERE x.row_id = s.c1 AND x.table_name = s.c0 \
-                 AND x.column_name = s.c2)",
+                 AND x.column_name = s.c2 AND x.column_value = s.c3 AND x.reason = s.c5)",
                 select_from(&sources)
             ),
             plain: None,
@@ -727,7 +852,7 @@ mod tests {
         .map(|(n, ty)| (n.to_string(), Column::of_type(ty, ty)))
         .collect();
         let mut discards = Vec::new();
-        let s = encode(t, &known, "\"w\".\"x\"", &mut discards);
+        let s = encode(t, &known, 1600, "\"w\".\"x\"", &mut discards);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].rows, 3);
         assert!(s[0].params.iter().all(|a| a.len == 3));

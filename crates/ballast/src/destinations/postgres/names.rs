@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::schema::{safe_name, snake_case, Val};
+use super::schema::{name_part, safe_name, Val};
 
 /// A column name, shared by every row that has the column.
 pub type Name = Arc<str>;
@@ -157,11 +157,10 @@ impl<'a> IntoIterator for &'a Cols {
 /// What a key under a prefix becomes.
 #[derive(Debug, Clone)]
 pub(crate) struct Key {
-    /// The snake-cased path (`context_page_path`): the prefix of nested keys. None when
-    /// nothing is left of the key.
-    pub path: Option<Name>,
+    /// The named path (`context_page_path`): the prefix of nested keys.
+    pub path: Name,
     /// The path as a column name ([`safe_name`]).
-    pub column: Option<Name>,
+    pub column: Name,
 }
 
 /// Keeps at most about this many names and key bytes; past it, starts afresh.
@@ -240,23 +239,16 @@ impl Names {
         if let Some(k) = self.keys.get(prefix).and_then(|m| m.get(key)) {
             return k.clone();
         }
-        let snake = snake_case(key);
-        let k = if snake.is_empty() {
-            Key {
-                path: None,
-                column: None,
-            }
+        let part = name_part(key);
+        let path = if prefix.is_empty() {
+            part
         } else {
-            let path = if prefix.is_empty() {
-                snake
-            } else {
-                format!("{prefix}_{snake}")
-            };
-            let column = safe_name(&path).map(|c| self.exact(&c));
-            Key {
-                path: Some(self.exact(&path)),
-                column,
-            }
+            format!("{prefix}_{part}")
+        };
+        let column = safe_name(&path);
+        let k = Key {
+            column: self.exact(&column),
+            path: self.exact(&path),
         };
         self.count(prefix.len() + key.len());
         let prefix = self.exact(prefix);
@@ -290,19 +282,13 @@ mod tests {
         let b = n.exact("plan");
         assert!(Arc::ptr_eq(&a, &b));
         let k = n.key("context", "userAgent");
-        assert_eq!(k.path.as_deref(), Some("context_user_agent"));
-        assert_eq!(k.column.as_deref(), Some("context_user_agent"));
+        assert_eq!(&*k.path, "context_user_agent");
+        assert_eq!(&*k.column, "context_user_agent");
         let again = n.key("context", "userAgent");
-        assert!(Arc::ptr_eq(
-            k.column.as_ref().unwrap(),
-            again.column.as_ref().unwrap()
-        ));
+        assert!(Arc::ptr_eq(&k.column, &again.column));
         // The same column from another key is the same name.
         let other = n.key("context", "user_agent");
-        assert!(Arc::ptr_eq(
-            k.column.as_ref().unwrap(),
-            other.column.as_ref().unwrap()
-        ));
+        assert!(Arc::ptr_eq(&k.column, &other.column));
     }
 
     #[test]
@@ -314,29 +300,38 @@ mod tests {
             ("", "order"),
             ("", "!!!"),
             ("", ""),
+            ("", "\0"),
+            ("", "注文完了"),
             ("context", "Order"),
+            ("context", "😀"),
             ("context_page", "x y"),
             ("", &"k".repeat(100)),
         ] {
             let k = n.key(prefix, key);
-            let snake = snake_case(key);
-            let path = match (snake.is_empty(), prefix.is_empty()) {
-                (true, _) => None,
-                (false, true) => Some(snake),
-                (false, false) => Some(format!("{prefix}_{snake}")),
+            let part = name_part(key);
+            assert!(!part.is_empty());
+            let path = if prefix.is_empty() {
+                part
+            } else {
+                format!("{prefix}_{part}")
             };
-            assert_eq!(k.path.as_deref(), path.as_deref(), "{prefix:?} {key:?}");
-            let column = path.as_deref().and_then(safe_name);
-            assert_eq!(k.column.as_deref(), column.as_deref(), "{prefix:?} {key:?}");
+            assert_eq!(&*k.path, path, "{prefix:?} {key:?}");
+            assert_eq!(&*k.column, safe_name(&path), "{prefix:?} {key:?}");
         }
-        assert_eq!(n.key("", "order").column.as_deref(), Some("_order"));
-        assert_eq!(n.key("", "!!!").path, None);
+        assert_eq!(&*n.key("", "order").column, "_order");
+        assert_eq!(&*n.key("", "注文完了").column, "zhu_wen_wan_liao");
+        // Nothing left of the key: `_` and a hash of it, different keys apart.
+        let bang = n.key("", "!!!").column;
+        let nul = n.key("", "\0").column;
+        assert!(bang.starts_with('_') && bang.len() == 9, "{bang}");
+        assert_ne!(bang, nul);
         assert_eq!(
             n.event_table("Order Completed").as_deref(),
             Some("order_completed")
         );
         assert_eq!(n.event_table("users").as_deref(), Some("_users"));
-        assert_eq!(n.event_table("!!!"), None);
+        assert_eq!(n.event_table("!!!").as_deref(), Some(&*bang));
+        assert_eq!(n.event_table(""), None);
     }
 
     #[test]

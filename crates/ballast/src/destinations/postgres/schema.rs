@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::json::{Map, Value};
 
 pub use super::names::{Cols, Name};
-use super::names::{FastSet, Names};
+use super::names::{FastMap, FastSet, Names};
 
 /// Tables every source has; a track event whose name makes one of these gets a `_`.
 pub const STANDARD_TABLES: &[&str] = &[
@@ -249,6 +249,49 @@ impl Val {
     }
 }
 
+/// Why a value did not make it into its column, as the `reason` label of
+/// `ballast_warehouse_discards_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Why {
+    /// Its column has another type.
+    Conversion,
+    /// Another key sent earlier made the same column name.
+    NameClash,
+    /// Longer than [`MAX_TEXT`].
+    TooLong,
+    /// Held a lone surrogate: stored with U+FFFD, the text as sent kept in the discard.
+    InvalidUnicode,
+    /// Held a NUL: stored without it, the text as sent kept in the discard.
+    Nul,
+    /// Its row would pass PostgreSQL's limit on a row's size.
+    RowWidth,
+    /// Its table is at its column limit.
+    ColumnLimit,
+    /// Its event table would pass the destination's `max_tables`.
+    TableLimit,
+    /// A track without an event name has no event table for its properties.
+    NoEventName,
+    /// The event is not a JSON object, or of no type the warehouse knows.
+    NotAnEvent,
+}
+
+impl Why {
+    pub fn label(self) -> &'static str {
+        match self {
+            Why::Conversion => "conversion",
+            Why::NameClash => "name_clash",
+            Why::TooLong => "too_long",
+            Why::InvalidUnicode => "invalid_unicode",
+            Why::Nul => "nul",
+            Why::RowWidth => "row_width",
+            Why::ColumnLimit => "column_limit",
+            Why::TableLimit => "table_limit",
+            Why::NoEventName => "no_event_name",
+            Why::NotAnEvent => "not_an_event",
+        }
+    }
+}
+
 /// A value that did not make it into its column.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Discard {
@@ -258,6 +301,7 @@ pub struct Discard {
     pub value: String,
     pub received_at: Option<String>,
     pub reason: String,
+    pub why: Why,
 }
 
 /// One row for one table: column name → value. `id` is always there.
@@ -277,8 +321,14 @@ pub struct Rows {
 }
 
 /// `Order Completed` → `order_completed`, `productID` → `product_id`, `userAgent` →
-/// `user_agent`: ASCII letters and digits, words joined by one `_`, lowercase.
+/// `user_agent`: ASCII letters and digits, words joined by one `_`, lowercase. Other
+/// characters are transliterated to ASCII first (`注文完了` → `zhu_wen_wan_liao`, `é` →
+/// `e`, `😀` → `grinning`; `deunicode`); what has no transliteration separates words.
+/// May be empty (`!!!`): see [`name_part`].
 pub fn snake_case(s: &str) -> String {
+    if !s.is_ascii() {
+        return snake_case(&deunicode::deunicode_with_tofu(s, " "));
+    }
     // Most keys already are (`plan`, `order_id`, `prop3`).
     let b = s.as_bytes();
     if !b.is_empty()
@@ -319,12 +369,26 @@ pub fn snake_case(s: &str) -> String {
     collapsed.trim_matches('_').to_string()
 }
 
-/// A snake-cased name made safe: a leading `_` before a digit or a reserved word, cut to
-/// 63 bytes. None when nothing is left.
-pub fn safe_name(snake: &str) -> Option<String> {
-    if snake.is_empty() {
-        return None;
+/// What a key or an event name becomes before it is joined to a prefix: its
+/// [`snake_case`], or, when that leaves nothing (`!!!`, a NUL, an empty key), `_` and 8
+/// hexadecimal digits of the FNV-1a hash (64 bits) of the name's UTF-8 bytes
+/// (`_cbf29ce4` for the empty key): never empty, the same for the same name everywhere.
+pub fn name_part(s: &str) -> String {
+    let snake = snake_case(s);
+    if !snake.is_empty() {
+        return snake;
     }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("_{:08x}", h >> 32)
+}
+
+/// A name made safe: a leading `_` before a digit or a reserved word, cut to 63 bytes.
+/// `snake` is ASCII (made by [`name_part`]).
+pub fn safe_name(snake: &str) -> String {
     let mut name = if snake.starts_with(|c: char| c.is_ascii_digit())
         || RESERVED_WORDS.binary_search(&snake).is_ok()
     {
@@ -332,14 +396,21 @@ pub fn safe_name(snake: &str) -> Option<String> {
     } else {
         snake.to_string()
     };
-    name.truncate(MAX_NAME); // ASCII only: every index is a boundary
-    Some(name)
+    let mut end = MAX_NAME.min(name.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
 }
 
 /// The table of a track event called `event`: its safe name, with a `_` when it would be
-/// one of the standard tables.
+/// one of the standard tables. None for an event without a name (`""`).
 pub fn event_table(event: &str) -> Option<String> {
-    let name = safe_name(&snake_case(event))?;
+    if event.is_empty() {
+        return None;
+    }
+    let name = safe_name(&name_part(event));
     if STANDARD_TABLES.contains(&name.as_str()) {
         let mut n = format!("_{name}");
         n.truncate(MAX_NAME);
@@ -531,6 +602,53 @@ fn no_nul(s: &str) -> String {
     s.replace('\0', "")
 }
 
+/// What an id (messageId, userId, anonymousId) is stored as: itself, unless it holds a
+/// NUL (PostgreSQL text cannot) or begins with [`ID_ESCAPE`]; then [`ID_ESCAPE`] and the
+/// id with `\` written `\\` and NUL written `\0`. Reversible, and two different ids are
+/// never stored as one (`a\0x` and `ax` stay two rows).
+pub fn stored_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if !id.contains('\0') && !id.starts_with(ID_ESCAPE) {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    let mut s = String::with_capacity(id.len() + 8);
+    s.push_str(ID_ESCAPE);
+    for c in id.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '\0' => s.push_str("\\0"),
+            c => s.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(s)
+}
+
+/// The prefix of an escaped id ([`stored_id`]).
+pub const ID_ESCAPE: &str = "~esc:";
+
+/// An id as [`stored_id`] stores it, shared.
+fn id_val(s: Str) -> Str {
+    match stored_id(&s) {
+        std::borrow::Cow::Borrowed(_) => s,
+        std::borrow::Cow::Owned(o) => o.into(),
+    }
+}
+
+/// What `rudder_discards` keeps of a value: its first KiB, or, when it holds a NUL, the
+/// first KiB of its JSON text (PostgreSQL text cannot hold NUL).
+pub fn discard_text(value: &str) -> String {
+    if value.contains('\0') {
+        cut(&json_text(value), MAX_DISCARD_VALUE)
+    } else {
+        cut(value, MAX_DISCARD_VALUE)
+    }
+}
+
+/// A string as JSON text (`"a\u0000b"`): how a discard keeps text that PostgreSQL cannot
+/// hold or that was repaired.
+fn json_text(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
 /// Cuts `s` to at most `max` bytes on a character boundary.
 pub fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -543,6 +661,10 @@ pub fn cut(s: &str, max: usize) -> String {
     s[..n].to_string()
 }
 
+/// Strings repaired when the event was read (a lone surrogate made U+FFFD): the string as
+/// read → its JSON text as sent. Empty for almost every event.
+pub type Repairs = FastMap<Box<str>, Box<str>>;
+
 /// Builds one row, refusing what does not fit (reported as discards).
 struct RowBuilder<'a> {
     table: &'a str,
@@ -553,6 +675,7 @@ struct RowBuilder<'a> {
     taken: FastSet<Name>,
     names: &'a mut Names,
     discards: &'a mut Vec<Discard>,
+    repairs: &'a Repairs,
 }
 
 impl<'a> RowBuilder<'a> {
@@ -562,6 +685,7 @@ impl<'a> RowBuilder<'a> {
         received_at: Option<&str>,
         names: &'a mut Names,
         d: &'a mut Vec<Discard>,
+        repairs: &'a Repairs,
     ) -> Self {
         RowBuilder {
             table,
@@ -574,6 +698,7 @@ impl<'a> RowBuilder<'a> {
             taken: names.take_set(),
             names,
             discards: d,
+            repairs,
         }
     }
 
@@ -584,14 +709,15 @@ impl<'a> RowBuilder<'a> {
         self.row
     }
 
-    fn discard(&mut self, column: &str, value: &str, reason: String) {
+    fn discard(&mut self, column: &str, value: &str, why: Why, reason: String) {
         self.discards.push(Discard {
             table: self.table.to_string(),
             row_id: self.row.id.clone(),
             column: column.to_string(),
-            value: cut(&no_nul(value), MAX_DISCARD_VALUE),
+            value: discard_text(value),
             received_at: self.row.received_at.clone(),
             reason,
+            why,
         });
     }
 
@@ -613,14 +739,41 @@ impl<'a> RowBuilder<'a> {
         }
     }
 
+    /// Whether `s` was repaired when the event was read; if so, a discard keeps it as sent.
+    fn repaired(&mut self, column: &str, s: &str, what: &str) {
+        if self.repairs.is_empty() {
+            return;
+        }
+        if let Some(sent) = self.repairs.get(s) {
+            let sent = sent.to_string();
+            let reason = format!(
+                "{what} held invalid Unicode (a lone surrogate), stored with U+FFFD; \
+                 the JSON text as sent is kept here"
+            );
+            self.discard(column, &sent, Why::InvalidUnicode, reason);
+        }
+    }
+
     fn put(&mut self, column: Name, v: Val) {
         let v = match v {
             Val::Text(s) | Val::Ts(s) if s.len() > MAX_TEXT => {
                 let reason = format!("value too long ({} bytes, at most {MAX_TEXT})", s.len());
-                self.discard(&column, &s, reason);
+                self.discard(&column, &s, Why::TooLong, reason);
                 return;
             }
-            Val::Text(s) if s.contains('\0') => Val::Text(no_nul(&s).into()),
+            Val::Text(s) => {
+                self.repaired(&column, &s, "the value");
+                if s.contains('\0') {
+                    let reason = "the value held NUL, which PostgreSQL text cannot: stored \
+                                  without it; the JSON text as sent is kept here"
+                        .to_string();
+                    let sent = json_text(&s);
+                    self.discard(&column, &sent, Why::Nul, reason);
+                    Val::Text(no_nul(&s).into())
+                } else {
+                    Val::Text(s)
+                }
+            }
             v => v,
         };
         if self.taken.insert(column.clone()) {
@@ -630,8 +783,9 @@ impl<'a> RowBuilder<'a> {
         }
     }
 
-    /// Flattens `obj` into columns named `prefix` + key path joined by `_`. With
-    /// `user_keys`, a name that is one of the row's own columns gets a leading `_`.
+    /// Flattens `obj` into columns named `prefix` + key path joined by `_`, in the order
+    /// the keys were sent. With `user_keys`, a name that is one of the row's own columns
+    /// gets a leading `_`.
     fn flatten(&mut self, prefix: &str, obj: &Map<'_>, user_keys: bool, depth: usize) {
         self.flatten_but(prefix, obj, user_keys, depth, None)
     }
@@ -650,31 +804,45 @@ impl<'a> RowBuilder<'a> {
                 continue;
             }
             let key = self.names.key(prefix, k);
-            let Some(path) = key.path else {
-                continue;
-            };
             match v {
                 Value::Object(inner) if depth < MAX_DEPTH => {
-                    self.flatten(&path, inner, user_keys, depth + 1)
+                    self.repaired(&key.path, k, "the key");
+                    self.flatten(&key.path, inner, user_keys, depth + 1)
                 }
                 _ => {
                     let Some(value) = typed(v) else { continue };
-                    let Some(mut name) = key.column else {
-                        continue;
-                    };
+                    let mut name = key.column;
                     if user_keys && self.reserved.contains(&&*name) {
                         let mut renamed = format!("_{name}");
                         renamed.truncate(MAX_NAME);
                         name = self.names.exact(&renamed);
                     }
+                    self.repaired(&name, k, "the key");
                     if self.taken.contains(&name) || &*name == "id" || &*name == "uuid_ts" {
-                        let reason = format!("column name clash on {name:?} (key {k:?})");
-                        self.discard(&name, &value.text(), reason);
+                        let under = if prefix.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" under {prefix:?}")
+                        };
+                        let reason = format!(
+                            "column name clash on {name:?}: key {k:?}{under}; the first key \
+                             sent with this name has the column"
+                        );
+                        let text = value.text();
+                        self.discard(&name, &text, Why::NameClash, reason);
                         continue;
                     }
                     self.put(name, value);
                 }
             }
+        }
+    }
+
+    /// Every column of `row` (built for a table that will not be written) as a discard.
+    fn discard_row(&mut self, row: Row, why: Why, reason: &str) {
+        for (c, v) in row.cols.iter() {
+            let text = v.text();
+            self.discard(c, &text, why, reason.to_string());
         }
     }
 }
@@ -702,8 +870,14 @@ fn time_of(e: &Map<'_>, key: &str) -> Option<Val> {
 /// The columns every table has, in the order RudderStack lists them.
 fn common(b: &mut RowBuilder<'_>, e: &Map<'_>) {
     b.reserved("id", Some(Val::Text(b.row.id.as_str().into())));
-    b.reserved("anonymous_id", text_of(e, "anonymousId").map(Val::Text));
-    b.reserved("user_id", text_of(e, "userId").map(Val::Text));
+    b.reserved(
+        "anonymous_id",
+        text_of(e, "anonymousId").map(|s| Val::Text(id_val(s))),
+    );
+    b.reserved(
+        "user_id",
+        text_of(e, "userId").map(|s| Val::Text(id_val(s))),
+    );
     b.reserved("received_at", time_of(e, "receivedAt"));
     b.reserved("sent_at", time_of(e, "sentAt"));
     b.reserved("timestamp", time_of(e, "timestamp"));
@@ -786,38 +960,64 @@ pub fn rows_of(json: &[u8], message_id: &str) -> Rows {
 
 fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
     let mut out = Rows::default();
+    let not_an_event = |value: String, reason: String| Discard {
+        table: String::new(),
+        row_id: stored_id(message_id).into_owned(),
+        column: String::new(),
+        value: discard_text(&value),
+        received_at: None,
+        reason,
+        why: Why::NotAnEvent,
+    };
+    let mut repairs = Repairs::default();
+    let repaired: Vec<u8>;
     let v: Value = match serde_json::from_slice(json) {
         Ok(v) => v,
         Err(e) => {
-            out.discards.push(Discard {
-                table: String::new(),
-                row_id: message_id.to_string(),
-                column: String::new(),
-                value: cut(&String::from_utf8_lossy(json), MAX_DISCARD_VALUE),
-                received_at: None,
-                reason: format!("not JSON: {e}"),
-            });
-            return out;
+            // A lone surrogate (`"\ud83d"`: the gateway, as RudderStack's, takes it) is
+            // read as U+FFFD; the strings it was in are kept as sent in the discards.
+            repaired = repair_surrogates(json, &mut repairs).unwrap_or_default();
+            let parsed = if repaired.is_empty() {
+                None
+            } else {
+                serde_json::from_slice(&repaired).ok()
+            };
+            match parsed {
+                Some(v) => v,
+                None => {
+                    let reason = format!("not JSON: {e}");
+                    out.discards.push(not_an_event(
+                        String::from_utf8_lossy(json).into_owned(),
+                        reason,
+                    ));
+                    return out;
+                }
+            }
         }
     };
     let Value::Object(e) = v else {
-        out.discards.push(Discard {
-            table: String::new(),
-            row_id: message_id.to_string(),
-            column: String::new(),
-            value: cut(&v.to_string(), MAX_DISCARD_VALUE),
-            received_at: None,
-            reason: "not a JSON object".into(),
-        });
+        out.discards
+            .push(not_an_event(v.to_string(), "not a JSON object".into()));
         return out;
     };
-    let id = text_of(&e, "messageId").map_or_else(|| message_id.to_string(), |s| s.to_string());
+    let id = text_of(&e, "messageId").map_or_else(
+        || stored_id(message_id).into_owned(),
+        |s| stored_id(&s).into_owned(),
+    );
     let received = text_of(&e, "receivedAt").filter(|s| looks_like_timestamp(s));
     let kind = text_of(&e, "type").unwrap_or_default().to_ascii_lowercase();
     let mut d = Vec::new();
     let mut rows = Vec::with_capacity(2);
+    let repairs = &repairs;
     let mut standard = |table: &str, extra: &dyn Fn(&mut RowBuilder<'_>), user: Option<&str>| {
-        let mut b = RowBuilder::new(table, &id, received.as_deref(), &mut *names, &mut d);
+        let mut b = RowBuilder::new(
+            table,
+            &id,
+            received.as_deref(),
+            &mut *names,
+            &mut d,
+            repairs,
+        );
         begin(&mut b, &e, extra);
         if let Some(key) = user {
             user_columns(&mut b, &e, key);
@@ -835,10 +1035,28 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
             // `tracks` and the event's own table: the same columns but for the
             // properties (and the same discards but for the table), built once.
             let before = d.len();
-            let mut b = RowBuilder::new("tracks", &id, received.as_deref(), names, &mut d);
+            let mut b = RowBuilder::new("tracks", &id, received.as_deref(), names, &mut d, repairs);
             begin(&mut b, &e, &event_cols);
             match table.as_deref() {
-                None => rows.push(("tracks".to_string(), b.finish())),
+                None => {
+                    // No event table: its properties are discarded, each on its own.
+                    let mut props = RowBuilder::new(
+                        "tracks",
+                        &id,
+                        received.as_deref(),
+                        &mut *b.names,
+                        &mut *b.discards,
+                        repairs,
+                    );
+                    user_columns(&mut props, &e, "properties");
+                    let row = props.finish();
+                    b.discard_row(
+                        row,
+                        Why::NoEventName,
+                        "a track without an event name has no event table for its properties",
+                    );
+                    rows.push(("tracks".to_string(), b.finish()));
+                }
                 Some(t) => {
                     rows.push(("tracks".to_string(), b.row.clone()));
                     b.table = t;
@@ -857,6 +1075,7 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
                     for c in ["user_id", "sent_at", "timestamp", "original_timestamp"] {
                         cols.remove(c);
                     }
+                    let user = id_val(user);
                     cols.insert(names.exact("id"), Val::Text(user.clone()));
                     let row = Row {
                         id: user.to_string(),
@@ -890,14 +1109,94 @@ fn rows_with(names: &mut Names, json: &[u8], message_id: &str) -> Rows {
             table: String::new(),
             row_id: id.clone(),
             column: "type".into(),
-            value: cut(other, MAX_DISCARD_VALUE),
+            value: discard_text(other),
             received_at: received.as_deref().map(String::from),
             reason: format!("unknown event type {other:?}"),
+            why: Why::NotAnEvent,
         }),
     }
     out.rows = rows;
     out.discards = d;
     out
+}
+
+/// `json` with every lone surrogate escape (`\ud83d` not followed by a low one, a low one
+/// alone) written `\ufffd`, and, in `repairs`, each string changed (as read after the
+/// repair) with its JSON text as sent. None when there is nothing to repair (the text is
+/// not JSON for another reason).
+pub fn repair_surrogates(json: &[u8], repairs: &mut Repairs) -> Option<Vec<u8>> {
+    let hex = |b: &[u8]| -> Option<u16> {
+        let s = std::str::from_utf8(b.get(..4)?).ok()?;
+        u16::from_str_radix(s, 16).ok()
+    };
+    let escape_at = |i: usize| -> Option<u16> {
+        if json.get(i) == Some(&b'\\') && json.get(i + 1) == Some(&b'u') {
+            hex(json.get(i + 2..)?)
+        } else {
+            None
+        }
+    };
+    let mut out = Vec::with_capacity(json.len());
+    let mut i = 0;
+    let mut in_string = false;
+    let mut start = (0, 0); // where the current string starts in `json` and in `out`
+    let mut changed = false;
+    let mut any = false;
+    while i < json.len() {
+        let c = json[i];
+        if !in_string {
+            if c == b'"' {
+                in_string = true;
+                start = (i, out.len());
+                changed = false;
+            }
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        match c {
+            b'"' => {
+                out.push(c);
+                i += 1;
+                in_string = false;
+                if changed {
+                    let fixed: String = serde_json::from_slice(&out[start.1..]).ok()?;
+                    let sent = String::from_utf8_lossy(&json[start.0..i]).into_owned();
+                    repairs.insert(fixed.into(), sent.into());
+                }
+            }
+            b'\\' => match escape_at(i) {
+                Some(0xD800..=0xDBFF) => match escape_at(i + 6) {
+                    Some(0xDC00..=0xDFFF) => {
+                        out.extend_from_slice(&json[i..i + 12]);
+                        i += 12;
+                    }
+                    _ => {
+                        out.extend_from_slice(b"\\ufffd");
+                        i += 6;
+                        changed = true;
+                        any = true;
+                    }
+                },
+                Some(0xDC00..=0xDFFF) => {
+                    out.extend_from_slice(b"\\ufffd");
+                    i += 6;
+                    changed = true;
+                    any = true;
+                }
+                _ => {
+                    // Any other escape: itself and the character it escapes.
+                    out.extend_from_slice(json.get(i..i + 2)?);
+                    i += 2;
+                }
+            },
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    any.then_some(out)
 }
 
 #[cfg(test)]
@@ -919,10 +1218,9 @@ mod tests {
         assert_eq!(snake_case("HTTPServer"), "http_server");
         assert_eq!(snake_case("  a--b  "), "a_b");
         assert_eq!(snake_case("address1"), "address1");
-        assert_eq!(safe_name("1st").as_deref(), Some("_1st"));
-        assert_eq!(safe_name("order").as_deref(), Some("_order"));
-        assert_eq!(safe_name("").as_deref(), None);
-        assert_eq!(safe_name(&"x".repeat(100)).unwrap().len(), 63);
+        assert_eq!(safe_name("1st"), "_1st");
+        assert_eq!(safe_name("order"), "_order");
+        assert_eq!(safe_name(&"x".repeat(100)).len(), 63);
         assert_eq!(
             event_table("Order Completed").as_deref(),
             Some("order_completed")
@@ -930,7 +1228,92 @@ mod tests {
         assert_eq!(event_table("tracks").as_deref(), Some("_tracks"));
         assert_eq!(event_table("Users").as_deref(), Some("_users"));
         assert_eq!(event_table("group").as_deref(), Some("_group"));
-        assert_eq!(event_table("!!!"), None);
+        assert_eq!(event_table(""), None);
+        // Other scripts are transliterated; what has no letter left gets a hash.
+        assert_eq!(snake_case("注文完了"), "zhu_wen_wan_liao");
+        assert_eq!(snake_case("é"), "e");
+        assert_eq!(snake_case("e\u{301}"), "e");
+        assert_eq!(snake_case("Ünïcödé Key"), "unicode_key");
+        assert!(!snake_case("😀").is_empty());
+        assert!(!snake_case("مرحبا").is_empty());
+        for nothing in ["!!!", "", "\0", "___"] {
+            let n = name_part(nothing);
+            assert!(n.starts_with('_') && n.len() == 9, "{nothing:?} {n}");
+            assert_eq!(name_part(nothing), n);
+        }
+        assert_ne!(name_part("!!!"), name_part("???"));
+        assert_eq!(name_part(""), "_cbf29ce4");
+        assert_eq!(
+            event_table("!!!").as_deref(),
+            Some(name_part("!!!").as_str())
+        );
+    }
+
+    #[test]
+    fn a_track_without_a_name_discards_its_properties() {
+        let e =
+            r#"{"type":"track","event":"","messageId":"m","properties":{"":{"-":1.5},"a":"x"}}"#;
+        let r = rows_of(e.as_bytes(), "m");
+        assert_eq!(r.rows.len(), 1);
+        let mut lost: Vec<&str> = r.discards.iter().map(|d| d.value.as_str()).collect();
+        lost.sort();
+        assert_eq!(lost, ["1.5", "x"], "{:?}", r.discards);
+        assert!(r.discards.iter().all(|d| d.why == Why::NoEventName));
+    }
+
+    #[test]
+    fn ids_are_stored_reversibly() {
+        assert_eq!(stored_id("m-1"), "m-1");
+        assert_eq!(stored_id("a\0x"), "~esc:a\\0x");
+        assert_eq!(stored_id("ax"), "ax");
+        assert_eq!(stored_id("~esc:a\\0x"), "~esc:~esc:a\\\\0x");
+        let ids = ["a\0x", "ax", "~esc:a\\0x", "~esc:ax", "a\\0x", "\0", ""];
+        let stored: std::collections::HashSet<String> =
+            ids.iter().map(|i| stored_id(i).into_owned()).collect();
+        assert_eq!(stored.len(), ids.len());
+        assert!(stored.iter().all(|s| !s.contains('\0')));
+    }
+
+    #[test]
+    fn lone_surrogates_are_repaired() {
+        let mut repairs = Repairs::default();
+        let text = br#"{"a":"x \ud83d","b":"\ud83d\ude00 ok","\udc00k":1,"c":"\\ud83d"}"#;
+        let fixed = repair_surrogates(text, &mut repairs).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&fixed).unwrap();
+        assert_eq!(v["a"], "x \u{fffd}");
+        assert_eq!(v["b"], "\u{1F600} ok");
+        assert_eq!(v["\u{fffd}k"], 1);
+        assert_eq!(v["c"], "\\ud83d");
+        assert_eq!(repairs.len(), 2);
+        assert_eq!(&*repairs["x \u{fffd}"], r#""x \ud83d""#);
+        assert_eq!(&*repairs["\u{fffd}k"], r#""\udc00k""#);
+        assert!(repair_surrogates(br#"{"a":"fine"}"#, &mut Repairs::default()).is_none());
+        // The row lands, with a discard keeping the string as sent.
+        let e =
+            br#"{"type":"track","event":"Cut","messageId":"m","properties":{"title":"x \ud83d"}}"#;
+        let r = rows_of(e, "m");
+        assert_eq!(r.rows.len(), 2);
+        assert_eq!(r.rows[1].1.cols["title"], Val::Text("x \u{fffd}".into()));
+        assert_eq!(r.discards.len(), 1, "{:?}", r.discards);
+        assert_eq!(r.discards[0].why, Why::InvalidUnicode);
+        assert_eq!(r.discards[0].value, r#""x \ud83d""#);
+    }
+
+    #[test]
+    fn the_first_key_sent_wins_and_every_other_is_discarded() {
+        let e = r#"{"type":"track","event":"E","messageId":"m","properties":{
+            "productID":1,"product_id":2,"Product ID":3,"product-id":4,"PRODUCT_ID":5}}"#;
+        let r = rows_of(e.as_bytes(), "m");
+        assert_eq!(r.rows[1].1.cols["product_id"], Val::Int(1));
+        let mut lost: Vec<String> = r.discards.iter().map(|d| d.value.clone()).collect();
+        lost.sort();
+        assert_eq!(lost, ["2", "3", "4", "5"]);
+        assert!(r.discards.iter().all(|d| d.why == Why::NameClash));
+        assert!(
+            r.discards[1].reason.contains("Product ID"),
+            "{}",
+            r.discards[1].reason
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use super::load::{self, Batch, Column};
-use super::schema::{ColType, DISCARDS};
+use super::schema::{ColType, Discard, Why, DISCARDS, STANDARD_TABLES};
 use super::PostgresConfig;
 use crate::destinations::{Destination, Event, Outcome};
 
@@ -120,10 +120,31 @@ pub struct PostgresSink {
     /// Loads left that go straight to `ON CONFLICT` since a plain insert met an id the
     /// table had (see [`PostgresSink::load_on`]).
     careful: AtomicU32,
+    /// The destination's id (the metrics' `destination` label).
+    destination: String,
+    max_tables: usize,
+    max_shared_columns: usize,
+    /// Event tables not created because the schema had `max_tables` (asked again once
+    /// the column cache is dropped).
+    capped: Mutex<HashSet<String>>,
+}
+
+/// Whether `table` is one of the tables every source shares (capped at
+/// `max_shared_columns`).
+fn shared(table: &str) -> bool {
+    table != DISCARDS && STANDARD_TABLES.contains(&table)
 }
 
 impl PostgresSink {
     pub fn new(c: &PostgresConfig) -> Result<PostgresSink, super::config::PostgresConfigError> {
+        PostgresSink::named(c, "")
+    }
+
+    /// The sink of the destination `id`.
+    pub fn named(
+        c: &PostgresConfig,
+        id: &str,
+    ) -> Result<PostgresSink, super::config::PostgresConfigError> {
         let mut config = c.check()?;
         crate::pg::configure(&mut config, &[SESSION_OPTIONS]);
         Ok(PostgresSink {
@@ -134,6 +155,10 @@ impl PostgresSink {
             tables: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             careful: AtomicU32::new(0),
+            destination: id.to_string(),
+            max_tables: c.max_tables,
+            max_shared_columns: c.max_shared_columns,
+            capped: Mutex::new(HashSet::new()),
         })
     }
 
@@ -213,6 +238,35 @@ impl PostgresSink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.capped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The most columns the loader gives `table`.
+    fn column_limit(&self, table: &str) -> usize {
+        if shared(table) {
+            self.max_shared_columns
+        } else {
+            MAX_COLUMNS
+        }
+    }
+
+    /// Whether another event table may be created: fewer than `max_tables` in the schema.
+    async fn room_for_a_table(&self, client: &Client) -> Result<bool, LoadError> {
+        let standard: Vec<&str> = STANDARD_TABLES.to_vec();
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname <> ALL($2)",
+                &[&self.schema, &standard],
+            )
+            .await
+            .map_err(load_err)?
+            .try_get(0)
+            .map_err(load_err)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX) < self.max_tables)
     }
 
     async fn ddl(&self, client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
@@ -284,14 +338,23 @@ impl PostgresSink {
         Ok(cols)
     }
 
-    /// Makes `table` have the columns `wanted` names (as many as fit under
-    /// [`MAX_COLUMNS`]); returns its columns as the database has them.
+    /// Makes `table` have the columns `wanted` names (as many as fit under its limit,
+    /// [`Self::column_limit`]); returns its columns as the database has them, or None for
+    /// an event table that does not exist and may not be created (`max_tables`).
     async fn ensure_columns(
         &self,
         client: &Client,
         table: &str,
         wanted: &BTreeMap<String, ColType>,
-    ) -> Result<Arc<HashMap<String, Column>>, LoadError> {
+    ) -> Result<Option<Arc<HashMap<String, Column>>>, LoadError> {
+        if self
+            .capped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(table)
+        {
+            return Ok(None);
+        }
         let cached = self
             .tables
             .lock()
@@ -303,29 +366,46 @@ impl PostgresSink {
             None => self.read_columns(client, table).await?,
         };
         if known.is_empty() {
+            if !STANDARD_TABLES.contains(&table) && !self.room_for_a_table(client).await? {
+                let mut capped = self.capped.lock().unwrap_or_else(|p| p.into_inner());
+                if capped.len() >= 100_000 {
+                    capped.clear();
+                }
+                capped.insert(table.to_string());
+                return Ok(None);
+            }
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {} (id text COLLATE \"C\" PRIMARY KEY, \
                  received_at timestamp with time zone, uuid_ts timestamp with time zone)",
                 self.table(table)
             );
             self.ddl(client, &sql).await.map_err(ddl_err)?;
+            metrics::counter!("ballast_warehouse_tables_added_total", "destination" => self.destination.clone())
+                .increment(1);
             known = self.read_columns(client, table).await?;
         }
-        let room = MAX_COLUMNS.saturating_sub(known.len());
-        // The row's own columns first: they are never the ones left out.
+        let room = self.column_limit(table).saturating_sub(known.len());
+        // The row's own columns first: they are never the ones left out; then the
+        // context's, then properties and traits.
         let mut new: Vec<_> = wanted
             .iter()
             .filter(|(c, _)| !known.contains_key(*c))
             .collect();
         new.sort_by_key(|(c, _)| {
-            (
-                load::fixed_type(c).is_none() && !c.starts_with("context_"),
-                *c,
-            )
+            let own = load::fixed_type(c).is_some()
+                || matches!(c.as_str(), "name" | "group_id" | "previous_id");
+            let rank = if own {
+                0
+            } else if c.starts_with("context_") {
+                1
+            } else {
+                2
+            };
+            (rank, *c)
         });
         new.truncate(room);
         if new.is_empty() {
-            return Ok(known);
+            return Ok(Some(known));
         }
         let adds = new
             .iter()
@@ -342,7 +422,9 @@ impl PostgresSink {
             }
         }
         metrics::counter!("ballast_postgres_columns_added_total").increment(new.len() as u64);
-        self.read_columns(client, table).await
+        metrics::counter!("ballast_warehouse_columns_added_total", "destination" => self.destination.clone())
+            .increment(new.len() as u64);
+        self.read_columns(client, table).await.map(Some)
     }
 
     async fn load_on(&self, client: &mut Client, batch: Batch) -> Result<(), LoadError> {
@@ -352,19 +434,68 @@ impl PostgresSink {
             known.push(self.ensure_columns(client, &t.table, &t.wanted).await?);
         }
         let targets: Vec<String> = batch.tables.iter().map(|t| self.table(&t.table)).collect();
+        let limits: Vec<usize> = batch
+            .tables
+            .iter()
+            .map(|t| self.column_limit(&t.table))
+            .collect();
         let discards_table = self.table(DISCARDS);
-        let (statements, rows, discards) = blocking(move || {
+        let max_tables = self.max_tables;
+        let (statements, rows, discards, capped) = blocking(move || {
             let mut discards = batch.discards;
             let mut statements = Vec::new();
             let mut rows = 0;
-            for ((t, known), target) in batch.tables.into_iter().zip(known).zip(targets) {
-                rows += t.rows.len();
-                statements.extend(load::encode(t, &known, &target, &mut discards));
+            let mut capped = 0;
+            let (made, not_made): (Vec<_>, Vec<_>) = batch
+                .tables
+                .into_iter()
+                .zip(known)
+                .zip(targets.into_iter().zip(limits))
+                .partition(|((_, known), _)| known.is_some());
+            // Event tables not created: their rows' columns that `tracks` does not have
+            // (the properties) go to the discards.
+            let tracks = made.iter().find(|((t, _), _)| t.table == "tracks");
+            for ((t, _), _) in not_made {
+                capped += t.rows.len();
+                for row in t.rows {
+                    let in_tracks = tracks.and_then(|((tracks, _), _)| {
+                        tracks
+                            .rows
+                            .binary_search_by(|r| r.id.cmp(&row.id))
+                            .ok()
+                            .map(|i| &tracks.rows[i])
+                    });
+                    for (c, v) in row.cols.iter() {
+                        if in_tracks.is_some_and(|r| r.cols.contains_key(c)) {
+                            continue;
+                        }
+                        discards.push(Discard {
+                            table: t.table.clone(),
+                            row_id: row.id.clone(),
+                            column: c.to_string(),
+                            value: super::schema::discard_text(&v.text()),
+                            received_at: row.received_at.clone(),
+                            reason: format!(
+                                "the schema has max_tables ({max_tables}) event tables: this \
+                                 event is in tracks only"
+                            ),
+                            why: Why::TableLimit,
+                        });
+                    }
+                }
             }
-            let mut seen = HashSet::new();
-            discards.retain(|d| seen.insert((d.table.clone(), d.row_id.clone(), d.column.clone())));
+            for ((t, known), (target, limit)) in made {
+                rows += t.rows.len();
+                let known = known.unwrap_or_default();
+                statements.extend(load::encode(t, &known, limit, &target, &mut discards));
+            }
+            load::dedup_discards(&mut discards);
             statements.extend(load::encode_discards(&discards, &discards_table));
-            (statements, rows, discards.len())
+            let mut per_why: BTreeMap<Why, u64> = BTreeMap::new();
+            for d in &discards {
+                *per_why.entry(d.why).or_default() += 1;
+            }
+            (statements, rows, per_why, capped)
         })
         .await?;
         // Rows whose id a table has are skipped (`ON CONFLICT`), which costs PostgreSQL a
@@ -393,7 +524,18 @@ impl PostgresSink {
                 .map_err(statement_err)?;
         }
         metrics::counter!("ballast_postgres_rows_loaded_total").increment(rows as u64);
-        metrics::counter!("ballast_postgres_discards_total").increment(discards as u64);
+        let total: u64 = discards.values().sum();
+        metrics::counter!("ballast_postgres_discards_total").increment(total);
+        for (why, n) in discards {
+            metrics::counter!("ballast_warehouse_discards_total",
+                "destination" => self.destination.clone(), "reason" => why.label())
+            .increment(n);
+        }
+        if capped > 0 {
+            metrics::counter!("ballast_warehouse_events_without_table_total",
+                "destination" => self.destination.clone())
+            .increment(capped as u64);
+        }
         Ok(())
     }
 }

@@ -20,12 +20,24 @@ pub(crate) async fn admin(url: &str) -> Client {
 }
 
 pub(crate) fn sink(url: &str, schema: &str) -> PostgresSink {
-    PostgresSink::new(&PostgresConfig {
+    sink_with(url, schema, |_| {})
+}
+
+/// A sink with settings changed by `f`.
+pub(crate) fn sink_with(
+    url: &str,
+    schema: &str,
+    f: impl FnOnce(&mut PostgresConfig),
+) -> PostgresSink {
+    let mut c = PostgresConfig {
         url: url.to_string(),
         schema: schema.to_string(),
         flush_interval: Duration::from_secs(30),
-    })
-    .unwrap()
+        max_tables: 1000,
+        max_shared_columns: 1000,
+    };
+    f(&mut c);
+    PostgresSink::named(&c, "warehouse").unwrap()
 }
 
 fn ev(v: Value) -> Event {
@@ -940,4 +952,640 @@ fn cpu_of(stat: &str, upto: usize) -> f64 {
     fields.get(11..=upto).map_or(0.0, |f| {
         f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
     }) / ticks
+}
+
+// ---- Nothing silently lost: a corpus of hostile events, and a walker over the tables ----
+
+/// The text a messageId is stored as (docs/DESTINATIONS.md, "Ids"): as sent, unless it
+/// holds a NUL (PostgreSQL text cannot) or begins with the escape's own prefix; then
+/// `~esc:` and the id with `\` written `\\` and NUL written `\0`. Written out here from the
+/// documented rule, not taken from the loader.
+fn stored_id(id: &str) -> String {
+    if !id.contains('\0') && !id.starts_with("~esc:") {
+        return id.to_string();
+    }
+    let mut s = String::from("~esc:");
+    for c in id.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '\0' => s.push_str("\\0"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// Where a stored value may be found: its text forms, so a leaf value can be looked up
+/// whatever column type or discard holds it.
+fn stored_forms(v: &Value, out: &mut std::collections::HashSet<String>) {
+    match v {
+        Value::String(s) => {
+            out.insert(s.clone());
+            if let Some(k) = schema::timestamp_key(s) {
+                out.insert(format!("ts:{k}"));
+            }
+            if let Ok(f) = s.parse::<f64>() {
+                out.insert(format!("num:{f:?}"));
+            }
+            if let Ok(j @ (Value::Array(_) | Value::Object(_))) = serde_json::from_str::<Value>(s) {
+                out.insert(format!("json:{j}"));
+            }
+        }
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64() {
+                out.insert(format!("num:{f:?}"));
+            }
+            out.insert(n.to_string());
+        }
+        Value::Bool(b) => {
+            out.insert(format!("bool:{b}"));
+        }
+        _ => {}
+    }
+}
+
+/// The forms a leaf value sent may take where it is stored.
+fn leaf_forms(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => {
+            let mut f = vec![s.clone(), serde_json::to_string(s).unwrap()];
+            if let Some(k) = schema::timestamp_key(s) {
+                f.push(format!("ts:{k}"));
+            }
+            f
+        }
+        Value::Number(n) => {
+            let mut f = vec![n.to_string()];
+            if let Some(x) = n.as_f64() {
+                f.push(format!("num:{x:?}"));
+            }
+            f
+        }
+        Value::Bool(b) => vec![format!("bool:{b}"), b.to_string()],
+        Value::Array(_) | Value::Object(_) => vec![format!("json:{v}"), v.to_string()],
+        Value::Null => vec![],
+    }
+}
+
+/// What the walker saw of one event in the warehouse.
+struct Found {
+    /// Tables holding a row with the event's id.
+    tables: Vec<String>,
+    /// Text forms of every value of those rows.
+    columns: std::collections::HashSet<String>,
+    /// Text forms of the event's discarded values (each with a reason).
+    discards: std::collections::HashSet<String>,
+    /// Discarded values as stored (for values cut to their first KiB).
+    discard_values: Vec<String>,
+}
+
+async fn find(c: &Client, schema: &str, id: &str) -> Found {
+    let tables: Vec<String> = c
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 \
+             AND table_name <> 'rudder_discards'",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut f = Found {
+        tables: Vec::new(),
+        columns: Default::default(),
+        discards: Default::default(),
+        discard_values: Vec::new(),
+    };
+    for t in tables {
+        let rows = c
+            .query(
+                &format!(
+                    // `r.*`: the row, even when the table has a column named `r`.
+                    "SELECT row_to_json(r.*)::text FROM {}.{} r WHERE id = $1",
+                    sink::quote(schema),
+                    sink::quote(&t)
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reading {t:?} for {id:?}: {e:?}"));
+        for r in rows {
+            let row: Value = serde_json::from_str(&r.get::<_, String>(0)).unwrap();
+            if let Value::Object(cols) = row {
+                for (k, v) in cols {
+                    if k != "id" {
+                        stored_forms(&v, &mut f.columns);
+                    }
+                }
+            }
+            f.tables.push(t.clone());
+        }
+    }
+    let discards = c
+        .query(
+            &format!(
+                "SELECT column_value, coalesce(reason, '') FROM {}.rudder_discards \
+                 WHERE row_id = $1",
+                sink::quote(schema)
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    for d in discards {
+        let (value, reason): (Option<String>, String) = (d.get(0), d.get(1));
+        assert!(!reason.is_empty(), "a discard of {id:?} without a reason");
+        let value = value.unwrap_or_default();
+        stored_forms(&Value::String(value.clone()), &mut f.discards);
+        f.discard_values.push(value);
+    }
+    f
+}
+
+/// Whether `v` (a leaf, or an object whose leaves all are) is in a column or the discards.
+fn kept(v: &Value, f: &Found, path: &str, lost: &mut Vec<String>) {
+    if v.is_null() {
+        return;
+    }
+    let forms = leaf_forms(v);
+    let hit = forms
+        .iter()
+        .any(|x| f.columns.contains(x) || f.discards.contains(x))
+        || f.discard_values.iter().any(|d| {
+            d.len() >= 1000
+                && forms
+                    .iter()
+                    .any(|x| x.starts_with(d.as_str()) || d.starts_with(x.as_str()))
+        });
+    if hit {
+        return;
+    }
+    match v {
+        // An object is its members (an empty one holds nothing).
+        Value::Object(o) => {
+            for (k, inner) in o {
+                kept(inner, f, &format!("{path}.{k}"), lost);
+            }
+        }
+        _ => {
+            let mut text = v.to_string();
+            if text.len() > 80 {
+                text = format!("{}…", schema::cut(&text, 80));
+            }
+            lost.push(format!("{path} = {text}"));
+        }
+    }
+}
+
+/// Walks each event (its JSON as the loader should read it) against the tables: its row
+/// is in its type's table (`tracks` for a track) and every value the warehouse schema takes
+/// from it (the context, the properties or traits, the named top-level fields) is in a
+/// column of one of its rows or in `rudder_discards` for its id. Returns what is missing.
+async fn walk(c: &Client, schema: &str, events: &[Value]) -> Vec<String> {
+    let mut lost = Vec::new();
+    for e in events {
+        let id = stored_id(e["messageId"].as_str().unwrap());
+        let f = find(c, schema, &id).await;
+        let kind = e["type"].as_str().unwrap_or("");
+        let table = match kind {
+            "track" => "tracks",
+            "identify" => "identifies",
+            "page" => "pages",
+            "screen" => "screens",
+            "group" => "groups",
+            "alias" => "aliases",
+            other => panic!("type {other}"),
+        };
+        if !f.tables.iter().any(|t| t == table) {
+            lost.push(format!("{id:?}: no row in {table}"));
+            continue;
+        }
+        let mut mine = Vec::new();
+        let mut own = vec!["userId", "anonymousId", "channel", "context"];
+        own.extend(match kind {
+            "track" => &["event", "properties"][..],
+            "page" | "screen" => &["name", "properties"][..],
+            "identify" => &["traits"][..],
+            "group" => &["groupId", "traits"][..],
+            _ => &["previousId"][..],
+        });
+        for key in own {
+            if let Some(v) = e.get(key) {
+                kept(v, &f, key, &mut mine);
+            }
+        }
+        lost.extend(mine.into_iter().map(|m| format!("{id:?}: {m}")));
+    }
+    lost
+}
+
+/// The hostile corpus, as the JSON texts the loader reads (lone surrogates and all), each
+/// a track unless it says otherwise.
+fn hostile() -> Vec<String> {
+    let t = "2026-11-29T08:00:00Z";
+    let track = |id: &str, extra: Value| with(base("track", id, t), extra).to_string();
+    let mut out = vec![
+        track(
+            "cjk",
+            json!({"event": "注文完了", "properties": {"金額": 100_001, "ok": 100_002}}),
+        ),
+        track(
+            "bang",
+            json!({"event": "!!!", "properties": {"!!!": "v-bang", "😀": "v-emoji",
+                   "é": "v-e-acute", "\u{0}": "v-nul-key", "": "v-empty-key"}}),
+        ),
+        track("emoji-event", json!({"event": "😀", "properties": {"x": "v-emoji-event"}})),
+        track(
+            "no-name",
+            json!({"event": "", "properties": {"": {"-": 973_768_989.586_180_3}, "z": "v-no-name"}}),
+        ),
+        track("e-acute", json!({"event": "é", "properties": {"y": "v-e-event"}})),
+        // In this order (a `json!` object would sort them).
+        track(
+            "clash",
+            json!({"event": "Clash", "properties": {"CLASH": 0}}),
+        )
+        .replace(
+            r#""CLASH":0"#,
+            r#""productID":200001,"product_id":200002,"Product ID":200003,"product-id":200004,"PRODUCT_ID":200005"#,
+        ),
+        track(
+            "scripts",
+            json!({"event": "Scripts", "properties": {"名前": "v-cjk-name",
+                   "الاسم": "v-arabic", "שם": "v-hebrew", "🎉🎉": "v-party",
+                   "e\u{301}": "v-combining", "Ünïcödé": "v-umlauts", "안녕": "v-hangul",
+                   "value-cjk": "注文完了", "value-rtl": "مرحبا بالعالم",
+                   "value-emoji": "😀👍🏽", "value-combining": "e\u{301}\u{302}"}}),
+        ),
+        track(
+            "long-names",
+            json!({"event": "x".repeat(1000), "properties": {
+                "a".repeat(1000): "v-long-1", format!("{}b", "a".repeat(999)): "v-long-2",
+                "字".repeat(400): "v-long-cjk"}}),
+        ),
+        track(
+            "reserved",
+            json!({"event": "select", "properties": {"select": 300_001, "from": "v-from",
+                   "order": true, "id": "v-id", "user_id": "v-user-id", "uuid_ts": "v-uuid",
+                   "table": "v-table", "event": "v-event", "received_at": "v-received"}}),
+        ),
+        track("nul-id-a", json!({"event": "Nul", "properties": {"n": 400_001}})),
+        track("nul-value", json!({"event": "Nul", "properties": {"note": "a\u{0}b",
+               "ok": "v-nul-neighbour"}})),
+        track(
+            "deep",
+            json!({"event": "Deep", "properties": {"a": {"b": {"c": {"d": {"e": {"f":
+                {"g": {"h": {"i": {"j": {"k": {"l": "v-deep"}}}}}}}}}}},
+                "arr": [1, {"z": "v-in-array"}]}}),
+        ),
+        with(
+            base("identify", "rtl-identify", t),
+            json!({"traits": {"الاسم": "v-trait-arabic", "Email": "v-trait-email",
+                   "email": "v-trait-email-2"}, "context": {"traits": {"plan": "v-ctx-plan"}}}),
+        )
+        .to_string(),
+        with(
+            base("page", "hebrew-page", t),
+            json!({"name": "דף הבית", "properties": {"כתובת": "v-page-hebrew"}}),
+        )
+        .to_string(),
+    ];
+    // messageIds that differ only by a NUL: two events.
+    let mut a = with(
+        base("track", "ax", t),
+        json!({"event": "Nul",
+        "properties": {"n": 400_002}}),
+    );
+    out.push(a.to_string());
+    a["messageId"] = json!("a\u{0}x");
+    a["properties"]["n"] = json!(400_003);
+    out.push(a.to_string());
+    // A lone surrogate in a value and in a key (a browser cutting a string mid-emoji).
+    out.push(
+        track(
+            "surrogate",
+            json!({"event": "Cut", "properties": {"title": "LONE-HIGH", "LONE-KEY": "v-lone-key",
+                   "fine": "v-fine"}}),
+        )
+        .replace("LONE-HIGH", "x \\ud83d")
+        .replace("LONE-KEY", "k\\udc00"),
+    );
+    // Wide: 5,000 integer properties; 5,000 context keys.
+    let mut wide = serde_json::Map::new();
+    for i in 0..5000 {
+        wide.insert(format!("k{i:04}"), json!(1_000_000 + i));
+    }
+    out.push(track(
+        "wide-ints",
+        json!({"event": "Wide", "properties": wide}),
+    ));
+    let mut ctx = base("track", "wide-context", t)["context"].clone();
+    for i in 0..5000 {
+        ctx[format!("c{i:04}")] = json!(format!("v-ctx-{i}"));
+    }
+    out.push(track(
+        "wide-context",
+        json!({"event": "Wide Context", "context": ctx, "properties": {"p": "v-after-wide"}}),
+    ));
+    // A track after those: its new context key still gets somewhere.
+    let mut later = base("track", "after-wide", t)["context"].clone();
+    later["zzBrandNew"] = json!("v-brand-new");
+    out.push(track(
+        "after-wide",
+        json!({"event": "Later", "context": later}),
+    ));
+    out
+}
+
+/// The event as the walker reads it: a lone surrogate escape as U+FFFD (what the loader
+/// keeps of it in the column; the discard keeps the escape as sent).
+fn as_walked(text: &str) -> Value {
+    serde_json::from_str(
+        &text
+            .replace("\\ud83d", "\\ufffd")
+            .replace("\\udc00", "\\ufffd"),
+    )
+    .unwrap()
+}
+
+fn raw_event(text: &str) -> Event {
+    let id = as_walked(text)["messageId"].as_str().unwrap().to_string();
+    Event {
+        json: bytes::Bytes::from(text.to_string()),
+        message_id: id.as_str().into(),
+    }
+}
+
+/// Every case of the hostile corpus loads (no event refused, none dead-lettered) and the
+/// walker finds every value it sent in a column or in the discards with a reason.
+#[tokio::test]
+async fn nothing_in_the_hostile_corpus_is_lost() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let texts = hostile();
+    // One load, then each event alone again (re-delivery), then the last ones once more
+    // in a batch of their own (the shared tables already wide).
+    let events: Vec<Event> = texts.iter().map(|t| raw_event(t)).collect();
+    assert_eq!(s.deliver(&events).await, Outcome::Delivered);
+    for e in &events {
+        assert_eq!(s.deliver(std::slice::from_ref(e)).await, Outcome::Delivered);
+    }
+    let c = admin(&url).await;
+    let walked: Vec<Value> = texts.iter().map(|t| as_walked(t)).collect();
+    let lost = walk(&c, "w", &walked).await;
+    assert!(lost.is_empty(), "{} lost:\n{}", lost.len(), lost.join("\n"));
+    // Re-delivery recorded no discard twice.
+    let twice = count(
+        &c,
+        "SELECT count(*) FROM (SELECT 1 FROM w.rudder_discards GROUP BY table_name, row_id, \
+         column_name, column_value, reason HAVING count(*) > 1) d",
+    )
+    .await;
+    assert_eq!(twice, 0);
+}
+
+/// The discards of the corpus carry the reasons the docs name.
+#[tokio::test]
+async fn the_corpus_discards_say_why() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let events: Vec<Event> = hostile().iter().map(|t| raw_event(t)).collect();
+    assert_eq!(s.deliver(&events).await, Outcome::Delivered);
+    let c = admin(&url).await;
+    let n = |id: &str, like: &str| {
+        format!(
+            "SELECT count(*) FROM w.rudder_discards WHERE row_id = '{id}' AND reason LIKE '{like}'"
+        )
+    };
+    // Four colliding keys, four discards (and the first sent has the column).
+    assert_eq!(count(&c, &n("clash", "column name clash%")).await, 4);
+    assert_eq!(
+        count(&c, "SELECT product_id FROM w.clash WHERE id = 'clash'").await,
+        200_001
+    );
+    assert_eq!(count(&c, &n("surrogate", "%lone surrogate%")).await, 2);
+    assert_eq!(count(&c, &n("nul-value", "%NUL%")).await, 1);
+    assert!(count(&c, &n("wide-ints", "%8160 bytes%")).await > 0);
+    assert!(count(&c, &n("wide-context", "%limit of 1000 columns%")).await > 0);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.rudder_discards WHERE row_id = 'after-wide' \
+             AND column_name = 'context_zz_brand_new' AND reason LIKE '%limit of 1000 columns%'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(columns(&c, "w", "tracks").await.len(), 1000);
+    // The two messageIds that differ by a NUL are two rows.
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.nul WHERE id IN ('ax', '~esc:a\\0x')"
+        )
+        .await,
+        2
+    );
+    // Names: transliterated, or a hash when nothing is left.
+    let cjk = columns(&c, "w", "zhu_wen_wan_liao").await;
+    assert!(
+        cjk.contains_key("jin_e") && cjk.contains_key("ok"),
+        "{cjk:?}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.tracks WHERE event = 'zhu_wen_wan_liao'"
+        )
+        .await,
+        1
+    );
+    let bang = schema::name_part("!!!");
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM w.tracks WHERE event = '{bang}'")
+        )
+        .await,
+        1
+    );
+}
+
+/// `max_tables`: event names past it make no table; their tracks are in `tracks` and their
+/// properties in the discards.
+#[tokio::test]
+async fn the_table_limit_holds() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let s = sink_with(&url, "w", |c| c.max_tables = 3);
+    let t = "2026-11-29T08:00:00Z";
+    let events: Vec<Value> = (0..6)
+        .map(|i| {
+            with(
+                base("track", &format!("e{i}"), t),
+                json!({"event": format!("Event {i}"), "properties": {"v": format!("v-{i}")}}),
+            )
+        })
+        .collect();
+    for e in &events {
+        assert_eq!(s.deliver(&[ev(e.clone())]).await, Outcome::Delivered);
+    }
+    let c = admin(&url).await;
+    let tables = count(
+        &c,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'w' \
+         AND table_name LIKE 'event_%'",
+    )
+    .await;
+    assert_eq!(tables, 3);
+    assert_eq!(count(&c, "SELECT count(*) FROM w.tracks").await, 6);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM w.rudder_discards WHERE reason LIKE '%max_tables (3)%' \
+             AND column_name = 'v'"
+        )
+        .await,
+        3
+    );
+    let lost = walk(&c, "w", &events).await;
+    assert!(lost.is_empty(), "{lost:#?}");
+}
+
+/// Generated names (every script, emoji, combining marks, NUL, reserved words, long,
+/// colliding) and values: the walker finds every value.
+#[test]
+fn generated_events_lose_nothing() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = PgCluster::start();
+    rt.block_on(pg.create_db("wh"));
+    let url = pg.url("wh");
+    let s = sink(&url, "w");
+    let c = rt.block_on(admin(&url));
+    let name = prop_oneof![
+        "[a-zA-Z _-]{0,12}",
+        "[\u{4e00}-\u{4e40}]{1,4}",
+        "[\u{0627}-\u{064a} ]{1,6}",
+        "[\u{1F600}-\u{1F640}]{1,3}",
+        "[a-e][\u{0300}-\u{0310}]{1,2}",
+        "[\u{0}!?. ]{1,3}",
+        prop::sample::select(vec![
+            "select", "order", "id", "user_id", "uuid_ts", "event", "Event", "EVENT"
+        ])
+        .prop_map(String::from),
+        "[a-c]{60,90}",
+    ];
+    let leaf = prop_oneof![
+        any::<i32>().prop_map(|_| json!(null)),
+        "[a-z\u{4e00}-\u{4e10}\u{1F600}\u{0}]{0,8}".prop_map(Value::from),
+        any::<bool>().prop_map(Value::from),
+        (-1e9f64..1e9).prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+    ];
+    let props = prop::collection::vec((name.clone(), leaf, prop::option::of(name.clone())), 0..12);
+    let event = (
+        name.clone(),
+        props,
+        prop::collection::vec((name, "[a-z]{1,5}"), 0..4),
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let cases = std::cell::Cell::new(0usize);
+    let t = "2026-11-29T08:00:00Z";
+    runner
+        .run(&prop::collection::vec(event, 1..4), |events| {
+            cases.set(cases.get() + 1);
+            let case = cases.get();
+            let mut walked = Vec::new();
+            for (i, (event, props, ctx)) in events.into_iter().enumerate() {
+                // Values made unique (a suffix, or an offset), so finding one is finding it.
+                let mut p = serde_json::Map::new();
+                for (j, (k, v, nested)) in props.into_iter().enumerate() {
+                    let tag = format!("{case}.{i}.{j}");
+                    let v = match v {
+                        Value::String(s) => json!(format!("{s}#{tag}")),
+                        Value::Number(n) if n.is_i64() => {
+                            json!(n.as_i64().unwrap_or(0) / 4096 * 4096 + (case * 64 + j) as i64)
+                        }
+                        other => other,
+                    };
+                    match nested {
+                        Some(inner) => {
+                            p.insert(k, json!({ inner: v }));
+                        }
+                        None => {
+                            p.insert(k, v);
+                        }
+                    }
+                }
+                let mut e = with(
+                    base("track", &format!("g{case}-{i}"), t),
+                    json!({"event": event, "properties": p}),
+                );
+                for (k, v) in ctx {
+                    e["context"][k] = json!(format!("{v}#{case}.{i}"));
+                }
+                walked.push(e);
+            }
+            let batch: Vec<Event> = walked.iter().map(|e| ev(e.clone())).collect();
+            let outcome = rt.block_on(s.deliver(&batch));
+            prop_assert_eq!(outcome, Outcome::Delivered);
+            let lost = rt.block_on(walk(&c, "w", &walked));
+            prop_assert!(lost.is_empty(), "{:#?}", lost);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// How fast event tables are created: `BALLAST_BENCH_TABLES` (2,000) distinct event names
+/// in loads of 500 events, one table each; prints tables/s. `max_tables` is raised to let
+/// all of them be made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_table_creation() {
+    let pg = PgCluster::start();
+    pg.create_db("wh").await;
+    let url = pg.url("wh");
+    let n: usize = std::env::var("BALLAST_BENCH_TABLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let s = sink_with(&url, "w", |c| c.max_tables = 100_000);
+    let events: Vec<Event> = (0..n)
+        .map(|i| {
+            ev(with(
+                base("track", &format!("t{i}"), "2026-11-29T08:00:00Z"),
+                json!({"event": format!("Event {i}"), "properties": {"v": i}}),
+            ))
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for chunk in events.chunks(500) {
+        assert_eq!(s.deliver(chunk).await, Outcome::Delivered);
+    }
+    let took = started.elapsed();
+    let c = admin(&url).await;
+    let tables = count(
+        &c,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'w'",
+    )
+    .await;
+    println!(
+        "{n} event names: {tables} tables in {took:.2?}, {:.0} tables/s",
+        n as f64 / took.as_secs_f64()
+    );
 }

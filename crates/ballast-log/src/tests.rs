@@ -633,3 +633,66 @@ fn a_cursor_past_the_end_is_brought_back_and_counted() {
     let a = log.append_wait(batch(&[payload(2)])).unwrap();
     assert_eq!(a.first, end, "the next record is read by the consumer");
 }
+
+/// Descriptors this process holds on files in `dir` (from `/proc/self/fd`).
+fn fds_into(dir: &Path) -> usize {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .count()
+}
+
+/// Issue 29: a sealed segment holds no descriptor. A log of hundreds of segments (a
+/// backlog nobody consumes) holds the active segment, the directory lock and at most
+/// `read_handles` read handles, while it is written, read through, and reopened.
+#[test]
+fn hundreds_of_segments_hold_a_bounded_number_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 256,
+        read_handles: 8,
+        ..LogConfig::new(dir.path())
+    };
+    // The lock, the active segment, the cache, and a prepared segment being made.
+    let bound = 8 + 4;
+    let n = 2000;
+    {
+        let (log, _) = Log::open(config.clone()).unwrap();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2) {
+            let ps: Vec<_> = chunk.iter().map(|&i| payload(i)).collect();
+            log.append_wait(batch(&ps)).unwrap();
+        }
+        let segments = log.stats().segments;
+        assert!(segments >= 300, "{segments} segments");
+        let held = fds_into(dir.path());
+        assert!(held <= bound, "{held} descriptors for {segments} segments");
+        let all = read_all(&log, 0);
+        assert_eq!(all.len(), n);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.payload, payload(i));
+        }
+        let held = fds_into(dir.path());
+        assert!(held <= bound, "{held} descriptors after reading everything");
+        let stats = log.stats();
+        assert_eq!(stats.read_handles, 8);
+        assert!(stats.segment_opens >= segments as u64 - 9, "{stats:?}");
+    }
+    let (log, report) = Log::open(config).unwrap();
+    assert_eq!(report.records, n as u64);
+    let held = fds_into(dir.path());
+    assert!(held <= bound, "{held} descriptors after a reopen");
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), n);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.payload, payload(i));
+    }
+    assert!(fds_into(dir.path()) <= bound);
+    // Consuming deletes segments and closes their handles.
+    log.register_consumer("c").unwrap();
+    log.ack("c", log.durable_end()).unwrap();
+    assert_eq!(log.stats().segments, 1);
+    assert_eq!(log.stats().read_handles, 0);
+    assert!(fds_into(dir.path()) <= 3);
+}

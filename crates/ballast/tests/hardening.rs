@@ -5,7 +5,8 @@
 //! its whole body before it reads gets the early answer (413, 401) instead of a reset.
 //! After a descriptor flood that left the log unable to start a segment, new connections
 //! are acknowledged within seconds of descriptors being free; a node left wedged fails
-//! `/livez` (issue 29).
+//! `/livez`; a backlog of more segments than descriptors keeps ingest and liveness
+//! (issue 29).
 //!
 //! Every flood here is bounded in count and time, and every server is killed when its
 //! handle drops.
@@ -1349,8 +1350,8 @@ retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", ma
     let mut acked: Vec<String> = Vec::new();
     let t = Instant::now();
     let mut i = 0;
-    // 20 events of ~360 bytes a batch: about two 4 KiB segments each, so 200 batches
-    // leave ~400 segments, well past the 160 descriptors.
+    // 20 events of ~400 bytes a batch (a batch is never split): a 4 KiB segment each,
+    // so 200 batches leave ~200 segments, past the 160 descriptors.
     while i < 200 && t.elapsed() < Duration::from_secs(120) {
         i += 1;
         let (r, ids) = post_batch(&mut keep, &format!("b{i}"));

@@ -696,3 +696,94 @@ fn hundreds_of_segments_hold_a_bounded_number_of_descriptors() {
     assert_eq!(log.stats().read_handles, 0);
     assert!(fds_into(dir.path()) <= 3);
 }
+
+/// The real file system, but opening a file for reading fails with EMFILE while `out`.
+struct NoDescriptors {
+    out: AtomicBool,
+}
+
+impl vfs::Vfs for NoDescriptors {
+    fn open(&self, path: &Path, mode: vfs::Mode) -> std::io::Result<Arc<dyn vfs::VFile>> {
+        if mode == vfs::Mode::Read && self.out.load(Ordering::Acquire) {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        vfs::Real.open(path, mode)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        vfs::Real.read(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        vfs::Real.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        vfs::Real.remove_file(path)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        vfs::Real.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        vfs::Real.sync_dir(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<(String, bool)>> {
+        vfs::Real.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        vfs::Real.exists(path)
+    }
+    fn free_bytes(&self, dir: &Path) -> std::io::Result<u64> {
+        vfs::Real.free_bytes(dir)
+    }
+    fn lock(&self, path: &Path) -> std::io::Result<Option<vfs::DirLock>> {
+        vfs::Real.lock(path)
+    }
+}
+
+/// A read that cannot open a sealed segment for want of descriptors is `Unavailable`
+/// (transient, nothing lost), returns what it read before that segment, and the same read
+/// succeeds once descriptors are back.
+#[test]
+fn a_read_without_descriptors_is_unavailable_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(NoDescriptors {
+        out: AtomicBool::new(false),
+    });
+    let config = LogConfig {
+        segment_bytes: 256,
+        read_handles: 2,
+        ..LogConfig::new(dir.path())
+    };
+    let n = 100;
+    {
+        let (log, _) = Log::open_with(config.clone(), fs.clone()).unwrap();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2) {
+            let ps: Vec<_> = chunk.iter().map(|&i| payload(i)).collect();
+            log.append_wait(batch(&ps)).unwrap();
+        }
+    }
+    // Reopened: no sealed segment is open.
+    let (log, _) = Log::open_with(config, fs.clone()).unwrap();
+    assert!(log.stats().segments > 10);
+    fs.out.store(true, Ordering::Release);
+    match log.read(0, 1000, 1 << 20) {
+        Err(LogError::Unavailable(m)) => assert!(m.contains("os error 24"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    fs.out.store(false, Ordering::Release);
+    // The first segment is cached now; without descriptors a read returns it and stops
+    // before the next one.
+    let first = log.read(0, 1, 1 << 20).unwrap();
+    assert_eq!(first.records.len(), 1);
+    fs.out.store(true, Ordering::Release);
+    let part = log.read(0, 1000, 1 << 20).unwrap();
+    assert!(!part.records.is_empty() && part.records.len() < n);
+    assert!(matches!(
+        log.read(part.next, 1000, 1 << 20),
+        Err(LogError::Unavailable(_))
+    ));
+    fs.out.store(false, Ordering::Release);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), n);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.payload, payload(i));
+    }
+}

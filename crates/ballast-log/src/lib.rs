@@ -14,6 +14,9 @@
 //!   A full disk (ENOSPC) and a segment that cannot be created (e.g. no file descriptor
 //!   left) are not fatal: the batches concerned are refused (`DiskFull`, `Unavailable`),
 //!   the writer goes on, and probes by itself until it can write again.
+//! - Only the active segment keeps a file open; sealed segments are opened when read,
+//!   through a small cache of read handles (`handles.rs`), so the descriptors a log holds
+//!   do not grow with its backlog.
 //!
 //! No HTTP, no configuration formats, no async runtime: the server wraps it, and an SDK's
 //! on-device queue can reuse it.
@@ -22,6 +25,7 @@ mod cursor;
 mod error;
 pub mod frame;
 mod fs;
+mod handles;
 mod prepare;
 mod recovery;
 mod shared;
@@ -115,6 +119,11 @@ pub struct LogStats {
     pub quarantined_records: u64,
     pub torn_tail_bytes: u64,
     pub failed: bool,
+    /// Sealed segments open for reads now (at most `LogConfig::read_handles`; the active
+    /// segment's file is the writer's).
+    pub read_handles: usize,
+    /// Times a sealed segment was opened for a read (the handle was not cached).
+    pub segment_opens: u64,
 }
 
 /// An open log. Dropping it stops the writer after it has finished what was submitted.
@@ -191,16 +200,14 @@ impl Log {
             report.corrupt_bytes += r.corrupt_bytes;
             report.torn_tail_bytes += r.torn_tail_bytes;
             report.quarantine_files.extend(r.quarantine_files);
-            let file = fs
-                .open(&path, vfs::Mode::Read)
-                .map_err(io_err("opening segment", &path))?;
+            // Recovery read the file and closed it: a sealed segment is opened again
+            // only when read (`handles.rs`), so opening costs no descriptor per segment.
             bytes_on_disk += r.valid_len;
             prev_end = base + r.valid_len;
             segments.push(Segment {
                 base,
                 end: prev_end,
                 records: r.records,
-                file,
                 path,
             });
         }
@@ -225,6 +232,7 @@ impl Log {
             cursor_dir,
             fs,
             segments: RwLock::new(segments),
+            handles: Mutex::new(handles::Handles::new(config.read_handles)),
             durable: Mutex::new(durable_end),
             durable_cv: Condvar::new(),
             bytes_on_disk: AtomicU64::new(bytes_on_disk),
@@ -338,6 +346,16 @@ impl Log {
         'segments: while idx < segs.len() {
             let seg = &segs[idx];
             let seg_end = seg.end.min(durable);
+            let file = if pos < seg_end {
+                match self.shared.read_handle(seg) {
+                    Ok(f) => Some(f),
+                    Err(e) if out.records.is_empty() => return Err(e),
+                    // What was read is returned; the next read tries this segment again.
+                    Err(_) => break,
+                }
+            } else {
+                None
+            };
             while pos < seg_end {
                 if out.records.len() >= max_records || bytes >= max_bytes {
                     break 'segments;
@@ -356,8 +374,10 @@ impl Log {
                     0 => ((seg_end - pos) as usize).min(budget),
                     frame_len => frame_len,
                 };
-                let buf = seg
-                    .file
+                let Some(file) = &file else {
+                    break;
+                };
+                let buf = file
                     .read_exact_at(want, pos - seg.base)
                     .map_err(io_err("reading segment", &seg.path))?;
                 // The records are slices of this chunk: one allocation a chunk, no copy.
@@ -562,8 +582,11 @@ impl Log {
         let mut doomed = Vec::new();
         {
             let mut segs = write_lock(&self.shared.segments);
+            let mut handles = lock(&self.shared.handles);
             while segs.len() > 1 && segs[1].base <= min {
-                doomed.push(segs.remove(0));
+                let seg = segs.remove(0);
+                handles.remove(seg.base);
+                doomed.push(seg);
             }
         }
         for seg in doomed {
@@ -584,6 +607,7 @@ impl Log {
     pub fn stats(&self) -> LogStats {
         let c = &self.shared.counters;
         let segs = read_lock(&self.shared.segments);
+        let handles = lock(&self.shared.handles);
         LogStats {
             appends: c.appends.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
@@ -605,6 +629,8 @@ impl Log {
             quarantined_records: self.shared.quarantined_records,
             torn_tail_bytes: self.shared.torn_tail_bytes,
             failed: self.shared.failed.load(Ordering::Relaxed),
+            read_handles: handles.cached(),
+            segment_opens: handles.opened(),
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use crate::cursor::Consumer;
 use crate::error::LogError;
 use crate::frame::Batch;
+use crate::handles::Handles;
 use crate::vfs::{VFile, Vfs};
 
 /// A byte offset in the whole log.
@@ -28,6 +29,9 @@ pub struct LogConfig {
     /// (cheaper on ext4/xfs: no metadata to journal), at the cost of writing that space
     /// twice.
     pub preallocate: bool,
+    /// Sealed segments kept open for reads at most (least recently used closed first):
+    /// what the log's descriptors cost, whatever the number of segments.
+    pub read_handles: usize,
 }
 
 impl LogConfig {
@@ -38,6 +42,7 @@ impl LogConfig {
             max_bytes: None,
             max_group_bytes: 16 << 20,
             preallocate: true,
+            read_handles: crate::handles::DEFAULT_READ_HANDLES,
         }
     }
 }
@@ -74,7 +79,6 @@ pub(crate) struct Segment {
     pub(crate) end: Position,
     /// Data records in it (durable).
     pub(crate) records: u64,
-    pub(crate) file: Arc<dyn VFile>,
     pub(crate) path: PathBuf,
 }
 
@@ -84,6 +88,8 @@ pub(crate) struct Shared {
     /// The file system under the log (the real one but in simulation tests).
     pub(crate) fs: Arc<dyn Vfs>,
     pub(crate) segments: RwLock<Vec<Segment>>,
+    /// Open read handles: the active segment's and a few sealed ones'.
+    pub(crate) handles: Mutex<Handles>,
     pub(crate) durable: Mutex<Position>,
     pub(crate) durable_cv: Condvar,
     pub(crate) bytes_on_disk: AtomicU64,
@@ -151,6 +157,24 @@ impl Shared {
             _ => {}
         }
         *cur = reason;
+    }
+
+    /// The handle to read `seg` with (see `handles.rs`). Running out of descriptors is
+    /// `Unavailable`: transient, nothing lost, the reader retries later.
+    pub(crate) fn read_handle(&self, seg: &Segment) -> Result<Arc<dyn VFile>, LogError> {
+        lock(&self.handles)
+            .get(&*self.fs, seg.base, &seg.path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EMFILE) | Some(libc::ENFILE) => LogError::Unavailable(format!(
+                    "opening segment {} for reading: {e}",
+                    seg.path.display()
+                )),
+                _ => LogError::Io {
+                    context: "opening segment",
+                    path: seg.path.clone(),
+                    error: e,
+                },
+            })
     }
 
     pub(crate) fn failure_error(&self) -> LogError {

@@ -633,3 +633,157 @@ fn a_cursor_past_the_end_is_brought_back_and_counted() {
     let a = log.append_wait(batch(&[payload(2)])).unwrap();
     assert_eq!(a.first, end, "the next record is read by the consumer");
 }
+
+/// Descriptors this process holds on files in `dir` (from `/proc/self/fd`).
+fn fds_into(dir: &Path) -> usize {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .count()
+}
+
+/// Issue 29: a sealed segment holds no descriptor. A log of hundreds of segments (a
+/// backlog nobody consumes) holds the active segment, the directory lock and at most
+/// `read_handles` read handles, while it is written, read through, and reopened.
+#[test]
+fn hundreds_of_segments_hold_a_bounded_number_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 256,
+        read_handles: 8,
+        ..LogConfig::new(dir.path())
+    };
+    // The lock, the active segment, the cache, and a prepared segment being made.
+    let bound = 8 + 4;
+    let n = 2000;
+    {
+        let (log, _) = Log::open(config.clone()).unwrap();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2) {
+            let ps: Vec<_> = chunk.iter().map(|&i| payload(i)).collect();
+            log.append_wait(batch(&ps)).unwrap();
+        }
+        let segments = log.stats().segments;
+        assert!(segments >= 300, "{segments} segments");
+        let held = fds_into(dir.path());
+        assert!(held <= bound, "{held} descriptors for {segments} segments");
+        let all = read_all(&log, 0);
+        assert_eq!(all.len(), n);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.payload, payload(i));
+        }
+        let held = fds_into(dir.path());
+        assert!(held <= bound, "{held} descriptors after reading everything");
+        let stats = log.stats();
+        assert_eq!(stats.read_handles, 8);
+        assert!(stats.segment_opens >= segments as u64 - 9, "{stats:?}");
+    }
+    let (log, report) = Log::open(config).unwrap();
+    assert_eq!(report.records, n as u64);
+    let held = fds_into(dir.path());
+    assert!(held <= bound, "{held} descriptors after a reopen");
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), n);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.payload, payload(i));
+    }
+    assert!(fds_into(dir.path()) <= bound);
+    // Consuming deletes segments and closes their handles.
+    log.register_consumer("c").unwrap();
+    log.ack("c", log.durable_end()).unwrap();
+    assert_eq!(log.stats().segments, 1);
+    assert_eq!(log.stats().read_handles, 0);
+    assert!(fds_into(dir.path()) <= 3);
+}
+
+/// The real file system, but opening a file for reading fails with EMFILE while `out`.
+struct NoDescriptors {
+    out: AtomicBool,
+}
+
+impl vfs::Vfs for NoDescriptors {
+    fn open(&self, path: &Path, mode: vfs::Mode) -> std::io::Result<Arc<dyn vfs::VFile>> {
+        if mode == vfs::Mode::Read && self.out.load(Ordering::Acquire) {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        vfs::Real.open(path, mode)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        vfs::Real.read(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        vfs::Real.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        vfs::Real.remove_file(path)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        vfs::Real.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        vfs::Real.sync_dir(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<(String, bool)>> {
+        vfs::Real.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        vfs::Real.exists(path)
+    }
+    fn free_bytes(&self, dir: &Path) -> std::io::Result<u64> {
+        vfs::Real.free_bytes(dir)
+    }
+    fn lock(&self, path: &Path) -> std::io::Result<Option<vfs::DirLock>> {
+        vfs::Real.lock(path)
+    }
+}
+
+/// A read that cannot open a sealed segment for want of descriptors is `Unavailable`
+/// (transient, nothing lost), returns what it read before that segment, and the same read
+/// succeeds once descriptors are back.
+#[test]
+fn a_read_without_descriptors_is_unavailable_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(NoDescriptors {
+        out: AtomicBool::new(false),
+    });
+    let config = LogConfig {
+        segment_bytes: 256,
+        read_handles: 2,
+        ..LogConfig::new(dir.path())
+    };
+    let n = 100;
+    {
+        let (log, _) = Log::open_with(config.clone(), fs.clone()).unwrap();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2) {
+            let ps: Vec<_> = chunk.iter().map(|&i| payload(i)).collect();
+            log.append_wait(batch(&ps)).unwrap();
+        }
+    }
+    // Reopened: no sealed segment is open.
+    let (log, _) = Log::open_with(config, fs.clone()).unwrap();
+    assert!(log.stats().segments > 10);
+    fs.out.store(true, Ordering::Release);
+    match log.read(0, 1000, 1 << 20) {
+        Err(LogError::Unavailable(m)) => assert!(m.contains("os error 24"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    fs.out.store(false, Ordering::Release);
+    // The first segment is cached now; without descriptors a read returns it and stops
+    // before the next one.
+    let first = log.read(0, 1, 1 << 20).unwrap();
+    assert_eq!(first.records.len(), 1);
+    fs.out.store(true, Ordering::Release);
+    let part = log.read(0, 1000, 1 << 20).unwrap();
+    assert!(!part.records.is_empty() && part.records.len() < n);
+    assert!(matches!(
+        log.read(part.next, 1000, 1 << 20),
+        Err(LogError::Unavailable(_))
+    ));
+    fs.out.store(false, Ordering::Release);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), n);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.payload, payload(i));
+    }
+}

@@ -144,6 +144,7 @@ impl Writer {
             .fs
             .open(&path, Mode::ReadWrite)
             .map_err(io_err("opening active segment", &path))?;
+        lock(&shared.handles).set_active(base, file.clone());
         let allocated = file
             .len()
             .map_err(io_err("reading segment size", &path))?
@@ -428,9 +429,6 @@ impl Writer {
                 0,
             ),
         };
-        let read = fs
-            .open(&path, Mode::Read)
-            .map_err(|e| transient(e, &format!("opening {}", path.display())))?;
         // Opening the directory can fail for want of a descriptor (transient); its fsync
         // failing is as fatal as any other.
         if let Err(e) = sync_dir(fs, &self.shared.dir) {
@@ -445,13 +443,18 @@ impl Writer {
                 self.shared.dir.display()
             ))));
         }
-        write_lock(&self.shared.segments).push(Segment {
-            base,
-            end: base,
-            records: 0,
-            file: read,
-            path,
-        });
+        {
+            let mut segs = write_lock(&self.shared.segments);
+            segs.push(Segment {
+                base,
+                end: base,
+                records: 0,
+                path,
+            });
+            // Readers read the new segment through the writer's own file; the sealed
+            // one's descriptor joins the bounded cache of read handles (`handles.rs`).
+            lock(&self.shared.handles).set_active(base, file.clone());
+        }
         self.file = file;
         self.base = base;
         self.len = 0;

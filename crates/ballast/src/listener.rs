@@ -113,9 +113,10 @@ pub fn connection_caps(
 
 /// Keeps file descriptors for the event log while the process runs: the public
 /// listener stops accepting while its connections, plus every other descriptor the
-/// process has open (segments, databases, sockets to destinations, admin connections),
-/// plus the reserve would pass `RLIMIT_NOFILE`. The static cap ([`connection_caps`]) is
-/// set at start; this follows what opens later (e.g. segments of a growing backlog).
+/// process has open (the log's files, databases, sockets to destinations, admin
+/// connections), plus the reserve would pass `RLIMIT_NOFILE`. The static cap
+/// ([`connection_caps`]) is set at start; this follows what opens later (e.g. the log's
+/// read handles, at most a few dozen whatever its backlog).
 pub struct FdBudget {
     limit: Option<u64>,
     reserve: u64,

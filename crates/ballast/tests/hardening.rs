@@ -5,7 +5,8 @@
 //! its whole body before it reads gets the early answer (413, 401) instead of a reset.
 //! After a descriptor flood that left the log unable to start a segment, new connections
 //! are acknowledged within seconds of descriptors being free; a node left wedged fails
-//! `/livez` (issue 29).
+//! `/livez`; a backlog of more segments than descriptors keeps ingest and liveness
+//! (issue 29).
 //!
 //! Every flood here is bounded in count and time, and every server is killed when its
 //! handle drops.
@@ -1003,13 +1004,14 @@ fn post_batch(s: &mut TcpStream, prefix: &str) -> (std::io::Result<Answer>, Vec<
     (answer, ids)
 }
 
-/// Issue 29, item 1, the scenario: `RLIMIT_NOFILE=512`, small segments, 700 idle
+/// Issue 29, item 1, the scenario: `RLIMIT_NOFILE=512`, small segments, a flood of 700
 /// connections for 15 s while a keep-alive client posts 20-event batches and the
-/// destination is down (its backlog keeps every segment, one descriptor each, until the
-/// log cannot start a new one); then the idle connections close and the destination comes
-/// back. Once its backlog is delivered the segments go, and within seconds new
-/// connections are accepted and their events acknowledged, and the keep-alive client's
-/// too; nothing acknowledged is lost, in order.
+/// destination is down; then the flood closes and the destination comes back. The flood's
+/// connections stall in their bodies and there is no `fd_reserve`, so they take the
+/// descriptors until the log cannot start a segment (a backlog of segments no longer
+/// holds any). Within seconds of the flood closing new connections are accepted and their
+/// events acknowledged, and the keep-alive client's too; nothing acknowledged is lost, in
+/// order.
 #[test]
 fn after_a_descriptor_flood_new_connections_are_accepted_and_acknowledged() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1019,6 +1021,10 @@ fn after_a_descriptor_flood_new_connections_are_accepted_and_acknowledged() {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+fd_reserve = 0
+admin_max_connections = 1
+body_read_timeout = "120s"
+body_min_rate = 0
 "#;
     let down = Arc::new(AtomicBool::new(true));
     let rx = {
@@ -1043,7 +1049,7 @@ retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", ma
 "#,
         rx.url()
     );
-    // 8 KiB segments: about one per batch, so that the backlog takes the descriptors.
+    // 8 KiB segments: about one per batch, so that the log needs a descriptor often.
     let config = config_with_server(server_section, &dest).replace("1MiB", "8KiB");
     let server = Server::start_with(&launcher, dir, &config, &[]);
     let a = addr(&server);
@@ -1089,13 +1095,7 @@ retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", ma
             (acked, refused, last_refused.map(|r| t.elapsed() - r))
         })
     };
-    let mut flood = Vec::new();
-    let t = Instant::now();
-    while flood.len() < 700 && t.elapsed() < Duration::from_secs(20) {
-        if let Ok(s) = TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
-            flood.push(s);
-        }
-    }
+    let flood = stalled_bodies(a, 700, Duration::from_secs(20));
     let flooded = flood.len();
     // 15 s, and on (at most a minute) until the backlog has taken the descriptors.
     std::thread::sleep(Duration::from_secs(15));
@@ -1141,7 +1141,7 @@ retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", ma
     stop.store(true, Ordering::Relaxed);
     let (acked, refused, quiet_for) = keeper.join().unwrap();
     eprintln!(
-        "{flooded} idle connections; log out of descriptors: {exhausted}; a new connection acknowledged {took:?} after the flood closed; keep-alive: {} acknowledged, {refused} refused, none for the last {quiet_for:?}",
+        "{flooded} stalled connections; log out of descriptors: {exhausted}; a new connection acknowledged {took:?} after the flood closed; keep-alive: {} acknowledged, {refused} refused, none for the last {quiet_for:?}",
         acked.len()
     );
     assert!(
@@ -1173,16 +1173,39 @@ retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", ma
     assert!(server.terminate().success(), "{}", server.stderr());
 }
 
+/// Connections that each send a request's head and the first byte of its body, then
+/// stall: a request in progress (never shed as idle), each holding one of the server's
+/// descriptors until it is closed (or `body_read_timeout`). Those the server does not
+/// accept wait in the kernel's accept queue.
+fn stalled_bodies(a: SocketAddr, n: usize, within: Duration) -> Vec<TcpStream> {
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+        basic(WRITE_KEY)
+    );
+    let mut out = Vec::new();
+    let t = Instant::now();
+    while out.len() < n && t.elapsed() < within {
+        if let Ok(mut s) = TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
+            if s.write_all(head.as_bytes()).is_ok() {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
 /// Sends `GET <path>` on a kept-alive connection and reads the answer.
 fn get_on(s: &mut TcpStream, path: &str) -> std::io::Result<Answer> {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())?;
     read_answer(s)
 }
 
-/// Issue 29, item 1: a node wedged for want of descriptors (a backlog of segments, no
-/// consumer, under a low `RLIMIT_NOFILE`: the log cannot start a segment, the listener
-/// holds new connections back) fails `/livez` after `server.liveness_timeout`, so that an
-/// orchestrator restarts it. Before, `/livez` stayed 200: a black hole.
+/// Issue 29, item 1: a node wedged for want of descriptors (under a low `RLIMIT_NOFILE`
+/// with no `fd_reserve`, connections stalled in their bodies take every descriptor: the
+/// log cannot start a segment, the listener holds new connections back) fails `/livez`
+/// after `server.liveness_timeout`, so that an orchestrator restarts it. Before, `/livez`
+/// stayed 200: a black hole. (A backlog of segments wedged it before; segments no longer
+/// hold descriptors, see `a_backlog_of_more_segments_than_descriptors_keeps_ingest_and_liveness`.)
 #[test]
 fn a_wedged_node_fails_livez() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -1191,16 +1214,28 @@ fn a_wedged_node_fails_livez() {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-fd_reserve = 16
+fd_reserve = 0
+admin_max_connections = 1
+body_read_timeout = "120s"
+body_min_rate = 0
 liveness_timeout = "2s"
 "#;
-    // 4 KiB segments and no destination: every segment stays, one descriptor each.
+    // 4 KiB segments: a roll (a new descriptor) about every batch.
     let config = config_with_server(server_section, "").replace("1MiB", "4KiB");
     let server = Server::start_with(&launcher, dir, &config, &[]);
     let a = addr(&server);
     let mut keep = connect(a);
     let r = get_on(&mut keep, "/livez").unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "OK"));
+    // Segments first: the log's cache of sealed segments' handles fills (it was open
+    // when the connection cap was set), so the connections that follow meet the
+    // listener's descriptor budget before its connection cap.
+    for i in 0..60 {
+        let (body, _) = batch_body(&format!("pre{i}"), 20);
+        let r = roundtrip(&mut keep, "/v1/batch", Some(&basic(WRITE_KEY)), &body);
+        assert_eq!(r.status, 200, "{}", server.stderr());
+    }
+    let _stalled = stalled_bodies(a, 200, Duration::from_secs(10));
     // Batches until the log cannot start a segment.
     let mut refused = None;
     for i in 0..2000 {
@@ -1227,7 +1262,9 @@ liveness_timeout = "2s"
         })
         .collect();
     // Asked often enough that the kept-alive connection is never idle for a second (an
-    // idle one is closed to give its descriptor back).
+    // idle one is closed to give its descriptor back). The log may get a descriptor back
+    // once the listener holds back (nothing of the log's own grows any more), so the
+    // stall named is the log's, the accept loop's, or both.
     let mut last = None;
     let wedged = wait_for(10, || {
         std::thread::sleep(Duration::from_millis(100));
@@ -1237,7 +1274,9 @@ liveness_timeout = "2s"
     assert!(wedged, "{last:?}\n{}", server.stderr());
     let body = last.unwrap().body;
     assert!(
-        body.starts_with("stalled: ") && body.contains("cannot start a new log segment"),
+        body.starts_with("stalled: ")
+            && (body.contains("cannot start a new log segment")
+                || body.contains("no connection accepted")),
         "{body}"
     );
     // The accept loop, holding the waiting client back, is named too.
@@ -1259,4 +1298,123 @@ liveness_timeout = "2s"
         "{}",
         server.stderr()
     );
+}
+
+/// Issue 29, item 1, the cause: a backlog no destination consumes kept one descriptor per
+/// segment, so under a low `RLIMIT_NOFILE` the log could no longer start a segment (503
+/// for every post, `/livez` failing, a restart no better). Sealed segments now hold no
+/// descriptor: with 4 KiB segments (the smallest) and the destination down, more
+/// segments than the limit has descriptors are all acknowledged, `/livez` stays 200, and
+/// once the destination is back every event arrives, once, in order.
+#[test]
+fn a_backlog_of_more_segments_than_descriptors_keeps_ingest_and_liveness() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let launcher = low_fd_launcher(dir.path(), 160);
+    let server_section = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+fd_reserve = 16
+liveness_timeout = "2s"
+"#;
+    let down = Arc::new(AtomicBool::new(true));
+    let rx = {
+        let down = down.clone();
+        Receiver::start(common::receiver::rule(move |_| {
+            common::receiver::Reply::Status(if down.load(Ordering::Relaxed) {
+                503
+            } else {
+                200
+            })
+        }))
+    };
+    let dest = format!(
+        r#"
+[[destinations]]
+id = "hook"
+type = "webhook"
+sources = ["web"]
+url = "{}"
+batch_size = 100
+retry = {{ max_attempts = 1000000, retry_window = "1h", min_backoff = "20ms", max_backoff = "200ms" }}
+"#,
+        rx.url()
+    );
+    let config = config_with_server(server_section, &dest).replace("1MiB", "4KiB");
+    let server = Server::start_with(&launcher, dir, &config, &[]);
+    let a = addr(&server);
+    let mut keep = connect(a);
+    keep.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut acked: Vec<String> = Vec::new();
+    let t = Instant::now();
+    let mut i = 0;
+    // 20 events of ~400 bytes a batch (a batch is never split): a 4 KiB segment each,
+    // so 200 batches leave ~200 segments, past the 160 descriptors.
+    while i < 200 && t.elapsed() < Duration::from_secs(120) {
+        i += 1;
+        let (r, ids) = post_batch(&mut keep, &format!("b{i}"));
+        let r = r.unwrap_or_else(|e| panic!("batch {i}: {e}\n{}", server.stderr()));
+        assert_eq!(r.status, 200, "batch {i}: {}\n{}", r.body, server.stderr());
+        acked.extend(ids);
+        if i % 25 == 0 {
+            let l = get_on(&mut keep, "/livez").unwrap();
+            assert_eq!((l.status, l.body.as_str()), (200, "OK"), "after batch {i}");
+        }
+    }
+    assert_eq!(i, 200, "posting took too long");
+    let segments = count_segments(server.dir.path());
+    assert!(segments > 160, "only {segments} segments");
+    // Longer than the liveness timeout: nothing is stalled.
+    std::thread::sleep(Duration::from_secs(3));
+    let l = get_on(&mut keep, "/livez").unwrap();
+    assert_eq!(
+        (l.status, l.body.as_str()),
+        (200, "OK"),
+        "{}",
+        server.stderr()
+    );
+    let fresh = connect(a);
+    drop(fresh);
+    down.store(false, Ordering::Relaxed);
+    let all: std::collections::HashSet<String> = acked.iter().cloned().collect();
+    assert!(
+        wait_for(60, || rx.has_all(&all)),
+        "{} of {} acknowledged events delivered\n{}",
+        rx.ok_ids().intersection(&all).count(),
+        all.len(),
+        server.stderr()
+    );
+    let delivered: Vec<String> = rx
+        .ok_events()
+        .iter()
+        .map(|e| common::mid(e).to_string())
+        .collect();
+    assert_eq!(delivered.len(), acked.len(), "delivered more than once");
+    assert!(delivered == acked, "delivered out of order");
+    eprintln!(
+        "{segments} segments under RLIMIT_NOFILE=160: all {} events acknowledged and delivered",
+        acked.len()
+    );
+    let mut server = server;
+    assert!(server.terminate().success(), "{}", server.stderr());
+}
+
+/// `.seg` files anywhere under `dir`.
+fn count_segments(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                count_segments(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|x| x == "seg"))
+            }
+        })
+        .sum()
 }

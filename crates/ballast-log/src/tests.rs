@@ -644,7 +644,7 @@ fn fds_into(dir: &Path) -> usize {
         .count()
 }
 
-/// Issue 29: a sealed segment holds no descriptor. A log of hundreds of segments (a
+/// A sealed segment holds no descriptor. A log of hundreds of segments (a
 /// backlog nobody consumes) holds the active segment, the directory lock and at most
 /// `read_handles` read handles, while it is written, read through, and reopened.
 #[test]

@@ -1495,7 +1495,7 @@ fn json_nested_deeper_than_100_levels_is_refused() {
 }
 
 /// A `Content-Encoding` other than `gzip` or `identity` is refused with 415 from the
-/// head, never read as plain JSON (issue 29): a `deflate` or `br` body read as JSON was
+/// head, never read as plain JSON: a `deflate` or `br` body read as JSON was
 /// stored as garbage or refused as `invalid json`, and a plain body under an unknown
 /// encoding was stored as if it said nothing.
 #[test]
@@ -1566,7 +1566,7 @@ fn an_unknown_content_encoding_gets_415_and_stores_nothing() {
 }
 
 /// A client that shuts its sending side (`shutdown(SHUT_WR)`) once its whole request is
-/// written still reads the answer, and the event is stored once (issue 29: it got no
+/// written still reads the answer, and the event is stored once (it got no
 /// answer, though its events were stored: a duplicate when it retried).
 #[test]
 fn a_client_that_half_closes_after_its_request_gets_the_answer() {

@@ -1610,7 +1610,7 @@ fn the_aborting_alert_resolves_once_the_destination_delivers_again() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Hostile destinations (issue 29, item 2): nothing a destination answers may panic the
+// Hostile destinations: nothing a destination answers may panic the
 // router, park a user past the retry rule, lose events or exhaust memory.
 // ---------------------------------------------------------------------------------------
 

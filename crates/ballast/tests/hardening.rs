@@ -5,8 +5,7 @@
 //! its whole body before it reads gets the early answer (413, 401) instead of a reset.
 //! After a descriptor flood that left the log unable to start a segment, new connections
 //! are acknowledged within seconds of descriptors being free; a node left wedged fails
-//! `/livez`; a backlog of more segments than descriptors keeps ingest and liveness
-//! (issue 29).
+//! `/livez`; a backlog of more segments than descriptors keeps ingest and liveness.
 //!
 //! Every flood here is bounded in count and time, and every server is killed when its
 //! handle drops.
@@ -1004,7 +1003,7 @@ fn post_batch(s: &mut TcpStream, prefix: &str) -> (std::io::Result<Answer>, Vec<
     (answer, ids)
 }
 
-/// Issue 29, item 1, the scenario: `RLIMIT_NOFILE=512`, small segments, a flood of 700
+/// The scenario: `RLIMIT_NOFILE=512`, small segments, a flood of 700
 /// connections for 15 s while a keep-alive client posts 20-event batches and the
 /// destination is down; then the flood closes and the destination comes back. The flood's
 /// connections stall in their bodies and there is no `fd_reserve`, so they take the
@@ -1200,7 +1199,7 @@ fn get_on(s: &mut TcpStream, path: &str) -> std::io::Result<Answer> {
     read_answer(s)
 }
 
-/// Issue 29, item 1: a node wedged for want of descriptors (under a low `RLIMIT_NOFILE`
+/// A node wedged for want of descriptors (under a low `RLIMIT_NOFILE`
 /// with no `fd_reserve`, connections stalled in their bodies take every descriptor: the
 /// log cannot start a segment, the listener holds new connections back) fails `/livez`
 /// after `server.liveness_timeout`, so that an orchestrator restarts it. Before, `/livez`
@@ -1300,7 +1299,7 @@ liveness_timeout = "2s"
     );
 }
 
-/// Issue 29, item 1, the cause: a backlog no destination consumes kept one descriptor per
+/// The cause of a wedge: a backlog no destination consumes kept one descriptor per
 /// segment, so under a low `RLIMIT_NOFILE` the log could no longer start a segment (503
 /// for every post, `/livez` failing, a restart no better). Sealed segments now hold no
 /// descriptor: with 4 KiB segments (the smallest) and the destination down, more

@@ -636,7 +636,7 @@ fn ingest(server: &Server, total: usize, users: usize, threads: usize) {
     });
 }
 
-/// Issue 27: after a burst, the backlog on the PostgreSQL store drains completely, in each
+/// After a burst, the backlog on the PostgreSQL store drains completely, in each
 /// user's order, without a single store call timing out (the old code stalled for 30 s at
 /// a time: reads and acknowledgements timed out in waves; a wait on an idle database is a
 /// wait on ballast itself). Bounded in time, not a speed assertion.
@@ -708,7 +708,7 @@ fn a_large_backlog_on_postgres_drains_with_no_store_timeout() {
     assert!(server.terminate().success(), "{}", server.stderr());
 }
 
-/// Issue 27: shutdown is bounded by `server.shutdown_timeout` plus its margin (5 s)
+/// Shutdown is bounded by `server.shutdown_timeout` plus its margin (5 s)
 /// whatever the store does: with the database frozen (SIGSTOP: connections open, nothing
 /// answers) and a request waiting for its commit, SIGTERM ends the process within the
 /// bound; past `shutdown_timeout` it says what it was still waiting for and exits 3.
@@ -814,7 +814,7 @@ fn post_noise(server: &Server, id: &str, pad: usize, seed: &mut u64) -> (u16, St
     }
 }
 
-/// Issue 29 (3): with the database frozen (SIGSTOP: connections open, nothing answers) a
+/// With the database frozen (SIGSTOP: connections open, nothing answers) a
 /// request is answered 503 within seconds (not after the 30-second statement timeout),
 /// `/readyz` turns 503 within about two seconds while `/livez` stays 200, and all comes
 /// back when the database runs again.
@@ -906,7 +906,7 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Issue 29 (3): with the event table's tablespace full, appends are refused as "disk
+/// With the event table's tablespace full, appends are refused as "disk
 /// full", and `/readyz` says so steadily (not flapping to 200, not "storage failed")
 /// until there is room again; then it is ready by itself (a probe finds the room) and
 /// takes events. Skipped where a tmpfs cannot be mounted.

@@ -232,7 +232,7 @@ const TIMED_OPERATIONS: [&str; 6] = ["read", "ack", "consumer", "append", "poll"
 /// its other awaits (an acknowledgement, a retry-state save…); with the read and the
 /// acknowledgement on one connection, the acknowledgement waited for the read's rows to
 /// be taken and the read for the loop to come back from the acknowledgement, until the
-/// 30-second timeout failed both (the stalls of issue 27). Here every query runs on a
+/// 30-second timeout failed both. Here every query runs on a
 /// task of its own, which takes its rows whatever its caller does (polled, dropped or
 /// busy), no lock is held across an await, and acknowledgements have their own
 /// connection, so one never queues behind megabytes of a read.
@@ -1941,7 +1941,7 @@ mod tests {
         }
     }
 
-    /// Issue 27: the router's loop starts a read ahead of need and polls it only between
+    /// The router's loop starts a read ahead of need and polls it only between
     /// its other awaits. A read started and then left unpolled while the loop saves its
     /// cursor must hold up neither that acknowledgement nor anything else: with both on
     /// one pipelined connection, the connection stopped taking the read's rows (nobody
@@ -2094,7 +2094,7 @@ mod tests {
         b.close().await;
     }
 
-    /// Issue 29 (3): progress made while the database (and the lease with it) was away is
+    /// Progress made while the database (and the lease with it) was away is
     /// not thrown away: the acknowledgement that failed is kept, and saved under the
     /// lease when this process holds it again, so the next loop resumes from it and
     /// re-sends only what was in flight.

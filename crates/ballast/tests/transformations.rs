@@ -354,3 +354,45 @@ fn transform_test_prints_what_would_be_sent() {
     );
     assert!(text.contains("// log [t]: passed m1"), "{text}");
 }
+
+/// An event on which the worker process dies every time (a crash in the engine, injected)
+/// is struck like a processing panic and quarantined as poison at
+/// `recovery.poison_threshold`; the node stays normal and the rest is delivered in order.
+#[cfg(feature = "failpoints")]
+#[test]
+fn an_event_that_kills_the_worker_every_time_is_quarantined() {
+    let rx = Receiver::start(always(200));
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(dir.path().join("t.js"), JS).unwrap();
+    let server = Server::start_in(
+        dir,
+        &config(&rx, r#"timeout = "2s""#, ""),
+        &[("FAILPOINTS", "transform::worker_abort=return(poison-1)")],
+    );
+    let mut sent: Vec<Value> = (0..30)
+        .map(|i| with(&format!("u{}", i % 3), &format!("e-{i}"), json!({}), None))
+        .collect();
+    sent.insert(10, with("u1", "poison-1", json!({}), None));
+    post(&server, &json!({ "batch": sent }));
+    let innocent: Vec<Value> = sent
+        .iter()
+        .filter(|e| mid(e) != "poison-1")
+        .cloned()
+        .collect();
+    let want: HashSet<String> = innocent.iter().map(|e| mid(e).to_string()).collect();
+    assert!(
+        wait_for(90, || rx.has_all(&want) && dead_letters(&server).len() == 1),
+        "delivered {}, dead letters {:?}\n{}",
+        rx.ok_ids().len(),
+        dead_letters(&server),
+        server.stderr()
+    );
+    let dead = dead_letters(&server);
+    assert_eq!(dead[0]["event"]["messageId"], "poison-1");
+    assert_eq!(dead[0]["kind"], "poison");
+    assert!(!rx.ok_ids().contains("poison-1"));
+    check_user_order(&innocent, &rx.ok_events()).unwrap();
+    assert_eq!(common::admin_get(&server, "/v1/status")["mode"], "NORMAL");
+    let alerts = common::admin_get(&server, "/v1/alerts").to_string();
+    assert!(alerts.contains("poison"), "{alerts}");
+}

@@ -62,6 +62,15 @@ fn serve(
             ToWorker::Run(r) => r,
             ToWorker::Init { .. } => continue,
         };
+        // Tests: the engine crashing on an event (a segfault or abort in QuickJS).
+        #[cfg(feature = "failpoints")]
+        if let Some(id) = fail::eval("transform::worker_abort", |a| a.unwrap_or_default()) {
+            let needle = format!("\"messageId\":\"{id}\"");
+            if req.events.iter().any(|e| e.contains(&needle)) {
+                eprintln!("failpoint transform::worker_abort: aborting on {id}");
+                std::process::abort();
+            }
+        }
         let reply = engine.run(&req);
         let tainted = reply.tainted;
         write_frame(output, &FromWorker::Done(reply))?;

@@ -282,7 +282,6 @@ impl Router {
         let partitions = store.partitions().max(1);
         // User transformations run in worker processes of this same binary.
         let transformations = crate::transform::Transformations::start(
-            std::env::current_exe()?,
             &config.transformations,
             &config.transform,
             &config.destinations,

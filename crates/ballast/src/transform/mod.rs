@@ -171,10 +171,9 @@ pub struct Transformations {
 }
 
 impl Transformations {
-    /// Starts the worker pool (with `exe transform-worker`) when some destination uses a
-    /// transformation; compiles every transformation there first.
+    /// Starts the worker pool (this binary, as `transform-worker`) when some destination
+    /// uses a transformation; compiles every transformation there first.
     pub async fn start(
-        exe: PathBuf,
         transformations: &[TransformationConfig],
         settings: &TransformSettings,
         destinations: &[DestinationConfig],
@@ -184,6 +183,9 @@ impl Transformations {
             .iter()
             .any(|d| d.enabled && !d.transformations.is_empty());
         let pool = if used {
+            let exe = std::env::current_exe().map_err(|e| {
+                PoolError::Spawn(format!("cannot find this program's executable: {e}"))
+            })?;
             let pool = Pool::start(
                 exe,
                 sources(transformations)?,

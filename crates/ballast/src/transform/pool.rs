@@ -154,6 +154,9 @@ impl Pool {
 
     /// Runs one batch in a worker. The hard deadline is the time limit per call times the
     /// calls the batch may make, plus 5 s: the interrupt handler stops a call well before.
+    /// A worker taken from the idle ones that dies on the batch may have died before it
+    /// (killed while idle): the batch goes once more to a new worker, and only a second
+    /// death is the batch's.
     pub async fn run(&self, req: RunRequest) -> Result<RunReply, PoolError> {
         let calls = (req.events.len().max(1) * req.chain.len().max(1)) as u32;
         let hard = self.timeout.saturating_mul(calls) + Duration::from_secs(5);
@@ -164,12 +167,28 @@ impl Pool {
             .await
             .map_err(|e| PoolError::Spawn(e.to_string()))?;
         let idle = self.lock_idle().pop();
-        let mut p = match idle {
-            Some(p) => p,
-            None => self.spawn().await?,
+        let was_idle = idle.is_some();
+        let first = match idle {
+            Some(p) => self.run_in(p, &frame, hard).await,
+            None => self.run_in(self.spawn().await?, &frame, hard).await,
         };
+        match first {
+            Err(PoolError::Died(e)) if was_idle => {
+                tracing::warn!(error = %e, "a transformation worker died on a batch; trying it once in a new worker");
+                self.run_in(self.spawn().await?, &frame, hard).await
+            }
+            other => other,
+        }
+    }
+
+    async fn run_in(
+        &self,
+        mut p: Proc,
+        frame: &[u8],
+        hard: Duration,
+    ) -> Result<RunReply, PoolError> {
         let answer = async {
-            p.send(&frame).await.map_err(|e| e.to_string())?;
+            p.send(frame).await.map_err(|e| e.to_string())?;
             p.recv().await
         };
         let result = tokio::time::timeout(hard, answer).await;

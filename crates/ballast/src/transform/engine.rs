@@ -294,8 +294,55 @@ impl Engine {
 
     /// Runs the request's chain over its events. Never fails as a whole: each event gets
     /// its outputs or the failure of the transformation that failed on it.
+    ///
+    /// A chain of `transformEvent`s takes the events one at a time through the whole
+    /// chain, so that only one event (and what it became) is alive in the runtime: a large
+    /// batch must not fill the memory limit with the batch itself. A chain with a
+    /// `transformBatch` holds the batch.
     pub fn run(&mut self, req: &RunRequest) -> RunReply {
-        let n = req.events.len();
+        let batch = req
+            .chain
+            .iter()
+            .any(|&t| self.transformations.get(t).is_some_and(|l| l.has_batch));
+        let reply = if batch || req.events.len() <= 1 {
+            self.run_part(req, &req.events)
+        } else {
+            let mut all = RunReply {
+                results: Vec::with_capacity(req.events.len()),
+                logs: Vec::new(),
+                stats: Vec::new(),
+                tainted: false,
+            };
+            for e in &req.events {
+                let one = self.run_part(req, std::slice::from_ref(e));
+                all.results.extend(one.results);
+                all.logs.extend(one.logs);
+                all.tainted |= one.tainted;
+                for s in one.stats {
+                    match all
+                        .stats
+                        .iter_mut()
+                        .find(|x| x.transformation == s.transformation)
+                    {
+                        Some(x) => {
+                            x.events_in += s.events_in;
+                            x.events_out += s.events_out;
+                            x.dropped += s.dropped;
+                            x.failed += s.failed;
+                            x.nanos += s.nanos;
+                        }
+                        None => all.stats.push(s),
+                    }
+                }
+            }
+            all
+        };
+        self.rt.run_gc();
+        reply
+    }
+
+    fn run_part(&self, req: &RunRequest, events: &[String]) -> RunReply {
+        let n = events.len();
         let mut failures: Vec<Option<Failure>> = vec![None; n];
         let mut stats: Vec<Stats> = Vec::new();
         let mut logs = Vec::new();
@@ -309,7 +356,7 @@ impl Engine {
         self.ctx.with(|ctx| {
             // Each item: (origin index, the event as a JS value).
             let mut items: Vec<(usize, Value)> = Vec::with_capacity(n);
-            for (i, e) in req.events.iter().enumerate() {
+            for (i, e) in events.iter().enumerate() {
                 match ctx.json_parse(e.as_bytes()) {
                     Ok(v) => items.push((i, v)),
                     Err(_) => {
@@ -473,7 +520,6 @@ impl Engine {
                 }
             }
         });
-        self.rt.run_gc();
         let results = failures
             .into_iter()
             .zip(outputs)

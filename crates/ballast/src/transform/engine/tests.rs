@@ -223,3 +223,38 @@ fn compile_errors_name_the_transformation() {
     .unwrap();
     assert!(err.to_string().contains("neither"), "{err}");
 }
+
+#[test]
+fn a_batch_larger_than_the_memory_limit_goes_through_one_event_at_a_time() {
+    let mut e = Engine::new(
+        &[Source {
+            id: "t".into(),
+            code: "export function transformEvent(event) { return event; }".into(),
+        }],
+        4 << 20,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    // 20,000 events of about 600 bytes: some 12 MB of JSON, more as objects.
+    let events: Vec<String> = (0..20_000)
+        .map(|i| {
+            format!(
+                r#"{{"messageId":"m-{i}","properties":{{"pad":"{}"}}}}"#,
+                "x".repeat(560)
+            )
+        })
+        .collect();
+    let r = e.run(&RunRequest {
+        chain: vec![0, 0],
+        destination_id: "d".into(),
+        source_id: None,
+        events,
+    });
+    assert!(r
+        .results
+        .iter()
+        .all(|x| x.as_ref().is_ok_and(|o| o.len() == 1)));
+    assert_eq!(r.stats.len(), 1);
+    assert_eq!(r.stats[0].events_in, 40_000);
+    assert!(!r.tainted);
+}

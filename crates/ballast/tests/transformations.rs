@@ -311,6 +311,40 @@ fn an_unknown_transformation_is_a_config_error_naming_it() {
 }
 
 #[test]
+fn check_config_compiles_the_transformations() {
+    let rx = Receiver::start(always(200));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config(&rx, "", "")).unwrap();
+    let check = || {
+        std::process::Command::new(common::bin())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(dir.path().join("t.js"), JS).unwrap();
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        dir.path().join("t.js"),
+        "export function transformEvent(e {",
+    )
+    .unwrap();
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("transformation \"t\"") && err.contains("SyntaxError"),
+        "{err}"
+    );
+}
+
+#[test]
 fn transform_test_prints_what_would_be_sent() {
     let rx = Receiver::start(always(200));
     let dir = tempfile::tempdir().unwrap();

@@ -225,6 +225,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
+            if !cfg.transformations.is_empty() {
+                // Compiled here, in this command's process, as a worker would.
+                let sources = crate::transform::sources(&cfg.transformations)?;
+                crate::transform::engine::Engine::new(
+                    &sources,
+                    cfg.transform.memory_limit,
+                    cfg.transform.timeout,
+                )?;
+            }
             println!(
                 "{}: OK ({} source(s), storage {:?} in {})",
                 config.display(),

@@ -287,6 +287,33 @@ fn a_worker_killed_mid_batch_loses_nothing_and_keeps_order() {
 }
 
 #[test]
+fn workers_outlive_a_sigterm_to_the_group_and_end_with_the_server() {
+    let rx = Receiver::start(always(200));
+    let mut server = start(&config(&rx, r#"timeout = "2s""#, ""));
+    let pids = workers(&server);
+    assert!(!pids.is_empty(), "a worker is started with the server");
+    // SAFETY: kill(2) on our own server's child.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(workers(&server), pids, "the worker ignored SIGTERM");
+    post(
+        &server,
+        &json!({ "batch": [with("u1", "after-term", json!({}), None)] }),
+    );
+    assert!(wait_for(20, || rx.ok_ids().contains("after-term")));
+    assert!(server.terminate().success());
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_for(10, || pids.iter().all(|&p| gone(p))),
+        "workers outlived the server"
+    );
+}
+
+#[test]
 fn an_unknown_transformation_is_a_config_error_naming_it() {
     let rx = Receiver::start(always(200));
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,14 @@ use super::protocol::{read_frame, write_frame, FrameError, FromWorker, ToWorker}
 
 /// Runs the worker; its exit code.
 pub fn main() -> i32 {
+    // The server ends its workers (it closes their stdin, or kills them); a SIGTERM or
+    // SIGINT sent to the whole group (systemd's stop, a terminal's Ctrl-C) must not kill
+    // a worker under the batches the server is finishing before it stops.
+    // SAFETY: signal(2) with SIG_IGN, before any other thread exists in this process.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let mut input = BufReader::new(stdin.lock());

@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// e2e: the webhook destination's `batch_size` (events per delivery).
     #[arg(long, default_value_t = 100)]
     pub e2e_batch_size: usize,
+    /// e2e: a file of JavaScript the webhook destination applies as a user
+    /// transformation (docs/TRANSFORMATIONS.md).
+    #[arg(long)]
+    pub e2e_transformation: Option<PathBuf>,
     /// e2e: how long to wait after the load for ballast to deliver everything.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub e2e_drain_timeout: Duration,

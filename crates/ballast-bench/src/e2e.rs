@@ -220,6 +220,10 @@ pub(crate) async fn run(bench: &Bench<'_>, round: usize) -> anyhow::Result<E2eOu
         url: format!("http://{sink_addr}/in"),
         concurrency: args.e2e_concurrency,
         batch_size: args.e2e_batch_size,
+        transformation: match &args.e2e_transformation {
+            Some(f) => Some(std::fs::read_to_string(f)?),
+            None => None,
+        },
     };
     let config = dir.join("ballast.toml");
     std::fs::write(

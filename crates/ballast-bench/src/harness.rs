@@ -211,6 +211,8 @@ pub(crate) struct WebhookDestination {
     pub url: String,
     pub concurrency: usize,
     pub batch_size: usize,
+    /// JavaScript of a user transformation the destination applies (`--e2e-transformation`).
+    pub transformation: Option<String>,
 }
 
 pub(crate) fn ballast_config(
@@ -255,6 +257,13 @@ batch_size = {batch_size}
             concurrency = d.concurrency,
             batch_size = d.batch_size,
         );
+        if let Some(code) = &d.transformation {
+            let _ = write!(
+                config,
+                "transformations = [\"bench\"]\n\n[[transformations]]\nid = \"bench\"\ncode = {}\n",
+                toml_string(code)?
+            );
+        }
     }
     Ok(config)
 }
@@ -362,6 +371,7 @@ mod tests {
                 url: "http://127.0.0.1:1002/in".into(),
                 concurrency: 64,
                 batch_size: 100,
+                transformation: None,
             }),
         )
         .unwrap();
@@ -377,6 +387,33 @@ mod tests {
                 "concurrency = 64",
                 "batch_size = 100",
             ]
+        );
+    }
+
+    #[test]
+    fn e2e_config_with_a_transformation() {
+        let cfg = ballast_config(
+            "127.0.0.1:1000".parse().unwrap(),
+            "127.0.0.1:1001".parse().unwrap(),
+            Path::new("/tmp/d"),
+            Some(&WebhookDestination {
+                url: "http://127.0.0.1:1002/in".into(),
+                concurrency: 64,
+                batch_size: 100,
+                transformation: Some("export function transformEvent(e) {\n  return e;\n}".into()),
+            }),
+        )
+        .unwrap();
+        let (_, dest) = cfg.split_once("\n[[destinations]]\n").unwrap();
+        assert!(
+            dest.contains("batch_size = 100\ntransformations = [\"bench\"]\n"),
+            "{dest}"
+        );
+        assert!(
+            cfg.ends_with(
+                "\n[[transformations]]\nid = \"bench\"\ncode = \"export function transformEvent(e) {\\n  return e;\\n}\"\n"
+            ),
+            "{cfg}"
         );
     }
 

@@ -25,4 +25,5 @@ pub mod router;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod transform;
 pub mod units;

@@ -70,6 +70,34 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// User transformations: `ballast transform test` runs one over events from a file.
+    Transform {
+        #[command(subcommand)]
+        command: TransformCommand,
+    },
+    /// A transformation worker: started by the server, speaks the framed protocol on
+    /// stdin/stdout (see `transform::protocol`).
+    #[command(hide = true)]
+    TransformWorker,
+}
+
+#[derive(Subcommand, Debug)]
+enum TransformCommand {
+    /// Runs a transformation over events (JSON lines) and prints what would be sent: one
+    /// JSON line per event out; drops, failures and `log` lines as `//` comments.
+    Test {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The transformation's id.
+        #[arg(long)]
+        transformation: String,
+        /// A file of events, one JSON object a line.
+        #[arg(long)]
+        events: PathBuf,
+        /// The destination id `metadata()` reports.
+        #[arg(long, default_value = "test")]
+        destination: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,6 +230,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
+            if !cfg.transformations.is_empty() {
+                // Compiled here, in this command's process, as a worker would.
+                let sources = crate::transform::sources(&cfg.transformations)?;
+                crate::transform::engine::Engine::new(
+                    &sources,
+                    cfg.transform.memory_limit,
+                    cfg.transform.timeout,
+                )?;
+            }
             println!(
                 "{}: OK ({} source(s), storage {:?} in {})",
                 config.display(),
@@ -215,6 +252,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             command: LogCommand::Dump { data_dir, meta },
         } => dump(&data_dir, meta),
         Command::Status { admin, json } => status(&admin, json),
+        Command::TransformWorker => Ok(crate::transform::worker::main()),
+        Command::Transform {
+            command:
+                TransformCommand::Test {
+                    config,
+                    transformation,
+                    events,
+                    destination,
+                },
+        } => transform_test(&config, &transformation, &events, &destination),
         Command::Mode { command, admin } => {
             let rt = runtime()?;
             let body = match command {
@@ -453,6 +500,61 @@ fn dump(data_dir: &std::path::Path, meta: bool) -> anyhow::Result<i32> {
     }
     out.flush().context("writing to stdout")?;
     Ok(if bad.get() > 0 { 2 } else { 0 })
+}
+
+/// `ballast transform test`: the engine in this process (a command, not the server).
+fn transform_test(
+    config: &std::path::Path,
+    id: &str,
+    events: &std::path::Path,
+    destination: &str,
+) -> anyhow::Result<i32> {
+    use crate::transform::{engine::Engine, protocol::RunRequest};
+    let cfg = Config::load(config)?;
+    let sources = crate::transform::sources(&cfg.transformations)?;
+    let mut engine = Engine::new(&sources, cfg.transform.memory_limit, cfg.transform.timeout)?;
+    let Some(index) = engine.index_of(id) else {
+        anyhow::bail!("no transformation {id:?} in {}", config.display());
+    };
+    let text =
+        std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let reply = engine.run(&RunRequest {
+        chain: vec![index],
+        destination_id: destination.to_string(),
+        source_id: None,
+        events: lines,
+    });
+    let mut out = std::io::stdout().lock();
+    for (t, line) in &reply.logs {
+        writeln!(out, "// log [{t}]: {line}")?;
+    }
+    let mut failed = 0;
+    for (n, r) in reply.results.iter().enumerate() {
+        match r {
+            Ok(outputs) if outputs.is_empty() => writeln!(out, "// event {}: dropped", n + 1)?,
+            Ok(outputs) => {
+                for o in outputs {
+                    writeln!(out, "{}", o.json)?;
+                }
+            }
+            Err(f) => {
+                failed += 1;
+                for (k, l) in f.to_string().lines().enumerate() {
+                    if k == 0 {
+                        writeln!(out, "// event {}: {l}", n + 1)?;
+                    } else {
+                        writeln!(out, "//   {l}")?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(if failed > 0 { 2 } else { 0 })
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::alerts::AlertsConfig;
 use crate::destinations::DestinationConfig;
 use crate::recovery::RecoveryConfig;
 use crate::store::{StorageBackend, StorageConfig};
+use crate::transform::{TransformSettings, TransformationConfig};
 use crate::units::{duration, size, size_usize};
 
 mod env;
@@ -56,6 +57,12 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// The worker pool running user transformations, and its limits.
+    #[serde(default)]
+    pub transform: TransformSettings,
+    /// User transformations (JavaScript) that destinations name.
+    #[serde(default)]
+    pub transformations: Vec<TransformationConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,7 +222,11 @@ impl Config {
             path: path.to_path_buf(),
             error,
         })?;
-        Config::from_toml(&text, &path.display().to_string(), std::env::vars())
+        let mut config = Config::from_toml(&text, &path.display().to_string(), std::env::vars())?;
+        if let Some(dir) = path.parent() {
+            crate::transform::resolve_files(&mut config.transformations, dir);
+        }
+        Ok(config)
     }
 
     /// Parses TOML text, applies `BALLAST_*` variables from `env`, validates.
@@ -344,6 +355,8 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("destination {:?}: {e}", d.id)));
             }
         }
+        crate::transform::validate(&self.transformations, &self.transform, &self.destinations)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.recovery.crash_threshold == 0 || self.recovery.poison_threshold == 0 {
             return Err(ConfigError::Invalid(
                 "recovery.crash_threshold and recovery.poison_threshold must be at least 1".into(),

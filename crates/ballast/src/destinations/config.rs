@@ -20,6 +20,9 @@ pub struct DestinationConfig {
     /// JSON array when > 1).
     pub batch_size: usize,
     pub retry: RetryConfig,
+    /// Ids of `[[transformations]]` applied, in this order, to each batch before it is
+    /// delivered (see `crate::transform`).
+    pub transformations: Vec<String>,
     pub kind: DestinationKind,
 }
 
@@ -84,9 +87,11 @@ struct CommonDestination {
     batch_size: Option<usize>,
     #[serde(default)]
     retry: RetryConfig,
+    #[serde(default)]
+    transformations: Vec<String>,
 }
 
-const COMMON_DESTINATION_KEYS: [&str; 7] = [
+const COMMON_DESTINATION_KEYS: [&str; 8] = [
     "id",
     "type",
     "sources",
@@ -94,6 +99,7 @@ const COMMON_DESTINATION_KEYS: [&str; 7] = [
     "concurrency",
     "batch_size",
     "retry",
+    "transformations",
 ];
 
 impl<'de> Deserialize<'de> for DestinationConfig {
@@ -136,6 +142,7 @@ impl<'de> Deserialize<'de> for DestinationConfig {
             concurrency: c.concurrency.unwrap_or(16),
             batch_size: c.batch_size.unwrap_or(spec.default_batch_size),
             retry: c.retry,
+            transformations: c.transformations,
             kind,
         })
     }

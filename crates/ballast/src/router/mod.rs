@@ -280,13 +280,20 @@ impl Router {
         let mut destinations = Vec::new();
         let mut tasks = Vec::new();
         let partitions = store.partitions().max(1);
+        // User transformations run in worker processes of this same binary.
+        let transformations = crate::transform::Transformations::start(
+            &config.transformations,
+            &config.transform,
+            &config.destinations,
+        )
+        .await?;
         for d in config.destinations.iter().filter(|d| d.enabled) {
             // Every partition's cursor exists before anything is delivered, so that no
             // replica deletes what this destination has not read.
             for p in 0..partitions {
                 store.register_consumer(&consumer_name(&d.id), p).await?;
             }
-            let sink = crate::destinations::build(d)?;
+            let sink = transformations.wrap(d, crate::destinations::build(d)?)?;
             let stats = Arc::new(DestinationStats::default());
             let dead = db.count(&d.id).await?;
             stats.dead_letters.store(dead, Ordering::Relaxed);

@@ -396,6 +396,7 @@ async fn one_store(
         url: format!("http://{sink}/in"),
         concurrency: args.concurrency,
         batch_size: args.webhook_batch_size,
+        transformation: None,
     };
     let dir = root.join(name);
     std::fs::create_dir_all(&dir)?;

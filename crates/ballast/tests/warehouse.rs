@@ -546,4 +546,21 @@ fn unusual_names_lone_surrogates_and_nul_ids_land() {
     );
     let dead = common::admin_get(&server, "/v1/dead-letters?destination=warehouse");
     assert_eq!(dead, json!([]), "{dead}");
+    // The status page shows them in the destination's row, with the reasons in its title.
+    let browser = common::webdriver::Browser::start();
+    browser.goto(&format!("{}/?refresh=1", server.admin));
+    let shown = "tr[data-destination='warehouse'] .discards";
+    assert!(
+        wait_for(20, || browser.text(shown).contains("discarded")),
+        "{}",
+        browser.text("tr[data-destination='warehouse']")
+    );
+    let title = browser
+        .js("return document.querySelector(\"tr[data-destination='warehouse'] .discards\").title");
+    assert!(
+        title
+            .as_str()
+            .is_some_and(|t| t.contains("invalid_unicode")),
+        "{title}"
+    );
 }

@@ -202,6 +202,16 @@
     return secs < 1 ? (secs * 1000).toFixed(secs < 0.01 ? 1 : 0) + " ms" : secs.toFixed(2) + " s";
   }
 
+  // A warehouse destination's values kept out of their column, in `rudder_discards`
+  // (`warehouse_discards` in /v1/status: reason → count).
+  function discards(byReason) {
+    const reasons = Object.entries(byReason || {}).filter(([, n]) => n > 0);
+    if (!reasons.length) return null;
+    const total = reasons.reduce((t, [, n]) => t + n, 0);
+    const title = "values in rudder_discards, by reason: " + reasons.map(([r, n]) => r + " " + n).join(", ");
+    return h("span", { class: "discards muted", title }, " · " + num(total) + " discarded");
+  }
+
   function renderDestinations() {
     const tb = $("destinations").tBodies[0];
     tb.replaceChildren();
@@ -214,7 +224,7 @@
       const held = d.partitions_held + " / " + d.partitions;
       const row = h("tr", { "data-destination": d.id, class: d.dead_letters ? "has-dead" : "" },
         h("td", {}, h("span", { class: "swatch", "data-color": String(i) }), d.id),
-        h("td", {}, d.kind),
+        h("td", {}, d.kind, discards(d.warehouse_discards)),
         h("td", { class: d.active ? "good" : "muted", title: "partitions whose lease this replica holds" }, (d.active ? "yes " : "no ") + "(" + held + ")"),
         h("td", { class: "num backlog" }, num(d.backlog_bytes)),
         h("td", { class: "num oldest" }, age(d.oldest_age_s)),

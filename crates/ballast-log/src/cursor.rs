@@ -138,7 +138,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<ConsumerProgress> {
     (at == body.len()).then_some(ConsumerProgress { cursor, done })
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` as a LEB128 varint (7 bits a byte, low first); also the PostgreSQL store's
+/// encoding of finished ranges.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -146,7 +148,9 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+/// Reads a varint written by [`put_varint`] at `*at`, moving `*at` past it; `None` when
+/// the bytes end first or it runs past 64 bits.
+pub fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
     let mut v: u64 = 0;
     for shift in (0..64).step_by(7) {
         let byte = *b.get(*at)?;

@@ -42,7 +42,7 @@ const FIRST_FRAME_LEN_HINT: usize = 2048;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use cursor::{ConsumerProgress, MAX_DONE_RANGES};
+pub use cursor::{get_varint, put_varint, ConsumerProgress, MAX_DONE_RANGES};
 pub use error::LogError;
 pub use frame::{Batch, PushError, HEADER_LEN, MAX_RECORD_BYTES};
 pub use fs::write_atomically;

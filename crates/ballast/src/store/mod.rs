@@ -16,6 +16,7 @@ pub(crate) use crate::pgtest;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use ballast_log::{get_varint, put_varint};
 use tokio::sync::watch;
 
 pub use config::{StorageBackend, StorageConfig};
@@ -125,27 +126,6 @@ impl Progress {
         }
         Progress { cursor, done }
     }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
-    let mut v: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*at)?;
-        *at += 1;
-        v |= ((byte & 0x7f) as u64) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 /// Events of one request (one source), each an enriched JSON object, stored together,

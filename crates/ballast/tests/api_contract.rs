@@ -1446,7 +1446,7 @@ fn after_sigterm_not_ready_but_alive_and_serving_during_the_shutdown_delay() {
     assert!(stored.iter().any(|e| e["messageId"] == "while-draining"));
 }
 
-/// Issue 9: arrays and objects nested deeper than 100 levels are refused with 400 and a
+/// Arrays and objects nested deeper than 100 levels are refused with 400 and a
 /// clear text, single events and batches alike, and nothing is stored; 100 levels pass.
 #[test]
 fn json_nested_deeper_than_100_levels_is_refused() {

@@ -1,4 +1,4 @@
-//! Hostile and unlucky clients and disks (issue 9): slowloris headers, slow bodies and idle
+//! Hostile and unlucky clients and disks: slowloris headers, slow bodies and idle
 //! connection floods are closed by the timeouts; a connection flood under a low
 //! `RLIMIT_NOFILE` never stops the server; a full disk is visible in readiness, health,
 //! status, metrics, logs and alerts, and ingest resumes by itself; a client that writes
@@ -887,7 +887,7 @@ fn a_real_full_disk_on_tmpfs_is_visible_and_ingest_resumes_by_itself() {
     assert_eq!(ids, acked);
 }
 
-/// Issue 9: `ballast status` counted only this run's appends ("0 events stored" after a
+/// `ballast status` once counted only this run's appends ("0 events stored" after a
 /// restart with 975 in the log); it counts what the log holds.
 #[test]
 fn status_counts_the_stored_events_after_a_restart() {

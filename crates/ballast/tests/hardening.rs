@@ -1235,23 +1235,24 @@ liveness_timeout = "2s"
         assert_eq!(r.status, 200, "{}", server.stderr());
     }
     let _stalled = stalled_bodies(a, 200, Duration::from_secs(10));
-    // Batches until the log cannot start a segment.
-    let mut refused = None;
-    for i in 0..2000 {
+    // Batches while the stalled connections hold the descriptors. Whether the log itself
+    // meets EMFILE here is a race (a roll evicts a cached segment handle for the one it
+    // opens); when it does, the batch is refused as unavailable, never lost. The log's
+    // refusal and recovery are asserted deterministically by
+    // `after_a_descriptor_flood_new_connections_are_accepted_and_acknowledged`.
+    for i in 0..300 {
         let (body, _) = batch_body(&format!("w{i}"), 20);
         let r = roundtrip(&mut keep, "/v1/batch", Some(&basic(WRITE_KEY)), &body);
         if r.status != 200 {
-            refused = Some(r);
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (503, "storage unavailable"),
+                "{}",
+                server.stderr()
+            );
             break;
         }
     }
-    let refused = refused.expect("the descriptors never ran out");
-    assert_eq!(
-        (refused.status, refused.body.as_str()),
-        (503, "storage unavailable"),
-        "{}",
-        server.stderr()
-    );
     // Clients wait in the accept queue (the listener holds back; it may have taken the
     // first before it noticed).
     let _waiting: Vec<_> = (0..3)
